@@ -1,0 +1,84 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``gqsa-convert``: a Hugging Face model folder in, a GQSA checkpoint out."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+from vllm_gqsa.format import GQSAFormatError
+
+from .convert import ConvertError, ConvertOptions, convert, describe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="gqsa-convert",
+        description="Prune groups of weights and quantize the rest into a GQSA checkpoint that "
+                    "`vllm serve` loads with the vllm-gqsa plugin.")
+    p.add_argument("model", nargs="?", help="Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("output", nargs="?", help="folder to write the GQSA checkpoint to")
+    p.add_argument("--demo", action="store_true",
+                   help="build a tiny random Llama and convert it (no model or data needed); "
+                        "OUTPUT defaults to ./gqsa-demo")
+    p.add_argument("--bits", type=int, default=4, help="bits per kept weight (2, 4 or 8; default 4)")
+    p.add_argument("--sparsity", type=float, default=0.5,
+                   help="fraction of weight groups pruned, in [0, 1) (default 0.5)")
+    p.add_argument("--group-size", type=int, default=16,
+                   help="consecutive input channels per group: 16, 32, 64 or 128 (default 16)")
+    p.add_argument("--block-rows", type=int, default=1,
+                   help="output rows sharing one pruning pattern (default 1)")
+    p.add_argument("--calib-data", help="text file (or folder of .txt) to calibrate on, "
+                                        "e.g. WikiText-2 validation; random tokens if omitted")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration sequences (default 128)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (512)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: GPU when present)")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
+    p.add_argument("--no-true-sequential", dest="true_sequential", action="store_false",
+                   help="calibrate all sub-layers of a block in one pass (faster, less accurate)")
+    p.add_argument("--no-clip-search", dest="clip_search", action="store_false",
+                   help="use plain min-max ranges for the groups' scales")
+    p.add_argument("--skip", action="append", default=[], metavar="MODULE",
+                   help="full name of a layer to leave dense (repeatable), "
+                        "e.g. model.layers.0.mlp.down_proj")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("-q", "--quiet", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    opts = ConvertOptions(
+        bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
+        block_rows=args.block_rows, calib_data=args.calib_data, n_samples=args.n_samples,
+        seq_len=args.seq_len, seed=args.seed, device=args.device, batch_size=args.batch_size,
+        true_sequential=args.true_sequential, clip_search=args.clip_search,
+        skip_modules=tuple(args.skip), overwrite=args.overwrite)
+    try:
+        if args.demo:
+            from .tiny import build_tiny_model
+            output = args.output or args.model or "gqsa-demo"
+            model = build_tiny_model(os.path.join(tempfile.mkdtemp(prefix="gqsa-demo-"), "tiny-llama"))
+            if args.n_samples == 128:
+                opts.n_samples, opts.seq_len = 16, 128
+        else:
+            if not args.model or not args.output:
+                build_parser().error("MODEL and OUTPUT are required (or use --demo)")
+            model, output = args.model, args.output
+        report = convert(model, output, opts)
+    except (ConvertError, GQSAFormatError, FileNotFoundError) as e:
+        print(f"gqsa-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(describe(report))
+    print(f"  written to             {os.path.abspath(output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

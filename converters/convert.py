@@ -1,0 +1,371 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Convert a Hugging Face causal LM into a GQSA checkpoint, one decoder block at a time.
+
+Only one block (and the calibration activations) lives on the compute device at a
+time, so a 7B model converts on a GPU of modest memory, or on the CPU. Blocks are
+quantized with the quantized outputs of the blocks before them as inputs (GPTQ's
+order), and inside a block sub-layer by sub-layer ("true sequential"): q/k/v, then
+o, then gate/up, then down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from vllm_gqsa.format import GQSAQuantConfig, GQSALayer
+from .calibration import calibration_samples
+from .solver import accumulate_hessian, solve_layer
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                           "Qwen3ForCausalLM")
+# Sub-layers quantized together because they read the same input, in forward order.
+SEQUENTIAL_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.o_proj",),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.down_proj",),
+)
+SHARD_BYTES = 2 << 30  # safetensors shard size
+# Files of the input folder copied as they are (tokenizer, chat template, generation config).
+COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
+NOT_COPIED = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+COMPLETE_MARKER = "gqsa_report.json"  # written last: a folder without it is not a finished checkpoint
+
+
+class ConvertError(Exception):
+    """A conversion that cannot start or go on; the message says why and what to do."""
+
+
+@dataclass
+class ConvertOptions:
+    bits: int = 4
+    group_size: int = 16
+    sparsity: float = 0.5
+    block_rows: int = 1
+    calib_data: str | None = None
+    n_samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 8
+    true_sequential: bool = True
+    clip_search: bool = True
+    skip_modules: tuple[str, ...] = field(default_factory=tuple)
+    overwrite: bool = False
+
+    def quant_config(self) -> GQSAQuantConfig:
+        return GQSAQuantConfig(bits=self.bits, group_size=self.group_size, block_rows=self.block_rows,
+                               sparsity=self.sparsity, modules_to_not_convert=tuple(self.skip_modules))
+
+
+def read_config(model_dir: str) -> dict:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isdir(model_dir):
+        raise ConvertError(f"model folder {model_dir} does not exist")
+    if not os.path.isfile(path):
+        raise ConvertError(f"{model_dir} has no config.json: not a Hugging Face model folder")
+    with open(path) as f:
+        config = json.load(f)
+    archs = config.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        raise ConvertError(f"unsupported architecture {archs[0] if archs else 'unknown'!r} in {path}; "
+                           f"gqsa-convert supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if "quantization_config" in config:
+        method = config["quantization_config"].get("quant_method", "?")
+        raise ConvertError(f"{model_dir} is already quantized ({method}); start from the dense model")
+    return config
+
+
+def check_shapes(config: dict, qcfg: GQSAQuantConfig) -> None:
+    """Fail before loading anything if a layer's sizes do not fit the group size."""
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    sizes = {"hidden_size": hidden, "intermediate_size": config["intermediate_size"],
+             "num_attention_heads * head_dim": heads * head_dim}
+    for what, k in sizes.items():
+        if k % qcfg.group_size:
+            raise ConvertError(f"{what} = {k} is not a multiple of --group-size {qcfg.group_size}; "
+                               f"choose a group size that divides it")
+    kv = config.get("num_key_value_heads", heads) * head_dim
+    for what, n in {**sizes, "num_key_value_heads * head_dim": kv}.items():
+        if n % qcfg.block_rows:
+            raise ConvertError(f"{what} = {n} is not a multiple of --block-rows {qcfg.block_rows}")
+
+
+def prepare_output(out_dir: str, overwrite: bool) -> str:
+    """Check the output location early and return the temporary folder to write into."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    if os.path.exists(out_dir) and not overwrite:
+        raise ConvertError(f"output {out_dir} already exists; pass --overwrite to replace it")
+    os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise ConvertError(f"cannot write to {parent}")
+    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Catcher(torch.nn.Module):
+    """Stands in for block 0 to record what the model feeds it, then stops the forward."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        self.attention_type = getattr(layer, "attention_type", None)
+        self.inputs: list[torch.Tensor] = []
+        self.kwargs: dict = {}
+
+    def forward(self, hidden_states, *args, **kwargs):
+        self.inputs.append(hidden_states)
+        self.kwargs = kwargs
+        raise _StopForward
+
+
+def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tensor], dict]:
+    layers = model.model.layers
+    catcher = _Catcher(layers[0])
+    layers[0] = catcher
+    model.model.embed_tokens.to(device)
+    if hasattr(model.model, "rotary_emb"):
+        model.model.rotary_emb.to(device)
+    try:
+        for s in samples:
+            try:
+                model(input_ids=s.unsqueeze(0).to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        layers[0] = catcher.layer
+        model.model.embed_tokens.to("cpu")
+    kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "use_cache")}
+    return [x.float() for x in catcher.inputs], kwargs
+
+
+def _to(obj, device, dtype=None):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, dtype) if (dtype is not None and obj.is_floating_point()) else obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device, dtype) for o in obj)
+    return obj
+
+
+def _run_block(block, inputs: list[torch.Tensor], kwargs: dict, batch_size: int) -> list[torch.Tensor]:
+    outputs = []
+    for i in range(0, len(inputs), batch_size):
+        x = torch.cat(inputs[i:i + batch_size])
+        y = block(x, **kwargs)
+        y = y[0] if isinstance(y, tuple) else y
+        outputs.extend(y.split(1))
+    return outputs
+
+
+def _module(block, path: str):
+    for part in path.split("."):
+        block = getattr(block, part)
+    return block
+
+
+def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
+    """Convert ``model_dir`` into a GQSA checkpoint at ``out_dir``; returns the report."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t_start = time.time()
+    qcfg = opts.quant_config()
+    config = read_config(model_dir)
+    check_shapes(config, qcfg)
+    if not 0 < opts.n_samples or not 0 < opts.seq_len:
+        raise ConvertError("--n-samples and --seq-len must be positive")
+    tmp = prepare_output(out_dir, opts.overwrite)
+    device = pick_device(opts.device)
+    torch.manual_seed(opts.seed)
+
+    logger.info("loading %s", model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    model.config.use_cache = False
+    save_dtype = next(model.parameters()).dtype
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
+                                  vocab_size=config.get("vocab_size"))
+
+    fmt = qcfg.layer_format()
+    tensors: dict[str, torch.Tensor] = {}
+    layers_report = []
+    with torch.no_grad():
+        inputs, kwargs = _block_inputs(model, samples, device)
+        kwargs = _to(kwargs, device, torch.float32)
+        blocks = model.model.layers
+        bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
+        for b in bar:
+            block = blocks[b].to(device, torch.float32)
+            groups = [[n for n in g if qcfg.is_quantized(f"model.layers.{b}.{n}")]
+                      for g in SEQUENTIAL_GROUPS]
+            groups = [g for g in groups if g]
+            # True sequential: one calibration pass per group, so each group sees the
+            # outputs of the groups quantized before it. Otherwise one pass for all.
+            for stage in ([[g] for g in groups] if opts.true_sequential else [groups]):
+                hessians = _collect_hessians(block, stage, inputs, kwargs, opts.batch_size)
+                for H, group in zip(hessians, stage):
+                    for n in group:
+                        m = _module(block, n)
+                        res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search)
+                        m.weight.data = res.weight.to(m.weight.dtype)
+                        name = f"model.layers.{b}.{n}"
+                        for t_name, t in res.layer.tensors().items():
+                            tensors[f"{name}.{t_name}"] = t.contiguous()
+                        layers_report.append({
+                            "name": name, "shape": [res.layer.out_features, res.layer.in_features],
+                            "kept_groups": res.layer.nnz,
+                            "bits_per_weight": round(res.layer.bits_per_weight(), 4),
+                            "loss": res.loss})
+                        bar.set_postfix(layer=n, loss=f"{res.loss:.3g}")
+            inputs = _run_block(block, inputs, kwargs, opts.batch_size)
+            blocks[b] = block.to("cpu", save_dtype)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    quantized = {r["name"] for r in layers_report}
+    for name, t in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized and name.endswith(".weight"):
+            continue
+        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        tensors[name] = t.detach().to("cpu").contiguous()
+    report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
+                               time.time() - t_start)
+    _publish(tmp, out_dir)
+    return report
+
+
+def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Tensor]:
+    """One Hessian per group of the stage, from the input of the group's first module
+    (the modules of a group read the same input)."""
+    state: list = [(None, 0) for _ in stage]
+
+    def hook_for(i):
+        def hook(_mod, args, _out):
+            state[i] = accumulate_hessian(state[i][0], args[0], state[i][1])
+        return hook
+
+    handles = [_module(block, g[0]).register_forward_hook(hook_for(i)) for i, g in enumerate(stage)]
+    try:
+        _run_block(block, inputs, kwargs, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    return [H for H, _ in state]
+
+
+def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model, seconds) -> dict:
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else \
+            f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+    if len(shards) > 1:
+        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": sum(t.numel() * t.element_size()
+                                                      for t in tensors.values())},
+                       "weight_map": weight_map}, f, indent=2)
+    for fname in sorted(os.listdir(model_dir)):
+        src = os.path.join(model_dir, fname)
+        if os.path.isfile(src) and fname.endswith(COPIED_SUFFIXES) and fname not in NOT_COPIED:
+            shutil.copy2(src, os.path.join(tmp, fname))
+    out_config = dict(config)
+    out_config["quantization_config"] = qcfg.to_dict()
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(out_config, f, indent=2)
+
+    q_weights = sum(r["shape"][0] * r["shape"][1] for r in layers_report)
+    q_bytes = sum(tensors[f"{r['name']}.{t}"].numel() * tensors[f"{r['name']}.{t}"].element_size()
+                  for r in layers_report for t in ("row_ptr", "col_idx", "qweight", "scales", "qzeros"))
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    dense_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values()
+                      if not (p is model.get_output_embeddings().weight
+                              and config.get("tie_word_embeddings")))
+    kept = sum(r["kept_groups"] for r in layers_report)
+    total_groups = q_weights // qcfg.group_size
+    report = {
+        "source": os.path.abspath(model_dir),
+        "quantization_config": qcfg.to_dict(),
+        "calibration": {"data": opts.calib_data or "random tokens", "n_samples": opts.n_samples,
+                        "seq_len": opts.seq_len, "seed": opts.seed},
+        "quantized_layers": len(layers_report),
+        "quantized_weights": q_weights,
+        "kept_group_fraction": kept / max(total_groups, 1),
+        "quantized_bytes": q_bytes,
+        "bits_per_weight_quantized_layers": 8 * q_bytes / max(q_weights, 1),
+        "checkpoint_bytes": total_bytes,
+        "dense_bytes": dense_bytes,
+        "compression_ratio": dense_bytes / total_bytes,
+        "seconds": round(seconds, 1),
+        "device": str(pick_device(opts.device)),
+        "layers": layers_report,
+    }
+    with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def _publish(tmp: str, out_dir: str) -> None:
+    """Move the finished folder into place in one rename, so no half-written checkpoint is visible."""
+    out_dir = os.path.abspath(out_dir)
+    old = None
+    if os.path.exists(out_dir):
+        old = out_dir + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def describe(report: dict) -> str:
+    """The human summary printed at the end of a conversion."""
+    q = report["quantization_config"]
+    mb = 1 / 2**20
+    return "\n".join([
+        f"GQSA W{q['bits']} S{q['sparsity'] * 100:.0f}% g{q['group_size']} "
+        f"(block_rows {q['block_rows']}): {report['quantized_layers']} layers converted "
+        f"in {report['seconds']:.0f} s on {report['device']}",
+        f"  kept groups            {report['kept_group_fraction'] * 100:.1f}%",
+        f"  quantized layers       {report['quantized_bytes'] * mb:.1f} MiB, "
+        f"{report['bits_per_weight_quantized_layers']:.3f} bits per weight (all metadata included)",
+        f"  checkpoint             {report['checkpoint_bytes'] * mb:.1f} MiB "
+        f"(dense {report['dense_bytes'] * mb:.1f} MiB, {report['compression_ratio']:.2f}x smaller)",
+    ])

@@ -1,0 +1,166 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Second-order pruning and quantization of one linear layer into GQSA groups.
+
+This is SparseGPT's joint prune-and-quantize (Frantar & Alistarh, 2023) at the
+granularity of GQSA groups:
+
+* Columns are processed left to right in blocks of ``BLOCK_COLS``. At the start of
+  a block, each group (G consecutive input channels of one row block) gets the
+  optimal-brain-surgeon saliency of removing it as a whole,
+  ``w_g^T [(H_rem^-1)_gg]^-1 w_g``, where ``H_rem^-1`` is the inverse Hessian of the
+  columns not processed yet. The ``sparsity`` fraction of groups with the lowest
+  saliency in the block is pruned. Rows therefore keep different numbers of
+  groups, which the task-centric kernels balance.
+* Every column is then quantized (kept groups) or zeroed (pruned groups) and the
+  error is spread over the columns not processed yet, as GPTQ does.
+* A kept group's scale and zero point come from its weights at the moment its
+  first column is reached, with a small grid search over clipping ranges.
+
+``H = 2 X^T X / n`` is accumulated from the layer's calibration inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_gqsa.format import GQSALayer, LayerFormat, SCALE_DTYPE, pack_layer
+
+BLOCK_COLS = 128  # columns per lazy-update block, as GPTQ; rounded to a multiple of G
+DAMPING = 0.01  # fraction of the mean Hessian diagonal added for stability
+CLIP_GRID = torch.linspace(1.0, 0.80, 11).tolist()  # shrink factors tried for each group's range
+
+
+def group_params(w: torch.Tensor, bits: int, search: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max scale and zero point for each row of ``w`` [rows, G].
+
+    Returns fp16-representable scales and integer zero points, both ``[rows]``. With
+    ``search``, the range is shrunk by the factor in ``CLIP_GRID`` that gives the
+    least squared error (clipping a few outliers often pays off at 4 bits).
+    """
+    maxq = (1 << bits) - 1
+    # The integer zero point must lie in [0, maxq], so the range must contain 0.
+    lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_z = torch.ones_like(lo), torch.zeros_like(lo)
+    for shrink in (CLIP_GRID if search else [1.0]):
+        l, h = lo * shrink, hi * shrink
+        s = ((h - l) / maxq).to(SCALE_DTYPE).float()
+        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: any scale is exact
+        z = torch.round(-l / s).clamp(0, maxq)
+        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, maxq)
+        err = ((s[:, None] * (q - z[:, None]) - w) ** 2).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+@dataclass
+class SolveResult:
+    layer: GQSALayer
+    weight: torch.Tensor  # the dequantized weight, float32 [N, K]; equals reference.dequantize(layer)
+    loss: float  # the quantization-pruning objective sum((W - Wq) H (W - Wq)^T)/N, for progress
+
+
+def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
+    """Running mean of ``2 x^T x`` over calibration tokens (GPTQ's H)."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    n = x.shape[0]
+    if H is None:
+        H = torch.zeros(x.shape[1], x.shape[1], device=x.device, dtype=torch.float32)
+    H.mul_(count / (count + n))
+    x = x * (2.0 / (count + n)) ** 0.5
+    H.addmm_(x.T, x)
+    return H, count + n
+
+
+def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsity: float,
+                clip_search: bool = True) -> SolveResult:
+    """Prune a ``sparsity`` fraction of the groups of ``weight`` [N, K] and quantize the rest."""
+    G, R, bits = fmt.group_size, fmt.block_rows, fmt.bits
+    maxq = (1 << bits) - 1
+    W = weight.detach().float().clone()
+    N, K = W.shape
+    fmt.check_shape(N, K)
+    NB, KG = N // R, K // G
+    H = H.detach().float().clone()
+    W0 = W.clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += DAMPING * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
+    # Upper Cholesky factor U of H^-1: row i of U gives the update for column i, and
+    # U[i1:, i1:]^T U[i1:, i1:] is the inverse Hessian of the columns from i1 on.
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+    codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
+    scales = torch.zeros(N, KG, device=W.device)
+    zeros = torch.zeros(N, KG, device=W.device)
+    keep = torch.ones(NB, KG, dtype=torch.bool, device=W.device)
+    Wq = torch.zeros_like(W)
+    block = max(G, BLOCK_COLS // G * G)
+
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        ng = (i2 - i1) // G
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+
+        if sparsity > 0:
+            saliency = torch.empty(N, ng, device=W.device)
+            for g in range(ng):
+                c0, c1 = g * G, (g + 1) * G
+                Ug = U1[:c1, c0:c1]  # only rows i1 .. end of the group are non-zero
+                M = torch.linalg.inv(Ug.T @ Ug)
+                wg = W1[:, c0:c1]
+                saliency[:, g] = torch.einsum("ng,gh,nh->n", wg, M, wg)
+            saliency = saliency.reshape(NB, R, ng).sum(1)
+            n_prune = int(round(sparsity * NB * ng))
+            if n_prune:
+                pruned = torch.topk(saliency.flatten(), n_prune, largest=False).indices
+                block_keep = torch.ones(NB * ng, dtype=torch.bool, device=W.device)
+                block_keep[pruned] = False
+                keep[:, i1 // G:i2 // G] = block_keep.reshape(NB, ng)
+        keep_rows = keep[:, i1 // G:i2 // G].repeat_interleave(R, 0)  # [N, ng]
+
+        for i in range(i2 - i1):
+            g = i // G
+            if i % G == 0:
+                s, z = group_params(W1[:, i:i + G], bits, clip_search)
+                scales[:, i1 // G + g], zeros[:, i1 // G + g] = s, z
+            w, d = W1[:, i], U1[i, i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            deq = torch.where(keep_rows[:, g], s * (q - z), torch.zeros_like(w))
+            codes[:, i1 + i] = q.to(torch.uint8)
+            Q1[:, i] = deq
+            err = (w - deq) / d
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Wq[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+
+    layer = pack_layer(codes.cpu(), scales.cpu(), zeros.cpu().to(torch.uint8), keep.cpu(), fmt)
+    delta = W0 - Wq
+    loss = float(torch.einsum("nk,kl,nl->", delta, H, delta) / N)
+    return SolveResult(layer=layer, weight=Wq, loss=loss)
+
+
+def rtn_layer(weight: torch.Tensor, fmt: LayerFormat, sparsity: float = 0.0) -> GQSALayer:
+    """Round-to-nearest GQSA with magnitude pruning: no calibration. For tests and quick checks."""
+    G, R, bits = fmt.group_size, fmt.block_rows, fmt.bits
+    W = weight.detach().float()
+    N, K = W.shape
+    fmt.check_shape(N, K)
+    NB, KG = N // R, K // G
+    norms = W.reshape(NB, R, KG, G).pow(2).sum((1, 3))  # [NB, KG]
+    keep = torch.ones(NB, KG, dtype=torch.bool)
+    n_prune = int(round(sparsity * NB * KG))
+    if n_prune:
+        keep.view(-1)[torch.topk(norms.flatten(), n_prune, largest=False).indices] = False
+    s, z = group_params(W.reshape(-1, G), bits, search=False)
+    q = torch.clamp(torch.round(W.reshape(-1, G) / s[:, None]) + z[:, None], 0, (1 << bits) - 1)
+    return pack_layer(q.reshape(N, K).to(torch.uint8), s.reshape(N, KG), z.reshape(N, KG).to(torch.uint8),
+                      keep, fmt)

@@ -1,0 +1,48 @@
+# SPDX-License-Identifier: Apache-2.0
+import os
+
+import pytest
+import torch
+
+from converters.tiny import build_tiny_model
+from vllm_gqsa.format import LayerFormat, pack_layer
+
+
+def random_layer(N, K, fmt=LayerFormat(), density=0.5, seed=0, empty_rows=(), full_rows=()):
+    """A random GQSA layer with uneven rows: some empty, some full."""
+    g = torch.Generator().manual_seed(seed)
+    G, R, bits = fmt.group_size, fmt.block_rows, fmt.bits
+    NB, KG = N // R, K // G
+    keep = torch.rand(NB, KG, generator=g) < density
+    for b in empty_rows:
+        keep[b] = False
+    for b in full_rows:
+        keep[b] = True
+    maxq = (1 << bits) - 1
+    codes = torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.int32).to(torch.uint8)
+    zeros = torch.randint(0, maxq + 1, (N, KG), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = (torch.rand(N, KG, generator=g) * 0.02 + 0.001).half().float()
+    return pack_layer(codes, scales, zeros, keep, fmt)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: build_tiny_model(str(root / arch), arch=arch) for arch in ("llama", "qwen2")}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tiny_models, tmp_path_factory):
+    """Each tiny model converted at W4S50% g16 (fast settings)."""
+    from converters.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("ckpt")
+    out = {}
+    for arch, path in tiny_models.items():
+        out[arch] = str(root / arch)
+        convert(path, out[arch], ConvertOptions(n_samples=8, seq_len=64, batch_size=4))
+    return out
+
+
+def pytest_report_header(config):
+    return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, cpus: {os.cpu_count()}"

@@ -1,0 +1,131 @@
+# SPDX-License-Identifier: Apache-2.0
+"""gqsa-convert end to end on tiny random models, and its errors."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from converters import convert as convert_mod
+from converters.cli import main as cli_main
+from converters.convert import COMPLETE_MARKER, ConvertError, ConvertOptions, convert
+from converters.reference_model import load_reference_model
+from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors
+from vllm_gqsa.format import GQSALayer
+from vllm_gqsa.reference import gqsa_linear
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_checkpoint_validates_and_logits_match_reference(arch, tiny_models, tiny_checkpoints):
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoints[arch]
+    qcfg = read_quant_config(ckpt)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        assert json.load(f)["quantization_config"]["quant_method"] == "gqsa"
+    layers, dense = split_gqsa_tensors(dict(iter_tensors(ckpt)), qcfg)
+    assert len(layers) == 2 * 7  # every linear of both blocks
+    assert not any(n.endswith("proj.weight") for n in dense)
+    if arch == "qwen2":
+        assert "model.layers.0.self_attn.q_proj.bias" in dense
+
+    ref = load_reference_model(ckpt, torch.float32)
+    # The same model computing every linear through reference.gqsa_linear on the packed layers.
+    via_ops = load_reference_model(ckpt, torch.float32)
+    modules = dict(via_ops.named_modules())
+    for name, parts in layers.items():
+        lin = modules[name]
+        packed = GQSALayer.from_tensors(parts, lin.out_features, lin.in_features, qcfg.layer_format(), name)
+        lin.forward = (lambda x, p=packed, b=lin.bias: gqsa_linear(x, p, b))
+    ids = torch.randint(0, 258, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(via_ops(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
+        dense = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)(ids).logits
+    cos = torch.nn.functional.cosine_similarity(ref(ids).logits.flatten(), dense.flatten(), dim=0)
+    assert cos > 0.5  # half the groups are gone, but the model is still the same model
+
+
+def test_w4_without_sparsity_stays_close_to_dense(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = str(tmp_path / "w4")
+    report = convert(tiny_models["llama"], out, ConvertOptions(sparsity=0.0, n_samples=8, seq_len=64))
+    assert report["kept_group_fraction"] == 1.0
+    ids = torch.randint(0, 258, (1, 50))
+    with torch.no_grad():
+        q = load_reference_model(out, torch.float32)(ids).logits
+        d = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)(ids).logits
+    assert torch.nn.functional.cosine_similarity(q.flatten(), d.flatten(), dim=0) > 0.99
+
+
+def test_report_counts_bits_per_weight(tiny_checkpoints):
+    with open(os.path.join(tiny_checkpoints["llama"], COMPLETE_MARKER)) as f:
+        report = json.load(f)
+    assert report["kept_group_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert 2.5 < report["bits_per_weight_quantized_layers"] < 3.5
+    assert report["checkpoint_bytes"] < report["dense_bytes"]
+
+
+@pytest.mark.parametrize("group_size,block_rows", [(32, 1), (64, 2), (128, 1)])
+def test_other_group_sizes(tiny_models, tmp_path, group_size, block_rows):
+    out = str(tmp_path / "ckpt")
+    convert(tiny_models["llama"], out, ConvertOptions(group_size=group_size, block_rows=block_rows,
+                                                      n_samples=4, seq_len=32))
+    load_reference_model(out)  # validates every layer
+
+
+def test_cli_errors_are_clear(tiny_models, tmp_path, capsys):
+    assert cli_main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main([tiny_models["llama"], str(tmp_path / "o"), "--bits", "3"]) == 2
+    assert "bits=3 is not supported" in capsys.readouterr().err
+    assert cli_main([tiny_models["llama"], str(tmp_path / "o"), "--group-size", "48"]) == 2
+    assert "group_size=48" in capsys.readouterr().err
+    os.makedirs(tmp_path / "exists")
+    assert cli_main([tiny_models["llama"], str(tmp_path / "exists")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_unsupported_architecture(tmp_path, tiny_models):
+    import shutil
+
+    src = tmp_path / "gpt2"
+    shutil.copytree(tiny_models["llama"], src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["architectures"] = ["GPT2LMHeadModel"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match="unsupported architecture 'GPT2LMHeadModel'"):
+        convert(str(src), str(tmp_path / "o"), ConvertOptions())
+
+
+def test_group_size_must_divide_hidden(tmp_path):
+    from converters.tiny import build_tiny_model
+
+    src = build_tiny_model(str(tmp_path / "m"), hidden_size=144, intermediate_size=288)
+    with pytest.raises(ConvertError, match="hidden_size = 144 is not a multiple of --group-size 32"):
+        convert(src, str(tmp_path / "o"), ConvertOptions(group_size=32))
+
+
+def test_quantized_input_is_refused(tiny_checkpoints, tmp_path):
+    with pytest.raises(ConvertError, match="already quantized"):
+        convert(tiny_checkpoints["llama"], str(tmp_path / "o"), ConvertOptions())
+
+
+def test_interrupted_conversion_leaves_no_checkpoint(tiny_models, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_solve(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    real = convert_mod.solve_layer
+    monkeypatch.setattr(convert_mod, "solve_layer", failing_solve)
+    out = tmp_path / "ckpt"
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_models["llama"], str(out), ConvertOptions(n_samples=4, seq_len=32))
+    assert not out.exists()
+    leftovers = [p for p in tmp_path.iterdir()]
+    assert all(not (p / COMPLETE_MARKER).exists() for p in leftovers)

@@ -1,0 +1,189 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The GQSA format: packing round trips, validation errors, slicing for tensor parallelism."""
+
+import pytest
+import torch
+
+from conftest import random_layer
+from vllm_gqsa.format import (GQSAFormatError, GQSALayer, GQSAQuantConfig, LayerFormat,
+                              expected_bits_per_weight, index_dtype, pack_bits, pack_layer,
+                              unpack_bits)
+from vllm_gqsa.reference import dequantize
+
+FORMATS = [LayerFormat(b, g, r) for b in (2, 4, 8) for g in (16, 32, 64, 128) for r in (1, 3)]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_bits_round_trip(bits):
+    x = torch.randint(0, 1 << bits, (7, 5, 16), dtype=torch.int32).to(torch.uint8)
+    packed = pack_bits(x, bits)
+    assert packed.shape == (7, 5, 16 * bits // 8)
+    assert torch.equal(unpack_bits(packed, bits), x)
+
+
+def test_pack_bits_order_is_low_bits_first():
+    assert pack_bits(torch.tensor([1, 2], dtype=torch.uint8), 4).item() == 0x21
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_pack_unpack_round_trip_awkward_shapes(fmt):
+    N, K = 39 * fmt.block_rows, 13 * fmt.group_size  # nothing a power of two
+    g = torch.Generator().manual_seed(1)
+    NB, KG = N // fmt.block_rows, K // fmt.group_size
+    keep = torch.rand(NB, KG, generator=g) < 0.4
+    keep[0], keep[1] = False, True  # an empty and a full row block
+    maxq = (1 << fmt.bits) - 1
+    codes = torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.int32).to(torch.uint8)
+    zeros = torch.randint(0, maxq + 1, (N, KG), generator=g, dtype=torch.int32).to(torch.uint8)
+    scales = torch.rand(N, KG, generator=g).half().float()
+    layer = pack_layer(codes, scales, zeros, keep, fmt)
+    layer.validate()
+    assert layer.nnz == int(keep.sum())
+    assert layer.col_idx.dtype == index_dtype(KG)
+    # Dequantize by hand from the dense inputs and compare.
+    rows_keep = keep.repeat_interleave(fmt.block_rows, 0).repeat_interleave(fmt.group_size, 1)
+    w = (codes.float() - zeros.float().repeat_interleave(fmt.group_size, 1)) \
+        * scales.repeat_interleave(fmt.group_size, 1)
+    expected = torch.where(rows_keep, w, torch.zeros_like(w))
+    assert torch.equal(dequantize(layer), expected)
+    assert layer.bits_per_weight() == pytest.approx(
+        expected_bits_per_weight(fmt, N, K, layer.nnz / (NB * KG)), rel=1e-9)
+
+
+def test_index_width_follows_k():
+    assert index_dtype(256) == torch.uint8
+    assert index_dtype(257) == torch.int16
+    assert index_dtype(32768) == torch.int16
+    assert index_dtype(32769) == torch.int32
+
+
+def test_bits_per_weight_w4s50_g16():
+    # 4096 inputs -> 256 group columns -> uint8 index: (64 code + 16 scale + 4 zero + 8 index) / 16 / 2
+    # per weight, plus one int32 row pointer per row.
+    bpw = expected_bits_per_weight(LayerFormat(4, 16, 1), 4096, 4096, 0.5)
+    assert bpw == pytest.approx(2.875 + 32 * 4097 / 4096**2, abs=1e-6)
+
+
+def corrupt(layer, **changes):
+    t = layer.tensors()
+    t.update(changes)
+    return t
+
+
+@pytest.fixture
+def layer():
+    return random_layer(24, 160, density=0.5, empty_rows=[3], full_rows=[4])
+
+
+def check_rejected(layer, match, **changes):
+    with pytest.raises(GQSAFormatError, match=match):
+        GQSALayer.from_tensors(corrupt(layer, **changes), layer.out_features, layer.in_features,
+                               layer.fmt, name="model.layers.0.mlp.up_proj")
+
+
+def test_validate_accepts_good_layer(layer):
+    GQSALayer.from_tensors(layer.tensors(), 24, 160, layer.fmt, name="x")
+
+
+def test_validate_names_the_layer(layer):
+    check_rejected(layer, "model.layers.0.mlp.up_proj: col_idx.*out of range",
+                   col_idx=torch.full_like(layer.col_idx, 10))
+
+
+def test_validate_rejects_negative_index(layer):
+    ci = layer.col_idx.to(torch.int16).clone()
+    ci[5] = -1
+    check_rejected(layer, "col_idx has dtype", col_idx=ci)  # wrong width for K=160 first
+    big = random_layer(8, 16 * 300, density=0.3)
+    ci = big.col_idx.clone()
+    ci[2] = -3
+    with pytest.raises(GQSAFormatError, match="out of range"):
+        GQSALayer.from_tensors(corrupt(big, col_idx=ci), 8, 16 * 300, big.fmt)
+
+
+def test_validate_rejects_decreasing_row_ptr(layer):
+    rp = layer.row_ptr.clone()
+    rp[6] = rp[5] - 1  # rp[5] > 0: row blocks 0..4 hold groups
+    check_rejected(layer, "row_ptr decreases", row_ptr=rp)
+
+
+def test_validate_rejects_row_ptr_overrun(layer):
+    rp = layer.row_ptr.clone()
+    rp[-1] += 7
+    check_rejected(layer, r"row_ptr\[-1\]", row_ptr=rp)
+
+
+def test_validate_rejects_nonzero_start(layer):
+    rp = layer.row_ptr.clone()
+    rp[0] = 1
+    check_rejected(layer, r"row_ptr\[0\]", row_ptr=rp)
+
+
+def test_validate_rejects_duplicate_columns(layer):
+    ci = layer.col_idx.clone()
+    b = int(torch.argmax((layer.row_ptr[1:] - layer.row_ptr[:-1]).long()))
+    start = int(layer.row_ptr[b])
+    ci[start + 1] = ci[start]
+    check_rejected(layer, "strictly increasing", col_idx=ci)
+
+
+def test_validate_rejects_wrong_dtype_and_shape(layer):
+    check_rejected(layer, "scales has dtype", scales=layer.scales.float())
+    check_rejected(layer, "qweight has shape", qweight=layer.qweight[:, :, :-1])
+    check_rejected(layer, "row_ptr has dtype", row_ptr=layer.row_ptr.long())
+    check_rejected(layer, "qzeros has shape", qzeros=layer.qzeros[:-1])
+
+
+def test_validate_rejects_nan_and_inf_scales(layer):
+    for bad in (float("nan"), float("inf")):
+        s = layer.scales.clone()
+        s[3, 0] = bad
+        check_rejected(layer, "not finite", scales=s)
+
+
+def test_validate_rejects_missing_tensor(layer):
+    t = layer.tensors()
+    del t["qzeros"]
+    with pytest.raises(GQSAFormatError, match="missing tensor.*qzeros"):
+        GQSALayer.from_tensors(t, 24, 160, layer.fmt, name="m")
+
+
+def test_validate_rejects_shape_not_divisible():
+    with pytest.raises(GQSAFormatError, match="not a multiple of group_size"):
+        LayerFormat(4, 16, 1).check_shape(32, 100)
+
+
+def test_slicing_rows_and_inputs_matches_dense(layer):
+    w = dequantize(layer)
+    assert torch.equal(dequantize(layer.select_rows(8, 20)), w[8:20])
+    part = layer.select_input(32, 128)
+    part.validate()
+    assert torch.equal(dequantize(part), w[:, 32:128])
+    fused = GQSALayer.concat_rows([layer.select_rows(0, 8), layer.select_rows(8, 24)])
+    fused.validate()
+    assert torch.equal(dequantize(fused), w)
+
+
+def test_slicing_rejects_split_inside_a_group(layer):
+    with pytest.raises(GQSAFormatError, match="multiples of group_size 16"):
+        layer.select_input(8, 160)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"bits": 3}, "bits=3"), ({"group_size": 24}, "group_size=24"), ({"sparsity": 1.0}, "sparsity"),
+    ({"format_version": 2}, "format_version 2"), ({"bits": "4"}, "must be a number"),
+    ({"target_modules": "q_proj"}, "list of strings"), ({"quant_method": "awq"}, "not 'gqsa'"),
+    ({"block_rows": 0}, "block_rows"),
+])
+def test_quant_config_rejects_impossible_values(bad, match):
+    d = GQSAQuantConfig().to_dict()
+    d.update(bad)
+    with pytest.raises(GQSAFormatError, match=match):
+        GQSAQuantConfig.from_dict(d)
+
+
+def test_quant_config_round_trip():
+    c = GQSAQuantConfig(bits=2, group_size=64, sparsity=0.3, modules_to_not_convert=("a.b",))
+    assert GQSAQuantConfig.from_dict(c.to_dict()) == c
+    assert c.is_quantized("model.layers.3.mlp.down_proj")
+    assert not c.is_quantized("a.b") and not c.is_quantized("lm_head")
