@@ -6,4 +6,4 @@ __version__ = "0.1.0"
 
 def register() -> None:
     """Entry point of the ``vllm.general_plugins`` group: registers the ``gqsa`` method."""
-    from . import vllm_config  # noqa: F401  (its decorator registers the config with vLLM)
+    from . import quantization  # noqa: F401  (its decorator registers the config with vLLM)

@@ -1,0 +1,206 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The vLLM plugin on the CPU: registration, vLLM's real loader, tensor parallelism over gloo,
+torch.compile, and broken checkpoints."""
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm_cpu import linear_layers, load_vllm_model, setup_cpu_vllm, tp_worker  # noqa: E402
+from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors  # noqa: E402
+from vllm_gqsa.format import GQSAFormatError, GQSALayer  # noqa: E402
+from vllm_gqsa.reference import dequantize  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def reference_weights(ckpt: str, model) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Dense weight and bias of every vLLM linear layer, from the checkpoint via the reference."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    qcfg = read_quant_config(ckpt)
+    tensors = dict(iter_tensors(ckpt))
+    layers, dense = split_gqsa_tensors(tensors, qcfg)
+    out = {}
+    for name, layer in linear_layers(model).items():
+        names = layer.quant_method.checkpoint_names if hasattr(layer.quant_method, "checkpoint_names") \
+            else [name]
+        assert not isinstance(layer.quant_method, UnquantizedLinearMethod)
+        ws, bs = [], []
+        for n in names:
+            parts = layers[n]
+            rows = int(parts["row_ptr"].numel() - 1) * qcfg.block_rows
+            ws.append(dequantize(GQSALayer.from_tensors(parts, rows, layer.input_size,
+                                                        qcfg.layer_format(), n)))
+            bs.append(dense.get(f"{n}.bias"))
+        bias = torch.cat(bs) if all(b is not None for b in bs) else None
+        out[name] = (torch.cat(ws), bias)
+    return out
+
+
+def test_entry_point_registers_gqsa():
+    from importlib.metadata import entry_points
+
+    eps = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert eps.get("gqsa") == "vllm_gqsa:register"
+    setup_cpu_vllm()
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    assert "gqsa" in QUANTIZATION_METHODS
+    assert get_quantization_config("gqsa").__name__ == "GQSAConfig"
+
+
+@pytest.mark.parametrize("flag", [None, "gqsa"])
+def test_model_config_picks_gqsa_from_checkpoint(tiny_checkpoints, flag):
+    setup_cpu_vllm()
+    from vllm.config import ModelConfig
+
+    assert ModelConfig(model=tiny_checkpoints["llama"], quantization=flag).quantization == "gqsa"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_vllm_loader_builds_model_and_layers_match_reference(arch, tiny_checkpoints):
+    ckpt = tiny_checkpoints[arch]
+    model, _ = load_vllm_model(ckpt, port=free_port())
+    refs = reference_weights(ckpt, model)
+    assert set(refs) == {f"model.layers.{i}.{n}" for i in range(2) for n in
+                         ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, layer in linear_layers(model).items():
+            for M in (1, 5, 19):
+                x = torch.randn(M, layer.input_size)
+                y = layer(x)
+                y = y[0] if isinstance(y, tuple) else y
+                w, b = refs[name]
+                expected = x @ w.T + (b if b is not None else 0)
+                torch.testing.assert_close(y, expected, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_custom_op_compiles_fullgraph(tiny_checkpoints):
+    model, _ = load_vllm_model(tiny_checkpoints["llama"], port=free_port())
+    layer = model.model.layers[0].mlp.gate_up_proj
+    eager = lambda x: layer.quant_method.apply(layer, x)  # noqa: E731
+    compiled = torch.compile(eager, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for M in (1, 3, 12):
+            x = torch.randn(M, layer.input_size)
+            torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_ops_pass_opcheck(tiny_checkpoints):
+    model, _ = load_vllm_model(tiny_checkpoints["llama"], port=free_port())
+    layer = model.model.layers[0].self_attn.qkv_proj
+    x = torch.randn(3, layer.input_size)
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm.default,
+                          (x, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
+                           layer.gqsa_n_out, 16))
+    from conftest import random_layer
+    from vllm_gqsa.format import LayerFormat
+
+    ref = random_layer(24, 96, LayerFormat(2, 32, 2))
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm_reference.default,
+                          (torch.randn(4, 96), ref.block_ids().to(torch.int32), ref.col_idx,
+                           ref.qweight, ref.scales, ref.qzeros, 24, 2, 32, 2))
+
+
+def run_tp(ckpt: str, world_size: int, tmp_path, inputs) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    port = free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=tp_worker, args=(r, world_size, ckpt, port, inputs, str(tmp_path)))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    errors = [(tmp_path / f"rank{r}.err") for r in range(world_size)]
+    errors = [e.read_text() for e in errors if e.exists()]
+    if errors:
+        raise RuntimeError(errors[0])
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tensor_parallel_shards_combine_to_the_unsharded_output(world_size, tiny_checkpoints, tmp_path):
+    ckpt = tiny_checkpoints["qwen2"]  # q/k/v biases, and at TP=4 replicated KV heads
+    full, _ = load_vllm_model(ckpt, port=free_port())
+    layers = linear_layers(full)
+    torch.manual_seed(1)
+    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
+    with torch.no_grad():
+        expected = {n: (l(inputs[n])[0] if isinstance(l(inputs[n]), tuple) else l(inputs[n]))
+                    for n, l in layers.items()}
+    ranks = run_tp(ckpt, world_size, tmp_path, inputs)
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    replicas = max(1, world_size // cfg["num_key_value_heads"])
+    for name, exp in expected.items():
+        outs = [r[name] for r in ranks]
+        if name.endswith(("o_proj", "down_proj")):  # row-parallel: all-reduced on every rank
+            for o in outs:
+                torch.testing.assert_close(o, exp, rtol=1e-4, atol=1e-4, msg=name)
+            continue
+        if name.endswith("qkv_proj"):
+            sizes = [q // world_size, max(kv // world_size, head_dim), max(kv // world_size, head_dim)]
+            pieces = [o.split(sizes, dim=-1) for o in outs]
+            got = torch.cat([torch.cat([p[0] for p in pieces], -1)]
+                            + [torch.cat([pieces[r][i] for r in range(0, world_size, replicas)], -1)
+                               for i in (1, 2)], -1)
+        else:  # gate_up: [gate_r | up_r] on each rank
+            half = outs[0].shape[-1] // 2
+            got = torch.cat([torch.cat([o[:, :half] for o in outs], -1),
+                             torch.cat([o[:, half:] for o in outs], -1)], -1)
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_refuses_split_inside_a_group(tiny_models, tmp_path):
+    from converters.convert import ConvertOptions, convert
+
+    ckpt = str(tmp_path / "g64")
+    convert(tiny_models["llama"], ckpt, ConvertOptions(group_size=64, n_samples=2, seq_len=16))
+    with pytest.raises(RuntimeError, match="input size per rank 32 .* group size 64; reduce "
+                                           "tensor_parallel_size"):
+        run_tp(ckpt, 4, tmp_path, {})
+
+
+def broken_copy(src: str, dst, mutate) -> str:
+    shutil.copytree(src, dst)
+    from safetensors.torch import load_file, save_file
+
+    path = os.path.join(dst, "model.safetensors")
+    tensors = load_file(path)
+    mutate(tensors)
+    save_file(tensors, path)
+    return str(dst)
+
+
+def test_out_of_range_index_fails_loading_with_the_layer_name(tiny_checkpoints, tmp_path):
+    def mutate(t):
+        t["model.layers.1.mlp.up_proj.col_idx"][3] = 200
+
+    ckpt = broken_copy(tiny_checkpoints["llama"], tmp_path / "bad", mutate)
+    with pytest.raises(GQSAFormatError, match=r"model.layers.1.mlp.up_proj: col_idx\[3\] = 200 is out "
+                                              r"of range \[0, 8\)"):
+        load_vllm_model(ckpt, port=free_port())
+
+
+def test_missing_tensor_fails_loading(tiny_checkpoints, tmp_path):
+    ckpt = broken_copy(tiny_checkpoints["llama"], tmp_path / "bad",
+                       lambda t: t.pop("model.layers.0.self_attn.k_proj.scales"))
+    with pytest.raises(GQSAFormatError, match="model.layers.0.self_attn.k_proj: the checkpoint lacks scales"):
+        load_vllm_model(ckpt, port=free_port())

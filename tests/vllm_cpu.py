@@ -1,0 +1,92 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Building vLLM models with vLLM's real model loader on a machine with no GPU.
+
+vLLM's PyPI wheel carries no CPU kernels, so the CPU platform is selected by hand and the one
+kernel a Llama/Qwen2 needs at construction (``_C::silu_and_mul``) gets a plain-torch stand-in.
+Nothing GQSA-related is stubbed: config parsing, the loader, weight loading, tensor-parallel
+slicing and the GQSA ops are the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+_SETUP_DONE = False
+
+
+def setup_cpu_vllm() -> None:
+    global _SETUP_DONE
+    if _SETUP_DONE:
+        return
+    import vllm.platforms as platforms
+    from vllm.platforms.cpu import CpuPlatform
+
+    platforms._current_platform = CpuPlatform()
+    if not hasattr(torch.ops._C, "silu_and_mul"):
+        lib = torch.library.Library("_C", "FRAGMENT")
+        lib.define("silu_and_mul(Tensor! result, Tensor input) -> ()")
+
+        def silu_and_mul(out, x):
+            d = x.shape[-1] // 2
+            out.copy_(torch.nn.functional.silu(x[..., :d]) * x[..., d:])
+
+        lib.impl("silu_and_mul", silu_and_mul, "CPU")
+        setup_cpu_vllm.lib = lib  # keep the library alive
+    import vllm.plugins
+
+    vllm.plugins.load_general_plugins()  # finds vllm_gqsa through its entry point
+    _SETUP_DONE = True
+
+
+def load_vllm_model(ckpt: str, rank: int = 0, world_size: int = 1, port: int = 29600,
+                    dtype: str = "float32", quantization: str | None = None):
+    """The model vLLM builds from ``ckpt``, as tensor-parallel rank ``rank`` of ``world_size``."""
+    setup_cpu_vllm()
+    from vllm.config import DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig
+    from vllm.config import set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+    from vllm.model_executor.model_loader import get_model_loader
+
+    model_config = ModelConfig(model=ckpt, dtype=dtype, enforce_eager=True, quantization=quantization)
+    load_config = LoadConfig()
+    config = VllmConfig(model_config=model_config, load_config=load_config,
+                        device_config=DeviceConfig(device="cpu"),
+                        parallel_config=ParallelConfig(tensor_parallel_size=world_size))
+    with set_current_vllm_config(config):
+        if not model_parallel_is_initialized():  # once per process, as in a vLLM worker
+            init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank,
+                                         distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                         backend="gloo")
+            initialize_model_parallel(world_size)
+        model = get_model_loader(load_config).load_model(vllm_config=config, model_config=model_config)
+    return model, config
+
+
+def linear_layers(model) -> dict[str, torch.nn.Module]:
+    from vllm.model_executor.layers.linear import LinearBase
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearBase)}
+
+
+def tp_worker(rank: int, world_size: int, ckpt: str, port: int, inputs: dict, out_dir: str) -> None:
+    """One tensor-parallel rank: load the model and save each linear layer's output for the
+    shared inputs (row-parallel layers get this rank's slice of the input)."""
+    try:
+        model, _ = load_vllm_model(ckpt, rank, world_size, port)
+        outputs = {}
+        with torch.no_grad():
+            for name, layer in linear_layers(model).items():
+                x = inputs[name]
+                k = layer.input_size_per_partition
+                if k != x.shape[-1]:
+                    x = x[:, rank * k:(rank + 1) * k]
+                y = layer(x)
+                outputs[name] = y[0] if isinstance(y, tuple) else y
+        torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())

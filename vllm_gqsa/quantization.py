@@ -1,0 +1,262 @@
+# SPDX-License-Identifier: Apache-2.0
+"""vLLM's side of GQSA: ``GQSAConfig`` (registered as ``gqsa``) and ``GQSALinearMethod``.
+
+A GQSA layer's tensors have data-dependent lengths (the number of kept groups), so vLLM's
+fixed-shape parameter classes cannot shard them. Instead (the pattern GGUF used):
+
+1. ``create_weights`` registers an empty placeholder per checkpoint tensor, each with a loader
+   that stashes what arrives;
+2. as soon as the five tensors of one shard (q, k, v, gate, up, or the whole layer) are in,
+   they are validated against the shard's full shape and sliced for this tensor-parallel rank,
+   so host memory holds one rank's slice, not the whole layer;
+3. ``process_weights_after_loading`` fuses the shards in vLLM's output order, repacks them
+   into the kernel format once, and replaces the placeholders with the final tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+import torch
+from torch.nn import Parameter
+
+from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
+                                               MergedColumnParallelLinear, QKVParallelLinear,
+                                               UnquantizedLinearMethod)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from . import ops  # noqa: F401  (registers torch.ops.vllm_gqsa.*)
+from .format import (QUANT_METHOD, TENSOR_NAMES, GQSAFormatError, GQSALayer, GQSAQuantConfig,
+                     LayerFormat)
+from .kernels import cuda as cuda_kernels
+from .kernels.cuda_format import can_implement, to_kernel_format
+
+# Under "vllm." so that vLLM's logging configuration prints it.
+logger = logging.getLogger("vllm.gqsa")
+
+QKV_SHARDS = ("q", "k", "v")
+CPU_NUM_CTAS = 8  # the GEMV schedule's grid where no GPU says how many SMs there are
+
+
+@register_quantization_config(QUANT_METHOD)
+class GQSAConfig(QuantizationConfig):
+    """The ``quantization_config`` of a GQSA checkpoint, as vLLM sees it."""
+
+    def __init__(self, quant: GQSAQuantConfig | None = None) -> None:
+        super().__init__()
+        self.quant = quant or GQSAQuantConfig()
+        self.kernels_logged: set[str] = set()
+
+    def __repr__(self) -> str:
+        return f"GQSAConfig({self.quant})"
+
+    @classmethod
+    def get_name(cls) -> str:
+        return QUANT_METHOD
+
+    @classmethod
+    def get_supported_act_dtypes(cls) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16, torch.float32]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 80
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "GQSAConfig":
+        return cls(GQSAQuantConfig.from_dict(config))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None) -> str | None:
+        if str(hf_quant_cfg.get("quant_method", "")).lower() == QUANT_METHOD:
+            return QUANT_METHOD
+        return None
+
+    def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
+        if self.quant.modules_to_not_convert:
+            mapped = tuple(hf_to_vllm_mapper.apply_list(list(self.quant.modules_to_not_convert)))
+            self.quant = GQSAQuantConfig(**{**self.quant.__dict__, "modules_to_not_convert": mapped})
+
+    def checkpoint_names(self, prefix: str) -> list[str]:
+        """The checkpoint modules behind a vLLM layer: ``...qkv_proj`` -> q/k/v_proj."""
+        parent, _, last = prefix.rpartition(".")
+        parts = self.packed_modules_mapping.get(last)
+        if not parts:
+            return [prefix]
+        return [f"{parent}.{p}" if parent else p for p in parts]
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        names = self.checkpoint_names(prefix)
+        quantized = [self.quant.is_quantized(n) for n in names]
+        if any(quantized) != all(quantized):
+            raise GQSAFormatError(f"{prefix}: some but not all of {names} are GQSA layers; the "
+                                  "shards of a fused layer must all be quantized or all dense")
+        return GQSALinearMethod(self, names) if all(quantized) else UnquantizedLinearMethod()
+
+
+def _shard_order(layer) -> tuple:
+    if isinstance(layer, QKVParallelLinear):
+        return QKV_SHARDS
+    if isinstance(layer, MergedColumnParallelLinear):
+        return tuple(range(len(layer.output_sizes)))
+    return (None,)
+
+
+def _full_shard_shape(layer, shard_id) -> tuple[int, int]:
+    """Rows and columns of one shard as stored in the checkpoint (before tensor parallelism)."""
+    if shard_id is None:
+        return layer.output_size, layer.input_size
+    if shard_id in QKV_SHARDS:
+        heads = layer.total_num_heads if shard_id == "q" else layer.total_num_kv_heads
+        head = layer.v_head_size if shard_id == "v" else layer.head_size
+        return heads * head, layer.input_size
+    return layer.output_sizes[shard_id], layer.input_size
+
+
+def shard_for_rank(layer, shard_id, full: GQSALayer) -> GQSALayer:
+    """The part of one checkpoint shard this tensor-parallel rank computes."""
+    order = _shard_order(layer)
+    rows = layer.output_partition_sizes[order.index(shard_id)]
+    if rows != full.out_features:  # column-parallel: this rank's output rows
+        rank = layer.tp_rank
+        if shard_id in ("k", "v"):
+            rank //= layer.num_kv_head_replicas
+        full = full.select_rows(rank * rows, (rank + 1) * rows)
+    k = layer.input_size_per_partition
+    if k != full.in_features:  # row-parallel: this rank's input channels
+        full = full.select_input(layer.tp_rank * k, (layer.tp_rank + 1) * k)
+    return full
+
+
+class GQSALinearMethod(LinearMethodBase):
+    """Linear layers stored as GQSA groups; see the module docstring for the loading scheme."""
+
+    def __init__(self, config: GQSAConfig, checkpoint_names: list[str]):
+        self.config = config
+        self.fmt: LayerFormat = config.quant.layer_format()
+        self.checkpoint_names = checkpoint_names
+
+    def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
+                       output_partition_sizes: list[int], input_size: int, output_size: int,
+                       params_dtype: torch.dtype, **extra_weight_attrs) -> None:
+        G, R = self.fmt.group_size, self.fmt.block_rows
+        name = getattr(layer, "prefix", "") or "linear"
+        if input_size_per_partition % G:
+            raise ValueError(
+                f"{name}: input size per rank {input_size_per_partition} (of {input_size}) is not a "
+                f"multiple of the GQSA group size {G}; reduce tensor_parallel_size or convert the "
+                f"model with a smaller --group-size")
+        for rows in output_partition_sizes:
+            if rows % R:
+                raise ValueError(
+                    f"{name}: {rows} output rows per rank are not a multiple of block_rows {R}; "
+                    f"reduce tensor_parallel_size")
+        layer.gqsa_shards = {}  # shard id -> GQSALayer for this rank
+        layer.gqsa_pending = {}  # shard id -> {tensor name: tensor} until all five are in
+        for t_name in TENSOR_NAMES:
+            param = Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+            param.weight_loader = functools.partial(self._load, layer, t_name)
+            layer.register_parameter(t_name, param)
+        try:
+            from vllm.config import get_current_vllm_config
+            layer.gqsa_dummy = get_current_vllm_config().load_config.load_format == "dummy"
+        except Exception:
+            layer.gqsa_dummy = False
+
+    def _shard_name(self, layer, shard_id) -> str:
+        order = _shard_order(layer)
+        if shard_id is None or len(self.checkpoint_names) != len(order):
+            return self.checkpoint_names[0] if shard_id is None else f"{layer.prefix}[{shard_id}]"
+        return self.checkpoint_names[order.index(shard_id)]
+
+    def _load(self, layer, t_name: str, param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id not in _shard_order(layer):
+            raise GQSAFormatError(f"{layer.prefix}: unexpected shard {shard_id!r} for {t_name}")
+        parts = layer.gqsa_pending.setdefault(shard_id, {})
+        name = self._shard_name(layer, shard_id)
+        if t_name in parts or shard_id in layer.gqsa_shards:
+            raise GQSAFormatError(f"{name}.{t_name} appears twice in the checkpoint")
+        parts[t_name] = loaded.detach().to("cpu")
+        if len(parts) == len(TENSOR_NAMES):
+            out_features, in_features = _full_shard_shape(layer, shard_id)
+            full = GQSALayer.from_tensors(parts, out_features, in_features, self.fmt, name)
+            layer.gqsa_shards[shard_id] = shard_for_rank(layer, shard_id, full)
+            del layer.gqsa_pending[shard_id]
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        order = _shard_order(layer)
+        device = getattr(layer, TENSOR_NAMES[0]).device
+        if not layer.gqsa_shards and not layer.gqsa_pending and layer.gqsa_dummy:
+            self._fill_dummy(layer, order)
+        for shard_id in order:
+            if shard_id not in layer.gqsa_shards:
+                name = self._shard_name(layer, shard_id)
+                have = sorted(layer.gqsa_pending.get(shard_id, {}))
+                missing = [t for t in TENSOR_NAMES if t not in have]
+                raise GQSAFormatError(f"{name}: the checkpoint lacks {', '.join(missing)} "
+                                      f"for this GQSA layer")
+        merged = GQSALayer.concat_rows([layer.gqsa_shards[s] for s in order])
+        del layer.gqsa_shards, layer.gqsa_pending
+        N, K = merged.out_features, merged.in_features
+        assert (N, K) == (layer.output_size_per_partition, layer.input_size_per_partition)
+        for t_name in TENSOR_NAMES:
+            delattr(layer, t_name)
+
+        ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, self.fmt.block_rows, N, K)
+        if ok:
+            tensors = to_kernel_format(merged, num_ctas=_num_ctas(device))
+            layer.gqsa_kernel = "cuda"
+        else:
+            tensors = {"block_ids": merged.block_ids().to(torch.int32), "col_idx": merged.col_idx,
+                       "qweight": merged.qweight, "scales": merged.scales, "qzeros": merged.qzeros}
+            layer.gqsa_kernel = "reference"
+        for t_name, t in tensors.items():
+            layer.register_parameter(t_name, Parameter(t.to(device), requires_grad=False))
+        layer.gqsa_n_out, layer.gqsa_nnz = N, merged.nnz
+        if not ok:
+            label = f"torch reference matmul ({reason})"
+        elif device.type == "cuda" and cuda_kernels.available()[0]:
+            label = "CUDA task-centric GEMV for <= 8 tokens, dequantize + cuBLAS above"
+        else:
+            label = f"kernel format decoded in torch ({cuda_kernels.available()[1]})"
+        # Every layer's choice at DEBUG; each distinct choice once at INFO.
+        log = logger.info if label not in self.config.kernels_logged else logger.debug
+        self.config.kernels_logged.add(label)
+        log("GQSA %s [%d x %d, %d kept groups]: %s", layer.prefix, N, K, merged.nnz, label)
+
+    def _fill_dummy(self, layer, order) -> None:
+        """Random kept groups at the configured sparsity, for ``--load-format dummy`` benchmarks."""
+        from .random_layers import random_gqsa_layer
+
+        for i, shard_id in enumerate(order):
+            N, K = _full_shard_shape(layer, shard_id)
+            full = random_gqsa_layer(N, K, self.fmt, 1 - self.config.quant.sparsity, seed=i)
+            layer.gqsa_shards[shard_id] = shard_for_rank(layer, shard_id, full)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        if layer.gqsa_kernel == "cuda":
+            y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
+                                            layer.gqsa_n_out, self.fmt.group_size)
+        else:
+            y = torch.ops.vllm_gqsa.gqsa_mm_reference(
+                x2, layer.block_ids, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,
+                layer.gqsa_n_out, self.fmt.bits, self.fmt.group_size, self.fmt.block_rows)
+        y = y.reshape(*x.shape[:-1], layer.gqsa_n_out)
+        return y if bias is None else y + bias
+
+
+def _num_ctas(device: torch.device) -> int:
+    if device.type == "cuda":
+        return cuda_kernels.default_num_ctas(device)
+    return CPU_NUM_CTAS
