@@ -315,9 +315,8 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
     q_bytes = sum(tensors[f"{r['name']}.{t}"].numel() * tensors[f"{r['name']}.{t}"].element_size()
                   for r in layers_report for t in ("row_ptr", "col_idx", "qweight", "scales", "qzeros"))
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    dense_bytes = sum(p.numel() * p.element_size() for p in model.state_dict().values()
-                      if not (p is model.get_output_embeddings().weight
-                              and config.get("tie_word_embeddings")))
+    dense_bytes = sum(p.numel() * p.element_size() for n, p in model.state_dict().items()
+                      if not (n == "lm_head.weight" and config.get("tie_word_embeddings")))
     kept = sum(r["kept_groups"] for r in layers_report)
     total_groups = q_weights // qcfg.group_size
     report = {

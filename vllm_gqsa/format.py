@@ -414,13 +414,13 @@ def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     if zeros.numel() and (zeros.min() < 0 or zeros.max() > top):
         raise GQSAFormatError(f"pack_layer: zero points must be in [0, {top}]")
     blocks, cols = torch.nonzero(keep, as_tuple=True)  # row-major: BSR order
-    row_ptr = torch.zeros(NB + 1, dtype=torch.int32)
+    row_ptr = torch.zeros(NB + 1, dtype=torch.int32, device=keep.device)
     row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
     c = codes.reshape(NB, R, KG, G)[blocks, :, cols]  # [nnz, R, G]
     s = scales.reshape(NB, R, KG)[blocks, :, cols]  # [nnz, R]
     z = zeros.reshape(NB, R, KG)[blocks, :, cols]
     layer = GQSALayer(
-        row_ptr=row_ptr.to(codes.device), col_idx=cols.to(index_dtype(KG)),
+        row_ptr=row_ptr, col_idx=cols.to(index_dtype(KG)),
         qweight=pack_bits(c.to(torch.uint8), fmt.bits), scales=s.to(SCALE_DTYPE),
         qzeros=pack_flat(z.to(torch.uint8), fmt.bits), out_features=N, in_features=K, fmt=fmt)
     return layer

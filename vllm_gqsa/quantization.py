@@ -196,7 +196,7 @@ class GQSALinearMethod(LinearMethodBase):
         order = _shard_order(layer)
         device = getattr(layer, TENSOR_NAMES[0]).device
         if not layer.gqsa_shards and not layer.gqsa_pending and layer.gqsa_dummy:
-            self._fill_dummy(layer, order)
+            self._fill_dummy(layer, order, device)
         for shard_id in order:
             if shard_id not in layer.gqsa_shards:
                 name = self._shard_name(layer, shard_id)
@@ -233,13 +233,14 @@ class GQSALinearMethod(LinearMethodBase):
         self.config.kernels_logged.add(label)
         log("GQSA %s [%d x %d, %d kept groups]: %s", layer.prefix, N, K, merged.nnz, label)
 
-    def _fill_dummy(self, layer, order) -> None:
+    def _fill_dummy(self, layer, order, device) -> None:
         """Random kept groups at the configured sparsity, for ``--load-format dummy`` benchmarks."""
         from .random_layers import random_gqsa_layer
 
         for i, shard_id in enumerate(order):
             N, K = _full_shard_shape(layer, shard_id)
-            full = random_gqsa_layer(N, K, self.fmt, 1 - self.config.quant.sparsity, seed=i)
+            full = random_gqsa_layer(N, K, self.fmt, 1 - self.config.quant.sparsity, seed=i,
+                                     device=device)
             layer.gqsa_shards[shard_id] = shard_for_rank(layer, shard_id, full)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None

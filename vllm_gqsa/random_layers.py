@@ -10,18 +10,18 @@ from .format import GQSALayer, LayerFormat, pack_layer
 
 
 def random_gqsa_layer(N: int, K: int, fmt: LayerFormat, density: float, seed: int = 0,
-                      heavy_rows: float = 1.0) -> GQSALayer:
+                      heavy_rows: float = 1.0, device: str | torch.device = "cpu") -> GQSALayer:
     """Each group kept with probability ``density``; with ``heavy_rows`` > 1, the first
     row block in every 16 keeps ``heavy_rows`` times as many groups (an uneven matrix)."""
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     G, R, bits = fmt.group_size, fmt.block_rows, fmt.bits
     NB, KG = N // R, K // G
-    p = torch.full((NB, 1), density)
+    p = torch.full((NB, 1), density, device=device)
     if heavy_rows != 1.0:
         p[::16] = min(1.0, density * heavy_rows)
-    keep = torch.rand(NB, KG, generator=g) < p
+    keep = torch.rand(NB, KG, generator=g, device=device) < p
     maxq = (1 << bits) - 1
-    codes = torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.uint8)
-    zeros = torch.randint(0, maxq + 1, (N, KG), generator=g, dtype=torch.uint8)
-    scales = torch.rand(N, KG, generator=g) * 0.004 + 0.001
+    codes = torch.randint(0, maxq + 1, (N, K), generator=g, dtype=torch.uint8, device=device)
+    zeros = torch.randint(0, maxq + 1, (N, KG), generator=g, dtype=torch.uint8, device=device)
+    scales = torch.rand(N, KG, generator=g, device=device) * 0.004 + 0.001
     return pack_layer(codes, scales, zeros, keep, fmt)

@@ -1,0 +1,23 @@
+# Set-up and checks on a CPU machine (no GPU needed). On a GPU machine with vLLM installed,
+# `pip install -e .` is all the plugin needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test
+setup: $(VENV)/.installed
+
+# vLLM's wheel pins the CUDA build of torch; on the CPU its Python code runs on the CPU build,
+# so vLLM goes in with --no-deps and the packages it imports come from the requirements file.
+$(VENV)/.installed: pyproject.toml .ci/requirements-cpu.txt
+	python3 -m venv $(VENV)
+	$(PIP) -r .ci/requirements-cpu.txt
+	$(PIP) --no-deps vllm==0.26.0
+	$(PIP) --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: setup
+	$(VENV)/bin/gqsa-convert --demo out/gqsa-demo --overwrite
+
+test: setup
+	$(PY) -m pytest -q

@@ -1,0 +1,126 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End-to-end decode throughput in vLLM: fp16 against GPTQ (Marlin, Machete) and GQSA.
+
+Random weights of a real model shape (``--load-format dummy``): values do not change speed. Each
+configuration runs in its own process with identical engine settings; output tokens per second
+for prompt 128 / 256 generated tokens (ignore_eos) at each batch size.
+
+    python benchmarks/e2e.py --shape llama2-7b --batches 1,16 --configs fp16,gptq-marlin,gqsa-s50 \
+        --out benchmarks/results/e2e.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+}
+CONFIGS = {
+    "fp16": (None, {}),
+    "gptq-marlin": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                     "sym": True, "checkpoint_format": "gptq"}, {"linear_backend": "marlin"}),
+    "gptq-machete": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                      "sym": True, "checkpoint_format": "gptq"}, {"linear_backend": "machete"}),
+    "gqsa-s50": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
+    "gqsa-s40": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.4}, {}),
+    "gqsa-s30": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.3}, {}),
+}
+PROMPT_LEN, GEN_LEN = 128, 256
+
+
+def make_model_dir(root: str, shape: str, quant: dict | None) -> str:
+    from converters.tiny import byte_tokenizer
+
+    os.makedirs(root, exist_ok=True)
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float16",
+           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+           **SHAPES[shape]}
+    if quant:
+        cfg["quantization_config"] = quant
+    with open(os.path.join(root, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    byte_tokenizer().save_pretrained(root)
+    return root
+
+
+def run_one(model_dir: str, engine_kwargs: dict, batches: list[int]) -> dict:
+    import torch
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    t0 = time.time()
+    llm = LLM(model=model_dir, load_format="dummy", max_model_len=1024, gpu_memory_utilization=0.85,
+              max_num_seqs=max(batches), seed=0, **engine_kwargs)
+    startup = time.time() - t0
+    params = SamplingParams(max_tokens=GEN_LEN, ignore_eos=True, temperature=0.0)
+    g = torch.Generator().manual_seed(0)
+    out = {"startup_seconds": round(startup, 1), "weights_gib": round(torch.cuda.memory_allocated() / 2**30, 2)}
+    for b in batches:
+        prompts = [TokensPrompt(prompt_token_ids=torch.randint(100, 30000, (PROMPT_LEN,), generator=g).tolist())
+                   for _ in range(b)]
+        llm.generate(prompts, params, use_tqdm=False)  # warm-up
+        times = []
+        for _ in range(2):
+            t = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        best = min(times)
+        out[f"batch{b}"] = {"seconds": round(best, 3), "output_tokens_per_s": round(b * GEN_LEN / best, 1)}
+        print(f"  batch {b}: {b * GEN_LEN / best:.1f} output tokens/s", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
+    p.add_argument("--configs", default="fp16,gptq-marlin,gqsa-s50")
+    p.add_argument("--batches", default="1,16")
+    p.add_argument("--out", required=True)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    batches = [int(b) for b in a.batches.split(",")]
+    if a.child:  # one configuration in this process
+        quant, engine_kwargs = CONFIGS[a.child]
+        d = make_model_dir(tempfile.mkdtemp(), a.shape, quant)
+        with open(a.out, "w") as f:
+            json.dump(run_one(d, engine_kwargs, batches), f)
+        return 0
+    import torch
+    import vllm
+
+    results = {"shape": a.shape, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
+               "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
+               "configs": {}}
+    for name in a.configs.split(","):
+        print(name, flush=True)
+        tmp = tempfile.mktemp(suffix=".json")
+        rc = subprocess.call([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
+                              "--out", tmp, "--child", name])
+        results["configs"][name] = json.load(open(tmp)) if rc == 0 else {"error": f"exit code {rc}"}
+    base = results["configs"].get("gptq-marlin", {})
+    for name, r in results["configs"].items():
+        for b in batches:
+            key = f"batch{b}"
+            if key in r and key in base:
+                r[key]["vs_gptq_marlin"] = round(r[key]["output_tokens_per_s"] / base[key]["output_tokens_per_s"], 3)
+    with open(a.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

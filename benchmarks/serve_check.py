@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Serve a GQSA checkpoint with ``vllm serve`` and check it against transformers.
+
+For each serving mode (CUDA graphs + torch.compile, and ``--enforce-eager``) it starts
+``vllm serve CKPT`` on loopback, sends greedy completions (32 tokens, the chosen token's
+logprob) for 10 prompts and one chat completion through the OpenAI client, and stops the
+server. Then transformers runs the same checkpoint through the reference dequantization, in
+the same dtype on the same GPU, and generates greedily from the same prompt tokens. Reported:
+per prompt, the number of leading tokens that agree and the logprob differences.
+
+    python benchmarks/serve_check.py CKPT --out benchmarks/results/serve_check.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "Water boils at a temperature of",
+    "In machine learning, overfitting means",
+    "The quick brown fox",
+    "To make a cup of tea, first",
+    "The largest planet in the solar system is",
+    "A haiku about the sea:",
+]
+NEW_TOKENS = 32
+
+
+def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(2)
+    raise TimeoutError("vllm serve did not become ready")
+
+
+def query_server(ckpt: str, port: int, extra_args: list[str], log_path: str) -> dict:
+    from openai import OpenAI
+
+    cmd = ["vllm", "serve", ckpt, "--quantization", "gqsa", "--host", "127.0.0.1", "--port", str(port),
+           "--served-model-name", "gqsa", "--max-model-len", "1024", "--gpu-memory-utilization", "0.5",
+           "--generation-config", "vllm", *extra_args]
+    t0 = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_ready(port, proc)
+        startup = time.time() - t0
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        completions = []
+        for prompt in PROMPTS:
+            r = client.completions.create(model="gqsa", prompt=prompt, max_tokens=NEW_TOKENS,
+                                          temperature=0.0, logprobs=1,
+                                          extra_body={"return_tokens_as_token_ids": True,
+                                                      "ignore_eos": True})
+            lp = r.choices[0].logprobs
+            completions.append({
+                "prompt": prompt, "text": r.choices[0].text,
+                "token_ids": [int(t.split(":")[1]) for t in lp.tokens],
+                "logprobs": lp.token_logprobs})
+        chat = client.chat.completions.create(
+            model="gqsa", messages=[{"role": "user", "content": "Name three colors."}],
+            max_tokens=32, temperature=0.0)
+        return {"command": " ".join(cmd), "startup_seconds": round(startup, 1),
+                "completions": completions, "chat": chat.choices[0].message.content}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@torch.no_grad()
+def transformers_reference(ckpt: str, dtype: torch.dtype):
+    from transformers import AutoTokenizer
+
+    from converters.reference_model import load_reference_model
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = load_reference_model(ckpt, dtype=dtype, device="cuda")
+    out = []
+    for prompt in PROMPTS:
+        ids = tok(prompt, return_tensors="pt").input_ids.cuda()
+        seq = ids
+        chosen_logprobs = []
+        for _ in range(NEW_TOKENS):  # greedy, one full forward per token: simple and exact
+            logits = model(input_ids=seq).logits[0, -1].float()
+            nxt = int(logits.argmax())
+            chosen_logprobs.append(float(torch.log_softmax(logits, -1)[nxt]))
+            seq = torch.cat([seq, torch.tensor([[nxt]], device="cuda")], 1)
+        out.append({"token_ids": seq[0, ids.shape[1]:].tolist(), "logprobs": chosen_logprobs,
+                    "prompt_ids": ids})
+    return out, model
+
+
+@torch.no_grad()
+def compare(served: list[dict], ref: list[dict], model) -> dict:
+    """Leading agreement per prompt; logprob differences of the served tokens under both models."""
+    rows = []
+    for s, r in zip(served, ref):
+        agree = 0
+        for a, b in zip(s["token_ids"], r["token_ids"]):
+            if a != b:
+                break
+            agree += 1
+        # Score the served tokens with the reference model (teacher forcing) to compare logprobs
+        # even past a divergence.
+        seq = torch.cat([r["prompt_ids"], torch.tensor([s["token_ids"]], device="cuda")], 1)
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+        n0 = r["prompt_ids"].shape[1]
+        ref_lp = [float(logp[n0 - 1 + i, t]) for i, t in enumerate(s["token_ids"])]
+        diffs = [abs(a - b) for a, b in zip(s["logprobs"], ref_lp)]
+        rows.append({"prompt": s["prompt"], "agreeing_tokens": agree, "identical": agree == NEW_TOKENS,
+                     "max_abs_logprob_diff": max(diffs), "mean_abs_logprob_diff": sum(diffs) / len(diffs)})
+    return {"prompts_identical": sum(r["identical"] for r in rows), "prompts": len(rows), "per_prompt": rows}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("ckpt")
+    p.add_argument("--out", required=True)
+    p.add_argument("--port", type=int, default=8321)
+    p.add_argument("--modes", default="graphs,eager")
+    a = p.parse_args(argv)
+    ckpt = os.path.abspath(a.ckpt)
+    with open(os.path.join(ckpt, "config.json")) as f:
+        dtype = getattr(torch, json.load(f).get("dtype", "bfloat16"))
+    log_dir = os.path.dirname(os.path.abspath(a.out))
+    served = {}
+    for mode in a.modes.split(","):
+        extra = ["--enforce-eager"] if mode == "eager" else []
+        served[mode] = query_server(ckpt, a.port, extra, os.path.join(log_dir, f"serve_{mode}.log"))
+        print(mode, "served; chat:", served[mode]["chat"][:80], flush=True)
+    ref, model = transformers_reference(ckpt, dtype)
+    result = {"checkpoint": ckpt, "dtype": str(dtype), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__, "new_tokens": NEW_TOKENS, "command": " ".join(sys.argv)}
+    import vllm
+
+    result["vllm"] = vllm.__version__
+    for mode, s in served.items():
+        cmp = compare(s["completions"], ref, model)
+        result[mode] = {"server_command": s["command"], "startup_seconds": s["startup_seconds"],
+                        "chat_reply": s["chat"], **cmp,
+                        "texts": [c["text"] for c in s["completions"]]}
+        print(mode, f"{cmp['prompts_identical']}/{cmp['prompts']} prompts identical for {NEW_TOKENS} tokens",
+              flush=True)
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
