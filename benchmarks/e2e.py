@@ -27,12 +27,17 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
 }
+# With dummy weights there is no safetensors header for vLLM to read the quantized layers from,
+# so GPTQ must name them, or it silently serves every layer in fp16.
+GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
+        "checkpoint_format": "gptq",
+        "modules_in_block_to_quantize": [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                                         ["self_attn.o_proj"], ["mlp.gate_proj", "mlp.up_proj"],
+                                         ["mlp.down_proj"]]}
 CONFIGS = {
     "fp16": (None, {}),
-    "gptq-marlin": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-                     "sym": True, "checkpoint_format": "gptq"}, {"linear_backend": "marlin"}),
-    "gptq-machete": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-                      "sym": True, "checkpoint_format": "gptq"}, {"linear_backend": "machete"}),
+    "gptq-marlin": (GPTQ, {"linear_backend": "marlin"}),
+    "gptq-machete": (GPTQ, {"linear_backend": "machete"}),
     "gqsa-s50": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
     "gqsa-s40": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.4}, {}),
     "gqsa-s30": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.3}, {}),
@@ -110,6 +115,8 @@ def main(argv=None) -> int:
         rc = subprocess.call([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
                               "--out", tmp, "--child", name])
         results["configs"][name] = json.load(open(tmp)) if rc == 0 else {"error": f"exit code {rc}"}
+        with open(a.out, "w") as f:  # after every configuration, so a cut-short run keeps its results
+            json.dump(results, f, indent=2)
     base = results["configs"].get("gptq-marlin", {})
     for name, r in results["configs"].items():
         for b in batches:

@@ -59,7 +59,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
 def query_server(ckpt: str, port: int, extra_args: list[str], log_path: str) -> dict:
     from openai import OpenAI
 
-    cmd = ["vllm", "serve", ckpt, "--quantization", "gqsa", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--quantization", "gqsa", "--host", "127.0.0.1", "--port", str(port),
            "--served-model-name", "gqsa", "--max-model-len", "1024", "--gpu-memory-utilization", "0.5",
            "--generation-config", "vllm", *extra_args]
     t0 = time.time()

@@ -187,3 +187,11 @@ def test_quant_config_round_trip():
     assert GQSAQuantConfig.from_dict(c.to_dict()) == c
     assert c.is_quantized("model.layers.3.mlp.down_proj")
     assert not c.is_quantized("a.b") and not c.is_quantized("lm_head")
+
+
+def test_layer_with_no_kept_groups():
+    fmt = LayerFormat(4, 16, 1)
+    keep = torch.zeros(8, 4, dtype=torch.bool)
+    layer = pack_layer(torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 4), torch.zeros(8, 4), keep, fmt)
+    layer.validate()
+    assert layer.nnz == 0 and torch.equal(dequantize(layer), torch.zeros(8, 64))

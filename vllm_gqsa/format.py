@@ -182,7 +182,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     if codes.shape[-1] % per_byte:
         raise GQSAFormatError(f"last dim {codes.shape[-1]} is not a multiple of {per_byte}")
-    c = codes.to(torch.int32).reshape(*codes.shape[:-1], -1, per_byte)
+    c = codes.to(torch.int32).reshape(*codes.shape[:-1], codes.shape[-1] // per_byte, per_byte)
     shifts = torch.arange(per_byte, dtype=torch.int32, device=codes.device) * bits
     return (c << shifts).sum(-1).to(torch.uint8)
 
@@ -192,7 +192,7 @@ def unpack_bits(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
     shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     c = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return c.reshape(*packed.shape[:-1], -1).to(torch.uint8)
+    return c.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
 
 
 def pack_flat(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,275 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Speed of the GQSA CUDA kernels on real linear-layer shapes, against cuBLAS fp16, torch 2:4
+semi-structured sparsity and (when vLLM is importable) vLLM's Marlin and Machete GPTQ kernels.
+
+Every kernel is timed inside a CUDA graph (as vLLM runs decode) that calls it once per weight
+copy, with enough copies to exceed the L2 cache, so weights always come from HBM. Each result
+reports time per call (median of several replays), effective GB/s over the bytes the kernel must
+read (GQSA: codes + meta + row_ptr + schedule + x), the share of the read bandwidth measured in
+the same run (a large ``x.sum()``), and the speed-up over each baseline. GQSA uses the plugin's
+dispatch rule: the GEMV for M <= 8 tokens, dequantize + cuBLAS above.
+
+    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_gqsa.kernels import cuda  # noqa: E402
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, make_schedule, pack_meta,  # noqa: E402
+                                           row_per_cta_schedule)
+
+# (name, N, K) of each linear layer; fused projections as vLLM runs them.
+MODELS = {
+    "llama-2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008),
+                   ("qkv", 12288, 4096)],
+    "llama-3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
+                   ("down", 4096, 14336)],
+    "qwen2.5-7b": [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584),
+                   ("down", 3584, 18944)],
+}
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
+QUICK_TOKENS = (1, 4, 8, 16)
+GROUP_SIZE = 16
+DENSITY = 0.5  # 50 % of the groups pruned
+L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
+MAX_COPIES = 64
+BANDWIDTH_PROBE_BYTES = 2 * 2**30
+DTYPE = torch.float16
+
+
+def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool = False) -> dict:
+    """Random kernel-format tensors on the GPU (a real checkpoint's structure, random values)."""
+    KG = K // GROUP_SIZE
+    row_density = torch.full((N, 1), density, device="cuda")
+    if heavy_block:  # one row block of N/8 rows holds 4x the average; the rest share the remainder
+        block = slice(N // 3, N // 3 + N // 8)
+        row_density[:] = density * (1 - 4 / 8) / (1 - 1 / 8)
+        row_density[block] = min(1.0, 4 * density)
+    keep = torch.rand(N, KG, device="cuda") < row_density
+    row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
+    row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
+    cols = torch.nonzero(keep)[:, 1]
+    nnz = cols.numel()
+    scales = (torch.rand(nnz, device="cuda") * 0.02 + 0.01).half()
+    zeros = torch.randint(0, 16, (nnz,), device="cuda")
+    return {
+        "row_ptr": row_ptr,
+        "codes": torch.randint(-2**31, 2**31 - 1, (nnz, GROUP_SIZE // 8), dtype=torch.int32, device="cuda"),
+        "meta": pack_meta(scales, zeros, cols),
+        "schedule": make_schedule(row_ptr, num_ctas),
+    }
+
+
+def gqsa_bytes(t: dict, M: int, K: int) -> int:
+    return sum(v.numel() * v.element_size() for v in t.values()) + M * K * 2
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(MAX_COPIES, math.ceil(L2_ROTATION_BYTES / max(nbytes, 1))))
+
+
+def time_graph(calls, reps: int) -> float:
+    """Median µs per call of a CUDA graph that makes every call in `calls` once."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm up outside the graph (workspaces, lazy init)
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times)
+
+
+def measure_read_bandwidth() -> float:
+    """GB/s of a large streaming read (x.sum() over 2 GiB of fp16)."""
+    x = torch.ones(BANDWIDTH_PROBE_BYTES // 2, dtype=torch.float16, device="cuda")
+    us = time_graph([lambda: x.sum()], reps=10)
+    del x
+    return BANDWIDTH_PROBE_BYTES / us / 1e3
+
+
+def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, M: int):
+    if M <= MAX_GEMV_TOKENS:
+        return [lambda t=t: cuda.gemv(x, t, N) for t in ts]
+    return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
+
+
+def dense_weights(N: int, K: int, copies: int) -> list:
+    return [torch.randn(N, K, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
+
+
+def semi_structured(ws: list):
+    """torch 2:4 (cuSPARSELt) copies of the dense weights, or None where unsupported."""
+    try:
+        from torch.sparse import to_sparse_semi_structured
+        mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device="cuda").repeat(ws[0].numel() // 4)
+        return [to_sparse_semi_structured(w * mask.view_as(w)) for w in ws]
+    except Exception as e:
+        print(f"  2:4 unavailable: {type(e).__name__}: {e}")
+        return None
+
+
+def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
+    """Marlin and Machete GPTQ 4-bit g128 callables factories (only when vLLM is importable)."""
+    try:
+        from vllm import _custom_ops as ops  # noqa: F401
+    except Exception:
+        return {}
+    out = {}
+    try:
+        from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
+        from vllm.model_executor.layers.quantization.utils.marlin_utils import marlin_make_workspace_new
+        from vllm.scalar_type import scalar_types
+        packs = [marlin_quantize(torch.randn(K, N, device="cuda", dtype=DTYPE), scalar_types.uint4b8, 128, False)
+                 for _ in range(copies)]
+        workspace = marlin_make_workspace_new(torch.device("cuda"))
+
+        def marlin(x, p):
+            _, q, s, g_idx, sort_idx, _ = p
+            return ops.gptq_marlin_gemm(x, None, q, None, s, None, None, None, g_idx, sort_idx, workspace,
+                                        scalar_types.uint4b8, x.shape[0], N, K, is_k_full=True)
+        out["marlin"] = (marlin, packs, N * K // 2 + N * K // 128 * 2)
+    except Exception as e:
+        print(f"  marlin unavailable: {type(e).__name__}: {e}")
+    try:
+        from vllm.model_executor.layers.quantization.utils.quant_utils import quantize_weights
+        from vllm.scalar_type import scalar_types
+        packs = []
+        for _ in range(copies):
+            _, wq, ws, _ = quantize_weights(torch.randn(K, N, device="cuda", dtype=DTYPE), scalar_types.uint4b8, 128)
+            from vllm.model_executor.layers.quantization.utils.quant_utils import pack_rows
+            wq_packed = pack_rows(wq, 4, K, N)
+            packs.append((ops.machete_prepack_B(wq_packed.t().contiguous().t(), DTYPE, scalar_types.uint4b8, None), ws))
+
+        def machete(x, p):
+            return ops.machete_mm(a=x, b_q=p[0], b_type=scalar_types.uint4b8, b_group_scales=p[1],
+                                  b_group_size=128)
+        out["machete"] = (machete, packs, N * K // 2 + N * K // 128 * 2)
+    except Exception as e:
+        print(f"  machete unavailable: {type(e).__name__}: {e}")
+    return out
+
+
+def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_bw: float,
+                num_ctas: int) -> list:
+    rows = []
+    t0 = gqsa_bytes(make_gqsa(N, K, DENSITY, num_ctas), 0, K)
+    g_copies = copies_for(t0)
+    gq = [make_gqsa(N, K, DENSITY, num_ctas) for _ in range(g_copies)]
+    d_copies = copies_for(N * K * 2)
+    dense = dense_weights(N, K, d_copies)
+    sparse24 = semi_structured(dense)
+    others = vllm_gptq_baselines(N, K, copies_for(N * K // 2))
+    for M in tokens:
+        x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+        nbytes = sum(gqsa_bytes(t, M, K) for t in gq) / len(gq)
+        us = time_graph(gqsa_calls(gq, x, N, K, M), reps)
+        r = {"model": model, "layer": name, "N": N, "K": K, "M": M,
+             "gqsa_kernel": "gemv" if M <= MAX_GEMV_TOKENS else "dequant+cublas",
+             "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
+             "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw}
+        base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
+        if sparse24 is not None:
+            base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w) for w in sparse24]
+        for bname, (fn, packs, _) in others.items():
+            base[bname] = [lambda p=p, fn=fn: fn(x, p) for p in packs]
+        for bname, calls in base.items():
+            try:
+                b_us = time_graph(calls, reps)
+                r[f"{bname}_us"] = b_us
+                r[f"speedup_vs_{bname}"] = b_us / us
+            except Exception as e:
+                r[f"{bname}_error"] = f"{type(e).__name__}: {e}"[:200]
+        rows.append(r)
+        extra = " ".join(f"{k[11:]}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        print(f"{model:11s} {name:8s} {N:6d}x{K:<6d} M={M:<4d} {us:8.2f} us {r['gqsa_GBps']:7.0f} GB/s "
+              f"{r['gqsa_pct_read_bw']:5.1f}% {extra}", flush=True)
+    return rows
+
+
+def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> list:
+    """Uniform rows vs one row block with 4x the average groups; balanced vs row-per-CTA grid."""
+    rows = []
+    x = torch.randn(1, K, device="cuda", dtype=DTYPE)
+    for heavy in (False, True):
+        base = make_gqsa(N, K, DENSITY, num_ctas, heavy_block=heavy)
+        ts = [make_gqsa(N, K, DENSITY, num_ctas, heavy_block=heavy) for _ in range(copies_for(gqsa_bytes(base, 1, K)))]
+        for grid in ("balanced", "row_per_cta"):
+            if grid == "row_per_cta":
+                ts = [dict(t, schedule=row_per_cta_schedule(t["row_ptr"])) for t in ts]
+            nbytes = sum(gqsa_bytes(t, 1, K) for t in ts) / len(ts)
+            us = time_graph([lambda t=t: cuda.gemv(x, t, N) for t in ts], reps)
+            rows.append({"N": N, "K": K, "M": 1, "rows": "heavy_block" if heavy else "uniform", "grid": grid,
+                         "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw})
+            print(f"balance {rows[-1]['rows']:11s} {grid:11s} {N}x{K} M=1 {us:8.2f} us "
+                  f"{rows[-1]['GBps']:7.0f} GB/s {rows[-1]['pct_read_bw']:5.1f}%", flush=True)
+    for ctas_per_sm in (2, 4, 8):  # the persistent grid's size (cuda.CTAS_PER_SM is the default)
+        num = ctas_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+        ts = [dict(t, schedule=make_schedule(t["row_ptr"], num)) for t in ts]
+        nbytes = sum(gqsa_bytes(t, 1, K) for t in ts) / len(ts)
+        us = time_graph([lambda t=t: cuda.gemv(x, t, N) for t in ts], reps)
+        rows.append({"N": N, "K": K, "M": 1, "rows": "heavy_block", "grid": f"{ctas_per_sm}_ctas_per_sm",
+                     "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw})
+        print(f"grid {ctas_per_sm} CTAs/SM heavy_block {N}x{K} M=1 {us:8.2f} us {rows[-1]['GBps']:7.0f} GB/s", flush=True)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="two shapes, four batch sizes (< 60 s)")
+    p.add_argument("--out", default="benchmarks/results/kernels.json")
+    p.add_argument("--reps", type=int, default=None, help="graph replays per measurement")
+    args = p.parse_args()
+    ok, reason = cuda.available()
+    if not ok:
+        raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
+    start = time.time()
+    reps = args.reps or (5 if args.quick else 20)
+    num_ctas = cuda.default_num_ctas()
+    read_bw = measure_read_bandwidth()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}: measured read bandwidth {read_bw:.0f} GB/s, GEMV grid {num_ctas} CTAs")
+    results = []
+    for model, layers in (QUICK_MODELS if args.quick else MODELS).items():
+        for name, N, K in layers:
+            results += bench_shape(model, name, N, K, QUICK_TOKENS if args.quick else TOKENS, reps,
+                                   read_bw, num_ctas)
+            torch.cuda.empty_cache()
+    balance = bench_balance(4096, 4096, reps, read_bw, num_ctas)
+    out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
+           "cuda": torch.version.cuda, "command": " ".join(sys.argv), "ops": reason,
+           "group_size": GROUP_SIZE, "density": DENSITY, "activation_dtype": str(DTYPE),
+           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "results": results, "balance": balance,
+           "seconds": time.time() - start}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.out} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

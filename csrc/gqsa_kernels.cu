@@ -1,0 +1,548 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// GQSA CUDA kernels: 4-bit group-quantized, group-sparse weights (block_rows = 1), fp16 or bf16
+// activations. Self-contained (CUDA runtime + fp16/bf16 headers + inline PTX) so that it compiles
+// for sm_80 and sm_90a on machines without a CUDA build of torch; the torch binding lives in
+// torch_bindings.cpp. The kernel format is specified in vllm_gqsa/kernels/cuda_format.py.
+//
+// Decode GEMV (M = 1..8 tokens), task-centric:
+//   * A persistent grid of a few CTAs per SM. The load-time schedule cuts the rows into
+//     num_ctas ranges whose kept-group counts are as close to nnz / num_ctas as row boundaries
+//     allow, so no row is shared by two CTAs and every output is written exactly once, in the
+//     activation dtype, by one launch, with no workspace, no zero-fill and no atomics.
+//   * Inside a CTA the kept groups are split exactly evenly over the 8 warps, whatever the row
+//     lengths; the schedule also holds each warp's first group and row, so no search is needed.
+//     Rows cut by a warp edge are combined through shared memory in warp order after one
+//     barrier (a deterministic fix-up). A warp walks its groups in steps of 32 "units"
+//     (16 bytes of codes = 32 weights each, one per lane), so every weight byte is read once with
+//     one coalesced 128-bit load, marked L2 evict-first.
+//   * Dequantization is the magic-number trick in fp32 (see dequant8); products are accumulated in
+//     fp32 and scaled per group, so fp16 and bf16 share one exact dequantization.
+//   * x (M x K, small, read by every row) goes through L1/L2 with ordinary cached loads.
+//
+// Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
+// uses it for large M (prefill), followed by cuBLAS.
+
+#include "gqsa_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace gqsa {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr int kWarps = kGemvThreads / kWarpSize;
+// A unit is what one lane loads per step: 16 bytes of codes, 32 weights.
+constexpr int kUnitWeights = 32;
+constexpr int kStages = 4;  // GEMV weight-load steps issued together (see gemv_kernel)
+constexpr int kWordWeights = 8;  // 4-bit codes in one int32 word
+constexpr int kDequantThreads = 128;
+
+// meta = scale bits (fp16) | zero << 16 | column << 20.
+constexpr int kZeroShift = 16;
+constexpr int kColShift = 20;
+constexpr uint32_t kNibbleMask = 0xFu;
+constexpr uint32_t kScaleMask = 0xFFFFu;
+
+// 0x4B000000 is the fp32 number 2^23: its ulp is exactly 1, so OR-ing an integer q < 2^23 into the
+// mantissa gives the float 2^23 + q with no conversion instruction.
+constexpr uint32_t kFloatMagic = 0x4B000000u;
+// lop3 lookup table for (a & b) | c (the operands' canonical tables are a=0xF0, b=0xCC, c=0xAA).
+constexpr int kLutAndOr = (0xF0 & 0xCC) | 0xAA;
+
+// ---------------------------------------------------------------------------------------------
+// PTX helpers
+
+// L2 policy for the weight stream: every weight byte is used once per call, so it should leave L2
+// before x (reused by every row) and other layers' activations do.
+__device__ __forceinline__ uint64_t make_evict_first_policy() {
+  uint64_t policy;
+  asm("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  return policy;
+}
+
+// 16-byte streaming load: read-only path, not allocated in L1 (no other warp of this SM reads
+// it), L2 evict-first.
+__device__ __forceinline__ uint4 ld_stream_v4(const void* ptr, uint64_t policy) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v4.u32 {%0, %1, %2, %3}, [%4], %5;"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(ptr), "l"(policy));
+  return v;
+}
+
+// 8-byte streaming load, as ld_stream_v4.
+__device__ __forceinline__ uint2 ld_stream_v2(const void* ptr, uint64_t policy) {
+  uint2 v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0, %1}, [%2], %3;"
+      : "=r"(v.x), "=r"(v.y)
+      : "l"(ptr), "l"(policy));
+  return v;
+}
+
+// 4-byte streaming load, as ld_stream_v4.
+__device__ __forceinline__ uint32_t ld_stream(const void* ptr, uint64_t policy) {
+  uint32_t v;
+  asm("ld.global.nc.L1::no_allocate.L2::cache_hint.u32 %0, [%1], %2;"
+      : "=r"(v)
+      : "l"(ptr), "l"(policy));
+  return v;
+}
+
+// Any 3-input bitwise function in one instruction; `lut` is its truth table.
+template <int lut>
+__device__ __forceinline__ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
+  uint32_t r;
+  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(r) : "r"(a), "r"(b), "r"(c), "n"(lut));
+  return r;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantization and activation helpers
+
+// The 8 codes of one word as exact fp32 values q - z. lop3 puts each nibble into the mantissa of
+// 2^23 (one SHF + one LOP3), and one FADD removes 2^23 + z; every step is exact, so the only
+// rounding in the GEMV is the fp32 accumulation itself. (This is the fp16 0x6400 trick of
+// FasterTransformer / Marlin moved to fp32, where 4-bit codes fit one per register.)
+__device__ __forceinline__ void dequant8(uint32_t word, float zero_magic, float (&w)[kWordWeights]) {
+#pragma unroll
+  for (int i = 0; i < kWordWeights; ++i) {
+    w[i] = __uint_as_float(lop3<kLutAndOr>(word >> (4 * i), kNibbleMask, kFloatMagic)) - zero_magic;
+  }
+}
+
+// 2^23 + z as a float, to subtract from dequant8's magic values.
+__device__ __forceinline__ float zero_magic(uint32_t meta) {
+  return __uint_as_float(kFloatMagic | ((meta >> kZeroShift) & kNibbleMask));
+}
+
+__device__ __forceinline__ float meta_scale(uint32_t meta) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(meta & kScaleMask)));
+}
+
+__device__ __forceinline__ int meta_col(uint32_t meta) { return static_cast<int>(meta >> kColShift); }
+
+template <typename T>
+struct Act;
+
+template <>
+struct Act<__half> {
+  // Two packed fp16 activations as floats.
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    __half2 h = *reinterpret_cast<__half2*>(&v);
+    return __half22float2(h);
+  }
+  static __device__ __forceinline__ __half from_float(float v) { return __float2half_rn(v); }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __half2 h = __floats2half2_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+template <>
+struct Act<__nv_bfloat16> {
+  // bf16 is the top half of an fp32, so widening is a shift or a mask.
+  static __device__ __forceinline__ float2 unpack(uint32_t v) {
+    return make_float2(__uint_as_float(v << 16), __uint_as_float(v & 0xFFFF0000u));
+  }
+  static __device__ __forceinline__ __nv_bfloat16 from_float(float v) { return __float2bfloat16_rn(v); }
+  static __device__ __forceinline__ uint32_t pack(float a, float b) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+    return *reinterpret_cast<uint32_t*>(&h);
+  }
+};
+
+// acc + sum_i w[i] * x[i] for the 8 activations packed in xv.
+template <typename T>
+__device__ __forceinline__ float dot8(const float (&w)[kWordWeights], uint4 xv, float acc) {
+  const uint32_t packed[4] = {xv.x, xv.y, xv.z, xv.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 xf = Act<T>::unpack(packed[i]);
+    acc = fmaf(w[2 * i], xf.x, acc);
+    acc = fmaf(w[2 * i + 1], xf.y, acc);
+  }
+  return acc;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
+  }
+  return v;
+}
+
+// ---------------------------------------------------------------------------------------------
+// GEMV
+
+// The codes and meta one lane loads per step. With G = 16 a unit is two whole groups; with
+// G >= 32 it is one 32-weight slice of a group, and G/32 neighbouring lanes share that group's meta.
+template <int G>
+struct Unit {
+  static constexpr int kGroups = G == 16 ? 2 : 1;
+  static constexpr int kUnitsPerGroup = G <= kUnitWeights ? 1 : G / kUnitWeights;
+  uint4 codes;
+  uint32_t meta[kGroups];
+};
+
+// Loads unit u, or zeros past the warp's last unit. With G = 16 and an odd nnz the last unit holds
+// one group only, so it is loaded with 8-byte accesses to stay inside the tensors.
+template <int G>
+__device__ __forceinline__ Unit<G> load_unit(const int32_t* codes, const int32_t* meta, int u,
+                                             int u_end, int nnz, uint64_t policy) {
+  Unit<G> r;
+  r.codes = make_uint4(0, 0, 0, 0);
+#pragma unroll
+  for (int i = 0; i < Unit<G>::kGroups; ++i) r.meta[i] = 0;
+  if (u >= u_end) return r;
+  const int32_t* unit_codes = codes + static_cast<size_t>(u) * 4;
+  if constexpr (G == 16) {
+    if (2 * u + 1 < nnz) {
+      r.codes = ld_stream_v4(unit_codes, policy);
+      const uint2 m = ld_stream_v2(meta + 2 * u, policy);
+      r.meta[0] = m.x;
+      r.meta[1] = m.y;
+    } else {
+      const uint2 c = ld_stream_v2(unit_codes, policy);
+      r.codes.x = c.x;
+      r.codes.y = c.y;
+      r.meta[0] = ld_stream(meta + 2 * u, policy);
+    }
+  } else {
+    r.codes = ld_stream_v4(unit_codes, policy);
+    r.meta[0] = ld_stream(meta + u / Unit<G>::kUnitsPerGroup, policy);
+  }
+  return r;
+}
+
+// y[m, row] = v for m < M. A lane-indexed register array would go to local memory, so lane m
+// picks element m with compile-time indices.
+template <typename T, int M>
+__device__ __forceinline__ void store_row(T* y, int N, int row, int lane, const float (&v)[M]) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (lane == m) y[static_cast<size_t>(m) * N + row] = Act<T>::from_float(v[m]);
+  }
+}
+
+template <typename T, int G, int M>
+__global__ void __launch_bounds__(kGemvThreads)
+    gemv_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr,
+                const int32_t* __restrict__ codes, const int32_t* __restrict__ meta,
+                const int2* __restrict__ schedule, T* __restrict__ y, int N, int K, int nnz) {
+  using U = Unit<G>;
+  constexpr int kGroupWeights = kUnitWeights / U::kGroups;  // weights of one group in a unit
+  constexpr int kWordsPerGroup = kGroupWeights / kWordWeights;
+  constexpr int kHead = 0;  // slot of a row that began in an earlier warp
+  constexpr int kTail = 1;  // slot of a row that goes on into a later warp
+
+  __shared__ float part_sum[kWarps][2][M];
+  __shared__ int part_row[kWarps][2];
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  // This CTA's warp tasks are schedule[first_task .. first_task + kWarps - 1]; the next CTA's first
+  // task gives the end of the last one. Reading them directly (no search) keeps the chain of
+  // dependent loads before the weight stream starts at one.
+  const int first_task = blockIdx.x * kWarps;
+  const int row_begin = schedule[first_task].y;
+  const int row_end = schedule[first_task + kWarps].y;
+  if (row_begin >= row_end) return;  // uniform over the CTA, so no barrier is skipped unevenly
+  const int2 task = schedule[first_task + warp];
+  const int wb = task.x;                                  // first kept group of this warp
+  const int we = schedule[first_task + warp + 1].x;      // one past its last
+
+  if (lane == 0) part_row[warp][kHead] = part_row[warp][kTail] = -1;
+
+  if (wb < we) {
+    const uint64_t policy = make_evict_first_policy();
+    const int u_begin = G == 16 ? wb / 2 : wb * U::kUnitsPerGroup;
+    const int u_end = G == 16 ? (we + 1) / 2 : we * U::kUnitsPerGroup;
+    // Weight loads go out kStages steps at a time, and the next batch is issued before the
+    // current one is used: a warp typically owns only a handful of steps, so this turns a chain
+    // of DRAM round trips into about one, and keeps 2 * kStages * 16 B per lane in flight.
+    U batch_a[kStages], batch_b[kStages];
+    auto load_batch = [&](U (&batch)[kStages], int u0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s)
+        batch[s] = load_unit<G>(codes, meta, u0 + s * kWarpSize + lane, u_end, nnz, policy);
+    };
+    load_batch(batch_a, u_begin);
+
+    int row = task.y;  // the row holding group wb (or an empty row before it)
+    int row_lo = row_ptr[row];      // first group of `row`
+    int row_hi = row_ptr[row + 1];  // one past its last group
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+
+    // Ends the row held in acc: written directly when this warp saw all of it, else left in a
+    // shared-memory slot for the fix-up after the barrier.
+    auto finish_row = [&]() {
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+      if (row_lo >= wb && row_hi <= we) {
+        store_row<T, M>(y, N, row, lane, acc);
+      } else {
+        const int slot = row_lo < wb ? kHead : kTail;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (lane == m) part_sum[warp][slot][m] = acc[m];
+        }
+        if (lane == 0) part_row[warp][slot] = row;
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    };
+
+    // One step: the 32 units starting at u0, one per lane (cur is this lane's).
+    auto step = [&](const U& cur, int u0) {
+      const int u = u0 + lane;
+
+      // Per group of this unit: its index and its contribution s * sum_j (q_j - z) x[m, j].
+      int group[U::kGroups];
+      float part[U::kGroups][M];
+#pragma unroll
+      for (int i = 0; i < U::kGroups; ++i) {
+        group[i] = G == 16 ? 2 * u + i : u / U::kUnitsPerGroup;
+#pragma unroll
+        for (int m = 0; m < M; ++m) part[i][m] = 0.f;
+      }
+      const uint32_t words[4] = {cur.codes.x, cur.codes.y, cur.codes.z, cur.codes.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const int i = k / kWordsPerGroup;  // group of word k inside the unit
+        // First input channel of word k.
+        const int col0 = meta_col(cur.meta[i]) * G + (k % kWordsPerGroup) * kWordWeights +
+                         (G == 16 ? 0 : (u % U::kUnitsPerGroup) * kUnitWeights);
+        float w[kWordWeights];
+        dequant8(words[k], zero_magic(cur.meta[i]), w);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col0));
+          part[i][m] = dot8<T>(w, xv, part[i][m]);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < U::kGroups; ++i) {
+        // Units past the warp's range, and the half of a G = 16 unit that belongs to a
+        // neighbouring warp, contribute nothing (select, not multiply: x may hold inf).
+        const bool valid = u < u_end && group[i] >= wb && group[i] < we;
+        const float s = meta_scale(cur.meta[i]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) part[i][m] = valid ? s * part[i][m] : 0.f;
+      }
+
+      // Hand the contributions to their rows. Rows ending inside this step are finished (row
+      // boundaries are warp-uniform); the row still open at the step's end keeps accumulating.
+      const int step_end = min(G == 16 ? 2 * (u0 + kWarpSize) : (u0 + kWarpSize) / U::kUnitsPerGroup, we);
+      while (row_hi < step_end) {
+#pragma unroll
+        for (int i = 0; i < U::kGroups; ++i) {
+          if (group[i] >= row_lo && group[i] < row_hi) {
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[m] += part[i][m];
+          }
+        }
+        if (row_lo < row_hi) finish_row();  // empty rows were zeroed above
+        ++row;
+        row_lo = row_hi;
+        row_hi = row_ptr[row + 1];
+      }
+#pragma unroll
+      for (int i = 0; i < U::kGroups; ++i) {
+        if (group[i] >= row_lo) {
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m] += part[i][m];
+        }
+      }
+    };
+    auto run_batch = [&](const U (&batch)[kStages], int u0) {
+#pragma unroll
+      for (int s = 0; s < kStages; ++s) {
+        if (u0 + s * kWarpSize >= u_end) break;  // warp-uniform
+        step(batch[s], u0 + s * kWarpSize);
+      }
+    };
+
+    constexpr int kBatch = kStages * kWarpSize;
+    for (int u0 = u_begin; u0 < u_end; u0 += 2 * kBatch) {
+      load_batch(batch_b, u0 + kBatch);
+      run_batch(batch_a, u0);
+      if (u0 + kBatch >= u_end) break;
+      load_batch(batch_a, u0 + 2 * kBatch);
+      run_batch(batch_b, u0 + kBatch);
+    }
+    finish_row();  // the row holding group we-1
+  }
+  // Rows without kept groups are never visited by the walk above; they are zero.
+  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
+    if (row_ptr[r] == row_ptr[r + 1]) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
+    }
+  }
+  __syncthreads();
+
+  // Fix-up: a row that goes on past its warp is summed, in warp order, with the head partials of
+  // the following warps that hold the rest of it (warps with no groups are skipped).
+  if (lane < M && part_row[warp][kTail] >= 0) {
+    const int row = part_row[warp][kTail];
+    float sum = part_sum[warp][kTail][lane];
+    for (int w = warp + 1; w < kWarps; ++w) {
+      if (part_row[w][kHead] == row) {
+        sum += part_sum[w][kHead][lane];
+      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
+        break;
+      }
+    }
+    y[static_cast<size_t>(lane) * N + row] = Act<T>::from_float(sum);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize to dense
+
+template <typename T, int G>
+__global__ void __launch_bounds__(kDequantThreads)
+    dequant_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
+                   const int32_t* __restrict__ meta, T* __restrict__ w, int K) {
+  constexpr int kWordsPerGroup = G / kWordWeights;
+  // Kept-group index of each group column of this row, or -1: turns the row's sparse list into
+  // a dense lookup so that the writes below are contiguous 16-byte stores.
+  extern __shared__ int slot[];
+  const int row = blockIdx.x;
+  const int num_cols = K / G;
+  for (int c = threadIdx.x; c < num_cols; c += kDequantThreads) slot[c] = -1;
+  __syncthreads();
+  for (int g = row_ptr[row] + threadIdx.x; g < row_ptr[row + 1]; g += kDequantThreads) {
+    slot[meta_col(static_cast<uint32_t>(meta[g]))] = g;
+  }
+  __syncthreads();
+
+  T* out = w + static_cast<size_t>(row) * K;
+  for (int o = threadIdx.x; o < K / kWordWeights; o += kDequantThreads) {  // o: one code word
+    const int g = slot[o / kWordsPerGroup];
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (g >= 0) {
+      const uint32_t m = static_cast<uint32_t>(meta[g]);
+      const uint32_t word = static_cast<uint32_t>(codes[static_cast<size_t>(g) * kWordsPerGroup + o % kWordsPerGroup]);
+      float q[kWordWeights];
+      dequant8(word, zero_magic(m), q);
+      // (q - z) * s is exact in fp32, so the one rounding is to T, as in the torch reference.
+      const float s = meta_scale(m);
+      v.x = Act<T>::pack(q[0] * s, q[1] * s);
+      v.y = Act<T>::pack(q[2] * s, q[3] * s);
+      v.z = Act<T>::pack(q[4] * s, q[5] * s);
+      v.w = Act<T>::pack(q[6] * s, q[7] * s);
+    }
+    *reinterpret_cast<uint4*>(out + static_cast<size_t>(o) * kWordWeights) = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+
+struct GemvArgs {
+  const void* x;
+  const int32_t* row_ptr;
+  const int32_t* codes;
+  const int32_t* meta;
+  const int32_t* schedule;
+  int num_ctas;
+  void* y;
+  int N, K, nnz;
+  cudaStream_t stream;
+};
+
+template <typename T, int G, int M>
+cudaError_t launch_gemv(const GemvArgs& a) {
+  gemv_kernel<T, G, M><<<a.num_ctas, kGemvThreads, 0, a.stream>>>(
+      static_cast<const T*>(a.x), a.row_ptr, a.codes, a.meta, reinterpret_cast<const int2*>(a.schedule),
+      static_cast<T*>(a.y),
+      a.N, a.K, a.nnz);
+  return cudaGetLastError();
+}
+
+template <typename T, int G>
+cudaError_t gemv_for_tokens(const GemvArgs& a, int M) {
+  switch (M) {
+    case 1: return launch_gemv<T, G, 1>(a);
+    case 2: return launch_gemv<T, G, 2>(a);
+    case 3: return launch_gemv<T, G, 3>(a);
+    case 4: return launch_gemv<T, G, 4>(a);
+    case 5: return launch_gemv<T, G, 5>(a);
+    case 6: return launch_gemv<T, G, 6>(a);
+    case 7: return launch_gemv<T, G, 7>(a);
+    case 8: return launch_gemv<T, G, 8>(a);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t gemv_for_group(const GemvArgs& a, int M, int group_size) {
+  switch (group_size) {
+    case 16: return gemv_for_tokens<T, 16>(a, M);
+    case 32: return gemv_for_tokens<T, 32>(a, M);
+    case 64: return gemv_for_tokens<T, 64>(a, M);
+    case 128: return gemv_for_tokens<T, 128>(a, M);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T, int G>
+cudaError_t launch_dequant(const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                           void* w, int N, int K, cudaStream_t stream) {
+  const size_t smem = sizeof(int) * (K / G);
+  dequant_kernel<T, G><<<N, kDequantThreads, smem, stream>>>(row_ptr, codes, meta, static_cast<T*>(w), K);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t dequant_for_group(const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                              void* w, int N, int K, int group_size, cudaStream_t stream) {
+  switch (group_size) {
+    case 16: return launch_dequant<T, 16>(row_ptr, codes, meta, w, N, K, stream);
+    case 32: return launch_dequant<T, 32>(row_ptr, codes, meta, w, N, K, stream);
+    case 64: return launch_dequant<T, 64>(row_ptr, codes, meta, w, N, K, stream);
+    case 128: return launch_dequant<T, 128>(row_ptr, codes, meta, w, N, K, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool shape_ok(int N, int K, int group_size) {
+  return N >= 0 && K >= 0 && group_size > 0 && K % group_size == 0 && K / group_size <= kMaxGroupCols;
+}
+
+}  // namespace
+
+cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
+                 const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
+                 int N, int K, int group_size, int nnz, cudaStream_t stream) {
+  if (!shape_ok(N, K, group_size) || M < 0 || M > kMaxGemvTokens || num_ctas < 0 || nnz < 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (M == 0 || N == 0 || num_ctas == 0) return cudaSuccess;
+  const GemvArgs a{x, row_ptr, codes, meta, schedule, num_ctas, y, N, K, nnz, stream};
+  switch (dtype) {
+    case Dtype::kFloat16: return gemv_for_group<__half>(a, M, group_size);
+    case Dtype::kBFloat16: return gemv_for_group<__nv_bfloat16>(a, M, group_size);
+  }
+  return cudaErrorInvalidValue;
+}
+
+cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,
+                       const int32_t* meta, void* w, int N, int K, int group_size,
+                       cudaStream_t stream) {
+  if (!shape_ok(N, K, group_size)) return cudaErrorInvalidValue;
+  if (N == 0 || K == 0) return cudaSuccess;
+  switch (dtype) {
+    case Dtype::kFloat16: return dequant_for_group<__half>(row_ptr, codes, meta, w, N, K, group_size, stream);
+    case Dtype::kBFloat16: return dequant_for_group<__nv_bfloat16>(row_ptr, codes, meta, w, N, K, group_size, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace gqsa

@@ -1,0 +1,46 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Torch-free launchers of the GQSA CUDA kernels. Every pointer is a device pointer in the
+// kernel format documented in vllm_gqsa/kernels/cuda_format.py (4-bit codes, block_rows = 1):
+//
+//   row_ptr  int32 [N + 1]        kept groups of row n are row_ptr[n] .. row_ptr[n+1]-1
+//   codes    int32 [nnz, G / 8]   word w of a group holds weights 8w..8w+7, weight 8w+i in bits 4i..4i+3
+//   meta     int32 [nnz]          bits 0-15 fp16 scale, bits 16-19 zero point, bits 20-31 group column
+//   schedule int32 [num_ctas * kGemvWarps + 1, 2]  per warp task t = c * kGemvWarps + w (warp w of
+//                                 CTA c): (first kept group, first row); the last entry is (nnz, N).
+//                                 Warp t's groups end where task t+1's begin; CTA c's rows are
+//                                 schedule[c*kGemvWarps].row .. schedule[(c+1)*kGemvWarps].row - 1
+//
+// The launchers check only what they can check cheaply (sizes, group size, dtype); the tensor
+// contents are trusted (validated once when the layer is repacked). They never allocate or
+// synchronize, so they can be captured in a CUDA graph. They return the launch's error code.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace gqsa {
+
+enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// The decode GEMV handles this many tokens at most; larger batches go through gqsa_dequant + GEMM.
+constexpr int kMaxGemvTokens = 8;
+// Group columns are stored in 12 bits of meta.
+constexpr int kMaxGroupCols = 4096;
+// Warps of one GEMV CTA; the schedule has one task per warp.
+constexpr int kGemvWarps = 8;
+constexpr int kGemvThreads = kGemvWarps * 32;
+
+// y[M, N] = x[M, K] @ W.T, with W given by (row_ptr, codes, meta). x and y are row-major in
+// `dtype`; x must be 16-byte aligned. num_ctas = (rows of schedule - 1) / kGemvWarps.
+cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
+                 const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
+                 int N, int K, int group_size, int nnz, cudaStream_t stream);
+
+// w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
+cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,
+                       const int32_t* meta, void* w, int N, int K, int group_size,
+                       cudaStream_t stream);
+
+}  // namespace gqsa

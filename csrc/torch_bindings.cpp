@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// Torch ops of the GQSA CUDA kernels, in the `vllm_gqsa` library namespace:
+//
+//   gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out)
+//       -> Tensor
+//     y = x @ W.T for x [M, K] fp16/bf16, 1 <= M <= 8; returns y [M, n_out] in x's dtype.
+//   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
+//                ScalarType dtype) -> Tensor
+//     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
+//
+// (row_ptr, codes, meta, schedule) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// Every tensor argument is checked for device, dtype, contiguity and shape, and a bad one raises
+// a RuntimeError that names it. Their contents are trusted: they are validated when the layer is
+// repacked. The ops allocate their output through torch, launch on the current stream, size the
+// grid from shapes alone and never synchronize, so they are CUDA-graph safe. The fake (meta)
+// implementations are registered in Python (vllm_gqsa/kernels/cuda.py).
+
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "gqsa_kernels.h"
+
+namespace {
+
+constexpr int64_t kVectorBytes = 16;  // the kernels read x and write W with 16-byte accesses
+
+// Numbers and shapes in error messages are formatted with std::to_string: streaming integers
+// through an ostream inside this extension crashed the JIT build on the GPU machine (a libstdc++
+// locale mismatch, seen as a segfault in ostream::_M_insert<long>).
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape(const at::Tensor& t) {
+  std::string s = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) s += (i ? ", " : "") + num(t.size(i));
+  return s + "]";
+}
+
+gqsa::Dtype kernel_dtype(at::ScalarType t, const char* what) {
+  TORCH_CHECK(t == at::kHalf || t == at::kBFloat16, "gqsa: ", what,
+              " must be float16 or bfloat16, got ", c10::toString(t));
+  return t == at::kHalf ? gqsa::Dtype::kFloat16 : gqsa::Dtype::kBFloat16;
+}
+
+void check_int32(const at::Tensor& t, const char* name, int64_t dim, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "gqsa: ", name, " is on ", t.device().str(), ", expected ", device.str());
+  TORCH_CHECK(t.scalar_type() == at::kInt, "gqsa: ", name, " must be int32, got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.dim() == dim, "gqsa: ", name, " must have ", num(dim), " dimension(s), got shape ", shape(t));
+  TORCH_CHECK(t.is_contiguous(), "gqsa: ", name, " must be contiguous");
+}
+
+// Checks the kernel-format tensors of a layer with n_out rows; returns the group size.
+int64_t check_layer(const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
+                    int64_t n_out, const at::Device& device) {
+  TORCH_CHECK(device.is_cuda(), "gqsa: tensors must be on a CUDA device, got ", device.str());
+  TORCH_CHECK(n_out >= 0 && n_out < INT32_MAX, "gqsa: n_out=", num(n_out), " is out of range");
+  check_int32(row_ptr, "row_ptr", 1, device);
+  check_int32(codes, "codes", 2, device);
+  check_int32(meta, "meta", 1, device);
+  TORCH_CHECK(row_ptr.numel() == n_out + 1, "gqsa: row_ptr has ", num(row_ptr.numel()),
+              " entries, expected n_out + 1 = ", num(n_out + 1));
+  const int64_t group_size = codes.size(1) * 8;
+  TORCH_CHECK(group_size == 16 || group_size == 32 || group_size == 64 || group_size == 128,
+              "gqsa: codes must have G/8 columns for G in {16, 32, 64, 128}, got shape ", shape(codes));
+  TORCH_CHECK(meta.numel() == codes.size(0), "gqsa: meta has ", num(meta.numel()),
+              " entries but codes has ", num(codes.size(0)), " kept groups");
+  TORCH_CHECK(codes.size(0) < INT32_MAX, "gqsa: too many kept groups (", num(codes.size(0)), ")");
+  return group_size;
+}
+
+void check_input_size(int64_t k_in, int64_t group_size) {
+  TORCH_CHECK(k_in >= 0 && k_in % group_size == 0, "gqsa: input size ", num(k_in),
+              " is not a multiple of group_size ", num(group_size));
+  TORCH_CHECK(k_in / group_size <= gqsa::kMaxGroupCols, "gqsa: input size ", num(k_in), " has more than ",
+              num(gqsa::kMaxGroupCols), " group columns");
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "gqsa: ", op, " launch failed: ", cudaGetErrorString(err));
+}
+
+at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
+                     const at::Tensor& meta, const at::Tensor& schedule, int64_t n_out) {
+  const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(x.dim() == 2, "gqsa_gemv: x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(x.is_contiguous(), "gqsa_gemv: x must be contiguous");
+  const int64_t group_size = check_layer(row_ptr, codes, meta, n_out, x.device());
+  check_int32(schedule, "schedule", 2, x.device());
+  TORCH_CHECK(schedule.size(1) == 2 && schedule.size(0) > gqsa::kGemvWarps &&
+                  (schedule.size(0) - 1) % gqsa::kGemvWarps == 0,
+              "gqsa_gemv: schedule must have shape [num_ctas * ", num(gqsa::kGemvWarps),
+              " + 1, 2] with num_ctas >= 1, got ", shape(schedule));
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M <= gqsa::kMaxGemvTokens, "gqsa_gemv: at most ", num(gqsa::kMaxGemvTokens),
+              " tokens (got M=", num(M), "); use gqsa_dequant and a GEMM for larger batches");
+  check_input_size(K, group_size);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0,
+              "gqsa_gemv: x must be 16-byte aligned");
+
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  check_launch(gqsa::gemv(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
+                          meta.data_ptr<int32_t>(), schedule.data_ptr<int32_t>(),
+                          static_cast<int>((schedule.size(0) - 1) / gqsa::kGemvWarps), y.data_ptr(), static_cast<int>(M),
+                          static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size),
+                          static_cast<int>(codes.size(0)), at::cuda::getCurrentCUDAStream()),
+               "gqsa_gemv");
+  return y;
+}
+
+at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
+                        int64_t n_out, int64_t k_in, int64_t group_size, at::ScalarType dtype) {
+  const gqsa::Dtype kdtype = kernel_dtype(dtype, "dtype");
+  const int64_t G = check_layer(row_ptr, codes, meta, n_out, row_ptr.device());
+  TORCH_CHECK(G == group_size, "gqsa_dequant: group_size=", num(group_size), " but codes has shape ",
+              shape(codes), " (group size ", num(G), ")");
+  check_input_size(k_in, group_size);
+  TORCH_CHECK(k_in < INT32_MAX, "gqsa_dequant: k_in=", num(k_in), " is out of range");
+
+  at::Tensor w = at::empty({n_out, k_in}, row_ptr.options().dtype(dtype));
+  if (n_out == 0 || k_in == 0) return w;
+  const c10::cuda::CUDAGuard guard(row_ptr.device());
+  check_launch(gqsa::dequantize(kdtype, row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
+                                meta.data_ptr<int32_t>(), w.data_ptr(), static_cast<int>(n_out),
+                                static_cast<int>(k_in), static_cast<int>(group_size),
+                                at::cuda::getCurrentCUDAStream()),
+               "gqsa_dequant");
+  return w;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(vllm_gqsa, m) {
+  m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out) -> Tensor");
+  m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
+        "ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
+  m.impl("gqsa_gemv", &gqsa_gemv);
+  m.impl("gqsa_dequant", &gqsa_dequant);
+}
+
+// Importing a prebuilt `vllm_gqsa._C` runs the registrations above; the module itself is empty.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}

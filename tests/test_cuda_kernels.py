@@ -1,0 +1,271 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The CUDA kernel format (CPU) and the CUDA ops (GPU) against the plain-torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vllm_gqsa import reference
+from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
+from vllm_gqsa.kernels import cuda
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, WARPS_PER_CTA, can_implement,
+                                           cta_row_bounds, dequantize_kernel_format, make_schedule,
+                                           row_per_cta_schedule, to_kernel_format)
+
+GROUP_SIZES = (16, 32, 64, 128)
+# Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
+# average, every row empty, every group kept.
+PATTERNS = ("uniform", "empty_and_full", "heavy_block", "all_empty", "dense")
+
+
+def make_layer(N: int, K: int, G: int, pattern: str, seed: int = 0):
+    """A random 4-bit GQSA layer whose rows follow a density pattern."""
+    g = torch.Generator().manual_seed(seed)
+    KG = K // G
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    scales = (torch.rand(N, KG, generator=g) + 0.5) * 0.02 * torch.where(
+        torch.rand(N, KG, generator=g) < 0.5, -1.0, 1.0)
+    zeros = torch.randint(0, 16, (N, KG), generator=g)
+    density = torch.full((N, 1), 0.5)
+    if pattern == "empty_and_full":
+        density[::3] = 0.0
+        density[1::5] = 1.0
+    elif pattern == "heavy_block":
+        density[:] = 0.2
+        start = N // 3
+        density[start:start + max(1, N // 8)] = 0.8
+    elif pattern == "all_empty":
+        density[:] = 0.0
+    elif pattern == "dense":
+        density[:] = 1.0
+    keep = torch.rand(N, KG, generator=g) < density
+    fmt = LayerFormat(4, G, 1)
+    if not keep.any():  # pack_layer cannot reshape zero groups; build the empty layer directly
+        return GQSALayer(row_ptr=torch.zeros(N + 1, dtype=torch.int32),
+                         col_idx=torch.zeros(0, dtype=index_dtype(KG)),
+                         qweight=torch.zeros(0, 1, G // 2, dtype=torch.uint8),
+                         scales=torch.zeros(0, 1, dtype=torch.float16),
+                         qzeros=torch.zeros(0, dtype=torch.uint8), out_features=N, in_features=K, fmt=fmt)
+    return pack_layer(codes, scales, zeros, keep, fmt)
+
+
+def dense_reference(layer, dtype=torch.float32):
+    """reference.dequantize, which cannot unpack a layer with no kept groups (all zeros then)."""
+    if layer.nnz == 0:
+        return torch.zeros(layer.out_features, layer.in_features, dtype=dtype, device=layer.row_ptr.device)
+    return reference.dequantize(layer, dtype)
+
+
+# ------------------------------------------------------------------------------------------
+# CPU: the kernel format
+
+
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("N,odd", [(1, 1), (67, 21), (130, 5)])
+def test_kernel_format_round_trip(G, pattern, N, odd):
+    K = G * odd
+    layer = make_layer(N, K, G, pattern, seed=N + odd)
+    t = to_kernel_format(layer, num_ctas=7)
+    got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, G)
+    assert torch.equal(got, dense_reference(layer))
+
+
+def test_kernel_format_high_columns():
+    """Group columns >= 2048 set meta's sign bit; they must survive the round trip."""
+    N, G, KG = 5, 16, 4095
+    layer = make_layer(N, G * KG, G, "uniform", seed=3)
+    t = to_kernel_format(layer, num_ctas=3)
+    assert (t["meta"] < 0).any()
+    got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, G * KG, G)
+    assert torch.equal(got, dense_reference(layer))
+
+
+def test_kernel_format_tensors():
+    layer = make_layer(40, 16 * 9, 16, "uniform")
+    t = to_kernel_format(layer, num_ctas=6)
+    assert t["row_ptr"].dtype == t["codes"].dtype == t["meta"].dtype == t["schedule"].dtype == torch.int32
+    assert tuple(t["codes"].shape) == (layer.nnz, 2)
+    assert tuple(t["meta"].shape) == (layer.nnz,)
+    assert tuple(t["schedule"].shape) == (6 * WARPS_PER_CTA + 1, 2)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("num_ctas", [1, 5, 64, 500])
+def test_schedule_balances_groups(pattern, num_ctas):
+    layer = make_layer(200, 16 * 33, 16, pattern, seed=num_ctas)
+    rp = layer.row_ptr.long()
+    R = cta_row_bounds(layer.row_ptr, num_ctas)
+    assert R[0] == 0 and R[-1] == 200 and R.numel() == num_ctas + 1 and (R[1:] >= R[:-1]).all()
+    counts = rp[R[1:]] - rp[R[:-1]]
+    longest_row = int((rp[1:] - rp[:-1]).max())
+    # Each CTA holds its share of the groups, give or take one row at each end.
+    assert counts.max() <= layer.nnz / num_ctas + 2 * longest_row + 1
+
+    s = make_schedule(layer.row_ptr, num_ctas).long()
+    assert s.shape == (num_ctas * WARPS_PER_CTA + 1, 2) and s[-1].tolist() == [layer.nnz, 200]
+    groups, rows = s[:, 0], s[:, 1]
+    assert (groups[1:] >= groups[:-1]).all() and (rows[1:] >= rows[:-1]).all()
+    assert torch.equal(rows[::WARPS_PER_CTA], R)  # CTA c starts at its first row
+    per_warp = (groups[1:] - groups[:-1]).reshape(num_ctas, WARPS_PER_CTA)
+    assert (per_warp.max(1).values - per_warp.min(1).values <= 1).all()  # an exact even split
+    g, r = groups[:-1][groups[:-1] < groups[1:]], rows[:-1][groups[:-1] < groups[1:]]
+    assert (rp[r] <= g).all()  # a task with groups starts at the row holding its first group
+    assert ((g < rp[r + 1]) | (rp[r] == rp[r + 1])).all()  # or at an empty row before it
+
+
+def test_row_per_cta_schedule():
+    row_ptr = torch.tensor([0, 2, 2, 5], dtype=torch.int32)
+    s = row_per_cta_schedule(row_ptr)
+    assert s[::WARPS_PER_CTA, 1].tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ((2, 16, 1, 64, 64), "4-bit"),
+    ((4, 8, 1, 64, 64), "group_size"),
+    ((4, 16, 2, 64, 64), "block_rows"),
+    ((4, 16, 1, 64, 40), "multiple"),
+    ((4, 16, 1, 64, 16 * 4097), "4096"),
+])
+def test_can_implement_rejects(args, fragment):
+    ok, reason = can_implement(*args)
+    assert not ok and fragment in reason
+
+
+def test_can_implement_accepts():
+    assert can_implement(4, 16, 1, 11008, 4096) == (True, None)
+    assert can_implement(4, 128, 1, 4096, 128 * 4096) == (True, None)
+
+
+def test_available_reports_a_reason():
+    ok, reason = cuda.available()
+    assert isinstance(ok, bool) and isinstance(reason, str) and reason
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the ops
+
+needs_cuda = pytest.mark.skipif(not cuda.available()[0], reason=f"GQSA CUDA ops: {cuda.available()[1]}")
+DTYPES = (torch.float16, torch.bfloat16)
+# ||y - ref|| / ||ref||: fp32 accumulation, so the output rounding dominates.
+REL_TOL = {torch.float16: 2e-3, torch.bfloat16: 8e-3}
+
+
+def poisoned_empty(shape, dtype):
+    """Leaves NaN in the caching allocator's next block of this size, so unwritten outputs show."""
+    torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
+
+
+def check_gemv(layer, t, M, dtype):
+    N, K = layer.out_features, layer.in_features
+    x = torch.randn(M, K, device="cuda").to(dtype)
+    poisoned_empty((M, N), dtype)
+    y = cuda.gemv(x, t, N)
+    ref = x.double() @ dense_reference(layer).cuda().double().T
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert torch.isfinite(y).all(), "some outputs were not written"
+    err = (y.double() - ref).norm() / ref.norm().clamp_min(1e-30)
+    assert err < REL_TOL[dtype], f"relative error {err:.2e}"
+    if layer.nnz == 0 or (layer.row_ptr[1:] == layer.row_ptr[:-1]).any():
+        empty = (layer.row_ptr[1:] == layer.row_ptr[:-1]).cuda()
+        assert (y[:, empty] == 0).all(), "rows without kept groups must be zero"
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M", range(1, MAX_GEMV_TOKENS + 1))
+def test_gemv(dtype, G, pattern, M):
+    N, K = 301, G * 21  # N is no multiple of 64; K is G times an odd number
+    layer = make_layer(N, K, G, pattern, seed=M).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, cuda.default_num_ctas()), M, dtype)
+
+
+@needs_cuda
+@pytest.mark.parametrize("num_ctas", [1, 3, 64, 1000])
+@pytest.mark.parametrize("G", [16, 128])
+@pytest.mark.parametrize("pattern", ["uniform", "heavy_block", "empty_and_full"])
+def test_gemv_grids(num_ctas, G, pattern):
+    """Grids from one CTA (rows cut by every warp edge) to more CTAs than rows (empty CTAs)."""
+    layer = make_layer(257, G * 13, G, pattern, seed=num_ctas).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, num_ctas), 3, torch.float16)
+
+
+@needs_cuda
+def test_gemv_row_per_cta_and_long_rows():
+    layer = make_layer(33, 16 * 4001, 16, "dense").to("cuda")  # rows far longer than a warp's share
+    t = to_kernel_format(layer, 4)
+    check_gemv(layer, t, 2, torch.bfloat16)
+    t["schedule"] = row_per_cta_schedule(layer.row_ptr)
+    check_gemv(layer, t, 2, torch.bfloat16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_dequant(dtype, G, pattern):
+    N, K = 203, G * 19
+    layer = make_layer(N, K, G, pattern, seed=G).to("cuda")
+    t = to_kernel_format(layer, 8)
+    poisoned_empty((N, K), dtype)
+    w = cuda.dequant(t, N, K, G, dtype)
+    assert torch.equal(w, dense_reference(layer, dtype))
+
+
+@needs_cuda
+def test_gemv_in_cuda_graph():
+    layer = make_layer(512, 16 * 64, 16, "heavy_block").to("cuda")
+    t = to_kernel_format(layer, cuda.default_num_ctas())
+    x = torch.randn(4, 16 * 64, device="cuda", dtype=torch.float16)
+    eager = cuda.gemv(x, t, 512)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph):
+            y = cuda.gemv(x, t, 512)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(y, eager), "the GEMV must be deterministic and capturable"
+
+
+@needs_cuda
+def test_opcheck():
+    layer = make_layer(70, 16 * 7, 16, "empty_and_full").to("cuda")
+    t = to_kernel_format(layer, 9)
+    x = torch.randn(3, 16 * 7, device="cuda", dtype=torch.bfloat16)
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_gemv,
+                          (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], 70))
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_dequant,
+                          (t["row_ptr"], t["codes"], t["meta"], 70, 16 * 7, 16, torch.float16))
+
+
+@needs_cuda
+def test_bad_inputs_raise():
+    layer = make_layer(20, 32, 16, "uniform").to("cuda")
+    t = to_kernel_format(layer, 2)
+    op = torch.ops.vllm_gqsa.gqsa_gemv
+    x = torch.randn(2, 32, device="cuda", dtype=torch.float16)
+    args = (t["row_ptr"], t["codes"], t["meta"], t["schedule"])
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        op(x.float(), *args, 20)
+    with pytest.raises(RuntimeError, match="at most 8 tokens"):
+        op(torch.randn(9, 32, device="cuda", dtype=torch.float16), *args, 20)
+    with pytest.raises(RuntimeError, match="row_ptr has"):
+        op(x, *args, 21)
+    with pytest.raises(RuntimeError, match="multiple of group_size"):
+        op(torch.randn(2, 40, device="cuda", dtype=torch.float16), *args, 20)
+    with pytest.raises(RuntimeError, match="meta has"):
+        op(x, t["row_ptr"], t["codes"], t["meta"][:-1], t["schedule"], 20)
+    with pytest.raises(RuntimeError, match="int32"):
+        op(x, t["row_ptr"].long(), t["codes"], t["meta"], t["schedule"], 20)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.randn(32, 2, device="cuda", dtype=torch.float16).T, *args, 20)
+    with pytest.raises(RuntimeError, match="expected cuda"):
+        op(x, t["row_ptr"].cpu(), t["codes"], t["meta"], t["schedule"], 20)
+    with pytest.raises(RuntimeError, match="group_size=32"):
+        torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 20, 32, 32, torch.float16)
+    with pytest.raises(RuntimeError, match="float16 or bfloat16"):
+        torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 20, 32, 16, torch.float32)

@@ -1,0 +1,179 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The kernel format of the CUDA kernels in ``csrc/gqsa_kernels.cu``. This docstring is its spec.
+
+The checkpoint format (:mod:`vllm_gqsa.format`) is not the kernel format: the plugin repacks each
+layer once at load time with :func:`to_kernel_format`. The kernels handle ``bits = 4``,
+``block_rows = 1``, ``group_size`` G in {16, 32, 64, 128} and at most 4096 group columns
+(see :func:`can_implement`). For a layer with N rows, K inputs and ``nnz`` kept groups:
+
+============  =====  ====================  =================================================
+tensor        dtype  shape                 content
+============  =====  ====================  =================================================
+``row_ptr``   int32  ``[N + 1]``           as in the checkpoint: the kept groups of row n are
+                                           ``row_ptr[n] .. row_ptr[n+1]-1``, in increasing
+                                           column order
+``codes``     int32  ``[nnz, G / 8]``      4-bit codes; word w of a group holds its weights
+                                           ``8w .. 8w+7``, weight ``8w+i`` in bits
+                                           ``4i .. 4i+3`` (the checkpoint's ``qweight`` bytes
+                                           read as little-endian int32, so repacking codes is
+                                           a reinterpretation)
+``meta``      int32  ``[nnz]``             bits 0-15: the fp16 scale's bit pattern; bits
+                                           16-19: the zero point; bits 20-31: the group column
+                                           (so ``K / G <= 4096``)
+``schedule``  int32  ``[T + 1, 2]``        the GEMV's persistent grid, one task per warp:
+                                           ``T = num_ctas * WARPS_PER_CTA``; task
+                                           ``t = c * WARPS_PER_CTA + w`` is warp w of CTA c;
+                                           ``schedule[t] = (first kept group, first row)``;
+                                           task t's groups end where task t+1's begin;
+                                           ``schedule[T] = (nnz, N)``
+============  =====  ====================  =================================================
+
+A kept weight is ``W[n, c*G + j] = s * (q - z)`` as in the checkpoint; every other weight is 0.
+
+The schedule balances kept groups, not rows: CTA boundaries are the row boundaries nearest to
+``c * nnz / num_ctas``, so each CTA owns whole rows (every output is written once, by one CTA,
+with no global fix-up) and holds ``nnz / num_ctas`` groups give or take one row. Inside a CTA
+the groups are split exactly evenly over its warps, whatever the row lengths; rows cut by a warp
+edge are combined in shared memory. The first task of CTA c starts at the CTA's first row (which
+may be empty); any other task's row is the row holding its first group. CTA c computes rows
+``schedule[c*W, 1] .. schedule[(c+1)*W, 1] - 1`` (W = WARPS_PER_CTA).
+``num_ctas`` is chosen at load time, a few per SM (:func:`vllm_gqsa.kernels.cuda.default_num_ctas`);
+``row_per_cta_schedule`` gives the classic one-CTA-per-row grid, for comparison.
+
+Everything here is pure torch and runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..format import GQSALayer
+
+SUPPORTED_BITS = 4
+SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
+SUPPORTED_BLOCK_ROWS = 1
+MAX_GROUP_COLS = 4096  # group columns held in the 12 top bits of meta
+MAX_GEMV_TOKENS = 8  # the GEMV kernel's limit; larger batches use dequantize + GEMM
+WARPS_PER_CTA = 8  # kGemvWarps in csrc/gqsa_kernels.h
+WEIGHTS_PER_WORD = 8
+
+ZERO_SHIFT = 16
+COL_SHIFT = 20
+TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule")
+
+
+def can_implement(bits: int, group_size: int, block_rows: int, N: int, K: int) -> tuple[bool, str | None]:
+    """Whether the CUDA kernels handle a layer of this format and shape; the reason when not."""
+    if bits != SUPPORTED_BITS:
+        return False, f"the CUDA kernels handle {SUPPORTED_BITS}-bit codes only, not bits={bits}"
+    if group_size not in SUPPORTED_GROUP_SIZES:
+        return False, f"group_size={group_size} is not one of {SUPPORTED_GROUP_SIZES}"
+    if block_rows != SUPPORTED_BLOCK_ROWS:
+        return False, f"the CUDA kernels handle block_rows=1 only, not block_rows={block_rows}"
+    if N < 0 or K < 0 or K % group_size:
+        return False, f"input size {K} is not a multiple of group_size {group_size}"
+    if K // group_size > MAX_GROUP_COLS:
+        return False, (f"input size {K} has {K // group_size} group columns, more than the "
+                       f"{MAX_GROUP_COLS} that meta's 12-bit column field holds; shard the layer "
+                       f"along its input (row-parallel tensor parallelism) or use a larger group_size")
+    return True, None
+
+
+def cta_row_bounds(row_ptr: torch.Tensor, num_ctas: int) -> torch.Tensor:
+    """Row boundaries int64 ``[num_ctas + 1]`` of the CTAs: boundary c is the row boundary whose
+    group offset is nearest to ``c * nnz / num_ctas``."""
+    if num_ctas < 1:
+        raise ValueError(f"num_ctas must be at least 1, got {num_ctas}")
+    rp = row_ptr.to(torch.int64).cpu()
+    N = rp.numel() - 1
+    nnz = int(rp[-1])
+    targets = torch.arange(num_ctas + 1, dtype=torch.float64) * (nnz / num_ctas)
+    # The first row boundary at or after each target, and the one before it: keep the nearer.
+    after = torch.searchsorted(rp.to(torch.float64), targets).clamp(max=N)
+    before = (after - 1).clamp(min=0)
+    nearer_before = (targets - rp[before].to(torch.float64)) < (rp[after].to(torch.float64) - targets)
+    bounds = torch.where(nearer_before, before, after)
+    bounds[0], bounds[-1] = 0, N
+    return torch.cummax(bounds, 0).values
+
+
+def warp_schedule(row_ptr: torch.Tensor, cta_rows: torch.Tensor) -> torch.Tensor:
+    """The ``schedule`` tensor for CTAs owning rows ``cta_rows[c] .. cta_rows[c+1]-1``: each
+    CTA's groups split exactly evenly over its warps. On row_ptr's device."""
+    rp = row_ptr.to(torch.int64).cpu()
+    R = cta_rows.to(torch.int64).cpu()
+    N, nnz = rp.numel() - 1, int(rp[-1])
+    first, last = R[:-1], R[1:]
+    g_begin = rp[first]
+    span = rp[last] - g_begin
+    w = torch.arange(WARPS_PER_CTA, dtype=torch.int64)
+    groups = g_begin[:, None] + span[:, None] * w // WARPS_PER_CTA  # [num_ctas, W]
+    # The row holding each task's first group: the last row starting at or before it, kept inside
+    # the CTA (a task with no groups at a CTA's end is clamped to its last row).
+    rows = torch.searchsorted(rp, groups, right=True) - 1
+    rows = torch.maximum(torch.minimum(rows, (last - 1).clamp(min=0)[:, None]), first[:, None])
+    rows[:, 0] = first
+    tasks = torch.stack([groups.reshape(-1), rows.reshape(-1)], dim=1)
+    end = torch.tensor([[nnz, N]], dtype=torch.int64)
+    return torch.cat([tasks, end]).to(torch.int32).to(row_ptr.device)
+
+
+def make_schedule(row_ptr: torch.Tensor, num_ctas: int) -> torch.Tensor:
+    """The balanced GEMV schedule (int32 ``[num_ctas * WARPS_PER_CTA + 1, 2]``)."""
+    return warp_schedule(row_ptr, cta_row_bounds(row_ptr, num_ctas))
+
+
+def row_per_cta_schedule(row_ptr: torch.Tensor) -> torch.Tensor:
+    """One CTA per row: the row-centric grid, for comparison with the balanced schedule."""
+    N = row_ptr.numel() - 1
+    return warp_schedule(row_ptr, torch.arange(N + 1, dtype=torch.int64))
+
+
+def pack_meta(scales: torch.Tensor, zeros: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """int32 meta from fp16 scales, zero points in [0, 16) and group columns in [0, 4096)."""
+    bits = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
+    word = bits | (zeros.to(torch.int64) << ZERO_SHIFT) | (cols.to(torch.int64) << COL_SHIFT)
+    # Reinterpret the unsigned 32-bit value as int32 (column >= 2048 sets the sign bit).
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def unpack_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`pack_meta`: (fp16 scales, int64 zeros, int64 columns)."""
+    word = meta.to(torch.int64) & 0xFFFFFFFF
+    bits = word & 0xFFFF
+    scales = torch.where(bits >= 2**15, bits - 2**16, bits).to(torch.int16).view(torch.float16)
+    return scales, (word >> ZERO_SHIFT) & 0xF, word >> COL_SHIFT
+
+
+def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]:
+    """Repack a validated checkpoint layer into the kernel format, on the layer's device."""
+    fmt = layer.fmt
+    ok, reason = can_implement(fmt.bits, fmt.group_size, fmt.block_rows,
+                               layer.out_features, layer.in_features)
+    if not ok:
+        raise ValueError(f"GQSA CUDA kernels cannot run this layer: {reason}")
+    nnz, G = layer.nnz, fmt.group_size
+    codes = layer.qweight.reshape(nnz, G // 2).contiguous().view(torch.int32)
+    meta = pack_meta(layer.scales.reshape(nnz), layer.zeros().reshape(nnz), layer.col_idx.long())
+    return {
+        "row_ptr": layer.row_ptr.to(torch.int32).contiguous(),
+        "codes": codes,
+        "meta": meta,
+        "schedule": make_schedule(layer.row_ptr, num_ctas),
+    }
+
+
+def dequantize_kernel_format(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
+                             N: int, K: int, group_size: int) -> torch.Tensor:
+    """The dense float32 ``[N, K]`` weight that kernel-format tensors stand for (the reference)."""
+    G = group_size
+    nnz = meta.numel()
+    shifts = torch.arange(WEIGHTS_PER_WORD, device=codes.device, dtype=torch.int64) * 4
+    q = ((codes.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(nnz, G)
+    scales, zeros, cols = unpack_meta(meta)
+    values = (q - zeros.unsqueeze(-1)).float() * scales.float().unsqueeze(-1)
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(N, device=counts.device), counts)
+    w = torch.zeros(N, K // G, G, dtype=torch.float32, device=codes.device)
+    w[rows, cols] = values
+    return w.reshape(N, K)
