@@ -47,7 +47,7 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
     from .kernels.cuda_format import MAX_GEMV_TOKENS, dequantize_kernel_format
 
     t = {"row_ptr": row_ptr, "codes": codes, "meta": meta, "schedule": schedule}
-    if x.is_cuda and cuda.available()[0]:
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]:
         if x.shape[0] <= MAX_GEMV_TOKENS:
             return cuda.gemv(x, t, n_out)
         # Many tokens: the GEMM's arithmetic dwarfs one pass over the weights, so densify
