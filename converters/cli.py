@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full name of a layer to leave dense (repeatable), "
                         "e.g. model.layers.0.mlp.down_proj")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted conversion from its last finished block "
+                        "(same model and options)")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -59,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         block_rows=args.block_rows, calib_data=args.calib_data, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, device=args.device, batch_size=args.batch_size,
         true_sequential=args.true_sequential, clip_search=args.clip_search,
-        skip_modules=tuple(args.skip), overwrite=args.overwrite)
+        skip_modules=tuple(args.skip), overwrite=args.overwrite, resume=args.resume)
     try:
         if args.demo:
             from .tiny import build_tiny_model

@@ -15,13 +15,14 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vllm_gqsa.format import GQSAQuantConfig, GQSALayer
+from vllm_gqsa.format import GQSALayer, GQSAQuantConfig
+from vllm_gqsa.reference import dequantize
 from .calibration import calibration_samples
 from .solver import accumulate_hessian, solve_layer
 
@@ -41,6 +42,9 @@ SHARD_BYTES = 2 << 30  # safetensors shard size
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
 NOT_COPIED = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 COMPLETE_MARKER = "gqsa_report.json"  # written last: a folder without it is not a finished checkpoint
+PROGRESS = "progress.json"  # in the partial folder: finished blocks, for --resume
+BLOCKS_DIR = "blocks"  # in the partial folder: one safetensors file per finished block
+DISK_MARGIN = 1.2  # free space asked for, as a multiple of the estimated checkpoint size
 
 
 class ConvertError(Exception):
@@ -63,6 +67,15 @@ class ConvertOptions:
     clip_search: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
     overwrite: bool = False
+    resume: bool = False
+
+    def fingerprint(self) -> dict:
+        """The options that decide the result: a resumed conversion must match them."""
+        d = asdict(self)
+        for k in ("device", "batch_size", "overwrite", "resume"):
+            d.pop(k)
+        d["skip_modules"] = list(d["skip_modules"])
+        return d
 
     def quant_config(self) -> GQSAQuantConfig:
         return GQSAQuantConfig(bits=self.bits, group_size=self.group_size, block_rows=self.block_rows,
@@ -104,7 +117,7 @@ def check_shapes(config: dict, qcfg: GQSAQuantConfig) -> None:
             raise ConvertError(f"{what} = {n} is not a multiple of --block-rows {qcfg.block_rows}")
 
 
-def prepare_output(out_dir: str, overwrite: bool) -> str:
+def prepare_output(out_dir: str, overwrite: bool, resume: bool, estimated_bytes: int) -> str:
     """Check the output location early and return the temporary folder to write into."""
     out_dir = os.path.abspath(out_dir)
     parent = os.path.dirname(out_dir)
@@ -113,10 +126,46 @@ def prepare_output(out_dir: str, overwrite: bool) -> str:
     os.makedirs(parent, exist_ok=True)
     if not os.access(parent, os.W_OK):
         raise ConvertError(f"cannot write to {parent}")
+    free = shutil.disk_usage(parent).free
+    if free < DISK_MARGIN * estimated_bytes:
+        raise ConvertError(f"not enough free disk space in {parent}: the checkpoint needs about "
+                           f"{estimated_bytes / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free")
     tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    if not resume:
+        shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(os.path.join(tmp, BLOCKS_DIR), exist_ok=True)
     return tmp
+
+
+def estimate_checkpoint_bytes(model_dir: str, qcfg: GQSAQuantConfig) -> int:
+    """An upper bound of the output size: the input's weight files at the GQSA bit rate of
+    unpruned groups (most of a model's bytes are in the converted layers)."""
+    dense = sum(os.path.getsize(os.path.join(model_dir, n)) for n in os.listdir(model_dir)
+                if n.endswith((".safetensors", ".bin")))
+    bits = qcfg.bits + 16 / qcfg.group_size + 1  # codes, scale, zero point and index
+    return int(dense * bits / 16) + (1 << 20)
+
+
+def _read_progress(tmp: str, model_dir: str, opts: ConvertOptions) -> dict:
+    """What an interrupted run of the same conversion finished; nothing for a fresh start."""
+    path = os.path.join(tmp, PROGRESS)
+    if not os.path.exists(path):
+        return {"blocks_done": 0, "layers": []}
+    with open(path) as f:
+        progress = json.load(f)
+    if progress.get("source") != os.path.abspath(model_dir) or progress.get("options") != opts.fingerprint():
+        raise ConvertError(f"cannot resume from {tmp}: it was started from another model or with other "
+                           "options; run without --resume to start over")
+    logger.info("resuming: %d blocks already converted", progress["blocks_done"])
+    return progress
+
+
+def _write_progress(tmp: str, model_dir: str, opts: ConvertOptions, blocks_done: int, layers: list) -> None:
+    path = os.path.join(tmp, PROGRESS)
+    with open(path + ".tmp", "w") as f:
+        json.dump({"source": os.path.abspath(model_dir), "options": opts.fingerprint(),
+                   "blocks_done": blocks_done, "layers": layers}, f)
+    os.replace(path + ".tmp", path)  # atomic: a kill leaves the old or the new file, never half
 
 
 def pick_device(name: str) -> torch.device:
@@ -199,7 +248,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     check_shapes(config, qcfg)
     if not 0 < opts.n_samples or not 0 < opts.seq_len:
         raise ConvertError("--n-samples and --seq-len must be positive")
-    tmp = prepare_output(out_dir, opts.overwrite)
+    tmp = prepare_output(out_dir, opts.overwrite, opts.resume, estimate_checkpoint_bytes(model_dir, qcfg))
+    progress = _read_progress(tmp, model_dir, opts) if opts.resume else {"blocks_done": 0, "layers": []}
     device = pick_device(opts.device)
     torch.manual_seed(opts.seed)
 
@@ -213,7 +263,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
 
     fmt = qcfg.layer_format()
     tensors: dict[str, torch.Tensor] = {}
-    layers_report = []
+    layers_report = list(progress["layers"])
     with torch.no_grad():
         inputs, kwargs = _block_inputs(model, samples, device)
         kwargs = _to(kwargs, device, torch.float32)
@@ -221,27 +271,15 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
         for b in bar:
             block = blocks[b].to(device, torch.float32)
-            groups = [[n for n in g if qcfg.is_quantized(f"model.layers.{b}.{n}")]
-                      for g in SEQUENTIAL_GROUPS]
-            groups = [g for g in groups if g]
-            # True sequential: one calibration pass per group, so each group sees the
-            # outputs of the groups quantized before it. Otherwise one pass for all.
-            for stage in ([[g] for g in groups] if opts.true_sequential else [groups]):
-                hessians = _collect_hessians(block, stage, inputs, kwargs, opts.batch_size)
-                for H, group in zip(hessians, stage):
-                    for n in group:
-                        m = _module(block, n)
-                        res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search)
-                        m.weight.data = res.weight.to(m.weight.dtype)
-                        name = f"model.layers.{b}.{n}"
-                        for t_name, t in res.layer.tensors().items():
-                            tensors[f"{name}.{t_name}"] = t.contiguous()
-                        layers_report.append({
-                            "name": name, "shape": [res.layer.out_features, res.layer.in_features],
-                            "kept_groups": res.layer.nnz,
-                            "bits_per_weight": round(res.layer.bits_per_weight(), 4),
-                            "loss": res.loss})
-                        bar.set_postfix(layer=n, loss=f"{res.loss:.3g}")
+            block_file = os.path.join(tmp, BLOCKS_DIR, f"block_{b:05d}.safetensors")
+            if b < progress["blocks_done"]:
+                block_tensors = _restore_block(block, b, block_file, layers_report, fmt)
+            else:
+                block_tensors = _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar)
+                save_file(block_tensors, block_file)
+                _write_progress(tmp, model_dir, opts, b + 1, layers_report)
+            tensors.update(block_tensors)
+            # The next block is calibrated on this block's quantized outputs.
             inputs = _run_block(block, inputs, kwargs, opts.batch_size)
             blocks[b] = block.to("cpu", save_dtype)
             if device.type == "cuda":
@@ -257,8 +295,48 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         tensors[name] = t.detach().to("cpu").contiguous()
     report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
                                time.time() - t_start)
+    shutil.rmtree(os.path.join(tmp, BLOCKS_DIR))
+    os.remove(os.path.join(tmp, PROGRESS))
     _publish(tmp, out_dir)
     return report
+
+
+def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar) -> dict[str, torch.Tensor]:
+    """Prune and quantize the target layers of block ``b`` in place; return their GQSA tensors."""
+    fmt = qcfg.layer_format()
+    out = {}
+    groups = [[n for n in g if qcfg.is_quantized(f"model.layers.{b}.{n}")] for g in SEQUENTIAL_GROUPS]
+    groups = [g for g in groups if g]
+    # True sequential: one calibration pass per group, so each group sees the outputs of the
+    # groups quantized before it. Otherwise one pass for all.
+    for stage in ([[g] for g in groups] if opts.true_sequential else [groups]):
+        hessians = _collect_hessians(block, stage, inputs, kwargs, opts.batch_size)
+        for H, group in zip(hessians, stage):
+            for n in group:
+                m = _module(block, n)
+                res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search)
+                m.weight.data = res.weight.to(m.weight.dtype)
+                name = f"model.layers.{b}.{n}"
+                for t_name, t in res.layer.tensors().items():
+                    out[f"{name}.{t_name}"] = t.contiguous()
+                layers_report.append({
+                    "name": name, "shape": [res.layer.out_features, res.layer.in_features],
+                    "kept_groups": res.layer.nnz, "bits_per_weight": round(res.layer.bits_per_weight(), 4),
+                    "loss": res.loss})
+                bar.set_postfix(layer=n, loss=f"{res.loss:.3g}")
+    return out
+
+
+def _restore_block(block, b, block_file, layers_report, fmt) -> dict[str, torch.Tensor]:
+    """Put a block converted by an interrupted run back in place, from its saved tensors."""
+    tensors = load_file(block_file)
+    for r in layers_report:
+        if r["name"].startswith(f"model.layers.{b}."):
+            parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == r["name"]}
+            layer = GQSALayer.from_tensors(parts, *r["shape"], fmt, r["name"])
+            m = _module(block, r["name"].split(f"model.layers.{b}.", 1)[1])
+            m.weight.data = dequantize(layer).to(m.weight.device, m.weight.dtype)
+    return tensors
 
 
 def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Tensor]:

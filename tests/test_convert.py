@@ -129,3 +129,46 @@ def test_interrupted_conversion_leaves_no_checkpoint(tiny_models, tmp_path, monk
     assert not out.exists()
     leftovers = [p for p in tmp_path.iterdir()]
     assert all(not (p / COMPLETE_MARKER).exists() for p in leftovers)
+
+
+def test_resume_continues_and_matches_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    opts = dict(n_samples=4, seq_len=32)
+    convert(tiny_models["llama"], str(tmp_path / "whole"), ConvertOptions(**opts))
+
+    real, calls = convert_mod.solve_layer, []
+
+    def failing_solve(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:  # inside block 1, after block 0 was saved
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_mod, "solve_layer", failing_solve)
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_models["llama"], str(out), ConvertOptions(**opts))
+    assert not out.exists()
+
+    calls.clear()
+    monkeypatch.setattr(convert_mod, "solve_layer", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    with pytest.raises(ConvertError, match="cannot resume"):
+        convert(tiny_models["llama"], str(out), ConvertOptions(**opts, sparsity=0.4, resume=True))
+    convert(tiny_models["llama"], str(out), ConvertOptions(**opts, resume=True))
+    assert len(calls) == 7  # only block 1 was converted again
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not (out / "progress.json").exists() and not (out / "blocks").exists()
+
+
+def test_full_disk_fails_early(tiny_models, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1000))
+    with pytest.raises(ConvertError, match="not enough free disk space"):
+        convert(tiny_models["llama"], str(tmp_path / "o"), ConvertOptions())
