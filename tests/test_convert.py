@@ -172,3 +172,15 @@ def test_full_disk_fails_early(tiny_models, tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 1000))
     with pytest.raises(ConvertError, match="not enough free disk space"):
         convert(tiny_models["llama"], str(tmp_path / "o"), ConvertOptions())
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_other_architectures_convert(arch, tmp_path):
+    from converters.tiny import build_tiny_model
+
+    src = build_tiny_model(str(tmp_path / arch), arch=arch)
+    out = str(tmp_path / "ckpt")
+    report = convert(src, out, ConvertOptions(n_samples=4, seq_len=32))
+    assert report["quantized_layers"] == 14
+    model = load_reference_model(out)
+    assert torch.isfinite(model(torch.randint(0, 258, (1, 16))).logits).all()
