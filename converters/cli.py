@@ -12,6 +12,7 @@ import tempfile
 from vllm_gqsa.format import GQSAFormatError
 
 from .convert import ConvertError, ConvertOptions, convert, describe
+from .hub import HubError, check_can_push, push, resolve_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gqsa-convert",
         description="Prune groups of weights and quantize the rest into a GQSA checkpoint that "
                     "`vllm serve` loads with the vllm-gqsa plugin.")
-    p.add_argument("model", nargs="?", help="Hugging Face model folder (config.json + safetensors)")
+    p.add_argument("model", nargs="?", help="Hugging Face model folder (config.json + safetensors), "
+                                            "or a Hub model id such as HuggingFaceTB/SmolLM2-135M")
     p.add_argument("output", nargs="?", help="folder to write the GQSA checkpoint to")
     p.add_argument("--demo", action="store_true",
                    help="build a tiny random Llama and convert it (no model or data needed); "
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion from its last finished block "
                         "(same model and options)")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the checkpoint to this Hub repository")
     p.add_argument("-q", "--quiet", action="store_true")
     return p
 
@@ -73,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.model or not args.output:
                 build_parser().error("MODEL and OUTPUT are required (or use --demo)")
-            model, output = args.model, args.output
+            model, output = resolve_model(args.model), args.output
+        if args.push_to_hub:
+            check_can_push()
         report = convert(model, output, opts)
-    except (ConvertError, GQSAFormatError, FileNotFoundError) as e:
+        if args.push_to_hub:
+            print(f"pushed to {push(os.path.abspath(output), args.push_to_hub)}")
+    except (ConvertError, GQSAFormatError, FileNotFoundError, HubError) as e:
         print(f"gqsa-convert: error: {e}", file=sys.stderr)
         return 2
     print(describe(report))

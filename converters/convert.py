@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from vllm_gqsa.format import GQSALayer, GQSAQuantConfig
 from vllm_gqsa.reference import dequantize
 from .calibration import calibration_samples
+from .hub import model_card
 from .solver import accumulate_hessian, solve_layer
 
 logger = logging.getLogger(__name__)
@@ -414,6 +415,8 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "device": str(pick_device(opts.device)),
         "layers": layers_report,
     }
+    with open(os.path.join(tmp, "README.md"), "w") as f:
+        f.write(model_card(report, model_dir))
     with open(os.path.join(tmp, COMPLETE_MARKER), "w") as f:
         json.dump(report, f, indent=2)
     return report

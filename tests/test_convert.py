@@ -184,3 +184,30 @@ def test_other_architectures_convert(arch, tmp_path):
     assert report["quantized_layers"] == 14
     model = load_reference_model(out)
     assert torch.isfinite(model(torch.randint(0, 258, (1, 16))).logits).all()
+
+
+def make_hub_cache(root, repo_id: str, model_dir: str) -> None:
+    """The layout huggingface_hub gives a downloaded repository, for offline tests."""
+    import shutil
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(model_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+
+
+def test_hub_model_id_from_the_offline_cache(tiny_models, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    make_hub_cache(tmp_path / "hub", "acme/tiny-llama", tiny_models["llama"])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "ckpt"
+    assert cli_main(["acme/tiny-llama", str(out), "--n-samples", "2", "--seq-len", "16", "-q"]) == 0
+    card = (out / "README.md").read_text()
+    assert "GQSA W4 S50% g16" in card and "bits per weight" in card
+    assert cli_main(["acme/not-cached", str(tmp_path / "o2")]) == 2
+    assert "cannot get 'acme/not-cached'" in capsys.readouterr().err
+    assert cli_main(["acme/tiny-llama", str(tmp_path / "o3"), "--push-to-hub", "acme/x"]) == 2
+    assert "HF_HUB_OFFLINE" in capsys.readouterr().err

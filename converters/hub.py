@@ -1,0 +1,76 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The Hugging Face Hub side of conversion: a model id as input (from the local cache when
+HF_HUB_OFFLINE is set), a model card for the output, and ``--push-to-hub``."""
+
+from __future__ import annotations
+
+import os
+
+# What a conversion reads from a Hub repository: config, weights, tokenizer, templates.
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+class HubError(Exception):
+    pass
+
+
+def resolve_model(model: str) -> str:
+    """A local folder as it is; otherwise a Hub model id ("org/name"), fetched into (or found in)
+    the Hugging Face cache. Offline (HF_HUB_OFFLINE=1), only the cache is used."""
+    if os.path.isdir(model) or os.path.isabs(model) or model.startswith(".") or model.count("/") != 1:
+        return model  # a path: read_config reports it if it does not exist
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model, allow_patterns=HUB_PATTERNS)
+    except Exception as e:  # offline and not cached, unknown repository, network failure
+        raise HubError(f"cannot get {model!r} from the Hugging Face Hub or its local cache "
+                       f"({type(e).__name__}: {e})") from e
+
+
+def check_can_push() -> None:
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise HubError("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+
+
+def push(folder: str, repo_id: str, private: bool = True) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload GQSA checkpoint")
+    return f"https://huggingface.co/{repo_id}"
+
+
+def model_card(report: dict, source: str) -> str:
+    """README.md for a converted checkpoint: what it is, how it was made, how to serve it."""
+    q, c = report["quantization_config"], report["calibration"]
+    mib = 1 / 2**20
+    return f"""---
+tags: [gqsa, quantized, sparse, vllm]
+library_name: vllm
+---
+# {os.path.basename(os.path.normpath(source))}: GQSA W{q['bits']} S{q['sparsity'] * 100:.0f}% g{q['group_size']}
+
+GQSA (group quantization and sparsity) checkpoint made by `gqsa-convert` (vllm-gqsa) from `{source}`:
+{q['sparsity'] * 100:.0f}% of the groups of {q['group_size']} consecutive input weights pruned, the rest
+quantized to {q['bits']} bits with a scale and zero point per group, in the GQSA format version
+{q['format_version']}.
+
+| | |
+|---|---|
+| converted layers | {report['quantized_layers']} ({', '.join(q['target_modules'])}) |
+| kept groups | {report['kept_group_fraction'] * 100:.1f}% |
+| bits per weight of the converted layers, all metadata included | {report['bits_per_weight_quantized_layers']:.3f} |
+| checkpoint size | {report['checkpoint_bytes'] * mib:.1f} MiB (dense {report['dense_bytes'] * mib:.1f} MiB) |
+| calibration | {c['n_samples']} x {c['seq_len']} tokens of {c['data']}, seed {c['seed']} |
+| conversion | {report['seconds']:.0f} s on {report['device']} |
+
+Serve it with vLLM and the vllm-gqsa plugin installed:
+
+```bash
+vllm serve <this folder or repository>
+```
+"""
