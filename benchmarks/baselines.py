@@ -1,0 +1,149 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Accuracy baselines on the converter's own calibration pipeline: the same samples, the same
+block-by-block, sub-layer-by-sub-layer order, and the same perplexity protocol as GQSA.
+
+* ``gptq-w4g128``, ``gptq-w2g128``: GPTQ (asymmetric, min-max ranges, no act-order), i.e. the
+  converter's solver with no pruning and no clipping search.
+* ``sparsegpt-2:4``: SparseGPT's 2:4 pruning with OBS updates, fp16 weights.
+* ``wanda-2:4``: Wanda's |W| * ||X|| score, 2 of every 4 pruned per row, no updates.
+
+The weights are evaluated dense (the math, not a serving format); bits per weight are those of the
+formats these methods ship in (GPTQ: 16-bit scale and packed zero per group; 2:4: 16-bit kept values
+and 2-bit indices).
+
+    python benchmarks/baselines.py MODEL --calib-data ../shared/data/wikitext-2/valid.txt \
+        --text ../shared/data/wikitext-2/test.txt --max-windows 40 --out benchmarks/results/baselines.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from converters.calibration import calibration_samples  # noqa: E402
+from converters.convert import (SEQUENTIAL_GROUPS, _block_inputs, _collect_hessians,  # noqa: E402
+                                _module, _run_block, _to)
+from converters.perplexity import perplexity  # noqa: E402
+from converters.solver import DAMPING, solve_layer  # noqa: E402
+from vllm_gqsa.format import LayerFormat  # noqa: E402
+
+BITS_PER_WEIGHT = {"gptq-w4g128": 4 + 20 / 128, "gptq-w2g128": 2 + 18 / 128,
+                   "sparsegpt-2:4": 9.0, "wanda-2:4": 9.0}
+
+
+def _inverse_hessian_factor(W, H):
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += DAMPING * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
+def sparsegpt_nm(weight, H, n=2, m=4, block=128):
+    """SparseGPT (Frantar & Alistarh, 2023) with n:m masks chosen per m columns, no quantization."""
+    W = weight.detach().float().clone()
+    K = W.shape[1]
+    U = _inverse_hessian_factor(W, H)
+    for i1 in range(0, K, block):
+        i2 = min(i1 + block, K)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Err1, mask = torch.zeros_like(W1), torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % m == 0:
+                score = W1[:, i:i + m] ** 2 / torch.diag(U1)[i:i + m].reshape(1, -1) ** 2
+                mask.scatter_(1, i + torch.topk(score, n, dim=1, largest=False).indices, True)
+            w, d = W1[:, i], U1[i, i]
+            q = torch.where(mask[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return W
+
+
+def wanda_nm(weight, H, n=2, m=4):
+    """Wanda (Sun et al., 2023): prune the n of every m weights with the least |W| * ||X||."""
+    W = weight.detach().float().clone()
+    score = W.abs() * torch.diag(H).clamp(min=0).sqrt().unsqueeze(0)
+    N, K = W.shape
+    idx = torch.topk(score.reshape(N, K // m, m), n, dim=-1, largest=False).indices
+    W.reshape(N, K // m, m).scatter_(-1, idx, 0.0)
+    return W
+
+
+def solve(method, weight, H):
+    if method.startswith("gptq"):
+        bits = int(method.split("-w")[1].split("g")[0])
+        return solve_layer(weight, H, LayerFormat(bits, 128, 1), 0.0, clip_search=False).weight
+    if method == "sparsegpt-2:4":
+        return sparsegpt_nm(weight, H)
+    if method == "wanda-2:4":
+        return wanda_nm(weight, H)
+    raise ValueError(method)
+
+
+@torch.no_grad()
+def compress(model, samples, method, device, batch_size=8):
+    inputs, kwargs = _block_inputs(model, samples, device)
+    kwargs = _to(kwargs, device, torch.float32)
+    blocks = model.model.layers
+    for b in tqdm(range(len(blocks)), desc=method, unit="block"):
+        block = blocks[b].to(device, torch.float32)
+        for group in SEQUENTIAL_GROUPS:  # true sequential, as the converter
+            (H,) = _collect_hessians(block, [list(group)], inputs, kwargs, batch_size)
+            for n in group:
+                m = _module(block, n)
+                m.weight.data = solve(method, m.weight, H).to(m.weight.dtype)
+        inputs = _run_block(block, inputs, kwargs, batch_size)
+        blocks[b] = block.to("cpu")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--methods", default="gptq-w4g128,gptq-w2g128,sparsegpt-2:4,wanda-2:4")
+    p.add_argument("--calib-data", required=True)
+    p.add_argument("--n-samples", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--text", required=True)
+    p.add_argument("--eval-seq-len", type=int, default=2048)
+    p.add_argument("--max-windows", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(a.model)
+    with open(a.text, encoding="utf-8") as f:
+        text = f.read()
+    results = {"command": " ".join(sys.argv), "model": os.path.abspath(a.model), "torch": torch.__version__,
+               "device": a.device, "calibration": {"data": a.calib_data, "n_samples": a.n_samples,
+                                                   "seq_len": a.seq_len, "seed": 0}, "methods": {}}
+    for method in a.methods.split(","):
+        model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+        samples = calibration_samples(tok, a.calib_data, a.n_samples, a.seq_len, 0)
+        t0 = time.time()
+        compress(model, samples, method, torch.device(a.device))
+        seconds = time.time() - t0
+        r = perplexity(model, tok, text, a.eval_seq_len, a.max_windows, a.device, desc=method)
+        r.update({"seconds": round(seconds, 1), "bits_per_weight": BITS_PER_WEIGHT[method]})
+        print(method, json.dumps(r), flush=True)
+        results["methods"][method] = r
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
