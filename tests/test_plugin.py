@@ -204,3 +204,16 @@ def test_missing_tensor_fails_loading(tiny_checkpoints, tmp_path):
                        lambda t: t.pop("model.layers.0.self_attn.k_proj.scales"))
     with pytest.raises(GQSAFormatError, match="model.layers.0.self_attn.k_proj: the checkpoint lacks scales"):
         load_vllm_model(ckpt, port=free_port())
+
+
+def test_bf16_model_stays_bf16(tiny_checkpoints):
+    model, _ = load_vllm_model(tiny_checkpoints["llama"], port=free_port(), dtype="bfloat16")
+    refs = reference_weights(tiny_checkpoints["llama"], model)
+    with torch.no_grad():
+        for name, layer in linear_layers(model).items():
+            x = torch.randn(4, layer.input_size, dtype=torch.bfloat16)
+            y = layer(x)
+            y = y[0] if isinstance(y, tuple) else y
+            assert y.dtype == torch.bfloat16, name
+            w, _ = refs[name]
+            torch.testing.assert_close(y.float(), x.float() @ w.T, rtol=0.02, atol=0.02, msg=name)

@@ -214,7 +214,7 @@ class GQSALinearMethod(LinearMethodBase):
         ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, self.fmt.block_rows, N, K)
         if ok:
             tensors = to_kernel_format(merged, num_ctas=_num_ctas(device))
-            layer.gqsa_kernel = "cuda"
+            layer.gqsa_kernel = "kernel_format"
         else:
             tensors = {"block_ids": merged.block_ids().to(torch.int32), "col_idx": merged.col_idx,
                        "qweight": merged.qweight, "scales": merged.scales, "qzeros": merged.qzeros}
@@ -246,7 +246,7 @@ class GQSALinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
               ) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        if layer.gqsa_kernel == "cuda":
+        if layer.gqsa_kernel == "kernel_format":
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
                                             layer.gqsa_n_out, self.fmt.group_size)
         else:
