@@ -85,7 +85,14 @@ def wanda_nm(weight, H, n=2, m=4):
 def solve(method, weight, H):
     if method.startswith("gptq"):
         bits = int(method.split("-w")[1].split("g")[0])
-        return solve_layer(weight, H, LayerFormat(bits, 128, 1), 0.0, clip_search=False).weight
+        # GPTQ's last group may be partial (SmolLM2's 576 inputs are 4.5 groups of 128). Padding
+        # with zero weights that see zero input is the same thing: the solver's ranges always
+        # contain 0, and a column with no input is left untouched by the updates.
+        K = weight.shape[1]
+        pad = (-K) % 128
+        W = torch.nn.functional.pad(weight.detach().float(), (0, pad))
+        Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+        return solve_layer(W, Hp, LayerFormat(bits, 128, 1), 0.0, clip_search=False).weight[:, :K]
     if method == "sparsegpt-2:4":
         return sparsegpt_nm(weight, H)
     if method == "wanda-2:4":
