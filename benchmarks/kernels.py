@@ -151,8 +151,8 @@ def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
 
         def marlin(x, p):
             _, q, s, g_idx, sort_idx, _ = p
-            return ops.gptq_marlin_gemm(x, None, q, None, s, None, None, None, g_idx, sort_idx, workspace,
-                                        scalar_types.uint4b8, x.shape[0], N, K, is_k_full=True)
+            return ops.marlin_gemm(x, None, q, None, s, None, None, None, g_idx, sort_idx, workspace,
+                                   scalar_types.uint4b8, x.shape[0], N, K, is_k_full=True)
         out["marlin"] = (marlin, packs, N * K // 2 + N * K // 128 * 2)
     except Exception as e:
         print(f"  marlin unavailable: {type(e).__name__}: {e}")
