@@ -32,27 +32,18 @@ from converters.calibration import calibration_samples  # noqa: E402
 from converters.convert import (SEQUENTIAL_GROUPS, _block_inputs, _collect_hessians,  # noqa: E402
                                 _module, _run_block, _to)
 from converters.perplexity import perplexity  # noqa: E402
-from converters.solver import DAMPING, solve_layer  # noqa: E402
+from converters.solver import inverse_hessian_factor, solve_layer  # noqa: E402
 from vllm_gqsa.format import LayerFormat  # noqa: E402
 
 BITS_PER_WEIGHT = {"gptq-w4g128": 4 + 20 / 128, "gptq-w2g128": 2 + 18 / 128,
                    "sparsegpt-2:4": 9.0, "wanda-2:4": 9.0}
 
 
-def _inverse_hessian_factor(W, H):
-    H = H.clone()
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += DAMPING * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
-    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-
-
 def sparsegpt_nm(weight, H, n=2, m=4, block=128):
     """SparseGPT (Frantar & Alistarh, 2023) with n:m masks chosen per m columns, no quantization."""
     W = weight.detach().float().clone()
     K = W.shape[1]
-    U = _inverse_hessian_factor(W, H)
+    U = inverse_hessian_factor(W, H.detach().float().clone())
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]

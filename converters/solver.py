@@ -76,6 +76,19 @@ def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, count: int) -> t
     return H, count + n
 
 
+def inverse_hessian_factor(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H^-1, as GPTQ and SparseGPT use it: row i of U gives the update
+    for column i, and U[i1:, i1:]^T U[i1:, i1:] is the inverse Hessian of the columns from i1 on.
+
+    Prepares W and H in place first: inputs that never fire are zeroed in W (and get a unit
+    diagonal in H), and H is damped by ``DAMPING`` times its mean diagonal."""
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += DAMPING * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], device=H.device)
+    return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+
 def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsity: float,
                 clip_search: bool = True) -> SolveResult:
     """Prune a ``sparsity`` fraction of the groups of ``weight`` [N, K] and quantize the rest."""
@@ -88,13 +101,7 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
     H = H.detach().float().clone()
     W0 = W.clone()
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H += DAMPING * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
-    # Upper Cholesky factor U of H^-1: row i of U gives the update for column i, and
-    # U[i1:, i1:]^T U[i1:, i1:] is the inverse Hessian of the columns from i1 on.
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    U = inverse_hessian_factor(W, H)
 
     codes = torch.zeros(N, K, dtype=torch.uint8, device=W.device)
     scales = torch.zeros(N, KG, device=W.device)
