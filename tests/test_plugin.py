@@ -110,7 +110,7 @@ def test_ops_pass_opcheck(tiny_checkpoints):
 
     ref = random_layer(24, 96, LayerFormat(2, 32, 2))
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm_reference.default,
-                          (torch.randn(4, 96), ref.block_ids().to(torch.int32), ref.col_idx,
+                          (torch.randn(4, 96), ref.row_ptr, ref.col_idx,
                            ref.qweight, ref.scales, ref.qzeros, 24, 2, 32, 2))
 
 
@@ -217,3 +217,17 @@ def test_bf16_model_stays_bf16(tiny_checkpoints):
             assert y.dtype == torch.bfloat16, name
             w, _ = refs[name]
             torch.testing.assert_close(y.float(), x.float() @ w.T, rtol=0.02, atol=0.02, msg=name)
+
+
+def test_formats_without_a_cuda_kernel_serve_through_the_reference_op(tiny_models, tmp_path):
+    from converters.convert import ConvertOptions, convert
+
+    ckpt = str(tmp_path / "w2r2")
+    convert(tiny_models["llama"], ckpt, ConvertOptions(bits=2, block_rows=2, n_samples=2, seq_len=16))
+    model, _ = load_vllm_model(ckpt, port=free_port())
+    refs = reference_weights(ckpt, model)
+    with torch.no_grad():
+        for name, layer in linear_layers(model).items():
+            assert layer.gqsa_kernel == "reference", name
+            x = torch.randn(3, layer.input_size)
+            torch.testing.assert_close(layer(x)[0], x @ refs[name][0].T, rtol=1e-4, atol=1e-4, msg=name)

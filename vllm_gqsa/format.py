@@ -242,9 +242,11 @@ class GQSALayer:
         return unpack_bits(self.qweight, self.fmt.bits)
 
     def block_ids(self) -> torch.Tensor:
-        """Row block of every kept group, int64 ``[nnz]``."""
+        """Row block of every kept group, int64 ``[nnz]``. Sync-free (the output size is known),
+        so the reference math can run inside a CUDA graph."""
         counts = (self.row_ptr[1:] - self.row_ptr[:-1]).long()
-        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+        return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts,
+                                       output_size=self.nnz)
 
     def storage_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())

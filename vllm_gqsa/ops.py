@@ -2,8 +2,8 @@
 """The GQSA matmul as torch custom ops, so vLLM's torch.compile and CUDA graphs see one opaque call.
 
 ``torch.ops.vllm_gqsa.gqsa_mm_reference``: the checkpoint format, any device, any bits /
-group size / block rows. It dequantizes with static-shape gathers (no host sync, so it is
-CUDA-graph safe) and calls a dense matmul: correct everywhere, fast nowhere.
+group size / block rows. It runs ``reference.dequantize`` (sync-free, so CUDA-graph safe) and a
+dense matmul: correct everywhere, fast nowhere.
 
 ``torch.ops.vllm_gqsa.gqsa_mm``: the CUDA kernel format (``kernels/cuda_format.py``). The
 batch-size-dependent kernel choice happens inside the op, where Dynamo cannot freeze it:
@@ -15,27 +15,22 @@ from __future__ import annotations
 
 import torch
 
-from .format import unpack_bits
+from .format import GQSALayer, LayerFormat
+from .reference import dequantize
 
 _LIB = torch.library.Library("vllm_gqsa", "FRAGMENT")  # kept alive for the ops' lifetime
 
 
-def gqsa_mm_reference(x: torch.Tensor, block_ids: torch.Tensor, col_idx: torch.Tensor,
+def gqsa_mm_reference(x: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
                       qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor,
                       n_out: int, bits: int, group_size: int, block_rows: int) -> torch.Tensor:
-    """``x [M, K] @ W.T`` with W given in the checkpoint format (``block_ids`` replaces
-    ``row_ptr``: the row block of every kept group, precomputed so shapes stay static)."""
-    K = x.shape[-1]
-    nnz, R, G = qweight.shape[0], block_rows, group_size
-    codes = unpack_bits(qweight, bits)  # [nnz, R, G]
-    zeros = unpack_bits(qzeros, bits)[:nnz * R].reshape(nnz, R)
-    values = ((codes.float() - zeros.float().unsqueeze(-1)) * scales.float().unsqueeze(-1)).to(x.dtype)
-    w = torch.zeros(n_out // R, R, K // G, G, dtype=x.dtype, device=x.device)
-    w[block_ids.long(), :, col_idx.long()] = values
-    return x @ w.reshape(n_out, K).T
+    """``x [M, K] @ W.T`` with W given in the checkpoint format: the reference math itself."""
+    layer = GQSALayer(row_ptr, col_idx, qweight, scales, qzeros, out_features=n_out,
+                      in_features=x.shape[-1], fmt=LayerFormat(bits, group_size, block_rows))
+    return x @ dequantize(layer, x.dtype).T
 
 
-def _gqsa_mm_reference_fake(x, block_ids, col_idx, qweight, scales, qzeros, n_out, bits,
+def _gqsa_mm_reference_fake(x, row_ptr, col_idx, qweight, scales, qzeros, n_out, bits,
                             group_size, block_rows):
     return x.new_empty((*x.shape[:-1], n_out))
 

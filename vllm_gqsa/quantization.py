@@ -216,8 +216,7 @@ class GQSALinearMethod(LinearMethodBase):
             tensors = to_kernel_format(merged, num_ctas=_num_ctas(device))
             layer.gqsa_kernel = "kernel_format"
         else:
-            tensors = {"block_ids": merged.block_ids().to(torch.int32), "col_idx": merged.col_idx,
-                       "qweight": merged.qweight, "scales": merged.scales, "qzeros": merged.qzeros}
+            tensors = merged.tensors()
             layer.gqsa_kernel = "reference"
         for t_name, t in tensors.items():
             layer.register_parameter(t_name, Parameter(t.to(device), requires_grad=False))
@@ -251,7 +250,7 @@ class GQSALinearMethod(LinearMethodBase):
                                             layer.gqsa_n_out, self.fmt.group_size)
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
-                x2, layer.block_ids, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,
+                x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,
                 layer.gqsa_n_out, self.fmt.bits, self.fmt.group_size, self.fmt.block_rows)
         y = y.reshape(*x.shape[:-1], layer.gqsa_n_out)
         return y if bias is None else y + bias
