@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from converters.reference_model import load_reference_model  # noqa: E402
-from serve_check import NEW_TOKENS, PROMPTS  # noqa: E402
+from serve_check import NEW_TOKENS, PROMPTS, leading_agreement  # noqa: E402
 
 
 @torch.no_grad()
@@ -32,15 +32,6 @@ def greedy(ckpt: str, dtype: torch.dtype, tok) -> list[list[int]]:
         g = model.generate(ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
         out.append(g[0, ids.shape[1]:].tolist())
     return out
-
-
-def leading_agreement(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def main(argv=None) -> int:

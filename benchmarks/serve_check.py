@@ -116,16 +116,22 @@ def transformers_reference(ckpt: str, dtype: torch.dtype):
     return out, model
 
 
+def leading_agreement(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two generations share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 @torch.no_grad()
 def compare(served: list[dict], ref: list[dict], model) -> dict:
     """Leading agreement per prompt; logprob differences of the served tokens under both models."""
     rows = []
     for s, r in zip(served, ref):
-        agree = 0
-        for a, b in zip(s["token_ids"], r["token_ids"]):
-            if a != b:
-                break
-            agree += 1
+        agree = leading_agreement(s["token_ids"], r["token_ids"])
         # Score the served tokens with the reference model (teacher forcing) to compare logprobs
         # even past a divergence.
         seq = torch.cat([r["prompt_ids"], torch.tensor([s["token_ids"]], device="cuda")], 1)
