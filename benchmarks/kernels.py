@@ -7,9 +7,12 @@ copy, with enough copies to exceed the L2 cache, so weights always come from HBM
 reports time per call (median of several replays), effective GB/s over the bytes the kernel must
 read (GQSA: codes + meta + row_ptr + schedule + x), the share of the read bandwidth measured in
 the same run (a large ``x.sum()``), and the speed-up over each baseline. GQSA uses the plugin's
-dispatch rule: the GEMV for M <= 8 tokens, dequantize + cuBLAS above.
+dispatch rule: the GEMV for M <= 8 tokens, dequantize + cuBLAS above. For the GEMV it also times
+x read from global memory instead of the shared-memory copy (the ablation of that copy). The
+summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
-    python benchmarks/kernels.py [--quick] [--out benchmarks/results/kernels.json]
+    python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
+                                 [--out benchmarks/results/kernels.json]
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, make_schedule, pack_
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
-    "llama-2-7b": [("q/k/v/o", 4096, 4096), ("gate/up", 11008, 4096), ("down", 4096, 11008),
-                   ("qkv", 12288, 4096)],
+    "llama-2-7b": [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096),
+                   ("down", 4096, 11008)],
     "llama-3-8b": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096),
                    ("down", 4096, 14336)],
     "qwen2.5-7b": [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584),
@@ -41,6 +44,7 @@ MODELS = {
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
+GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
 GROUP_SIZE = 16
 DENSITY = 0.5  # 50 % of the groups pruned
 L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
@@ -113,9 +117,9 @@ def measure_read_bandwidth() -> float:
     return BANDWIDTH_PROBE_BYTES / us / 1e3
 
 
-def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, M: int):
-    if M <= MAX_GEMV_TOKENS:
-        return [lambda t=t: cuda.gemv(x, t, N) for t in ts]
+def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
+    if path == "gemv":
+        return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
 
@@ -188,11 +192,20 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     for M in tokens:
         x = torch.randn(M, K, device="cuda", dtype=DTYPE)
         nbytes = sum(gqsa_bytes(t, M, K) for t in gq) / len(gq)
-        us = time_graph(gqsa_calls(gq, x, N, K, M), reps)
-        r = {"model": model, "layer": name, "N": N, "K": K, "M": M,
-             "gqsa_kernel": "gemv" if M <= MAX_GEMV_TOKENS else "dequant+cublas",
+        # Both GQSA paths where either could win; gqsa_us is the one the plugin picks.
+        paths = {}
+        if M <= GEMV_TIMED_MAX_TOKENS:
+            paths["gemv"] = time_graph(gqsa_calls(gq, x, N, K, "gemv"), reps)
+        if M > MAX_GEMV_TOKENS:
+            paths["dequant_cublas"] = time_graph(gqsa_calls(gq, x, N, K, "dequant_cublas"), reps)
+        kernel = "gemv" if M <= cuda.GEMV_MAX_TOKENS else "dequant_cublas"
+        us = paths[kernel]
+        r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
-             "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw}
+             "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
+             **{f"gqsa_{k}_us": v for k, v in paths.items()}}
+        if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
+            r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, "gemv", x_staging=0), reps)
         base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
         if sparse24 is not None:
             base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w) for w in sparse24]
@@ -239,11 +252,36 @@ def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> l
     return rows
 
 
+def summarize(results: list, read_bw: float) -> list:
+    """Per model and M: the sum over its linear layers (one decoder layer), GQSA against each baseline."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        for M in dict.fromkeys(r["M"] for r in results if r["model"] == model):
+            rs = [r for r in results if r["model"] == model and r["M"] == M]
+            us = sum(r["gqsa_us"] for r in rs)
+            nbytes = sum(r["gqsa_bytes"] for r in rs)
+            row = {"model": model, "M": M, "layers": [r["layer"] for r in rs], "gqsa_us": us,
+                   "gqsa_GBps": nbytes / us / 1e3, "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw}
+            for key in sorted({k for r in rs for k in r if k.endswith("_us") and k != "gqsa_us"}):
+                if all(key in r for r in rs):
+                    row[key] = sum(r[key] for r in rs)
+                    if not key.startswith("gqsa_"):
+                        row[f"speedup_vs_{key[:-3]}"] = row[key] / us
+            out.append(row)
+            extra = " ".join(f"{k[11:]}={v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
+            print(f"layer sum {model:11s} M={M:<4d} {us:8.2f} us {row['gqsa_GBps']:7.0f} GB/s "
+                  f"{row['gqsa_pct_read_bw']:5.1f}% {extra}", flush=True)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes, four batch sizes (< 60 s)")
     p.add_argument("--out", default="benchmarks/results/kernels.json")
     p.add_argument("--reps", type=int, default=None, help="graph replays per measurement")
+    p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
+    p.add_argument("--tokens", default=None, help="comma-separated M values")
+    p.add_argument("--skip-balance", action="store_true", help="skip the uniform vs heavy-block test")
     args = p.parse_args()
     ok, reason = cuda.available()
     if not ok:
@@ -254,17 +292,23 @@ def main() -> None:
     read_bw = measure_read_bandwidth()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: measured read bandwidth {read_bw:.0f} GB/s, GEMV grid {num_ctas} CTAs")
+    models = QUICK_MODELS if args.quick else MODELS
+    if args.models:
+        models = {m: MODELS[m] for m in args.models.split(",")}
+    tokens = QUICK_TOKENS if args.quick else TOKENS
+    if args.tokens:
+        tokens = tuple(int(m) for m in args.tokens.split(","))
     results = []
-    for model, layers in (QUICK_MODELS if args.quick else MODELS).items():
+    for model, layers in models.items():
         for name, N, K in layers:
-            results += bench_shape(model, name, N, K, QUICK_TOKENS if args.quick else TOKENS, reps,
-                                   read_bw, num_ctas)
+            results += bench_shape(model, name, N, K, tokens, reps, read_bw, num_ctas)
             torch.cuda.empty_cache()
-    balance = bench_balance(4096, 4096, reps, read_bw, num_ctas)
+    summary = summarize(results, read_bw)
+    balance = [] if args.skip_balance else bench_balance(4096, 4096, reps, read_bw, num_ctas)
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "command": " ".join(sys.argv), "ops": reason,
            "group_size": GROUP_SIZE, "density": DENSITY, "activation_dtype": str(DTYPE),
-           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "results": results, "balance": balance,
+           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "summary": summary, "results": results, "balance": balance,
            "seconds": time.time() - start}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -8,7 +8,11 @@ server. Then transformers runs the same checkpoint through the reference dequant
 the same dtype on the same GPU, and generates greedily from the same prompt tokens. Reported:
 per prompt, the number of leading tokens that agree and the logprob differences.
 
-    python benchmarks/serve_check.py CKPT --out benchmarks/results/serve_check.json
+    python benchmarks/serve_check.py CKPT --out benchmarks/results/serve_check.json [--dtype float16]
+
+``--dtype`` (default: the checkpoint's) sets both sides. bf16 and fp16 run the CUDA kernels;
+float32 runs the plugin's torch path, which leaves only the engine's own arithmetic as a source
+of differences.
 """
 
 from __future__ import annotations
@@ -150,15 +154,19 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--port", type=int, default=8321)
     p.add_argument("--modes", default="graphs,eager")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="served and reference dtype (default: the checkpoint's)")
     a = p.parse_args(argv)
     ckpt = os.path.abspath(a.ckpt)
     with open(os.path.join(ckpt, "config.json")) as f:
-        dtype = getattr(torch, json.load(f).get("dtype", "bfloat16"))
+        dtype = getattr(torch, a.dtype or json.load(f).get("dtype", "bfloat16"))
     log_dir = os.path.dirname(os.path.abspath(a.out))
+    tag = os.path.splitext(os.path.basename(a.out))[0]
     served = {}
     for mode in a.modes.split(","):
         extra = ["--enforce-eager"] if mode == "eager" else []
-        served[mode] = query_server(ckpt, a.port, extra, os.path.join(log_dir, f"serve_{mode}.log"))
+        extra += ["--dtype", str(dtype).removeprefix("torch.")]
+        served[mode] = query_server(ckpt, a.port, extra, os.path.join(log_dir, f"{tag}_{mode}.log"))
         print(mode, "served; chat:", served[mode]["chat"][:80], flush=True)
     ref, model = transformers_reference(ckpt, dtype)
     result = {"checkpoint": ckpt, "dtype": str(dtype), "device": torch.cuda.get_device_name(),

@@ -18,7 +18,9 @@
 //     one coalesced 128-bit load, marked L2 evict-first.
 //   * Dequantization is the magic-number trick in fp32 (see dequant8); products are accumulated in
 //     fp32 and scaled per group, so fp16 and bf16 share one exact dequantization.
-//   * x (M x K, small, read by every row) goes through L1/L2 with ordinary cached loads.
+//   * x (M x K, small, read by every row) is copied by each CTA into shared memory, swizzled
+//     against bank conflicts, while its first weight loads are in flight (global memory through
+//     L1 when it does not fit).
 //
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
@@ -38,6 +40,8 @@ constexpr int kUnitWeights = 32;
 constexpr int kStages = 4;  // GEMV weight-load steps issued together (see gemv_kernel)
 constexpr int kWordWeights = 8;  // 4-bit codes in one int32 word
 constexpr int kDequantThreads = 128;
+// Activations (2 bytes each) in one 128-byte row of shared-memory banks.
+constexpr int kSharedXRowElems = 64;
 
 // meta = scale bits (fp16) | zero << 16 | column << 20.
 constexpr int kZeroShift = 16;
@@ -227,7 +231,30 @@ __device__ __forceinline__ void store_row(T* y, int N, int row, int lane, const 
   }
 }
 
-template <typename T, int G, int M>
+// Shared-memory copy of x: token m's row holds K activations padded to whole 128-byte bank rows,
+// in 16-byte chunks of 8 activations. Chunk c of a row is stored at c ^ ((c >> 3) & 7): a
+// permutation inside each 128-byte bank row. Without it, the lanes of a warp, which read the same
+// word of groups at random columns, would all hit the 2 (G = 16) or 1 (G >= 32) bank quads that
+// word can fall in; with it their reads spread over all 8 quads.
+__device__ __forceinline__ int swizzle_chunk(int c) { return c ^ ((c >> 3) & 7); }
+
+// 16-byte chunks of one token's row of the x copy (see shared_x_bytes).
+__device__ __forceinline__ int shared_x_row_chunks(int K) {
+  return (K + kSharedXRowElems - 1) / kSharedXRowElems * (kSharedXRowElems / kWordWeights);
+}
+
+// The 8 activations of token m at input channels col0 .. col0 + 7 (col0 a multiple of 8).
+template <typename T, bool kSharedX>
+__device__ __forceinline__ uint4 load_x8(const T* __restrict__ x, const uint4* x_shared, int m, int K,
+                                         int col0) {
+  if constexpr (kSharedX) {
+    return x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(col0 / kWordWeights)];
+  } else {
+    return __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col0));
+  }
+}
+
+template <typename T, int G, int M, bool kSharedX>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr,
                 const int32_t* __restrict__ codes, const int32_t* __restrict__ meta,
@@ -240,6 +267,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 
   __shared__ float part_sum[kWarps][2][M];
   __shared__ int part_row[kWarps][2];
+  extern __shared__ uint4 x_shared[];  // M * shared_x_row_chunks(K) chunks when kSharedX
 
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
@@ -253,24 +281,40 @@ __global__ void __launch_bounds__(kGemvThreads)
   const int2 task = schedule[first_task + warp];
   const int wb = task.x;                                  // first kept group of this warp
   const int we = schedule[first_task + warp + 1].x;      // one past its last
+  const bool has_groups = wb < we;
 
   if (lane == 0) part_row[warp][kHead] = part_row[warp][kTail] = -1;
 
-  if (wb < we) {
-    const uint64_t policy = make_evict_first_policy();
-    const int u_begin = G == 16 ? wb / 2 : wb * U::kUnitsPerGroup;
-    const int u_end = G == 16 ? (we + 1) / 2 : we * U::kUnitsPerGroup;
-    // Weight loads go out kStages steps at a time, and the next batch is issued before the
-    // current one is used: a warp typically owns only a handful of steps, so this turns a chain
-    // of DRAM round trips into about one, and keeps 2 * kStages * 16 B per lane in flight.
-    U batch_a[kStages], batch_b[kStages];
-    auto load_batch = [&](U (&batch)[kStages], int u0) {
+  const uint64_t policy = make_evict_first_policy();
+  const int u_begin = G == 16 ? wb / 2 : wb * U::kUnitsPerGroup;
+  const int u_end = G == 16 ? (we + 1) / 2 : we * U::kUnitsPerGroup;
+  // Weight loads go out kStages steps at a time, and the next batch is issued before the current
+  // one is used: a warp typically owns only a handful of steps, so this turns a chain of DRAM
+  // round trips into about one, and keeps 2 * kStages * 16 B per lane in flight.
+  U batch_a[kStages], batch_b[kStages];
+  auto load_batch = [&](U (&batch)[kStages], int u0) {
 #pragma unroll
-      for (int s = 0; s < kStages; ++s)
-        batch[s] = load_unit<G>(codes, meta, u0 + s * kWarpSize + lane, u_end, nnz, policy);
-    };
-    load_batch(batch_a, u_begin);
+    for (int s = 0; s < kStages; ++s)
+      batch[s] = load_unit<G>(codes, meta, u0 + s * kWarpSize + lane, u_end, nnz, policy);
+  };
+  if (has_groups) load_batch(batch_a, u_begin);
 
+  // The first weights are on their way; copy x into shared memory meanwhile. x is read once per
+  // kept group at a random column: from L1, each 16-byte read of a warp touches up to 32
+  // different cache lines, which made those reads the GEMV's bottleneck; from shared memory it
+  // costs a few bank-conflict replays.
+  if constexpr (kSharedX) {
+    const int chunks = K / kWordWeights;
+    for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) {
+      const int m = i / chunks;
+      const int c = i - m * chunks;
+      x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] =
+          __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c);
+    }
+    __syncthreads();
+  }
+
+  if (has_groups) {
     int row = task.y;  // the row holding group wb (or an empty row before it)
     int row_lo = row_ptr[row];      // first group of `row`
     int row_hi = row_ptr[row + 1];  // one past its last group
@@ -321,8 +365,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         dequant8(words[k], zero_magic(cur.meta[i]), w);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          const uint4 xv = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col0));
-          part[i][m] = dot8<T>(w, xv, part[i][m]);
+          part[i][m] = dot8<T>(w, load_x8<T, kSharedX>(x, x_shared, m, K, col0), part[i][m]);
         }
       }
 #pragma unroll
@@ -454,16 +497,31 @@ struct GemvArgs {
   int num_ctas;
   void* y;
   int N, K, nnz;
+  bool shared_x;
   cudaStream_t stream;
 };
 
+template <typename T, int G, int M, bool kSharedX>
+cudaError_t launch_gemv_kernel(const GemvArgs& a) {
+  const auto kernel = gemv_kernel<T, G, M, kSharedX>;
+  size_t smem = 0;
+  if constexpr (kSharedX) {
+    // Dynamic shared memory above 48 KB must be allowed per kernel and device (a host-side
+    // attribute, so this is also fine during graph capture).
+    const cudaError_t allowed = cudaFuncSetAttribute(
+        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSharedXBytes));
+    if (allowed != cudaSuccess) return allowed;
+    smem = shared_x_bytes(M, a.K);
+  }
+  kernel<<<a.num_ctas, kGemvThreads, smem, a.stream>>>(
+      static_cast<const T*>(a.x), a.row_ptr, a.codes, a.meta, reinterpret_cast<const int2*>(a.schedule),
+      static_cast<T*>(a.y), a.N, a.K, a.nnz);
+  return cudaGetLastError();
+}
+
 template <typename T, int G, int M>
 cudaError_t launch_gemv(const GemvArgs& a) {
-  gemv_kernel<T, G, M><<<a.num_ctas, kGemvThreads, 0, a.stream>>>(
-      static_cast<const T*>(a.x), a.row_ptr, a.codes, a.meta, reinterpret_cast<const int2*>(a.schedule),
-      static_cast<T*>(a.y),
-      a.N, a.K, a.nnz);
-  return cudaGetLastError();
+  return a.shared_x ? launch_gemv_kernel<T, G, M, true>(a) : launch_gemv_kernel<T, G, M, false>(a);
 }
 
 template <typename T, int G>
@@ -520,17 +578,35 @@ bool shape_ok(int N, int K, int group_size) {
 
 cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                  const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
-                 int N, int K, int group_size, int nnz, cudaStream_t stream) {
-  if (!shape_ok(N, K, group_size) || M < 0 || M > kMaxGemvTokens || num_ctas < 0 || nnz < 0) {
-    return cudaErrorInvalidValue;
-  }
+                 int N, int K, int group_size, int nnz, cudaStream_t stream, XStaging x_staging) {
+  if (!shape_ok(N, K, group_size) || M < 0 || num_ctas < 0 || nnz < 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0 || num_ctas == 0) return cudaSuccess;
-  const GemvArgs a{x, row_ptr, codes, meta, schedule, num_ctas, y, N, K, nnz, stream};
-  switch (dtype) {
-    case Dtype::kFloat16: return gemv_for_group<__half>(a, M, group_size);
-    case Dtype::kBFloat16: return gemv_for_group<__nv_bfloat16>(a, M, group_size);
+  // One launch per kMaxGemvTokens tokens: rows m0.. of x and y are contiguous, so a slice of
+  // tokens is just an offset.
+  const size_t elem = 2;  // fp16 and bf16
+  for (int m0 = 0; m0 < M; m0 += kMaxGemvTokens) {
+    const int m = M - m0 < kMaxGemvTokens ? M - m0 : kMaxGemvTokens;
+    const bool fits = shared_x_bytes(m, K) <= static_cast<size_t>(kMaxSharedXBytes);
+    bool shared_x = fits;
+    switch (x_staging) {
+      case XStaging::kAuto: break;
+      case XStaging::kGlobal: shared_x = false; break;
+      case XStaging::kShared:
+        if (!fits) return cudaErrorInvalidValue;
+        break;
+      default: return cudaErrorInvalidValue;
+    }
+    const GemvArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta,
+                     schedule, num_ctas, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem,
+                     N, K, nnz, shared_x, stream};
+    cudaError_t err = cudaErrorInvalidValue;
+    switch (dtype) {
+      case Dtype::kFloat16: err = gemv_for_group<__half>(a, m, group_size); break;
+      case Dtype::kBFloat16: err = gemv_for_group<__nv_bfloat16>(a, m, group_size); break;
+    }
+    if (err != cudaSuccess) return err;
   }
-  return cudaErrorInvalidValue;
+  return cudaSuccess;
 }
 
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,

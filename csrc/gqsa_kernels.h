@@ -16,6 +16,7 @@
 // synchronize, so they can be captured in a CUDA graph. They return the launch's error code.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_runtime.h>
@@ -24,7 +25,8 @@ namespace gqsa {
 
 enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1 };
 
-// The decode GEMV handles this many tokens at most; larger batches go through gqsa_dequant + GEMM.
+// Tokens per GEMV launch: gemv() takes any M and launches once per slice of this many tokens,
+// each launch reading the weights once. (Large batches are faster as gqsa_dequant + GEMM.)
 constexpr int kMaxGemvTokens = 8;
 // Group columns are stored in 12 bits of meta.
 constexpr int kMaxGroupCols = 4096;
@@ -32,11 +34,22 @@ constexpr int kMaxGroupCols = 4096;
 constexpr int kGemvWarps = 8;
 constexpr int kGemvThreads = kGemvWarps * 32;
 
+// Where the GEMV reads x from: a copy in shared memory (each CTA stages all of x; the default
+// whenever M tokens of K activations fit in kMaxSharedXBytes) or global memory through L1.
+// The explicit choices exist for benchmarks and tests.
+enum class XStaging : int { kAuto = -1, kGlobal = 0, kShared = 1 };
+// Small enough for two CTAs per SM, the persistent grid's default, on Ampere and Hopper.
+constexpr int kMaxSharedXBytes = 100 * 1024;
+// Shared memory of the x copy: M rows of K 2-byte activations, each padded to 128 bytes.
+constexpr size_t shared_x_bytes(int M, int K) { return static_cast<size_t>(M) * ((K + 63) / 64) * 128; }
+
 // y[M, N] = x[M, K] @ W.T, with W given by (row_ptr, codes, meta). x and y are row-major in
 // `dtype`; x must be 16-byte aligned. num_ctas = (rows of schedule - 1) / kGemvWarps.
+// Any M: one launch per kMaxGemvTokens tokens. kShared when x does not fit is an invalid value.
 cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                  const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
-                 int N, int K, int group_size, int nnz, cudaStream_t stream);
+                 int N, int K, int group_size, int nnz, cudaStream_t stream,
+                 XStaging x_staging = XStaging::kAuto);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,

@@ -2,9 +2,11 @@
 //
 // Torch ops of the GQSA CUDA kernels, in the `vllm_gqsa` library namespace:
 //
-//   gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out)
-//       -> Tensor
-//     y = x @ W.T for x [M, K] fp16/bf16, 1 <= M <= 8; returns y [M, n_out] in x's dtype.
+//   gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out,
+//             int x_staging=-1) -> Tensor
+//     y = x @ W.T for x [M, K] fp16/bf16; returns y [M, n_out] in x's dtype. One kernel launch
+//     per 8 tokens, each reading the weights once: meant for decode-sized M.
+//     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
 //   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
 //                ScalarType dtype) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
@@ -86,7 +88,8 @@ void check_launch(cudaError_t err, const char* op) {
 }
 
 at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
-                     const at::Tensor& meta, const at::Tensor& schedule, int64_t n_out) {
+                     const at::Tensor& meta, const at::Tensor& schedule, int64_t n_out,
+                     int64_t x_staging) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_gemv: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_gemv: x must be contiguous");
@@ -97,11 +100,17 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
               "gqsa_gemv: schedule must have shape [num_ctas * ", num(gqsa::kGemvWarps),
               " + 1, 2] with num_ctas >= 1, got ", shape(schedule));
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M <= gqsa::kMaxGemvTokens, "gqsa_gemv: at most ", num(gqsa::kMaxGemvTokens),
-              " tokens (got M=", num(M), "); use gqsa_dequant and a GEMM for larger batches");
+  TORCH_CHECK(M < INT32_MAX / 2, "gqsa_gemv: M=", num(M), " is out of range");
   check_input_size(K, group_size);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0,
               "gqsa_gemv: x must be 16-byte aligned");
+  TORCH_CHECK(x_staging >= -1 && x_staging <= 1, "gqsa_gemv: x_staging must be -1, 0 or 1, got ",
+              num(x_staging));
+  const int64_t launch_tokens = M < gqsa::kMaxGemvTokens ? M : gqsa::kMaxGemvTokens;
+  TORCH_CHECK(x_staging != 1 || gqsa::shared_x_bytes(static_cast<int>(launch_tokens), static_cast<int>(K)) <=
+                                    static_cast<size_t>(gqsa::kMaxSharedXBytes),
+              "gqsa_gemv: x_staging=1 but ", num(launch_tokens), " tokens of x [", num(M), ", ", num(K),
+              "] do not fit in ", num(gqsa::kMaxSharedXBytes), " bytes of shared memory");
 
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
@@ -110,7 +119,8 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
                           meta.data_ptr<int32_t>(), schedule.data_ptr<int32_t>(),
                           static_cast<int>((schedule.size(0) - 1) / gqsa::kGemvWarps), y.data_ptr(), static_cast<int>(M),
                           static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size),
-                          static_cast<int>(codes.size(0)), at::cuda::getCurrentCUDAStream()),
+                          static_cast<int>(codes.size(0)), at::cuda::getCurrentCUDAStream(),
+                          static_cast<gqsa::XStaging>(x_staging)),
                "gqsa_gemv");
   return y;
 }
@@ -138,7 +148,8 @@ at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, cons
 }  // namespace
 
 TORCH_LIBRARY(vllm_gqsa, m) {
-  m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out) -> Tensor");
+  m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
+        "int x_staging=-1) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype) -> Tensor");
 }

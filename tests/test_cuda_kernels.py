@@ -157,11 +157,11 @@ def poisoned_empty(shape, dtype):
     torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
 
 
-def check_gemv(layer, t, M, dtype):
+def check_gemv(layer, t, M, dtype, x_staging=-1):
     N, K = layer.out_features, layer.in_features
     x = torch.randn(M, K, device="cuda").to(dtype)
     poisoned_empty((M, N), dtype)
-    y = cuda.gemv(x, t, N)
+    y = cuda.gemv(x, t, N, x_staging)
     ref = x.double() @ dense_reference(layer).cuda().double().T
     assert y.shape == (M, N) and y.dtype == dtype
     assert torch.isfinite(y).all(), "some outputs were not written"
@@ -173,14 +173,39 @@ def check_gemv(layer, t, M, dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("x_staging", [0, 1], ids=["global_x", "shared_x"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("M", range(1, MAX_GEMV_TOKENS + 1))
-def test_gemv(dtype, G, pattern, M):
+def test_gemv(dtype, G, pattern, M, x_staging):
     N, K = 301, G * 21  # N is no multiple of 64; K is G times an odd number
     layer = make_layer(N, K, G, pattern, seed=M).to("cuda")
-    check_gemv(layer, to_kernel_format(layer, cuda.default_num_ctas()), M, dtype)
+    check_gemv(layer, to_kernel_format(layer, cuda.default_num_ctas()), M, dtype, x_staging)
+
+
+@needs_cuda
+@pytest.mark.parametrize("x_staging", [-1, 0])
+@pytest.mark.parametrize("M", [9, 16, 17, 33])
+def test_gemv_many_tokens(M, x_staging):
+    """More than 8 tokens: one launch per 8, each reading the weights once."""
+    layer = make_layer(301, 16 * 37, 16, "heavy_block", seed=M).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, cuda.default_num_ctas()), M, torch.float16, x_staging)
+
+
+@needs_cuda
+@pytest.mark.parametrize("M,K", [(1, 16 * 3200), (2, 16 * 1600), (8, 16 * 400), (8, 16 * 401), (1, 16 * 4096)])
+def test_gemv_shared_x_limits(M, K):
+    """x at and just past the shared-memory copy's limit (the kernel then reads global memory)."""
+    layer = make_layer(40, K, 16, "empty_and_full", seed=K).to("cuda")
+    t = to_kernel_format(layer, 16)
+    fits = M * -(-K // 64) * 128 <= 100 * 1024
+    check_gemv(layer, t, M, torch.bfloat16, -1)
+    if fits:
+        check_gemv(layer, t, M, torch.float16, 1)
+    else:
+        with pytest.raises(RuntimeError, match="do not fit"):
+            cuda.gemv(torch.zeros(M, K, device="cuda", dtype=torch.float16), t, 40, 1)
 
 
 @needs_cuda
@@ -251,8 +276,8 @@ def test_bad_inputs_raise():
     args = (t["row_ptr"], t["codes"], t["meta"], t["schedule"])
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         op(x.float(), *args, 20)
-    with pytest.raises(RuntimeError, match="at most 8 tokens"):
-        op(torch.randn(9, 32, device="cuda", dtype=torch.float16), *args, 20)
+    with pytest.raises(RuntimeError, match="x_staging must be"):
+        op(x, *args, 20, 2)
     with pytest.raises(RuntimeError, match="row_ptr has"):
         op(x, *args, 21)
     with pytest.raises(RuntimeError, match="multiple of group_size"):

@@ -39,11 +39,11 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
             schedule: torch.Tensor, n_out: int, group_size: int) -> torch.Tensor:
     """``x [M, K] @ W.T`` with W in the CUDA kernel format."""
     from .kernels import cuda
-    from .kernels.cuda_format import MAX_GEMV_TOKENS, dequantize_kernel_format
+    from .kernels.cuda_format import dequantize_kernel_format
 
     t = {"row_ptr": row_ptr, "codes": codes, "meta": meta, "schedule": schedule}
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]:
-        if x.shape[0] <= MAX_GEMV_TOKENS:
+        if x.shape[0] <= cuda.GEMV_MAX_TOKENS:
             return cuda.gemv(x, t, n_out)
         # Many tokens: the GEMM's arithmetic dwarfs one pass over the weights, so densify
         # and let cuBLAS run at tensor-core speed.

@@ -3,13 +3,18 @@
 
 The ops live in the ``vllm_gqsa`` torch library namespace (``csrc/torch_bindings.cpp`` documents
 their signatures). They come from a prebuilt ``vllm_gqsa._C`` extension if one is installed, or are
-JIT-built from ``csrc/`` with :func:`torch.utils.cpp_extension.load` when a CUDA build of torch,
-a GPU and nvcc are present (cached under ``$VLLM_GQSA_CACHE``, default ``~/.cache/vllm_gqsa``).
-This module imports cleanly on a CPU-only machine; :func:`available` says why the ops are missing.
+JIT-built from the CUDA sources with :func:`torch.utils.cpp_extension.load` when a CUDA build of
+torch, a GPU and nvcc are present (cached under ``$VLLM_GQSA_CACHE``, default
+``~/.cache/vllm_gqsa``). The sources are ``vllm_gqsa/csrc/`` in an installed package (setup.py puts
+them there) and the repository's ``csrc/`` in a checkout or an editable install.
+This module imports cleanly on a CPU-only machine; :func:`available` says why the ops are missing,
+and :func:`log_install` says so once at plugin registration when no prebuilt ops are installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 import os
 import shutil
 import threading
@@ -19,16 +24,25 @@ import torch
 
 from .cuda_format import MAX_GEMV_TOKENS
 
-# Persistent-grid size of the GEMV. Measured on an H100 (4096x4096, M=1, heavy row block): 2 CTAs
-# per SM 6.99 us, 4 per SM 7.52 us, 8 per SM 8.65 us; fewer, longer warp tasks pay the per-task
-# prologue and fix-up less often.
+# Persistent-grid size of the GEMV. Measured on an H100 (4096x4096, M=1, heavy row block;
+# benchmarks/results/gpu/kernels_llama2-7b.json): 2 CTAs per SM 6.90 us, 4 per SM 8.77 us, 8 per SM
+# 10.33 us; fewer, longer warp tasks pay the per-task prologue, x copy and fix-up less often.
 CTAS_PER_SM = 2
+# Batches of up to this many tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens), larger
+# ones dequantize + cuBLAS. At 16 tokens two GEMV launches already lose to dequantize + cuBLAS on
+# every Llama-2-7B layer (H100: 92 vs 89 us, 38 vs 28, 165 vs 153, 100 vs 84).
+GEMV_MAX_TOKENS = 8
 JIT_NAME = "vllm_gqsa_C"
-CSRC_DIR = Path(__file__).resolve().parents[2] / "csrc"
+_PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC_DIR = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("torch_bindings.cpp", "gqsa_kernels.cu")
+
+# Under "vllm." so that vLLM's logging configuration prints it.
+logger = logging.getLogger("vllm.gqsa")
 
 _lock = threading.Lock()
 _status: tuple[bool, str] | None = None
+_install_logged = False
 
 
 def _cache_dir() -> Path:
@@ -37,20 +51,31 @@ def _cache_dir() -> Path:
     return root / "torch_extensions" / tag
 
 
-def _jit_build() -> tuple[bool, str]:
+def _jit_blocker() -> str | None:
+    """Why the ops cannot be JIT-built here, as far as can be told without touching a GPU (CUDA
+    must not be initialized at plugin registration, before vLLM forks its workers)."""
     if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is a CPU build, and no prebuilt vllm_gqsa._C is installed"
-    if not torch.cuda.is_available():
-        return False, "no CUDA device is visible to torch"
-    from torch.utils.cpp_extension import CUDA_HOME, load
+        return f"torch {torch.__version__} is a CPU build, and no prebuilt vllm_gqsa._C is installed"
+    from torch.utils.cpp_extension import CUDA_HOME
 
     nvcc = Path(CUDA_HOME or "", "bin", "nvcc")
     if not nvcc.exists() and shutil.which("nvcc") is None:
-        return False, "nvcc was not found (set CUDA_HOME) to JIT-build the GQSA CUDA ops"
-    sources = [CSRC_DIR / s for s in SOURCES]
-    missing = [str(s) for s in sources if not s.exists()]
+        return "nvcc was not found (set CUDA_HOME) to JIT-build the GQSA CUDA ops"
+    missing = [str(CSRC_DIR / s) for s in SOURCES if not (CSRC_DIR / s).exists()]
     if missing:
-        return False, f"the CUDA sources are missing: {', '.join(missing)}"
+        return f"the CUDA sources are missing: {', '.join(missing)}"
+    return None
+
+
+def _jit_build() -> tuple[bool, str]:
+    blocker = _jit_blocker()
+    if blocker is not None:
+        return False, blocker
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to torch"
+    from torch.utils.cpp_extension import load
+
+    sources = [CSRC_DIR / s for s in SOURCES]
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
     flags = ["-O3", "-std=c++17"]
@@ -67,7 +92,7 @@ def _register_fakes() -> None:
     """Shape-only implementations, for torch.compile and opcheck."""
 
     @torch.library.register_fake("vllm_gqsa::gqsa_gemv")
-    def _gemv_fake(x, row_ptr, codes, meta, schedule, n_out):
+    def _gemv_fake(x, row_ptr, codes, meta, schedule, n_out, x_staging=-1):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
@@ -84,6 +109,26 @@ def _load() -> tuple[bool, str]:
     if status[0]:
         _register_fakes()
     return status
+
+
+def log_install() -> None:
+    """One log line per process, at plugin registration, when no prebuilt vllm_gqsa._C is installed
+    (a package built without CUDA): whether the ops will be JIT-built at first use or why GQSA
+    layers will run through the torch fallback. Builds and loads nothing; with a prebuilt ``_C`` it
+    is silent, and each layer's log line names the kernel that serves it."""
+    global _install_logged
+    if _install_logged:
+        return
+    _install_logged = True
+    if importlib.util.find_spec("vllm_gqsa._C") is not None:
+        return
+    blocker = _jit_blocker()
+    if blocker is None:
+        logger.info("GQSA CUDA kernels: no prebuilt vllm_gqsa._C is installed; they will be "
+                    "JIT-built from %s at first use on a GPU", CSRC_DIR)
+    else:
+        logger.warning("GQSA CUDA kernels are not available (%s): GQSA layers run through the torch "
+                       "fallback, correct but not fast", blocker)
 
 
 def available() -> tuple[bool, str]:
@@ -106,15 +151,17 @@ def default_num_ctas(device: torch.device | int | None = None) -> int:
     return CTAS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int) -> torch.Tensor:
-    """``x @ W.T`` for x ``[..., K]`` with at most MAX_GEMV_TOKENS rows; t from ``to_kernel_format``."""
+def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int = -1) -> torch.Tensor:
+    """``x @ W.T`` for x ``[..., K]``; t from ``to_kernel_format``. One kernel launch per
+    MAX_GEMV_TOKENS tokens, each reading the weights once, so it suits decode-sized batches.
+
+    ``x_staging`` picks where the kernel reads x: -1 lets it choose (shared memory when x fits),
+    0 global memory, 1 shared memory; the explicit choices are for tests and benchmarks."""
     _require()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    if x2.shape[0] > MAX_GEMV_TOKENS:
-        raise ValueError(f"gemv takes at most {MAX_GEMV_TOKENS} tokens, got {x2.shape[0]}; "
-                         f"use dequant() and a GEMM for larger batches")
-    y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out)
+    y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out,
+                                      x_staging)
     return y.reshape(*lead, n_out)
 
 
