@@ -1,0 +1,114 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Plots of the speed results (matplotlib PNGs), drawn only from the JSON files the benchmarks wrote.
+
+    python benchmarks/plots.py [--results benchmarks/results/gpu] [--out benchmarks/results/plots]
+
+- ``e2e_<shape>.json`` (benchmarks/e2e.py): output tokens/s against batch size, one line per
+  configuration; time to first token against prompt length where the file has it.
+- ``kernels_*.json`` (benchmarks/kernels.py): one decoder layer's GQSA time against each baseline's,
+  as a speed-up, against the number of tokens M.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _batches(cfg: dict) -> list[tuple[int, float]]:
+    pts = [(int(k[5:]), v["output_tokens_per_s"]) for k, v in cfg.items()
+           if k.startswith("batch") and isinstance(v, dict) and "output_tokens_per_s" in v]
+    return sorted(pts)
+
+
+def plot_e2e(path: str, out_dir: str) -> list[str]:
+    r = json.load(open(path))
+    name = os.path.splitext(os.path.basename(path))[0]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for config, cfg in r["configs"].items():
+        pts = _batches(cfg)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=config)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch size (sequences)")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title(f"{r['shape']}, {r['device']}, vLLM {r['vllm']}\n"
+                 f"prompt {r['prompt_len']}, {r['gen_len']} generated", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(os.path.join(out_dir, f"{name}_throughput.png"))
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    ttft = {c: cfg["ttft"] for c, cfg in r["configs"].items() if isinstance(cfg.get("ttft"), dict)}
+    if ttft:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for config, t in ttft.items():
+            pts = sorted((int(k), v["ttft_ms"]) for k, v in t.items())
+            ax.plot(*zip(*pts), marker="o", label=config)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("time to first token (ms)")
+        ax.set_title(f"{r['shape']}, {r['device']}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        written.append(os.path.join(out_dir, f"{name}_ttft.png"))
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
+    return written
+
+
+def plot_kernels(paths: list[str], out_dir: str) -> list[str]:
+    rows = [s for p in paths for s in json.load(open(p)).get("summary", [])]
+    if not rows:
+        return []
+    device = json.load(open(paths[0]))["device"]
+    baselines = sorted({k[len("speedup_vs_"):] for r in rows for k in r if k.startswith("speedup_vs_")})
+    fig, axes = plt.subplots(1, len(baselines), figsize=(5 * len(baselines), 4), squeeze=False)
+    for ax, base in zip(axes[0], baselines):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            pts = sorted((r["M"], r[f"speedup_vs_{base}"]) for r in rows
+                         if r["model"] == model and f"speedup_vs_{base}" in r)
+            ax.plot(*zip(*pts), marker="o", label=model)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens M")
+        ax.set_ylabel(f"speed-up over {base}")
+        ax.set_title(f"GQSA W4 S50% g16, one decoder layer\n{device}", fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "kernels_speedup.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="benchmarks/results/gpu")
+    p.add_argument("--out", default="benchmarks/results/plots")
+    a = p.parse_args(argv)
+    os.makedirs(a.out, exist_ok=True)
+    written = []
+    for path in sorted(glob.glob(os.path.join(a.results, "e2e_*.json"))):
+        written += plot_e2e(path, a.out)
+    written += plot_kernels(sorted(glob.glob(os.path.join(a.results, "kernels_*.json"))), a.out)
+    for w in written:
+        print("wrote", w)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
