@@ -5,5 +5,9 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Entry point of the ``vllm.general_plugins`` group: registers the ``gqsa`` method."""
-    from . import quantization  # noqa: F401  (its decorator registers the config with vLLM)
+    """Entry point of the ``vllm.general_plugins`` group: registers the ``gqsa`` method, and
+    ``sparse24`` (fp16 2:4 through cuSPARSELt), the baseline the benchmarks compare against."""
+    from . import quantization, sparse24  # noqa: F401  (their decorators register the configs)
+    from .kernels import cuda
+
+    cuda.log_install()  # one line when the package was built without its CUDA kernels

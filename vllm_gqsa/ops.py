@@ -56,7 +56,7 @@ def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, n_out, group_size):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
-def _register(name, func, fake):
+def register_op(name, func, fake):
     from torch._library.infer_schema import infer_schema
 
     _LIB.define(name + infer_schema(func, mutates_args=[]))
@@ -65,5 +65,5 @@ def _register(name, func, fake):
     _LIB._register_fake(name, fake)
 
 
-_register("gqsa_mm_reference", gqsa_mm_reference, _gqsa_mm_reference_fake)
-_register("gqsa_mm", gqsa_mm, _gqsa_mm_fake)
+register_op("gqsa_mm_reference", gqsa_mm_reference, _gqsa_mm_reference_fake)
+register_op("gqsa_mm", gqsa_mm, _gqsa_mm_fake)
