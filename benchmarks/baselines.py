@@ -6,6 +6,13 @@ block-by-block, sub-layer-by-sub-layer order, and the same perplexity protocol a
   converter's solver with no pruning and no clipping search.
 * ``sparsegpt-2:4``: SparseGPT's 2:4 pruning with OBS updates, fp16 weights.
 * ``wanda-2:4``: Wanda's |W| * ||X|| score, 2 of every 4 pruned per row, no updates.
+* ``awq-w4g128``: AWQ (Lin et al., 2024) as llm-awq runs it: per block, a grid search of
+  activation-aware input-channel scales s = mean|x|^a for each group of layers that reads one
+  input, folded into the op before it (RMSNorm weights; v_proj for o_proj when the shapes allow;
+  up_proj for down_proj), then a per-group search of the clipping range, then round-to-nearest
+  asymmetric 4-bit g128. Blocks see the full-precision model's activations, as in llm-awq. The
+  searches use a random subset of the calibration tokens (``AWQ_SEARCH_TOKENS``, ``AWQ_CLIP_TOKENS``)
+  to fit the CPU.
 
 The weights are evaluated dense (the math, not a serving format); bits per weight are those of the
 formats these methods ship in (GPTQ: 16-bit scale and packed zero per group; 2:4: 16-bit kept values
@@ -36,7 +43,11 @@ from converters.solver import inverse_hessian_factor, solve_layer  # noqa: E402
 from vllm_gqsa.format import LayerFormat  # noqa: E402
 
 BITS_PER_WEIGHT = {"gptq-w4g128": 4 + 20 / 128, "gptq-w2g128": 2 + 18 / 128,
-                   "sparsegpt-2:4": 9.0, "wanda-2:4": 9.0}
+                   "sparsegpt-2:4": 9.0, "wanda-2:4": 9.0, "awq-w4g128": 4 + 20 / 128}
+AWQ_GRID = 20  # scale exponents 0, 1/20, ..., 19/20 (llm-awq's n_grid)
+AWQ_CLIP_GRID = 20  # clipping ratios 1, 0.975, ..., 0.525 (llm-awq: max_shrink 0.5, n_grid 20)
+AWQ_SEARCH_TOKENS = 8192
+AWQ_CLIP_TOKENS = 512  # llm-awq's n_sample_token
 
 
 def sparsegpt_nm(weight, H, n=2, m=4, block=128):
@@ -71,6 +82,109 @@ def wanda_nm(weight, H, n=2, m=4):
     idx = torch.topk(score.reshape(N, K // m, m), n, dim=-1, largest=False).indices
     W.reshape(N, K // m, m).scatter_(-1, idx, 0.0)
     return W
+
+
+def rtn_groups(W: torch.Tensor, bits: int = 4, group: int = 128, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Asymmetric min-max round-to-nearest per group of ``group`` input columns (the last group may
+    be partial); ``clip`` [N, groups] shrinks each group's range (AWQ's clipping)."""
+    N, K = W.shape
+    pad = -K % group
+    Wg = torch.nn.functional.pad(W, (0, pad)).reshape(N, -1, group)
+    hi, lo = Wg.amax(-1, keepdim=True).clamp(min=0), Wg.amin(-1, keepdim=True).clamp(max=0)
+    if clip is not None:
+        hi, lo = hi * clip.unsqueeze(-1), lo * clip.unsqueeze(-1)
+    qmax = 2**bits - 1
+    scale = ((hi - lo) / qmax).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    q = torch.clamp(torch.round(Wg / scale) + zero, 0, qmax)
+    return ((q - zero) * scale).reshape(N, -1)[:, :K]
+
+
+def awq_scale_groups(block):
+    """(previous op, layers reading its output) per AWQ scaling group of a Llama/Qwen2 block."""
+    attn, mlp = block.self_attn, block.mlp
+    groups = [(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
+              (block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),
+              (mlp.up_proj, [mlp.down_proj])]
+    if attn.v_proj.weight.shape[0] == attn.o_proj.weight.shape[1]:  # no grouped-query heads
+        groups.insert(1, (attn.v_proj, [attn.o_proj]))
+    return groups
+
+
+def _fold_scale(prev, scales: torch.Tensor) -> None:
+    """Divide the output of ``prev`` (a norm or a linear layer) by ``scales``."""
+    prev.weight.data = prev.weight.data / (scales if prev.weight.dim() == 1 else scales.unsqueeze(1))
+    if getattr(prev, "bias", None) is not None:
+        prev.bias.data = prev.bias.data / scales
+
+
+@torch.no_grad()
+def awq_block(block, X: dict, gen: torch.Generator) -> None:
+    """AWQ's scale search, scale folding and clip search for one block, in place; ``X`` maps each
+    linear layer to its input activations [tokens, K]. Weights are quantized by the caller."""
+    for prev, layers in awq_scale_groups(block):
+        x = X[layers[0]]
+        xs = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_SEARCH_TOKENS]]
+        x_mean = x.abs().mean(0)
+        W = torch.cat([m.weight.data for m in layers])
+        ref = xs @ W.T
+        best, best_s = float("inf"), torch.ones_like(x_mean)
+        for i in range(AWQ_GRID):
+            s = x_mean.pow(i / AWQ_GRID).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            err = (ref - (xs / s) @ rtn_groups(W * s).T).pow(2).mean().item()
+            if err < best:
+                best, best_s = err, s
+        _fold_scale(prev, best_s)
+        for m in layers:
+            m.weight.data = m.weight.data * best_s
+            X[m] = X[m] / best_s
+    attn = block.self_attn
+    for m, x in X.items():
+        if m in (attn.q_proj, attn.k_proj):  # llm-awq skips these: their error is hard to measure
+            continue
+        xs = x[torch.randperm(x.shape[0], generator=gen)[:AWQ_CLIP_TOKENS]]
+        W = m.weight.data
+        N, K = W.shape
+        pad = -K % 128
+        xg = torch.nn.functional.pad(xs, (0, pad)).reshape(xs.shape[0], -1, 128)  # [T, G, 128]
+        Wg = torch.nn.functional.pad(W, (0, pad)).reshape(N, -1, 128)           # [N, G, 128]
+        ref = torch.einsum("tgk,ngk->ngt", xg, Wg)
+        best_err = torch.full(Wg.shape[:2], float("inf"))
+        best_clip = torch.ones(Wg.shape[:2])
+        for i in range(AWQ_CLIP_GRID):
+            ratio = 1 - i / (2 * AWQ_CLIP_GRID)
+            q = rtn_groups(W, clip=torch.full(Wg.shape[:2], ratio))
+            qg = torch.nn.functional.pad(q, (0, pad)).reshape(N, -1, 128)
+            err = (torch.einsum("tgk,ngk->ngt", xg, qg) - ref).pow(2).mean(-1)
+            better = err < best_err
+            best_err[better], best_clip[better] = err[better], ratio
+        m.gqsa_awq_clip = best_clip
+
+
+@torch.no_grad()
+def compress_awq(model, samples, device, batch_size=8) -> None:
+    inputs, kwargs = _block_inputs(model, samples, device)
+    kwargs = _to(kwargs, device, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for b, block in enumerate(tqdm(model.model.layers, desc="awq-w4g128", unit="block")):
+        block.to(device, torch.float32)
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        feats = {m: [] for m in linears}
+        hooks = [m.register_forward_hook(lambda mod, args, _out: feats[mod].append(
+            args[0].reshape(-1, args[0].shape[-1]))) for m in linears]
+        try:
+            outputs = _run_block(block, inputs, kwargs, batch_size)  # full precision, as llm-awq
+        finally:
+            for h in hooks:
+                h.remove()
+        awq_block(block, {m: torch.cat(v) for m, v in feats.items()}, gen)
+        for m in linears:
+            m.weight.data = rtn_groups(m.weight.data, clip=getattr(m, "gqsa_awq_clip", None))
+            if hasattr(m, "gqsa_awq_clip"):
+                del m.gqsa_awq_clip
+        inputs = outputs
+        block.to("cpu")
 
 
 def solve(method, weight, H):
@@ -110,7 +224,7 @@ def compress(model, samples, method, device, batch_size=8):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
-    p.add_argument("--methods", default="gptq-w4g128,gptq-w2g128,sparsegpt-2:4,wanda-2:4")
+    p.add_argument("--methods", default="gptq-w4g128,gptq-w2g128,awq-w4g128,sparsegpt-2:4,wanda-2:4")
     p.add_argument("--calib-data", required=True)
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
@@ -132,12 +246,22 @@ def main(argv=None) -> int:
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
         samples = calibration_samples(tok, a.calib_data, a.n_samples, a.seq_len, 0)
         t0 = time.time()
-        compress(model, samples, method, torch.device(a.device))
+        if method == "awq-w4g128":
+            compress_awq(model, samples, torch.device(a.device))
+        else:
+            compress(model, samples, method, torch.device(a.device))
         seconds = time.time() - t0
         r = perplexity(model, tok, text, a.eval_seq_len, a.max_windows, a.device, desc=method)
         r.update({"seconds": round(seconds, 1), "bits_per_weight": BITS_PER_WEIGHT[method]})
         print(method, json.dumps(r), flush=True)
         results["methods"][method] = r
+        if os.path.exists(a.out):  # add to an earlier run's methods instead of dropping them
+            with open(a.out) as f:
+                earlier = json.load(f)
+            results["methods"] = {**earlier.get("methods", {}), **results["methods"]}
+            results.setdefault("commands", earlier.get("commands", [earlier.get("command")]))
+            if results["command"] not in results["commands"]:
+                results["commands"].append(results["command"])
         with open(a.out, "w") as f:
             json.dump(results, f, indent=2)
     return 0

@@ -1,12 +1,14 @@
 # SPDX-License-Identifier: Apache-2.0
-"""End-to-end decode throughput in vLLM: fp16 against GPTQ (Marlin, Machete) and GQSA.
+"""End-to-end speed in vLLM: fp16 against GPTQ (Marlin, Machete), 2:4 and GQSA.
 
 Random weights of a real model shape (``--load-format dummy``): values do not change speed. Each
-configuration runs in its own process with identical engine settings; output tokens per second
-for prompt 128 / 256 generated tokens (ignore_eos) at each batch size.
+configuration runs in its own process with identical engine settings and reports output tokens
+per second for prompt 128 / 256 generated tokens (ignore_eos) at each batch size, the time to
+first token of one request at each ``--ttft-prompts`` length (a 1-token generation, best of 3),
+and the GPU memory vLLM reports for the weights ("Model loading took ... GiB").
 
-    python benchmarks/e2e.py --shape llama2-7b --batches 1,16 --configs fp16,gptq-marlin,gqsa-s50 \
-        --out benchmarks/results/e2e.json
+    python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
+        --configs fp16,gptq-marlin,gptq-machete,sparse24,gqsa-s50 --out benchmarks/results/e2e.json
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -52,7 +55,7 @@ def make_model_dir(root: str, shape: str, quant: dict | None) -> str:
 
     os.makedirs(root, exist_ok=True)
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float16",
-           "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+           "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
            **SHAPES[shape]}
     if quant:
@@ -63,13 +66,14 @@ def make_model_dir(root: str, shape: str, quant: dict | None) -> str:
     return root
 
 
-def run_one(model_dir: str, engine_kwargs: dict, batches: list[int]) -> dict:
+def run_one(model_dir: str, engine_kwargs: dict, batches: list[int], ttft_prompts: list[int]) -> dict:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     t0 = time.time()
-    llm = LLM(model=model_dir, load_format="dummy", max_model_len=1024, gpu_memory_utilization=0.85,
+    max_len = max([PROMPT_LEN + GEN_LEN, *(n + 1 for n in ttft_prompts)])
+    llm = LLM(model=model_dir, load_format="dummy", max_model_len=max_len, gpu_memory_utilization=0.85,
               max_num_seqs=max(batches), seed=0, **engine_kwargs)
     startup = time.time() - t0
     params = SamplingParams(max_tokens=GEN_LEN, ignore_eos=True, temperature=0.0)
@@ -87,7 +91,25 @@ def run_one(model_dir: str, engine_kwargs: dict, batches: list[int]) -> dict:
         best = min(times)
         out[f"batch{b}"] = {"seconds": round(best, 3), "output_tokens_per_s": round(b * GEN_LEN / best, 1)}
         print(f"  batch {b}: {b * GEN_LEN / best:.1f} output tokens/s", flush=True)
+    first = SamplingParams(max_tokens=1, ignore_eos=True, temperature=0.0)
+    for n in ttft_prompts:
+        prompt = [TokensPrompt(prompt_token_ids=torch.randint(100, 30000, (n,), generator=g).tolist())]
+        llm.generate(prompt, first, use_tqdm=False)  # warm-up (and the prefix cache is per prompt)
+        times = []
+        for _ in range(3):
+            prompt = [TokensPrompt(prompt_token_ids=torch.randint(100, 30000, (n,), generator=g).tolist())]
+            t = time.perf_counter()
+            llm.generate(prompt, first, use_tqdm=False)
+            times.append(time.perf_counter() - t)
+        out.setdefault("ttft", {})[str(n)] = {"ttft_ms": round(1e3 * min(times), 2)}
+        print(f"  time to first token, {n}-token prompt: {1e3 * min(times):.1f} ms", flush=True)
     return out
+
+
+def weight_memory_gib(log: str) -> float | None:
+    """The weights' GPU memory from vLLM's "Model loading took X GiB" log line."""
+    m = re.search(r"Model loading took ([0-9.]+) GiB", log)
+    return float(m.group(1)) if m else None
 
 
 def main(argv=None) -> int:
@@ -95,15 +117,17 @@ def main(argv=None) -> int:
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
     p.add_argument("--configs", default="fp16,gptq-marlin,gqsa-s50")
     p.add_argument("--batches", default="1,16")
+    p.add_argument("--ttft-prompts", default="", help="prompt lengths for time to first token, e.g. 512,2048,8192")
     p.add_argument("--out", required=True)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
+    ttft_prompts = [int(n) for n in a.ttft_prompts.split(",") if n]
     if a.child:  # one configuration in this process
         quant, engine_kwargs = CONFIGS[a.child]
         d = make_model_dir(tempfile.mkdtemp(), a.shape, quant)
         with open(a.out, "w") as f:
-            json.dump(run_one(d, engine_kwargs, batches), f)
+            json.dump(run_one(d, engine_kwargs, batches, ttft_prompts), f)
         return 0
     import torch
     import vllm
@@ -114,9 +138,16 @@ def main(argv=None) -> int:
     for name in a.configs.split(","):
         print(name, flush=True)
         tmp = tempfile.mktemp(suffix=".json")
-        rc = subprocess.call([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
-                              "--out", tmp, "--child", name])
+        proc = subprocess.Popen([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
+                                 "--ttft-prompts", a.ttft_prompts, "--out", tmp, "--child", name],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        log = []
+        for line in proc.stdout:  # shown as it comes, kept for the weight-memory line
+            print(line, end="", flush=True)
+            log.append(line)
+        rc = proc.wait()
         results["configs"][name] = json.load(open(tmp)) if rc == 0 else {"error": f"exit code {rc}"}
+        results["configs"][name]["weights_gib"] = weight_memory_gib("".join(log))
         with open(a.out, "w") as f:  # after every configuration, so a cut-short run keeps its results
             json.dump(results, f, indent=2)
     base = results["configs"].get("gptq-marlin", {})

@@ -30,3 +30,56 @@ def test_sparsegpt_beats_wanda_on_correlated_inputs():
     W = torch.randn(32, 64, generator=g)
     err = lambda Wp: float(((X @ (W - Wp).T) ** 2).sum())  # noqa: E731
     assert err(sparsegpt_nm(W, H)) < err(wanda_nm(W, H))
+
+
+def test_rtn_groups_is_exact_on_the_grid_and_bounded_elsewhere():
+    from baselines import rtn_groups
+
+    W = torch.randn(8, 200)  # a partial last group of 72 columns
+    Q = rtn_groups(W, bits=4, group=128)
+    assert Q.shape == W.shape
+    # quantized weights are fixed points (up to the float rounding of a recomputed scale)
+    torch.testing.assert_close(rtn_groups(Q, bits=4, group=128), Q, rtol=0, atol=1e-5)
+    for g0 in (0, 128):
+        Wg, Qg = W[:, g0:g0 + 128], Q[:, g0:g0 + 128]
+        step = (Wg.amax(1).clamp(min=0) - Wg.amin(1).clamp(max=0)) / 15
+        assert torch.all((Wg - Qg).abs() <= step.unsqueeze(1) / 2 + 1e-6)
+
+
+def test_awq_keeps_the_block_function_and_beats_round_to_nearest(tiny_models):
+    """Scale folding alone leaves the block's output unchanged; with quantization, AWQ's block
+    output is closer to full precision than plain round-to-nearest."""
+    from transformers import AutoModelForCausalLM
+
+    from baselines import awq_block, rtn_groups
+    from converters.convert import _block_inputs, _run_block
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+
+    samples = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
+    model = load()
+    inputs, kwargs = _block_inputs(model, samples, torch.device("cpu"))
+    block = model.model.layers[0]
+    with torch.no_grad():
+        ref = torch.cat(_run_block(block, inputs, kwargs, 4))
+        linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+        feats = {m: [] for m in linears}
+        hooks = [m.register_forward_hook(lambda mod, a, _o: feats[mod].append(a[0].reshape(-1, a[0].shape[-1])))
+                 for m in linears]
+        _run_block(block, inputs, kwargs, 4)
+        for h in hooks:
+            h.remove()
+        awq_block(block, {m: torch.cat(v) for m, v in feats.items()}, torch.Generator().manual_seed(0))
+        folded = torch.cat(_run_block(block, inputs, kwargs, 4))
+        torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-4)
+        for m in linears:
+            m.weight.data = rtn_groups(m.weight.data, clip=getattr(m, "gqsa_awq_clip", None))
+        awq_err = (torch.cat(_run_block(block, inputs, kwargs, 4)) - ref).pow(2).mean()
+
+        rtn_block = load().model.layers[0]
+        for m in rtn_block.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.data = rtn_groups(m.weight.data)
+        rtn_err = (torch.cat(_run_block(rtn_block, inputs, kwargs, 4)) - ref).pow(2).mean()
+    assert awq_err < rtn_err
