@@ -60,41 +60,62 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise TimeoutError("vllm serve did not become ready")
 
 
-def query_server(ckpt: str, port: int, extra_args: list[str], log_path: str) -> dict:
-    from openai import OpenAI
-
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--quantization", "gqsa", "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "gqsa", "--max-model-len", "1024", "--gpu-memory-utilization", "0.5",
+def start_server(ckpt: str, port: int, extra_args: list[str], log_path: str,
+                 max_model_len: int = 1024) -> tuple[subprocess.Popen, list[str], float]:
+    """``vllm serve ckpt`` on loopback, ready; returns the process, its command and startup time."""
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--quantization", "gqsa",
+           "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "gqsa",
+           "--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.5",
            "--generation-config", "vllm", *extra_args]
     t0 = time.time()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(port, proc)
-        startup = time.time() - t0
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, cmd, time.time() - t0
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def greedy_completions(client) -> list[dict]:
+    """PROMPTS completed greedily (NEW_TOKENS tokens each), with token ids and logprobs."""
+    completions = []
+    for prompt in PROMPTS:
+        r = client.completions.create(model="gqsa", prompt=prompt, max_tokens=NEW_TOKENS,
+                                      temperature=0.0, logprobs=1,
+                                      extra_body={"return_tokens_as_token_ids": True,
+                                                  "ignore_eos": True})
+        lp = r.choices[0].logprobs
+        completions.append({
+            "prompt": prompt, "text": r.choices[0].text,
+            "token_ids": [int(t.split(":")[1]) for t in lp.tokens],
+            "logprobs": lp.token_logprobs})
+    return completions
+
+
+def query_server(ckpt: str, port: int, extra_args: list[str], log_path: str) -> dict:
+    from openai import OpenAI
+
+    proc, cmd, startup = start_server(ckpt, port, extra_args, log_path)
+    try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
-        completions = []
-        for prompt in PROMPTS:
-            r = client.completions.create(model="gqsa", prompt=prompt, max_tokens=NEW_TOKENS,
-                                          temperature=0.0, logprobs=1,
-                                          extra_body={"return_tokens_as_token_ids": True,
-                                                      "ignore_eos": True})
-            lp = r.choices[0].logprobs
-            completions.append({
-                "prompt": prompt, "text": r.choices[0].text,
-                "token_ids": [int(t.split(":")[1]) for t in lp.tokens],
-                "logprobs": lp.token_logprobs})
+        completions = greedy_completions(client)
         chat = client.chat.completions.create(
             model="gqsa", messages=[{"role": "user", "content": "Name three colors."}],
             max_tokens=32, temperature=0.0)
         return {"command": " ".join(cmd), "startup_seconds": round(startup, 1),
                 "completions": completions, "chat": chat.choices[0].message.content}
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_server(proc)
 
 
 @torch.no_grad()
