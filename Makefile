@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test
+.PHONY: setup demo test wheel
 setup: $(VENV)/.installed
 
 # vLLM's wheel pins the CUDA build of torch; on the CPU its Python code runs on the CPU build,
@@ -21,3 +21,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+# The sdist and, built from it in a clean folder (no stale build/ can leak in), the wheel, both in
+# dist/. .venv's torch is a CPU build, so this wheel is pure Python; the wheel with vllm_gqsa._C
+# (sm_80, sm_90a) is built the same way in vLLM's own environment on a CUDA machine:
+# pip install build && python -m build --no-isolation
+wheel: setup
+	$(PY) -m build --no-isolation --outdir dist .

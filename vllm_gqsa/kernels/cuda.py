@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -33,6 +34,9 @@ CTAS_PER_SM = 2
 # every Llama-2-7B layer (H100: 92 vs 89 us, 38 vs 28, 165 vs 153, 100 vs 84).
 GEMV_MAX_TOKENS = 8
 JIT_NAME = "vllm_gqsa_C"
+# torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
+# a build takes minutes, so a lock this old was left by a build that was killed.
+STALE_LOCK_SECONDS = 30 * 60
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CSRC_DIR = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("torch_bindings.cpp", "gqsa_kernels.cu")
@@ -78,6 +82,10 @@ def _jit_build() -> tuple[bool, str]:
     sources = [CSRC_DIR / s for s in SOURCES]
     build_dir = _cache_dir()
     build_dir.mkdir(parents=True, exist_ok=True)
+    lock = build_dir / "lock"
+    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
+        logger.warning("removing %s, left by an interrupted JIT build of the GQSA CUDA ops", lock)
+        lock.unlink(missing_ok=True)
     flags = ["-O3", "-std=c++17"]
     try:
         load(name=JIT_NAME, sources=[str(s) for s in sources], extra_cflags=flags,
