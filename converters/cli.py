@@ -47,6 +47,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="full name of a layer to leave dense (repeatable), "
                         "e.g. model.layers.0.mlp.down_proj")
+    d = ConvertOptions()
+    t = p.add_argument_group(
+        "training stages",
+        "BQPO trains each block, after the solver, to reproduce the dense block (kept weights, "
+        "scales and zero points; the pruning pattern stays). E2E-OQP then trains only the scales "
+        "on the model's LM loss. Both use the calibration samples, the last --val-samples of them "
+        "held out: a stage's result is kept only if it lowers the held-out loss. 0 epochs turns a "
+        "stage off. Learning rates are fractions of each group's quantization step (Adam moves a "
+        "parameter by about its learning rate per step), so they carry over between models.")
+    t.add_argument("--bqpo-epochs", type=int, default=d.bqpo_epochs,
+                   help=f"BQPO epochs over the calibration samples, per block (default {d.bqpo_epochs})")
+    t.add_argument("--bqpo-lr-weight", type=float, default=d.bqpo_lr_weight,
+                   help=f"BQPO learning rate of the kept weights, in units of the group's scale "
+                        f"(default {d.bqpo_lr_weight:g})")
+    t.add_argument("--bqpo-lr-quant", type=float, default=d.bqpo_lr_quant,
+                   help=f"BQPO learning rate of the scales (relative) and zero points (in codes) "
+                        f"(default {d.bqpo_lr_quant:g})")
+    t.add_argument("--bqpo-batch-size", type=int, default=d.bqpo_batch_size,
+                   help=f"calibration sequences per BQPO step (default {d.bqpo_batch_size})")
+    t.add_argument("--e2e-epochs", type=int, default=d.e2e_epochs,
+                   help=f"E2E-OQP epochs over the calibration samples (default {d.e2e_epochs})")
+    t.add_argument("--e2e-lr", type=float, default=d.e2e_lr,
+                   help=f"E2E-OQP learning rate of the scales, relative (default {d.e2e_lr:g})")
+    t.add_argument("--e2e-batch-size", type=int, default=d.e2e_batch_size,
+                   help=f"calibration sequences per E2E-OQP step (default {d.e2e_batch_size})")
+    t.add_argument("--val-samples", type=int, default=d.val_samples,
+                   help=f"calibration samples held out from training, at most half of --n-samples "
+                        f"(default {d.val_samples})")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted conversion from its last finished block "
@@ -65,7 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         block_rows=args.block_rows, calib_data=args.calib_data, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, device=args.device, batch_size=args.batch_size,
         true_sequential=args.true_sequential, clip_search=args.clip_search,
-        skip_modules=tuple(args.skip), overwrite=args.overwrite, resume=args.resume)
+        skip_modules=tuple(args.skip), bqpo_epochs=args.bqpo_epochs, bqpo_lr_weight=args.bqpo_lr_weight,
+        bqpo_lr_quant=args.bqpo_lr_quant, bqpo_batch_size=args.bqpo_batch_size,
+        e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_batch_size=args.e2e_batch_size,
+        val_samples=args.val_samples, overwrite=args.overwrite, resume=args.resume)
     try:
         if args.demo:
             from .tiny import build_tiny_model

@@ -6,6 +6,10 @@ time, so a 7B model converts on a GPU of modest memory, or on the CPU. Blocks ar
 quantized with the quantized outputs of the blocks before them as inputs (GPTQ's
 order), and inside a block sub-layer by sub-layer ("true sequential"): q/k/v, then
 o, then gate/up, then down.
+
+Two optional training stages recover accuracy (GQSA's BQPO and E2E-OQP): after the
+solver, each block is trained to reproduce the dense block (:mod:`.bqpo`), and after all
+blocks, the scales are trained on the model's LM loss (:mod:`.e2e`).
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vllm_gqsa.format import GQSALayer, GQSAQuantConfig
+from vllm_gqsa.format import TENSOR_NAMES, GQSALayer, GQSAQuantConfig
 from vllm_gqsa.reference import dequantize
+from .bqpo import BlockTraining, train_block
 from .calibration import calibration_samples
+from .e2e import ScaleTraining, train_scales
 from .hub import model_card
 from .solver import accumulate_hessian, solve_layer
 
@@ -46,6 +52,7 @@ COMPLETE_MARKER = "gqsa_report.json"  # written last: a folder without it is not
 PROGRESS = "progress.json"  # in the partial folder: finished blocks, for --resume
 BLOCKS_DIR = "blocks"  # in the partial folder: one safetensors file per finished block
 DISK_MARGIN = 1.2  # free space asked for, as a multiple of the estimated checkpoint size
+NO_PROGRESS = {"blocks_done": 0, "layers": [], "bqpo": []}
 
 
 class ConvertError(Exception):
@@ -67,6 +74,15 @@ class ConvertOptions:
     true_sequential: bool = True
     clip_search: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
+    # Training stages; 0 epochs turns a stage off. See the CLI help for why these defaults.
+    bqpo_epochs: int = 2
+    bqpo_lr_weight: float = 0.05
+    bqpo_lr_quant: float = 0.02
+    bqpo_batch_size: int = 2
+    e2e_epochs: int = 1
+    e2e_lr: float = 2e-3
+    e2e_batch_size: int = 2
+    val_samples: int = 8  # calibration samples held out from training, at most half of them
     overwrite: bool = False
     resume: bool = False
 
@@ -75,8 +91,29 @@ class ConvertOptions:
         d = asdict(self)
         for k in ("device", "batch_size", "overwrite", "resume"):
             d.pop(k)
+        # The settings of a stage that is off change nothing.
+        off = [p for p, epochs in (("bqpo_", self.bqpo_epochs), ("e2e_", self.e2e_epochs)) if not epochs]
+        for k in [k for k in d if k.startswith(tuple(off)) and not k.endswith("_epochs")]:
+            d.pop(k)
+        if not self.trains:
+            d.pop("val_samples")
         d["skip_modules"] = list(d["skip_modules"])
         return d
+
+    @property
+    def trains(self) -> bool:
+        return self.bqpo_epochs > 0 or self.e2e_epochs > 0
+
+    def held_out(self) -> int:
+        """Calibration samples (the last ones) held out from training for the stages' checks."""
+        return min(self.val_samples, self.n_samples // 2)
+
+    def block_training(self, block: int) -> BlockTraining:
+        return BlockTraining(self.bqpo_epochs, self.bqpo_lr_weight, self.bqpo_lr_quant,
+                             self.bqpo_batch_size, seed=self.seed * 100003 + block)
+
+    def scale_training(self) -> ScaleTraining:
+        return ScaleTraining(self.e2e_epochs, self.e2e_lr, self.e2e_batch_size, seed=self.seed)
 
     def quant_config(self) -> GQSAQuantConfig:
         return GQSAQuantConfig(bits=self.bits, group_size=self.group_size, block_rows=self.block_rows,
@@ -151,7 +188,7 @@ def _read_progress(tmp: str, model_dir: str, opts: ConvertOptions) -> dict:
     """What an interrupted run of the same conversion finished; nothing for a fresh start."""
     path = os.path.join(tmp, PROGRESS)
     if not os.path.exists(path):
-        return {"blocks_done": 0, "layers": []}
+        return dict(NO_PROGRESS)
     with open(path) as f:
         progress = json.load(f)
     if progress.get("source") != os.path.abspath(model_dir) or progress.get("options") != opts.fingerprint():
@@ -161,11 +198,12 @@ def _read_progress(tmp: str, model_dir: str, opts: ConvertOptions) -> dict:
     return progress
 
 
-def _write_progress(tmp: str, model_dir: str, opts: ConvertOptions, blocks_done: int, layers: list) -> None:
+def _write_progress(tmp: str, model_dir: str, opts: ConvertOptions, blocks_done: int, layers: list,
+                    bqpo: list) -> None:
     path = os.path.join(tmp, PROGRESS)
     with open(path + ".tmp", "w") as f:
         json.dump({"source": os.path.abspath(model_dir), "options": opts.fingerprint(),
-                   "blocks_done": blocks_done, "layers": layers}, f)
+                   "blocks_done": blocks_done, "layers": layers, "bqpo": bqpo}, f)
     os.replace(path + ".tmp", path)  # atomic: a kill leaves the old or the new file, never half
 
 
@@ -249,8 +287,14 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     check_shapes(config, qcfg)
     if not 0 < opts.n_samples or not 0 < opts.seq_len:
         raise ConvertError("--n-samples and --seq-len must be positive")
+    if min(opts.bqpo_epochs, opts.e2e_epochs) < 0:
+        raise ConvertError("--bqpo-epochs and --e2e-epochs must be 0 (stage off) or more")
+    if opts.trains and (opts.held_out() < 1 or min(opts.bqpo_batch_size, opts.e2e_batch_size) < 1):
+        raise ConvertError("the training stages need --n-samples 2 or more, --val-samples 1 or more "
+                           "and positive batch sizes; or turn them off with --bqpo-epochs 0 "
+                           "--e2e-epochs 0")
     tmp = prepare_output(out_dir, opts.overwrite, opts.resume, estimate_checkpoint_bytes(model_dir, qcfg))
-    progress = _read_progress(tmp, model_dir, opts) if opts.resume else {"blocks_done": 0, "layers": []}
+    progress = _read_progress(tmp, model_dir, opts) if opts.resume else dict(NO_PROGRESS)
     device = pick_device(opts.device)
     torch.manual_seed(opts.seed)
 
@@ -265,26 +309,38 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     fmt = qcfg.layer_format()
     tensors: dict[str, torch.Tensor] = {}
     layers_report = list(progress["layers"])
+    bqpo_report = list(progress["bqpo"])
     with torch.no_grad():
         inputs, kwargs = _block_inputs(model, samples, device)
         kwargs = _to(kwargs, device, torch.float32)
+        # BQPO's targets: the dense blocks fed the dense model's own stream.
+        dense_inputs = list(inputs) if opts.bqpo_epochs else None
         blocks = model.model.layers
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
         for b in bar:
             block = blocks[b].to(device, torch.float32)
             block_file = os.path.join(tmp, BLOCKS_DIR, f"block_{b:05d}.safetensors")
+            if dense_inputs is not None:
+                dense_inputs = _run_block(block, dense_inputs, kwargs, opts.batch_size)
             if b < progress["blocks_done"]:
                 block_tensors = _restore_block(block, b, block_file, layers_report, fmt)
             else:
-                block_tensors = _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar)
+                latents = {} if dense_inputs is not None else None
+                block_tensors = _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
+                                               latents)
+                if dense_inputs is not None:
+                    block_tensors = _train_block(block, b, block_tensors, latents, inputs, dense_inputs,
+                                                 kwargs, layers_report, opts, fmt, bqpo_report, bar)
+                del latents
                 save_file(block_tensors, block_file)
-                _write_progress(tmp, model_dir, opts, b + 1, layers_report)
+                _write_progress(tmp, model_dir, opts, b + 1, layers_report, bqpo_report)
             tensors.update(block_tensors)
             # The next block is calibrated on this block's quantized outputs.
             inputs = _run_block(block, inputs, kwargs, opts.batch_size)
             blocks[b] = block.to("cpu", save_dtype)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        del inputs, dense_inputs
 
     quantized = {r["name"] for r in layers_report}
     for name, t in model.state_dict().items():
@@ -294,16 +350,35 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         if name == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue
         tensors[name] = t.detach().to("cpu").contiguous()
+    training = {}
+    if opts.bqpo_epochs:
+        training["bqpo"] = {"epochs": opts.bqpo_epochs, "lr_weight": opts.bqpo_lr_weight,
+                            "lr_quant": opts.bqpo_lr_quant, "batch_size": opts.bqpo_batch_size,
+                            "held_out_samples": opts.held_out(),
+                            "blocks_improved": sum(r["kept_trained"] for r in bqpo_report),
+                            "blocks": bqpo_report}
+    if opts.e2e_epochs:
+        # After every block and in the partial folder: an interrupted run leaves no checkpoint,
+        # and --resume restores the blocks and runs this stage again.
+        layers = _block_layers(tensors, layers_report, "model.", fmt)
+        trained, e2e_report = train_scales(model, layers, samples, opts.held_out(), opts.scale_training(),
+                                           device)
+        for name, layer in trained.items():
+            tensors[f"{name}.scales"] = layer.scales.contiguous()
+        training["e2e"] = {"epochs": opts.e2e_epochs, "lr": opts.e2e_lr, "batch_size": opts.e2e_batch_size,
+                           "held_out_samples": opts.held_out(), **e2e_report}
     report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
-                               time.time() - t_start)
+                               time.time() - t_start, training)
     shutil.rmtree(os.path.join(tmp, BLOCKS_DIR))
     os.remove(os.path.join(tmp, PROGRESS))
     _publish(tmp, out_dir)
     return report
 
 
-def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar) -> dict[str, torch.Tensor]:
-    """Prune and quantize the target layers of block ``b`` in place; return their GQSA tensors."""
+def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
+                   latents: dict | None = None) -> dict[str, torch.Tensor]:
+    """Prune and quantize the target layers of block ``b`` in place; return their GQSA tensors.
+    ``latents``, if given, receives the solver's unrounded weights by layer name (for BQPO)."""
     fmt = qcfg.layer_format()
     out = {}
     groups = [[n for n in g if qcfg.is_quantized(f"model.layers.{b}.{n}")] for g in SEQUENTIAL_GROUPS]
@@ -317,6 +392,8 @@ def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar) -> 
                 m = _module(block, n)
                 res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search)
                 m.weight.data = res.weight.to(m.weight.dtype)
+                if latents is not None:
+                    latents[n] = res.latent
                 name = f"model.layers.{b}.{n}"
                 for t_name, t in res.layer.tensors().items():
                     out[f"{name}.{t_name}"] = t.contiguous()
@@ -328,16 +405,46 @@ def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar) -> 
     return out
 
 
+def _block_layers(tensors, layers_report, prefix, fmt) -> dict[str, GQSALayer]:
+    """The GQSA layers whose full names start with ``prefix``, from their flat tensors."""
+    layers = {}
+    for r in layers_report:
+        if r["name"].startswith(prefix):
+            parts = {t: tensors[f"{r['name']}.{t}"] for t in TENSOR_NAMES}
+            layers[r["name"]] = GQSALayer.from_tensors(parts, *r["shape"], fmt, r["name"])
+    return layers
+
+
+def _load_layers(block, b, layers: dict[str, GQSALayer]) -> None:
+    """Make the block compute with the stored layers (the next block's inputs come from it)."""
+    for name, layer in layers.items():
+        m = _module(block, name.split(f"model.layers.{b}.", 1)[1])
+        m.weight.data = dequantize(layer).to(m.weight.device, m.weight.dtype)
+
+
 def _restore_block(block, b, block_file, layers_report, fmt) -> dict[str, torch.Tensor]:
     """Put a block converted by an interrupted run back in place, from its saved tensors."""
     tensors = load_file(block_file)
-    for r in layers_report:
-        if r["name"].startswith(f"model.layers.{b}."):
-            parts = {k.rsplit(".", 1)[1]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == r["name"]}
-            layer = GQSALayer.from_tensors(parts, *r["shape"], fmt, r["name"])
-            m = _module(block, r["name"].split(f"model.layers.{b}.", 1)[1])
-            m.weight.data = dequantize(layer).to(m.weight.device, m.weight.dtype)
+    _load_layers(block, b, _block_layers(tensors, layers_report, f"model.layers.{b}.", fmt))
     return tensors
+
+
+def _train_block(block, b, block_tensors, latents, inputs, targets, kwargs, layers_report, opts, fmt,
+                 bqpo_report, bar) -> dict[str, torch.Tensor]:
+    """BQPO on block ``b`` after the solver; returns the block's tensors to store."""
+    prefix = f"model.layers.{b}."
+    layers = _block_layers(block_tensors, layers_report, prefix, fmt)
+    local = {n[len(prefix):]: layer for n, layer in layers.items()}
+    trained, record = train_block(block, local, inputs, targets, kwargs, opts.held_out(),
+                                  opts.block_training(b), latents, opts.batch_size, desc=f"BQPO block {b}")
+    trained = {prefix + n: layer for n, layer in trained.items()}
+    _load_layers(block, b, trained)
+    bqpo_report.append({"block": b, **record})
+    bar.set_postfix(bqpo=f"{record['val_loss_start']:.3g}->{record['val_loss_best']:.3g}")
+    out = dict(block_tensors)
+    for name, layer in trained.items():
+        out.update({f"{name}.{t}": v.contiguous() for t, v in layer.tensors().items()})
+    return out
 
 
 def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Tensor]:
@@ -359,7 +466,8 @@ def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Te
     return [H for H, _ in state]
 
 
-def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model, seconds) -> dict:
+def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model, seconds,
+                      training) -> dict:
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -411,6 +519,7 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "checkpoint_bytes": total_bytes,
         "dense_bytes": dense_bytes,
         "compression_ratio": dense_bytes / total_bytes,
+        "training": training,
         "seconds": round(seconds, 1),
         "device": str(pick_device(opts.device)),
         "layers": layers_report,

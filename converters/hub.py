@@ -44,6 +44,20 @@ def push(folder: str, repo_id: str, private: bool = True) -> str:
     return f"https://huggingface.co/{repo_id}"
 
 
+def training_summary(training: dict) -> str:
+    """One line on the BQPO and E2E-OQP stages of a conversion, for the model card."""
+    parts = []
+    if "bqpo" in training:
+        b = training["bqpo"]
+        parts.append(f"BQPO {b['epochs']} epochs ({b['blocks_improved']}/{len(b['blocks'])} blocks improved "
+                     f"on {b['held_out_samples']} held-out samples)")
+    if "e2e" in training:
+        e = training["e2e"]
+        parts.append(f"E2E-OQP {e['epochs']} epochs (held-out LM loss {e['val_loss_start']:.3f} -> "
+                     f"{e['val_loss_best']:.3f}{'' if e['kept_trained'] else ', not better: scales kept'})")
+    return "; ".join(parts) or "none (one-shot solver)"
+
+
 def model_card(report: dict, source: str) -> str:
     """README.md for a converted checkpoint: what it is, how it was made, how to serve it."""
     q, c = report["quantization_config"], report["calibration"]
@@ -66,6 +80,7 @@ quantized to {q['bits']} bits with a scale and zero point per group, in the GQSA
 | bits per weight of the converted layers, all metadata included | {report['bits_per_weight_quantized_layers']:.3f} |
 | checkpoint size | {report['checkpoint_bytes'] * mib:.1f} MiB (dense {report['dense_bytes'] * mib:.1f} MiB) |
 | calibration | {c['n_samples']} x {c['seq_len']} tokens of {c['data']}, seed {c['seed']} |
+| training | {training_summary(report.get("training") or {})} |
 | conversion | {report['seconds']:.0f} s on {report['device']} |
 
 Serve it with vLLM and the vllm-gqsa plugin installed:

@@ -62,6 +62,10 @@ class SolveResult:
     layer: GQSALayer
     weight: torch.Tensor  # the dequantized weight, float32 [N, K]; equals reference.dequantize(layer)
     loss: float  # the quantization-pruning objective sum((W - Wq) H (W - Wq)^T)/N, for progress
+    # The weights as they were rounded, after GPTQ's error compensation, float32 [N, K]: the
+    # codes are clamp(round(latent / s) + z). Training (BQPO) starts from them, so it starts
+    # from this result with the rounding residuals that give the scales their gradient.
+    latent: torch.Tensor | None = None
 
 
 def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, count: int) -> tuple[torch.Tensor, int]:
@@ -108,6 +112,7 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
     zeros = torch.zeros(N, KG, device=W.device)
     keep = torch.ones(NB, KG, dtype=torch.bool, device=W.device)
     Wq = torch.zeros_like(W)
+    latent = torch.zeros_like(W)
     block = max(G, BLOCK_COLS // G * G)
 
     for i1 in range(0, K, block):
@@ -142,6 +147,7 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             deq = torch.where(keep_rows[:, g], s * (q - z), torch.zeros_like(w))
             codes[:, i1 + i] = q.to(torch.uint8)
+            latent[:, i1 + i] = w
             Q1[:, i] = deq
             err = (w - deq) / d
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
@@ -152,7 +158,7 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
     layer = pack_layer(codes.cpu(), scales.cpu(), zeros.cpu().to(torch.uint8), keep.cpu(), fmt)
     delta = W0 - Wq
     loss = float(torch.einsum("nk,kl,nl->", delta, H, delta) / N)
-    return SolveResult(layer=layer, weight=Wq, loss=loss)
+    return SolveResult(layer=layer, weight=Wq, loss=loss, latent=latent)
 
 
 def rtn_layer(weight: torch.Tensor, fmt: LayerFormat, sparsity: float = 0.0) -> GQSALayer:
