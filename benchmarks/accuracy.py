@@ -32,8 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.perplexity import load  # noqa: E402
-from converters.perplexity import perplexity  # noqa: E402
+from benchmarks.perplexity import evaluate  # noqa: E402
 from vllm_gqsa.checkpoint import (iter_tensors, read_quant_config, safetensors_files,  # noqa: E402
                                   split_gqsa_tensors)
 from vllm_gqsa.format import DEFAULT_TARGET_MODULES, GQSALayer  # noqa: E402
@@ -103,19 +102,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output path without extension: writes OUT.json and OUT.md")
     p.add_argument("--append", action="store_true", help="add the rows to OUT.json if it exists")
     a = p.parse_args(argv)
-    from transformers import AutoTokenizer
-
     command = " ".join(shlex.quote(x) for x in ["python", "benchmarks/accuracy.py", *(argv or sys.argv[1:])])
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
     results, seq_lens, windows = [], set(), set()
     for path in a.models:
         t0 = time.time()
-        model, kind = load(path, getattr(torch, a.dtype), a.device)
-        tok = AutoTokenizer.from_pretrained(path)
-        seq_len = min(a.seq_len, getattr(model.config, "max_position_embeddings", a.seq_len))
-        r = perplexity(model, tok, text, seq_len, a.max_windows, a.device, desc=os.path.basename(path))
-        del model
+        r, kind = evaluate(path, text, a.seq_len, a.max_windows, getattr(torch, a.dtype), a.device)
         r.update(weight_stats(path, kind))
         report = os.path.join(path, "gqsa_report.json")
         if os.path.exists(report):

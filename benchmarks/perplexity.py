@@ -36,6 +36,17 @@ def load(path: str, dtype: torch.dtype, device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval(), "dense"
 
 
+def evaluate(path: str, text: str, seq_len: int, max_windows: int | None, dtype: torch.dtype,
+             device: str) -> tuple[dict, str]:
+    """Perplexity of one model folder (windows capped at the model's maximum), and its kind."""
+    from transformers import AutoTokenizer
+
+    model, kind = load(path, dtype, device)
+    tok = AutoTokenizer.from_pretrained(path)
+    seq_len = min(seq_len, getattr(model.config, "max_position_embeddings", seq_len))
+    return perplexity(model, tok, text, seq_len, max_windows, device, desc=os.path.basename(path)), kind
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("models", nargs="+", help="model folders (dense or GQSA)")
@@ -46,17 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="write results JSON here")
     a = p.parse_args(argv)
-    from transformers import AutoTokenizer
-
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
     results = []
     for path in a.models:
         t0 = time.time()
-        model, kind = load(path, getattr(torch, a.dtype), a.device)
-        tok = AutoTokenizer.from_pretrained(path)
-        seq_len = min(a.seq_len, getattr(model.config, "max_position_embeddings", a.seq_len))
-        r = perplexity(model, tok, text, seq_len, a.max_windows, a.device, desc=os.path.basename(path))
+        r, kind = evaluate(path, text, a.seq_len, a.max_windows, getattr(torch, a.dtype), a.device)
         report = os.path.join(path, "gqsa_report.json")
         if os.path.exists(report):
             with open(report) as f:
@@ -69,7 +75,6 @@ def main(argv=None) -> int:
         r.update({"model": os.path.abspath(path), "kind": kind, "eval_seconds": round(time.time() - t0, 1)})
         print(json.dumps({k: v for k, v in r.items() if k != "quantization_config"}), flush=True)
         results.append(r)
-        del model
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out, "w") as f:

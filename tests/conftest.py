@@ -46,3 +46,18 @@ def tiny_checkpoints(tiny_models, tmp_path_factory):
 
 def pytest_report_header(config):
     return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, cpus: {os.cpu_count()}"
+
+
+def interrupt_solver(monkeypatch, convert_mod, at_call: int) -> list:
+    """Makes the converter's ``solve_layer`` raise KeyboardInterrupt on call ``at_call`` (an
+    interrupted conversion); returns the list that counts the calls."""
+    real, calls = convert_mod.solve_layer, []
+
+    def failing_solve(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == at_call:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(convert_mod, "solve_layer", failing_solve)
+    return calls

@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+from conftest import interrupt_solver
 import torch
 
 from converters import convert as convert_mod
@@ -137,15 +138,8 @@ def test_resume_continues_and_matches_an_uninterrupted_run(tiny_models, tmp_path
     opts = dict(n_samples=4, seq_len=32)
     convert(tiny_models["llama"], str(tmp_path / "whole"), ConvertOptions(**opts))
 
-    real, calls = convert_mod.solve_layer, []
-
-    def failing_solve(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:  # inside block 1, after block 0 was saved
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_mod, "solve_layer", failing_solve)
+    real = convert_mod.solve_layer
+    calls = interrupt_solver(monkeypatch, convert_mod, 10)  # inside block 1, after block 0 was saved
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_models["llama"], str(out), ConvertOptions(**opts))

@@ -6,6 +6,7 @@ import dataclasses
 import os
 
 import pytest
+from conftest import interrupt_solver
 import torch
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -120,15 +121,7 @@ def test_resume_with_stages_matches_an_uninterrupted_run(tiny_models, tmp_path, 
     whole = convert(tiny_models["llama"], str(tmp_path / "whole"), ConvertOptions(**opts))
     assert whole["training"]["bqpo"]["blocks_improved"] >= 1
 
-    real, calls = convert_mod.solve_layer, []
-
-    def failing_solve(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:  # inside block 1, after block 0 was trained and saved
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(convert_mod, "solve_layer", failing_solve)
+    interrupt_solver(monkeypatch, convert_mod, 10)  # inside block 1, after block 0 was trained and saved
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
         convert(tiny_models["llama"], str(out), ConvertOptions(**opts))
