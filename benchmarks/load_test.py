@@ -37,8 +37,10 @@ MAX_MODEL_LEN = 1024
 
 
 def gpu_memory_mib() -> float | None:
+    """Memory used on the server's GPU (the first of CUDA_VISIBLE_DEVICES), as nvidia-smi reports it."""
+    gpu = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
+        out = subprocess.run(["nvidia-smi", "-i", gpu, "--query-gpu=memory.used", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=10).stdout
         return float(out.split()[0])
     except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):

@@ -177,6 +177,8 @@ def main(argv=None) -> int:
     p.add_argument("--modes", default="graphs,eager")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="served and reference dtype (default: the checkpoint's)")
+    p.add_argument("--tensor-parallel-size", type=int, default=1,
+                   help="GPUs the server shards the model over (the reference runs on one)")
     a = p.parse_args(argv)
     ckpt = os.path.abspath(a.ckpt)
     with open(os.path.join(ckpt, "config.json")) as f:
@@ -186,12 +188,14 @@ def main(argv=None) -> int:
     served = {}
     for mode in a.modes.split(","):
         extra = ["--enforce-eager"] if mode == "eager" else []
-        extra += ["--dtype", str(dtype).removeprefix("torch.")]
+        extra += ["--dtype", str(dtype).removeprefix("torch."),
+                  "--tensor-parallel-size", str(a.tensor_parallel_size)]
         served[mode] = query_server(ckpt, a.port, extra, os.path.join(log_dir, f"{tag}_{mode}.log"))
         print(mode, "served; chat:", served[mode]["chat"][:80], flush=True)
     ref, model = transformers_reference(ckpt, dtype)
     result = {"checkpoint": ckpt, "dtype": str(dtype), "device": torch.cuda.get_device_name(),
-              "torch": torch.__version__, "new_tokens": NEW_TOKENS, "command": " ".join(sys.argv)}
+              "torch": torch.__version__, "new_tokens": NEW_TOKENS, "command": " ".join(sys.argv),
+              "tensor_parallel_size": a.tensor_parallel_size}
     import vllm
 
     result["vllm"] = vllm.__version__
