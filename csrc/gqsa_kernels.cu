@@ -254,6 +254,117 @@ __device__ __forceinline__ uint4 load_x8(const T* __restrict__ x, const uint4* x
   }
 }
 
+// Per-warp partial sums of the rows cut by warp edges, for the fix-up (finish_cta).
+template <int M>
+struct EdgeRows {
+  static constexpr int kHead = 0;  // slot of a row that began in an earlier warp
+  static constexpr int kTail = 1;  // slot of a row that goes on into a later warp
+  float sum[kWarps][2][M];
+  int row[kWarps][2];
+};
+
+// A warp's walk over the rows of its kept groups [wb, we), in order. Each lane adds its groups'
+// per-token contributions to acc; once the walk passes a row's end the row is summed over the warp
+// and written, or, when a warp edge cuts it, left in `edges` for the fix-up (finish_cta).
+template <int M>
+struct RowWalk {
+  int row, lo, hi;  // the open row and its kept groups [lo, hi)
+  float acc[M];
+};
+
+// first_row: the row holding group wb (or an empty row before it).
+template <int M>
+__device__ __forceinline__ RowWalk<M> start_walk(const int32_t* row_ptr, int first_row) {
+  RowWalk<M> w;
+  w.row = first_row;
+  w.lo = row_ptr[first_row];
+  w.hi = row_ptr[first_row + 1];
+#pragma unroll
+  for (int m = 0; m < M; ++m) w.acc[m] = 0.f;
+  return w;
+}
+
+// Ends the open row: written directly when this warp saw all of it, else left in a shared-memory
+// slot for the fix-up after the barrier.
+template <typename T, int M>
+__device__ __forceinline__ void finish_row(RowWalk<M>& w, EdgeRows<M>& edges, T* y, int N, int wb, int we,
+                                           int warp, int lane) {
+#pragma unroll
+  for (int m = 0; m < M; ++m) w.acc[m] = warp_sum(w.acc[m]);
+  if (w.lo >= wb && w.hi <= we) {
+    store_row<T, M>(y, N, w.row, lane, w.acc);
+  } else {
+    const int slot = w.lo < wb ? EdgeRows<M>::kHead : EdgeRows<M>::kTail;
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      if (lane == m) edges.sum[warp][slot][m] = w.acc[m];
+    }
+    if (lane == 0) edges.row[warp][slot] = w.row;
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) w.acc[m] = 0.f;
+}
+
+// Hands this lane's contributions part[i] of kept groups group[i] (zero for groups that are not its
+// own) to their rows, for a step whose groups end at step_end: rows ending inside the step are
+// finished (row boundaries are warp-uniform); the row still open keeps accumulating.
+template <typename T, int M, int kGroups>
+__device__ __forceinline__ void add_to_rows(RowWalk<M>& w, const int (&group)[kGroups],
+                                            const float (&part)[kGroups][M], int step_end,
+                                            const int32_t* row_ptr, EdgeRows<M>& edges, T* y, int N,
+                                            int wb, int we, int warp, int lane) {
+  while (w.hi < step_end) {
+#pragma unroll
+    for (int i = 0; i < kGroups; ++i) {
+      if (group[i] >= w.lo && group[i] < w.hi) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) w.acc[m] += part[i][m];
+      }
+    }
+    if (w.lo < w.hi) finish_row<T, M>(w, edges, y, N, wb, we, warp, lane);  // empty rows: finish_cta
+    ++w.row;
+    w.lo = w.hi;
+    w.hi = row_ptr[w.row + 1];
+  }
+#pragma unroll
+  for (int i = 0; i < kGroups; ++i) {
+    if (group[i] >= w.lo) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) w.acc[m] += part[i][m];
+    }
+  }
+}
+
+// The end of a GEMV CTA, after every warp's walk: rows without kept groups, which no walk
+// visits, are zeroed; then a row that goes on past its warp is summed, in warp order, with the
+// head partials of the following warps that hold the rest of it (warps with no groups are
+// skipped), so every output is written once and the result does not depend on timing.
+template <typename T, int M>
+__device__ __forceinline__ void finish_cta(T* y, const int32_t* row_ptr, const int2* schedule, int N,
+                                           int row_begin, int row_end, int first_task, int warp, int lane,
+                                           const EdgeRows<M>& edges) {
+  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
+    if (row_ptr[r] == row_ptr[r + 1]) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
+    }
+  }
+  __syncthreads();
+  constexpr int kHead = EdgeRows<M>::kHead, kTail = EdgeRows<M>::kTail;
+  if (lane < M && edges.row[warp][kTail] >= 0) {
+    const int row = edges.row[warp][kTail];
+    float sum = edges.sum[warp][kTail][lane];
+    for (int w = warp + 1; w < kWarps; ++w) {
+      if (edges.row[w][kHead] == row) {
+        sum += edges.sum[w][kHead][lane];
+      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
+        break;
+      }
+    }
+    y[static_cast<size_t>(lane) * N + row] = Act<T>::from_float(sum);
+  }
+}
+
 template <typename T, int G, int M, bool kSharedX>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr,
@@ -262,11 +373,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   using U = Unit<G>;
   constexpr int kGroupWeights = kUnitWeights / U::kGroups;  // weights of one group in a unit
   constexpr int kWordsPerGroup = kGroupWeights / kWordWeights;
-  constexpr int kHead = 0;  // slot of a row that began in an earlier warp
-  constexpr int kTail = 1;  // slot of a row that goes on into a later warp
-
-  __shared__ float part_sum[kWarps][2][M];
-  __shared__ int part_row[kWarps][2];
+  __shared__ EdgeRows<M> edges;
   extern __shared__ uint4 x_shared[];  // M * shared_x_row_chunks(K) chunks when kSharedX
 
   const int warp = threadIdx.x / kWarpSize;
@@ -283,7 +390,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   const int we = schedule[first_task + warp + 1].x;      // one past its last
   const bool has_groups = wb < we;
 
-  if (lane == 0) part_row[warp][kHead] = part_row[warp][kTail] = -1;
+  if (lane == 0) edges.row[warp][EdgeRows<M>::kHead] = edges.row[warp][EdgeRows<M>::kTail] = -1;
 
   const uint64_t policy = make_evict_first_policy();
   const int u_begin = G == 16 ? wb / 2 : wb * U::kUnitsPerGroup;
@@ -315,31 +422,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 
   if (has_groups) {
-    int row = task.y;  // the row holding group wb (or an empty row before it)
-    int row_lo = row_ptr[row];      // first group of `row`
-    int row_hi = row_ptr[row + 1];  // one past its last group
-    float acc[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.f;
-
-    // Ends the row held in acc: written directly when this warp saw all of it, else left in a
-    // shared-memory slot for the fix-up after the barrier.
-    auto finish_row = [&]() {
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-      if (row_lo >= wb && row_hi <= we) {
-        store_row<T, M>(y, N, row, lane, acc);
-      } else {
-        const int slot = row_lo < wb ? kHead : kTail;
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          if (lane == m) part_sum[warp][slot][m] = acc[m];
-        }
-        if (lane == 0) part_row[warp][slot] = row;
-      }
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = 0.f;
-    };
+    RowWalk<M> walk = start_walk<M>(row_ptr, task.y);
 
     // One step: the 32 units starting at u0, one per lane (cur is this lane's).
     auto step = [&](const U& cur, int u0) {
@@ -378,29 +461,8 @@ __global__ void __launch_bounds__(kGemvThreads)
         for (int m = 0; m < M; ++m) part[i][m] = valid ? s * part[i][m] : 0.f;
       }
 
-      // Hand the contributions to their rows. Rows ending inside this step are finished (row
-      // boundaries are warp-uniform); the row still open at the step's end keeps accumulating.
-      const int step_end = min(G == 16 ? 2 * (u0 + kWarpSize) : (u0 + kWarpSize) / U::kUnitsPerGroup, we);
-      while (row_hi < step_end) {
-#pragma unroll
-        for (int i = 0; i < U::kGroups; ++i) {
-          if (group[i] >= row_lo && group[i] < row_hi) {
-#pragma unroll
-            for (int m = 0; m < M; ++m) acc[m] += part[i][m];
-          }
-        }
-        if (row_lo < row_hi) finish_row();  // empty rows were zeroed above
-        ++row;
-        row_lo = row_hi;
-        row_hi = row_ptr[row + 1];
-      }
-#pragma unroll
-      for (int i = 0; i < U::kGroups; ++i) {
-        if (group[i] >= row_lo) {
-#pragma unroll
-          for (int m = 0; m < M; ++m) acc[m] += part[i][m];
-        }
-      }
+      add_to_rows<T, M>(walk, group, part, min(G == 16 ? 2 * (u0 + kWarpSize) : (u0 + kWarpSize) / U::kUnitsPerGroup, we),
+                        row_ptr, edges, y, N, wb, we, warp, lane);
     };
     auto run_batch = [&](const U (&batch)[kStages], int u0) {
 #pragma unroll
@@ -418,31 +480,9 @@ __global__ void __launch_bounds__(kGemvThreads)
       load_batch(batch_a, u0 + 2 * kBatch);
       run_batch(batch_b, u0 + kBatch);
     }
-    finish_row();  // the row holding group we-1
+    finish_row<T, M>(walk, edges, y, N, wb, we, warp, lane);  // the row holding group we-1
   }
-  // Rows without kept groups are never visited by the walk above; they are zero.
-  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
-    if (row_ptr[r] == row_ptr[r + 1]) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
-    }
-  }
-  __syncthreads();
-
-  // Fix-up: a row that goes on past its warp is summed, in warp order, with the head partials of
-  // the following warps that hold the rest of it (warps with no groups are skipped).
-  if (lane < M && part_row[warp][kTail] >= 0) {
-    const int row = part_row[warp][kTail];
-    float sum = part_sum[warp][kTail][lane];
-    for (int w = warp + 1; w < kWarps; ++w) {
-      if (part_row[w][kHead] == row) {
-        sum += part_sum[w][kHead][lane];
-      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
-        break;
-      }
-    }
-    y[static_cast<size_t>(lane) * N + row] = Act<T>::from_float(sum);
-  }
+  finish_cta<T, M>(y, row_ptr, schedule, N, row_begin, row_end, first_task, warp, lane, edges);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,14 +591,11 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two CTAs per SM: the defa
     gemv_mma_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr,
                     const int32_t* __restrict__ codes, const int32_t* __restrict__ meta,
                     const int2* __restrict__ schedule, T* __restrict__ y, int N, int K, int nnz) {
-  constexpr int kHead = 0;  // slot of a row that began in an earlier warp
-  constexpr int kTail = 1;  // slot of a row that goes on into a later warp
   // Tiles per batch of loads (12 bytes per lane and tile), fewer with more tokens: registers are
   // capped at 128 for two CTAs per SM, and each token adds its partial sums and x fragments.
   constexpr int kTiles = M <= 4 ? 8 : M <= 8 ? 4 : 2;
 
-  __shared__ float part_sum[kWarps][2][M];
-  __shared__ int part_row[kWarps][2];
+  __shared__ EdgeRows<M> edges;
   extern __shared__ uint4 x_shared[];  // M * shared_x_row_chunks(K) chunks when kSharedX
 
   const int warp = threadIdx.x / kWarpSize;
@@ -574,7 +611,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two CTAs per SM: the defa
   const int we = schedule[first_task + warp + 1].x;
   const bool has_groups = wb < we;
 
-  if (lane == 0) part_row[warp][kHead] = part_row[warp][kTail] = -1;
+  if (lane == 0) edges.row[warp][EdgeRows<M>::kHead] = edges.row[warp][EdgeRows<M>::kTail] = -1;
 
   const uint64_t policy = make_evict_first_policy();
   const int tile_begin = wb / kTileGroups;
@@ -609,29 +646,7 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two CTAs per SM: the defa
     const bool odd = quad & 1;
     const uint2* xs = reinterpret_cast<const uint2*>(x_shared);
 
-    int row = task.y;
-    int row_lo = row_ptr[row];
-    int row_hi = row_ptr[row + 1];
-    float acc[M];
-#pragma unroll
-    for (int m = 0; m < M; ++m) acc[m] = 0.f;
-
-    auto finish_row = [&]() {
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
-      if (row_lo >= wb && row_hi <= we) {
-        store_row<T, M>(y, N, row, lane, acc);
-      } else {
-        const int slot = row_lo < wb ? kHead : kTail;
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          if (lane == m) part_sum[warp][slot][m] = acc[m];
-        }
-        if (lane == 0) part_row[warp][slot] = row;
-      }
-#pragma unroll
-      for (int m = 0; m < M; ++m) acc[m] = 0.f;
-    };
+    RowWalk<M> walk = start_walk<M>(row_ptr, task.y);
 
     auto step = [&](const MmaTile& cur, int tile) {
       const uint32_t other = __shfl_xor_sync(0xFFFFFFFFu, cur.code, 2);
@@ -666,28 +681,8 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two CTAs per SM: the defa
         for (int m = 0; m < M; ++m) part[i][m] = valid ? s * part[i][m] : 0.f;
       }
 
-      // Hand the contributions to their rows, as in gemv_kernel's step.
-      const int step_end = min((tile + 1) * kTileGroups, we);
-      while (row_hi < step_end) {
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          if (group[i] >= row_lo && group[i] < row_hi) {
-#pragma unroll
-            for (int m = 0; m < M; ++m) acc[m] += part[i][m];
-          }
-        }
-        if (row_lo < row_hi) finish_row();
-        ++row;
-        row_lo = row_hi;
-        row_hi = row_ptr[row + 1];
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        if (group[i] >= row_lo) {
-#pragma unroll
-          for (int m = 0; m < M; ++m) acc[m] += part[i][m];
-        }
-      }
+      add_to_rows<T, M>(walk, group, part, min((tile + 1) * kTileGroups, we), row_ptr, edges, y, N, wb, we,
+                        warp, lane);
     };
     auto run_batch = [&](const MmaTile (&batch)[kTiles], int t0) {
 #pragma unroll
@@ -704,28 +699,9 @@ __global__ void __launch_bounds__(kGemvThreads, 2)  // two CTAs per SM: the defa
       load_batch(batch_a, t0 + 2 * kTiles);
       run_batch(batch_b, t0 + kTiles);
     }
-    finish_row();
+    finish_row<T, M>(walk, edges, y, N, wb, we, warp, lane);  // the row holding group we-1
   }
-  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
-    if (row_ptr[r] == row_ptr[r + 1]) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
-    }
-  }
-  __syncthreads();
-
-  if (lane < M && part_row[warp][kTail] >= 0) {
-    const int row = part_row[warp][kTail];
-    float sum = part_sum[warp][kTail][lane];
-    for (int w = warp + 1; w < kWarps; ++w) {
-      if (part_row[w][kHead] == row) {
-        sum += part_sum[w][kHead][lane];
-      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
-        break;
-      }
-    }
-    y[static_cast<size_t>(lane) * N + row] = Act<T>::from_float(sum);
-  }
+  finish_cta<T, M>(y, row_ptr, schedule, N, row_begin, row_end, first_task, warp, lane, edges);
 }
 
 // ---------------------------------------------------------------------------------------------
