@@ -135,10 +135,13 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=10.0)
     p.add_argument("--concurrency", default="1,4,16,64")
     p.add_argument("--port", type=int, default=8331)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                   help="the server's share of GPU memory (lower it to share the GPU with other work)")
     a = p.parse_args(argv)
     phases = [int(c) for c in a.concurrency.split(",")]
     log_path = os.path.splitext(os.path.abspath(a.out))[0] + "_server.log"
-    proc, cmd, startup = start_server(os.path.abspath(a.ckpt), a.port, [], log_path, MAX_MODEL_LEN)
+    proc, cmd, startup = start_server(os.path.abspath(a.ckpt), a.port, [], log_path, MAX_MODEL_LEN,
+                                      a.gpu_memory_utilization)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{a.port}/v1", api_key="none")
         before = greedy_completions(client)

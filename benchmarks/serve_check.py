@@ -60,12 +60,12 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
     raise TimeoutError("vllm serve did not become ready")
 
 
-def start_server(ckpt: str, port: int, extra_args: list[str], log_path: str,
-                 max_model_len: int = 1024) -> tuple[subprocess.Popen, list[str], float]:
+def start_server(ckpt: str, port: int, extra_args: list[str], log_path: str, max_model_len: int = 1024,
+                 gpu_memory_utilization: float = 0.5) -> tuple[subprocess.Popen, list[str], float]:
     """``vllm serve ckpt`` on loopback, ready; returns the process, its command and startup time."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--quantization", "gqsa",
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "gqsa",
-           "--max-model-len", str(max_model_len), "--gpu-memory-utilization", "0.5",
+           "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization),
            "--generation-config", "vllm", *extra_args]
     t0 = time.time()
     with open(log_path, "w") as log:
