@@ -44,7 +44,7 @@ MODELS = {
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
-GEMV_TIMED_MAX_TOKENS = 64  # the GEMVs read the weights once per 8 or 16 tokens: no contender above this
+GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
 GROUP_SIZE = 16
 DENSITY = 0.5  # 50 % of the groups pruned
 L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
@@ -117,21 +117,10 @@ def measure_read_bandwidth() -> float:
     return BANDWIDTH_PROBE_BYTES / us / 1e3
 
 
-# The GQSA paths: the two GEMV kernels (cuda.gemv's `kernel` argument) and dequantize + cuBLAS.
-GEMV_KERNELS = {"gemv_cuda_core": 0, "gemv_tensor_core": 1}
-
-
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
-    if path in GEMV_KERNELS:
-        return [lambda t=t: cuda.gemv(x, t, N, x_staging, GEMV_KERNELS[path]) for t in ts]
+    if path == "gemv":
+        return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
-
-
-def plugin_path(M: int) -> str:
-    """The path the plugin's op takes for M tokens (vllm_gqsa.ops.gqsa_mm, group size 16)."""
-    if M > cuda.gemv_max_tokens(GROUP_SIZE):
-        return "dequant_cublas"
-    return "gemv_tensor_core" if M >= 2 else "gemv_cuda_core"
 
 
 def dense_weights(N: int, K: int, copies: int) -> list:
@@ -206,18 +195,17 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
         # Both GQSA paths where either could win; gqsa_us is the one the plugin picks.
         paths = {}
         if M <= GEMV_TIMED_MAX_TOKENS:
-            for path in GEMV_KERNELS:
-                paths[path] = time_graph(gqsa_calls(gq, x, N, K, path), reps)
+            paths["gemv"] = time_graph(gqsa_calls(gq, x, N, K, "gemv"), reps)
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = time_graph(gqsa_calls(gq, x, N, K, "dequant_cublas"), reps)
-        kernel = plugin_path(M)
+        kernel = "gemv" if M <= cuda.GEMV_MAX_TOKENS else "dequant_cublas"
         us = paths[kernel]
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
              "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
              **{f"gqsa_{k}_us": v for k, v in paths.items()}}
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
-            r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, kernel, x_staging=0), reps)
+            r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, "gemv", x_staging=0), reps)
         base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
         if sparse24 is not None:
             base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w) for w in sparse24]

@@ -254,117 +254,6 @@ __device__ __forceinline__ uint4 load_x8(const T* __restrict__ x, const uint4* x
   }
 }
 
-// Per-warp partial sums of the rows cut by warp edges, for the fix-up (finish_cta).
-template <int M>
-struct EdgeRows {
-  static constexpr int kHead = 0;  // slot of a row that began in an earlier warp
-  static constexpr int kTail = 1;  // slot of a row that goes on into a later warp
-  float sum[kWarps][2][M];
-  int row[kWarps][2];
-};
-
-// A warp's walk over the rows of its kept groups [wb, we), in order. Each lane adds its groups'
-// per-token contributions to acc; once the walk passes a row's end the row is summed over the warp
-// and written, or, when a warp edge cuts it, left in `edges` for the fix-up (finish_cta).
-template <int M>
-struct RowWalk {
-  int row, lo, hi;  // the open row and its kept groups [lo, hi)
-  float acc[M];
-};
-
-// first_row: the row holding group wb (or an empty row before it).
-template <int M>
-__device__ __forceinline__ RowWalk<M> start_walk(const int32_t* row_ptr, int first_row) {
-  RowWalk<M> w;
-  w.row = first_row;
-  w.lo = row_ptr[first_row];
-  w.hi = row_ptr[first_row + 1];
-#pragma unroll
-  for (int m = 0; m < M; ++m) w.acc[m] = 0.f;
-  return w;
-}
-
-// Ends the open row: written directly when this warp saw all of it, else left in a shared-memory
-// slot for the fix-up after the barrier.
-template <typename T, int M>
-__device__ __forceinline__ void finish_row(RowWalk<M>& w, EdgeRows<M>& edges, T* y, int N, int wb, int we,
-                                           int warp, int lane) {
-#pragma unroll
-  for (int m = 0; m < M; ++m) w.acc[m] = warp_sum(w.acc[m]);
-  if (w.lo >= wb && w.hi <= we) {
-    store_row<T, M>(y, N, w.row, lane, w.acc);
-  } else {
-    const int slot = w.lo < wb ? EdgeRows<M>::kHead : EdgeRows<M>::kTail;
-#pragma unroll
-    for (int m = 0; m < M; ++m) {
-      if (lane == m) edges.sum[warp][slot][m] = w.acc[m];
-    }
-    if (lane == 0) edges.row[warp][slot] = w.row;
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) w.acc[m] = 0.f;
-}
-
-// Hands this lane's contributions part[i] of kept groups group[i] (zero for groups that are not its
-// own) to their rows, for a step whose groups end at step_end: rows ending inside the step are
-// finished (row boundaries are warp-uniform); the row still open keeps accumulating.
-template <typename T, int M, int kGroups>
-__device__ __forceinline__ void add_to_rows(RowWalk<M>& w, const int (&group)[kGroups],
-                                            const float (&part)[kGroups][M], int step_end,
-                                            const int32_t* row_ptr, EdgeRows<M>& edges, T* y, int N,
-                                            int wb, int we, int warp, int lane) {
-  while (w.hi < step_end) {
-#pragma unroll
-    for (int i = 0; i < kGroups; ++i) {
-      if (group[i] >= w.lo && group[i] < w.hi) {
-#pragma unroll
-        for (int m = 0; m < M; ++m) w.acc[m] += part[i][m];
-      }
-    }
-    if (w.lo < w.hi) finish_row<T, M>(w, edges, y, N, wb, we, warp, lane);  // empty rows: finish_cta
-    ++w.row;
-    w.lo = w.hi;
-    w.hi = row_ptr[w.row + 1];
-  }
-#pragma unroll
-  for (int i = 0; i < kGroups; ++i) {
-    if (group[i] >= w.lo) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) w.acc[m] += part[i][m];
-    }
-  }
-}
-
-// The end of a GEMV CTA, after every warp's walk: rows without kept groups, which no walk
-// visits, are zeroed; then a row that goes on past its warp is summed, in warp order, with the
-// head partials of the following warps that hold the rest of it (warps with no groups are
-// skipped), so every output is written once and the result does not depend on timing.
-template <typename T, int M>
-__device__ __forceinline__ void finish_cta(T* y, const int32_t* row_ptr, const int2* schedule, int N,
-                                           int row_begin, int row_end, int first_task, int warp, int lane,
-                                           const EdgeRows<M>& edges) {
-  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
-    if (row_ptr[r] == row_ptr[r + 1]) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
-    }
-  }
-  __syncthreads();
-  constexpr int kHead = EdgeRows<M>::kHead, kTail = EdgeRows<M>::kTail;
-  if (lane < M && edges.row[warp][kTail] >= 0) {
-    const int row = edges.row[warp][kTail];
-    float sum = edges.sum[warp][kTail][lane];
-    for (int w = warp + 1; w < kWarps; ++w) {
-      if (edges.row[w][kHead] == row) {
-        sum += edges.sum[w][kHead][lane];
-      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
-        break;
-      }
-    }
-    y[static_cast<size_t>(lane) * N + row] = Act<T>::from_float(sum);
-  }
-}
-
 template <typename T, int G, int M, bool kSharedX>
 __global__ void __launch_bounds__(kGemvThreads)
     gemv_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr,
@@ -373,7 +262,11 @@ __global__ void __launch_bounds__(kGemvThreads)
   using U = Unit<G>;
   constexpr int kGroupWeights = kUnitWeights / U::kGroups;  // weights of one group in a unit
   constexpr int kWordsPerGroup = kGroupWeights / kWordWeights;
-  __shared__ EdgeRows<M> edges;
+  constexpr int kHead = 0;  // slot of a row that began in an earlier warp
+  constexpr int kTail = 1;  // slot of a row that goes on into a later warp
+
+  __shared__ float part_sum[kWarps][2][M];
+  __shared__ int part_row[kWarps][2];
   extern __shared__ uint4 x_shared[];  // M * shared_x_row_chunks(K) chunks when kSharedX
 
   const int warp = threadIdx.x / kWarpSize;
@@ -390,7 +283,7 @@ __global__ void __launch_bounds__(kGemvThreads)
   const int we = schedule[first_task + warp + 1].x;      // one past its last
   const bool has_groups = wb < we;
 
-  if (lane == 0) edges.row[warp][EdgeRows<M>::kHead] = edges.row[warp][EdgeRows<M>::kTail] = -1;
+  if (lane == 0) part_row[warp][kHead] = part_row[warp][kTail] = -1;
 
   const uint64_t policy = make_evict_first_policy();
   const int u_begin = G == 16 ? wb / 2 : wb * U::kUnitsPerGroup;
@@ -422,7 +315,31 @@ __global__ void __launch_bounds__(kGemvThreads)
   }
 
   if (has_groups) {
-    RowWalk<M> walk = start_walk<M>(row_ptr, task.y);
+    int row = task.y;  // the row holding group wb (or an empty row before it)
+    int row_lo = row_ptr[row];      // first group of `row`
+    int row_hi = row_ptr[row + 1];  // one past its last group
+    float acc[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) acc[m] = 0.f;
+
+    // Ends the row held in acc: written directly when this warp saw all of it, else left in a
+    // shared-memory slot for the fix-up after the barrier.
+    auto finish_row = [&]() {
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] = warp_sum(acc[m]);
+      if (row_lo >= wb && row_hi <= we) {
+        store_row<T, M>(y, N, row, lane, acc);
+      } else {
+        const int slot = row_lo < wb ? kHead : kTail;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          if (lane == m) part_sum[warp][slot][m] = acc[m];
+        }
+        if (lane == 0) part_row[warp][slot] = row;
+      }
+#pragma unroll
+      for (int m = 0; m < M; ++m) acc[m] = 0.f;
+    };
 
     // One step: the 32 units starting at u0, one per lane (cur is this lane's).
     auto step = [&](const U& cur, int u0) {
@@ -461,8 +378,29 @@ __global__ void __launch_bounds__(kGemvThreads)
         for (int m = 0; m < M; ++m) part[i][m] = valid ? s * part[i][m] : 0.f;
       }
 
-      add_to_rows<T, M>(walk, group, part, min(G == 16 ? 2 * (u0 + kWarpSize) : (u0 + kWarpSize) / U::kUnitsPerGroup, we),
-                        row_ptr, edges, y, N, wb, we, warp, lane);
+      // Hand the contributions to their rows. Rows ending inside this step are finished (row
+      // boundaries are warp-uniform); the row still open at the step's end keeps accumulating.
+      const int step_end = min(G == 16 ? 2 * (u0 + kWarpSize) : (u0 + kWarpSize) / U::kUnitsPerGroup, we);
+      while (row_hi < step_end) {
+#pragma unroll
+        for (int i = 0; i < U::kGroups; ++i) {
+          if (group[i] >= row_lo && group[i] < row_hi) {
+#pragma unroll
+            for (int m = 0; m < M; ++m) acc[m] += part[i][m];
+          }
+        }
+        if (row_lo < row_hi) finish_row();  // empty rows were zeroed above
+        ++row;
+        row_lo = row_hi;
+        row_hi = row_ptr[row + 1];
+      }
+#pragma unroll
+      for (int i = 0; i < U::kGroups; ++i) {
+        if (group[i] >= row_lo) {
+#pragma unroll
+          for (int m = 0; m < M; ++m) acc[m] += part[i][m];
+        }
+      }
     };
     auto run_batch = [&](const U (&batch)[kStages], int u0) {
 #pragma unroll
@@ -480,228 +418,31 @@ __global__ void __launch_bounds__(kGemvThreads)
       load_batch(batch_a, u0 + 2 * kBatch);
       run_batch(batch_b, u0 + kBatch);
     }
-    finish_row<T, M>(walk, edges, y, N, wb, we, warp, lane);  // the row holding group we-1
+    finish_row();  // the row holding group we-1
   }
-  finish_cta<T, M>(y, row_ptr, schedule, N, row_begin, row_end, first_task, warp, lane, edges);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tensor-core GEMV (G = 16)
-//
-// The same schedule, row walk and fix-up as gemv_kernel; what changes is how the kept groups' dot
-// products are computed. A warp takes its groups in tiles of 16 and runs two mma.m16n8k16 (fp32
-// accumulation) per tile and token:
-//   * A (16 x 16) holds the tile's groups as rows, as the exact integers q - z: tile group 2r is
-//     row r and group 2r + 1 is row r + 8, for r = lane / 4. The 4 lanes t = lane % 4 of a quad
-//     hold 4 weights each of both groups, weights k_off(t) .. k_off(t) + 3 with k_off = 0, 8, 4, 12.
-//   * B (16 x 8) column r holds the 16 activations of group 2r (first mma) or 2r + 1 (second).
-//   * A group's dot product is a diagonal element, D1[r][r] or D2[r + 8][r], both held by lane
-//     4r + r/2. The other 7/8 of the products are thrown away; the tensor cores are otherwise idle,
-//     and what this replaces, per token, is 16 fp32 conversions and FMAs per group and lane.
-// The codes are read in the kernel format, with no repacking: lane l loads word l of the tile
-// (group l/2, weights 8(l%2) .. +7), one coalesced 128-byte load per warp, and lanes t and t^2
-// swap 16-bit halves so that each holds its 4 weights of both groups. Two codes become f16 or
-// bf16 with one lop3 (q | 0x6400 is 1024 + q in fp16; q | 0x4300 is 128 + q in bf16) and one
-// hsub2 of 1024 + z (128 + z) leaves q - z exactly. That lop3 takes the low nibbles of bytes 0 and
-// 2, i.e. weights 0 and 2 of a 4-weight block (then 1 and 3 after a shift), so x is kept in shared
-// memory in the order 0, 2, 1, 3 within every 4 activations: each B fragment is one 8-byte load.
-
-constexpr int kTileGroups = 16;  // kept groups per mma tile
-
-template <typename T>
-struct Mma;
-
-template <>
-struct Mma<__half> {
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024 in both fp16 halves
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    const __half2 r = __hsub2(*reinterpret_cast<const __half2*>(&a), *reinterpret_cast<const __half2*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  // d = a * b, accumulated in fp32.
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %10, %10, %10};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "f"(0.f));
-  }
-};
-
-template <>
-struct Mma<__nv_bfloat16> {
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128 in both bf16 halves
-  static __device__ __forceinline__ uint32_t sub(uint32_t a, uint32_t b) {
-    const __nv_bfloat162 r = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&a),
-                                     *reinterpret_cast<const __nv_bfloat162*>(&b));
-    return *reinterpret_cast<const uint32_t*>(&r);
-  }
-  static __device__ __forceinline__ void mma(float (&d)[4], const uint32_t (&a)[4], uint2 b) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%10, %10, %10, %10};"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "f"(0.f));
-  }
-};
-
-// The low nibbles of bytes 0 and 2 of `word`, as two magic-number values 1024 + q (128 + q).
-template <typename T>
-__device__ __forceinline__ uint32_t magic_pair(uint32_t word) {
-  return lop3<kLutAndOr>(word, 0x000F000Fu, Mma<T>::kMagic);
-}
-
-// Activations 0, 1, 2, 3 of a block (two packed words) in the order 0, 2 | 1, 3.
-__device__ __forceinline__ uint2 interleave_x4(uint32_t lo, uint32_t hi) {
-  return make_uint2(__byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
-}
-
-// What one lane loads per tile: its code word and the meta of its two groups (zeros past the end).
-struct MmaTile {
-  uint32_t code;
-  uint2 meta;
-};
-
-__device__ __forceinline__ MmaTile load_mma_tile(const int32_t* codes, const int32_t* meta, int tile,
-                                                 int tile_end, int nnz, int lane, uint64_t policy) {
-  MmaTile r{0u, make_uint2(0u, 0u)};
-  if (tile >= tile_end) return r;
-  const int64_t word = static_cast<int64_t>(tile) * 2 * kTileGroups + lane;
-  if (word < 2 * static_cast<int64_t>(nnz)) r.code = ld_stream(codes + word, policy);
-  const int64_t g = static_cast<int64_t>(tile) * kTileGroups + 2 * (lane / 4);
-  if (g + 1 < nnz) {
-    r.meta = ld_stream_v2(meta + g, policy);
-  } else if (g < nnz) {
-    r.meta.x = ld_stream(meta + g, policy);
-  }
-  return r;
-}
-
-// Activations e .. e+3 of token m (e a multiple of 4) in the order 0, 2 | 1, 3.
-template <typename T, bool kSharedX>
-__device__ __forceinline__ uint2 load_x4(const T* __restrict__ x, const uint2* x_shared, int m, int K, int e) {
-  if constexpr (kSharedX) {
-    return x_shared[(m * shared_x_row_chunks(K) * kWordWeights + e) / 4];
-  } else {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(x + static_cast<size_t>(m) * K + e));
-    return interleave_x4(v.x, v.y);
-  }
-}
-
-template <typename T, int M, bool kSharedX>
-__global__ void __launch_bounds__(kGemvThreads, 2)  // two CTAs per SM: the default persistent grid
-    gemv_mma_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr,
-                    const int32_t* __restrict__ codes, const int32_t* __restrict__ meta,
-                    const int2* __restrict__ schedule, T* __restrict__ y, int N, int K, int nnz) {
-  // Tiles per batch of loads (12 bytes per lane and tile), fewer with more tokens: registers are
-  // capped at 128 for two CTAs per SM, and each token adds its partial sums and x fragments.
-  constexpr int kTiles = M <= 4 ? 8 : M <= 8 ? 4 : 2;
-
-  __shared__ EdgeRows<M> edges;
-  extern __shared__ uint4 x_shared[];  // M * shared_x_row_chunks(K) chunks when kSharedX
-
-  const int warp = threadIdx.x / kWarpSize;
-  const int lane = threadIdx.x % kWarpSize;
-  const int quad = lane / 4;     // r: A rows r and r + 8, B column r
-  const int in_quad = lane % 4;  // t
-  const int first_task = blockIdx.x * kWarps;
-  const int row_begin = schedule[first_task].y;
-  const int row_end = schedule[first_task + kWarps].y;
-  if (row_begin >= row_end) return;  // uniform over the CTA, so no barrier is skipped unevenly
-  const int2 task = schedule[first_task + warp];
-  const int wb = task.x;
-  const int we = schedule[first_task + warp + 1].x;
-  const bool has_groups = wb < we;
-
-  if (lane == 0) edges.row[warp][EdgeRows<M>::kHead] = edges.row[warp][EdgeRows<M>::kTail] = -1;
-
-  const uint64_t policy = make_evict_first_policy();
-  const int tile_begin = wb / kTileGroups;
-  const int tile_end = (we + kTileGroups - 1) / kTileGroups;
-  MmaTile batch_a[kTiles], batch_b[kTiles];
-  auto load_batch = [&](MmaTile (&batch)[kTiles], int t0) {
+  // Rows without kept groups are never visited by the walk above; they are zero.
+  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
+    if (row_ptr[r] == row_ptr[r + 1]) {
 #pragma unroll
-    for (int s = 0; s < kTiles; ++s) batch[s] = load_mma_tile(codes, meta, t0 + s, tile_end, nnz, lane, policy);
-  };
-  if (has_groups) load_batch(batch_a, tile_begin);
-
-  if constexpr (kSharedX) {  // x, each 4 activations reordered 0, 2, 1, 3 (see above)
-    const int chunks = K / kWordWeights;
-    for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) {
-      const int m = i / chunks;
-      const int c = i - m * chunks;
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c);
-      const uint2 lo = interleave_x4(v.x, v.y), hi = interleave_x4(v.z, v.w);
-      x_shared[m * shared_x_row_chunks(K) + c] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
     }
-    __syncthreads();
   }
+  __syncthreads();
 
-  if (has_groups) {
-    // Byte selectors that gather this lane's 16-bit halves (own word | partner word) into
-    // [row r byte 0, -, row r byte 1, -] and the same for row r + 8: lanes t < 2 hold the groups'
-    // weights 0-7 or 8-15 in their low halves, lanes t >= 2 in their high halves.
-    const uint32_t sel_r = in_quad < 2 ? 0x0100u : 0x0706u;
-    const uint32_t sel_r8 = in_quad < 2 ? 0x0504u : 0x0302u;
-    const int k_off = 8 * (in_quad & 1) + 4 * (in_quad >> 1);
-    const bool diag = in_quad == quad / 2;  // this lane holds the diagonal elements of its quad
-    const bool odd = quad & 1;
-    const uint2* xs = reinterpret_cast<const uint2*>(x_shared);
-
-    RowWalk<M> walk = start_walk<M>(row_ptr, task.y);
-
-    auto step = [&](const MmaTile& cur, int tile) {
-      const uint32_t other = __shfl_xor_sync(0xFFFFFFFFu, cur.code, 2);
-      const uint32_t q_r = __byte_perm(cur.code, other, sel_r);
-      const uint32_t q_r8 = __byte_perm(cur.code, other, sel_r8);
-      // 1024 + z (128 + z) in both halves: z is the low nibble of meta's byte 2.
-      const uint32_t z_r = magic_pair<T>(__byte_perm(cur.meta.x, 0u, 0x0202u));
-      const uint32_t z_r8 = magic_pair<T>(__byte_perm(cur.meta.y, 0u, 0x0202u));
-      const uint32_t a[4] = {Mma<T>::sub(magic_pair<T>(q_r), z_r), Mma<T>::sub(magic_pair<T>(q_r8), z_r8),
-                             Mma<T>::sub(magic_pair<T>(q_r >> 4), z_r), Mma<T>::sub(magic_pair<T>(q_r8 >> 4), z_r8)};
-      const int e_r = meta_col(cur.meta.x) * kTileGroups + k_off;
-      const int e_r8 = meta_col(cur.meta.y) * kTileGroups + k_off;
-
-      const int group[2] = {tile * kTileGroups + 2 * quad, tile * kTileGroups + 2 * quad + 1};
-      float part[2][M];
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float d[4];
-        Mma<T>::mma(d, a, load_x4<T, kSharedX>(x, xs, m, K, e_r));
-        part[0][m] = odd ? d[1] : d[0];
-        Mma<T>::mma(d, a, load_x4<T, kSharedX>(x, xs, m, K, e_r8));
-        part[1][m] = odd ? d[3] : d[2];
+  // Fix-up: a row that goes on past its warp is summed, in warp order, with the head partials of
+  // the following warps that hold the rest of it (warps with no groups are skipped).
+  if (lane < M && part_row[warp][kTail] >= 0) {
+    const int row = part_row[warp][kTail];
+    float sum = part_sum[warp][kTail][lane];
+    for (int w = warp + 1; w < kWarps; ++w) {
+      if (part_row[w][kHead] == row) {
+        sum += part_sum[w][kHead][lane];
+      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
+        break;
       }
-      const uint32_t metas[2] = {cur.meta.x, cur.meta.y};
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        // Only the diagonal lanes' values are dot products; groups outside the warp's range
-        // contribute nothing (select, not multiply: x may hold inf).
-        const bool valid = diag && group[i] >= wb && group[i] < we;
-        const float s = meta_scale(metas[i]);
-#pragma unroll
-        for (int m = 0; m < M; ++m) part[i][m] = valid ? s * part[i][m] : 0.f;
-      }
-
-      add_to_rows<T, M>(walk, group, part, min((tile + 1) * kTileGroups, we), row_ptr, edges, y, N, wb, we,
-                        warp, lane);
-    };
-    auto run_batch = [&](const MmaTile (&batch)[kTiles], int t0) {
-#pragma unroll
-      for (int s = 0; s < kTiles; ++s) {
-        if (t0 + s >= tile_end) break;  // warp-uniform
-        step(batch[s], t0 + s);
-      }
-    };
-
-    for (int t0 = tile_begin; t0 < tile_end; t0 += 2 * kTiles) {
-      load_batch(batch_b, t0 + kTiles);
-      run_batch(batch_a, t0);
-      if (t0 + kTiles >= tile_end) break;
-      load_batch(batch_a, t0 + 2 * kTiles);
-      run_batch(batch_b, t0 + kTiles);
     }
-    finish_row<T, M>(walk, edges, y, N, wb, we, warp, lane);  // the row holding group we-1
+    y[static_cast<size_t>(lane) * N + row] = Act<T>::from_float(sum);
   }
-  finish_cta<T, M>(y, row_ptr, schedule, N, row_begin, row_end, first_task, warp, lane, edges);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,50 +524,6 @@ cudaError_t launch_gemv(const GemvArgs& a) {
   return a.shared_x ? launch_gemv_kernel<T, G, M, true>(a) : launch_gemv_kernel<T, G, M, false>(a);
 }
 
-template <typename T, int M, bool kSharedX>
-cudaError_t launch_gemv_mma_kernel(const GemvArgs& a) {
-  const auto kernel = gemv_mma_kernel<T, M, kSharedX>;
-  size_t smem = 0;
-  if constexpr (kSharedX) {
-    const cudaError_t allowed = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSharedXBytes));
-    if (allowed != cudaSuccess) return allowed;
-    smem = shared_x_bytes(M, a.K);
-  }
-  kernel<<<a.num_ctas, kGemvThreads, smem, a.stream>>>(
-      static_cast<const T*>(a.x), a.row_ptr, a.codes, a.meta, reinterpret_cast<const int2*>(a.schedule),
-      static_cast<T*>(a.y), a.N, a.K, a.nnz);
-  return cudaGetLastError();
-}
-
-template <typename T, int M>
-cudaError_t launch_gemv_mma(const GemvArgs& a) {
-  return a.shared_x ? launch_gemv_mma_kernel<T, M, true>(a) : launch_gemv_mma_kernel<T, M, false>(a);
-}
-
-template <typename T>
-cudaError_t gemv_mma_for_tokens(const GemvArgs& a, int M) {
-  switch (M) {
-    case 1: return launch_gemv_mma<T, 1>(a);
-    case 2: return launch_gemv_mma<T, 2>(a);
-    case 3: return launch_gemv_mma<T, 3>(a);
-    case 4: return launch_gemv_mma<T, 4>(a);
-    case 5: return launch_gemv_mma<T, 5>(a);
-    case 6: return launch_gemv_mma<T, 6>(a);
-    case 7: return launch_gemv_mma<T, 7>(a);
-    case 8: return launch_gemv_mma<T, 8>(a);
-    case 9: return launch_gemv_mma<T, 9>(a);
-    case 10: return launch_gemv_mma<T, 10>(a);
-    case 11: return launch_gemv_mma<T, 11>(a);
-    case 12: return launch_gemv_mma<T, 12>(a);
-    case 13: return launch_gemv_mma<T, 13>(a);
-    case 14: return launch_gemv_mma<T, 14>(a);
-    case 15: return launch_gemv_mma<T, 15>(a);
-    case 16: return launch_gemv_mma<T, 16>(a);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
 template <typename T, int G>
 cudaError_t gemv_for_tokens(const GemvArgs& a, int M) {
   switch (M) {
@@ -881,19 +578,14 @@ bool shape_ok(int N, int K, int group_size) {
 
 cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                  const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
-                 int N, int K, int group_size, int nnz, cudaStream_t stream, XStaging x_staging,
-                 GemvKernel kernel) {
+                 int N, int K, int group_size, int nnz, cudaStream_t stream, XStaging x_staging) {
   if (!shape_ok(N, K, group_size) || M < 0 || num_ctas < 0 || nnz < 0) return cudaErrorInvalidValue;
-  const GemvKernel resolved = resolve_gemv_kernel(kernel, M, group_size);
-  if (resolved != GemvKernel::kCudaCore && (resolved != GemvKernel::kTensorCore || group_size != 16)) {
-    return cudaErrorInvalidValue;
-  }
   if (M == 0 || N == 0 || num_ctas == 0) return cudaSuccess;
-  // One launch per slice of tokens: rows m0.. of x and y are contiguous, so a slice is an offset.
-  const int slice = gemv_launch_tokens(resolved);
+  // One launch per kMaxGemvTokens tokens: rows m0.. of x and y are contiguous, so a slice of
+  // tokens is just an offset.
   const size_t elem = 2;  // fp16 and bf16
-  for (int m0 = 0; m0 < M; m0 += slice) {
-    const int m = M - m0 < slice ? M - m0 : slice;
+  for (int m0 = 0; m0 < M; m0 += kMaxGemvTokens) {
+    const int m = M - m0 < kMaxGemvTokens ? M - m0 : kMaxGemvTokens;
     const bool fits = shared_x_bytes(m, K) <= static_cast<size_t>(kMaxSharedXBytes);
     bool shared_x = fits;
     switch (x_staging) {
@@ -907,15 +599,10 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
     const GemvArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta,
                      schedule, num_ctas, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem,
                      N, K, nnz, shared_x, stream};
-    const bool mma = resolved == GemvKernel::kTensorCore;
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
-      case Dtype::kFloat16:
-        err = mma ? gemv_mma_for_tokens<__half>(a, m) : gemv_for_group<__half>(a, m, group_size);
-        break;
-      case Dtype::kBFloat16:
-        err = mma ? gemv_mma_for_tokens<__nv_bfloat16>(a, m) : gemv_for_group<__nv_bfloat16>(a, m, group_size);
-        break;
+      case Dtype::kFloat16: err = gemv_for_group<__half>(a, m, group_size); break;
+      case Dtype::kBFloat16: err = gemv_for_group<__nv_bfloat16>(a, m, group_size); break;
     }
     if (err != cudaSuccess) return err;
   }

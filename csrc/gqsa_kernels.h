@@ -25,29 +25,9 @@ namespace gqsa {
 
 enum class Dtype : int { kFloat16 = 0, kBFloat16 = 1 };
 
-// The two GEMV kernels. The CUDA-core GEMV handles every group size; a lane owns whole groups
-// and multiplies in fp32. The tensor-core GEMV (G = 16 only) runs each kept group's dot products
-// through mma.sync: its per-token cost is a fraction of the CUDA-core one, so it serves batches of
-// 2 or more tokens. kAuto picks per call (see resolve_gemv_kernel); the explicit choices exist for
-// benchmarks and tests.
-enum class GemvKernel : int { kAuto = -1, kCudaCore = 0, kTensorCore = 1 };
-
-// Tokens per launch of each GEMV kernel: gemv() takes any M and launches once per slice of this
-// many tokens, each launch reading the weights once. (Large batches are faster as gqsa_dequant +
-// GEMM.)
-constexpr int kMaxGemvTokens = 8;    // CUDA-core GEMV
-constexpr int kMaxMmaGemvTokens = 16;  // tensor-core GEMV
-
-// The kernel gemv() runs for `requested`: kAuto is the tensor-core GEMV for G = 16 and M >= 2,
-// else the CUDA-core one. kTensorCore with another group size is returned as is (and refused).
-constexpr GemvKernel resolve_gemv_kernel(GemvKernel requested, int M, int group_size) {
-  return requested != GemvKernel::kAuto ? requested
-         : (group_size == 16 && M >= 2) ? GemvKernel::kTensorCore
-                                        : GemvKernel::kCudaCore;
-}
-constexpr int gemv_launch_tokens(GemvKernel resolved) {
-  return resolved == GemvKernel::kTensorCore ? kMaxMmaGemvTokens : kMaxGemvTokens;
-}
+// Tokens per GEMV launch: gemv() takes any M and launches once per slice of this many tokens,
+// each launch reading the weights once. (Large batches are faster as gqsa_dequant + GEMM.)
+constexpr int kMaxGemvTokens = 8;
 // Group columns are stored in 12 bits of meta.
 constexpr int kMaxGroupCols = 4096;
 // Warps of one GEMV CTA; the schedule has one task per warp.
@@ -65,12 +45,11 @@ constexpr size_t shared_x_bytes(int M, int K) { return static_cast<size_t>(M) * 
 
 // y[M, N] = x[M, K] @ W.T, with W given by (row_ptr, codes, meta). x and y are row-major in
 // `dtype`; x must be 16-byte aligned. num_ctas = (rows of schedule - 1) / kGemvWarps.
-// Any M: one launch per gemv_launch_tokens(kernel) tokens. kShared when x does not fit, or
-// kTensorCore with a group size other than 16, is an invalid value.
+// Any M: one launch per kMaxGemvTokens tokens. kShared when x does not fit is an invalid value.
 cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                  const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
                  int N, int K, int group_size, int nnz, cudaStream_t stream,
-                 XStaging x_staging = XStaging::kAuto, GemvKernel kernel = GemvKernel::kAuto);
+                 XStaging x_staging = XStaging::kAuto);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,

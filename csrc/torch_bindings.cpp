@@ -3,11 +3,10 @@
 // Torch ops of the GQSA CUDA kernels, in the `vllm_gqsa` library namespace:
 //
 //   gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out,
-//             int x_staging=-1, int kernel=-1) -> Tensor
+//             int x_staging=-1) -> Tensor
 //     y = x @ W.T for x [M, K] fp16/bf16; returns y [M, n_out] in x's dtype. One kernel launch
 //     per 8 tokens, each reading the weights once: meant for decode-sized M.
 //     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
-//     kernel: -1 chooses, 0 the CUDA-core GEMV, 1 the tensor-core GEMV (G = 16; gqsa::GemvKernel).
 //   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
 //                ScalarType dtype) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
@@ -90,7 +89,7 @@ void check_launch(cudaError_t err, const char* op) {
 
 at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
                      const at::Tensor& meta, const at::Tensor& schedule, int64_t n_out,
-                     int64_t x_staging, int64_t kernel) {
+                     int64_t x_staging) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_gemv: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_gemv: x must be contiguous");
@@ -107,13 +106,7 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
               "gqsa_gemv: x must be 16-byte aligned");
   TORCH_CHECK(x_staging >= -1 && x_staging <= 1, "gqsa_gemv: x_staging must be -1, 0 or 1, got ",
               num(x_staging));
-  TORCH_CHECK(kernel >= -1 && kernel <= 1, "gqsa_gemv: kernel must be -1, 0 or 1, got ", num(kernel));
-  const gqsa::GemvKernel resolved = gqsa::resolve_gemv_kernel(static_cast<gqsa::GemvKernel>(kernel),
-                                                              static_cast<int>(M), static_cast<int>(group_size));
-  TORCH_CHECK(resolved != gqsa::GemvKernel::kTensorCore || group_size == 16,
-              "gqsa_gemv: the tensor-core GEMV (kernel=1) needs group_size 16, got ", num(group_size));
-  const int64_t slice = gqsa::gemv_launch_tokens(resolved);
-  const int64_t launch_tokens = M < slice ? M : slice;
+  const int64_t launch_tokens = M < gqsa::kMaxGemvTokens ? M : gqsa::kMaxGemvTokens;
   TORCH_CHECK(x_staging != 1 || gqsa::shared_x_bytes(static_cast<int>(launch_tokens), static_cast<int>(K)) <=
                                     static_cast<size_t>(gqsa::kMaxSharedXBytes),
               "gqsa_gemv: x_staging=1 but ", num(launch_tokens), " tokens of x [", num(M), ", ", num(K),
@@ -127,7 +120,7 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
                           static_cast<int>((schedule.size(0) - 1) / gqsa::kGemvWarps), y.data_ptr(), static_cast<int>(M),
                           static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size),
                           static_cast<int>(codes.size(0)), at::cuda::getCurrentCUDAStream(),
-                          static_cast<gqsa::XStaging>(x_staging), resolved),
+                          static_cast<gqsa::XStaging>(x_staging)),
                "gqsa_gemv");
   return y;
 }
@@ -156,7 +149,7 @@ at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, cons
 
 TORCH_LIBRARY(vllm_gqsa, m) {
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
-        "int x_staging=-1, int kernel=-1) -> Tensor");
+        "int x_staging=-1) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype) -> Tensor");
 }

@@ -23,18 +23,16 @@ from pathlib import Path
 
 import torch
 
-from .cuda_format import MAX_GEMV_TOKENS, MAX_MMA_GEMV_TOKENS
+from .cuda_format import MAX_GEMV_TOKENS
 
 # Persistent-grid size of the GEMV. Measured on an H100 (4096x4096, M=1, heavy row block;
 # benchmarks/results/gpu/kernels_llama2-7b.json): 2 CTAs per SM 6.90 us, 4 per SM 8.77 us, 8 per SM
 # 10.33 us; fewer, longer warp tasks pay the per-task prologue, x copy and fix-up less often.
 CTAS_PER_SM = 2
-# Batches of up to this many tokens run a GEMV, larger ones dequantize + cuBLAS. Group size 16 has
-# the tensor-core GEMV (16 tokens per launch); the CUDA-core GEMV of the other group sizes loses to
-# dequantize + cuBLAS at 16 tokens on every Llama-2-7B layer (H100: 92 vs 89 us, 38 vs 28, 165 vs
-# 153, 100 vs 84).
-GEMV_MAX_TOKENS = {16: MAX_MMA_GEMV_TOKENS}
-GEMV_MAX_TOKENS_DEFAULT = MAX_GEMV_TOKENS
+# Batches of up to this many tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens), larger
+# ones dequantize + cuBLAS. At 16 tokens two GEMV launches already lose to dequantize + cuBLAS on
+# every Llama-2-7B layer (H100: 92 vs 89 us, 38 vs 28, 165 vs 153, 100 vs 84).
+GEMV_MAX_TOKENS = 8
 JIT_NAME = "vllm_gqsa_C"
 # torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
 # a build takes minutes, so a lock this old was left by a build that was killed.
@@ -102,7 +100,7 @@ def _register_fakes() -> None:
     """Shape-only implementations, for torch.compile and opcheck."""
 
     @torch.library.register_fake("vllm_gqsa::gqsa_gemv")
-    def _gemv_fake(x, row_ptr, codes, meta, schedule, n_out, x_staging=-1, kernel=-1):
+    def _gemv_fake(x, row_ptr, codes, meta, schedule, n_out, x_staging=-1):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
@@ -161,26 +159,17 @@ def default_num_ctas(device: torch.device | int | None = None) -> int:
     return CTAS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv_max_tokens(group_size: int) -> int:
-    """The largest batch that runs a GEMV rather than dequantize + cuBLAS."""
-    return GEMV_MAX_TOKENS.get(group_size, GEMV_MAX_TOKENS_DEFAULT)
-
-
-def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int = -1,
-         kernel: int = -1) -> torch.Tensor:
-    """``x @ W.T`` for x ``[..., K]``; t from ``to_kernel_format``. One kernel launch per slice of
-    tokens (MAX_GEMV_TOKENS, or MAX_MMA_GEMV_TOKENS for the tensor-core GEMV), each reading the
-    weights once, so it suits decode-sized batches.
+def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int = -1) -> torch.Tensor:
+    """``x @ W.T`` for x ``[..., K]``; t from ``to_kernel_format``. One kernel launch per
+    MAX_GEMV_TOKENS tokens, each reading the weights once, so it suits decode-sized batches.
 
     ``x_staging`` picks where the kernel reads x: -1 lets it choose (shared memory when x fits),
-    0 global memory, 1 shared memory. ``kernel`` picks the GEMV: -1 lets it choose (tensor cores
-    for group size 16 and 2 or more tokens), 0 the CUDA-core GEMV, 1 the tensor-core GEMV (group
-    size 16 only). The explicit choices are for tests and benchmarks."""
+    0 global memory, 1 shared memory; the explicit choices are for tests and benchmarks."""
     _require()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out,
-                                      x_staging, kernel)
+                                      x_staging)
     return y.reshape(*lead, n_out)
 
 

@@ -53,8 +53,7 @@ SUPPORTED_BITS = 4
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
 SUPPORTED_BLOCK_ROWS = 1
 MAX_GROUP_COLS = 4096  # group columns held in the 12 top bits of meta
-MAX_GEMV_TOKENS = 8  # tokens per CUDA-core GEMV launch (gqsa::kMaxGemvTokens)
-MAX_MMA_GEMV_TOKENS = 16  # tokens per tensor-core GEMV launch, G = 16 (gqsa::kMaxMmaGemvTokens)
+MAX_GEMV_TOKENS = 8  # tokens per GEMV kernel launch (gqsa::kMaxGemvTokens)
 WARPS_PER_CTA = 8  # kGemvWarps in csrc/gqsa_kernels.h
 WEIGHTS_PER_WORD = 8
 
