@@ -21,7 +21,8 @@ from converters.cli import main as cli_main
 from converters.e2e_checkpoint import train_checkpoint_scales
 from converters.reference_model import load_reference_model
 
-TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")
+# Calibration text that does not change with the docs (the README did, and moved the losses).
+TEXT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "LICENSE")
 # Small and fast: 6 training sequences and 2 held out.
 FAST = dict(calib_data=TEXT, n_samples=8, seq_len=48, val_samples=2, batch_size=4)
 OFF = dict(bqpo_epochs=0, e2e_epochs=0)
