@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # The GPU checks behind benchmarks/results/gpu/, in the order they were run. Needs a CUDA GPU,
-# vLLM and this package installed; CKPT is a converted SmolLM2-135M (W4 S50% g16).
-#   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|e2e|load]
-# Each part fits in under ten minutes on an H100.
+# vLLM and this package installed; CKPT is a converted SmolLM2-135M (W4 S50% g16; the default
+# conversion with BQPO + E2E-OQP: a one-shot checkpoint's near ties make greedy comparisons fragile).
+#   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|tp|e2e|load]
+# Each part but `load` fits in under ten minutes on an H100; `load` needs about 12 minutes alone on
+# its GPU (a vLLM server sharing the GPU with another that starts at the same time finds no memory
+# for its KV cache).
 set -uo pipefail
 ckpt=$1
 out=${2:-benchmarks/results/gpu}
@@ -21,11 +24,32 @@ if [[ $part == all || $part == kernels ]]; then
     --out "$out/kernels_llama3-8b_qwen2.5-7b.json" 2>&1 | tail -12
 fi
 if [[ $part == all || $part == serve ]]; then
-  for dtype in bfloat16 float16; do
-    timeout 280 python3 benchmarks/serve_check.py "$ckpt" --dtype $dtype --out "$out/serve_check_$dtype.json" 2>&1 | tail -3
+  # About 5 minutes per dtype with both modes: two server start-ups (torch.compile and CUDA-graph
+  # capture for one of them), then the transformers reference.
+  for dtype in float16 bfloat16; do
+    timeout 500 python3 benchmarks/serve_check.py "$ckpt" --dtype $dtype --out "$out/serve_check_$dtype.json" 2>&1 | tail -3
   done
-  timeout 200 python3 benchmarks/serve_check.py "$ckpt" --dtype float32 --modes graphs \
+  timeout 330 python3 benchmarks/serve_check.py "$ckpt" --dtype float32 --modes graphs \
     --out "$out/serve_check_float32.json" 2>&1 | tail -3
+fi
+if [[ $part == all || $part == tp ]]; then
+  # Tensor parallelism on 2 GPUs. SmolLM2's 9 attention heads do not split in two, so this uses a
+  # tiny random Llama (8 heads, 4 KV heads) whose lm_head is scaled by 10: random weights give
+  # nearly flat logits, whose greedy argmax would flip on rounding noise alone.
+  tiny=$(mktemp -d)
+  python3 - "$tiny/dense" <<'PY'
+import sys, torch
+from safetensors.torch import load_file, save_file
+from converters.tiny import build_tiny_model
+d = build_tiny_model(sys.argv[1], hidden_size=512, intermediate_size=1024, num_layers=4, num_heads=8,
+                     num_kv_heads=4, dtype=torch.float16, seed=1)
+sd = load_file(f"{d}/model.safetensors")
+sd["lm_head.weight"] = (sd["lm_head.weight"].float() * 10).half()
+save_file(sd, f"{d}/model.safetensors", metadata={"format": "pt"})
+PY
+  gqsa-convert "$tiny/dense" "$tiny/w4s50" --bqpo-epochs 0 --e2e-epochs 0 --n-samples 16 --seq-len 128 -q
+  timeout 400 python3 benchmarks/serve_check.py "$tiny/w4s50" --tensor-parallel-size 2 \
+    --out "$out/serve_check_tp2.json" 2>&1 | tail -3
 fi
 if [[ $part == all || $part == e2e ]]; then
   timeout 590 python3 benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
@@ -34,5 +58,5 @@ if [[ $part == all || $part == e2e ]]; then
     --configs gptq-machete,sparse24,gqsa-s40,gqsa-s30 --out "$out/e2e_llama2-7b_more.json" 2>&1 | grep -E "batch|first token|^[a-z0-9-]+$"
 fi
 if [[ $part == all || $part == load ]]; then
-  timeout 595 python3 benchmarks/load_test.py "$ckpt" --minutes 9 --out "$out/load_test.json" 2>&1 | tail -6
+  timeout 900 python3 benchmarks/load_test.py "$ckpt" --minutes 10.5 --out "$out/load_test.json" 2>&1 | tail -6
 fi
