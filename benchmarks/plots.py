@@ -4,7 +4,9 @@
     python benchmarks/plots.py [--results benchmarks/results/gpu] [--out benchmarks/results/plots]
 
 - ``e2e_<shape>.json`` (benchmarks/e2e.py): output tokens/s against batch size, one line per
-  configuration; time to first token against prompt length where the file has it.
+  configuration; time to first token against prompt length where the file has it. A file named
+  ``<that name>_<more>.json`` from the same device and shape is a later run of more configurations:
+  they join its plots as dashed lines, labelled "(separate run)".
 - ``kernels_*.json`` (benchmarks/kernels.py): one decoder layer's GQSA time against each baseline's,
   as a speed-up, against the number of tokens M.
 """
@@ -28,15 +30,22 @@ def _batches(cfg: dict) -> list[tuple[int, float]]:
     return sorted(pts)
 
 
-def plot_e2e(path: str, out_dir: str) -> list[str]:
+def _lines(r: dict, extra: list[dict]) -> list[tuple[str, dict, str]]:
+    """(label, configuration's results, line style) for a run and the separate runs added to it."""
+    lines = [(c, cfg, "-") for c, cfg in r["configs"].items()]
+    return lines + [(f"{c} (separate run)", cfg, "--") for e in extra for c, cfg in e["configs"].items()]
+
+
+def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
     r = json.load(open(path))
+    extra = [json.load(open(p)) for p in extra_paths]
     name = os.path.splitext(os.path.basename(path))[0]
     written = []
     fig, ax = plt.subplots(figsize=(6, 4))
-    for config, cfg in r["configs"].items():
+    for label, cfg, style in _lines(r, extra):
         pts = _batches(cfg)
         if pts:
-            ax.plot(*zip(*pts), marker="o", label=config)
+            ax.plot(*zip(*pts), style, marker="o", label=label)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")
@@ -50,12 +59,13 @@ def plot_e2e(path: str, out_dir: str) -> list[str]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    ttft = {c: cfg["ttft"] for c, cfg in r["configs"].items() if isinstance(cfg.get("ttft"), dict)}
+    ttft = [(label, cfg["ttft"], style) for label, cfg, style in _lines(r, extra)
+            if isinstance(cfg.get("ttft"), dict)]
     if ttft:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for config, t in ttft.items():
+        for label, t, style in ttft:
             pts = sorted((int(k), v["ttft_ms"]) for k, v in t.items())
-            ax.plot(*zip(*pts), marker="o", label=config)
+            ax.plot(*zip(*pts), style, marker="o", label=label)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("time to first token (ms)")
@@ -102,8 +112,15 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     written = []
-    for path in sorted(glob.glob(os.path.join(a.results, "e2e_*.json"))):
-        written += plot_e2e(path, a.out)
+    e2e = {p: json.load(open(p)) for p in sorted(glob.glob(os.path.join(a.results, "e2e_*.json")))}
+
+    def addendum_of(p: str, q: str) -> bool:  # is p a separate run that belongs to q's plots?
+        same = all(e2e[p].get(k) == e2e[q].get(k) for k in ("device", "shape", "prompt_len", "gen_len"))
+        return p != q and same and os.path.basename(p).startswith(os.path.basename(q)[:-len(".json")] + "_")
+
+    for q in e2e:
+        if not any(addendum_of(q, other) for other in e2e):
+            written += plot_e2e(q, a.out, [p for p in e2e if addendum_of(p, q)])
     written += plot_kernels(sorted(glob.glob(os.path.join(a.results, "kernels_*.json"))), a.out)
     for w in written:
         print("wrote", w)
