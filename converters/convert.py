@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -161,9 +162,13 @@ def prepare_output(out_dir: str, overwrite: bool, resume: bool, estimated_bytes:
     parent = os.path.dirname(out_dir)
     if os.path.exists(out_dir) and not overwrite:
         raise ConvertError(f"output {out_dir} already exists; pass --overwrite to replace it")
-    os.makedirs(parent, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise ConvertError(f"cannot write to {parent}")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        # A real write: permission bits say nothing for root, a read-only mount or a full quota.
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ConvertError(f"cannot write to {parent}: {e.strerror or e}") from None
     free = shutil.disk_usage(parent).free
     if free < DISK_MARGIN * estimated_bytes:
         raise ConvertError(f"not enough free disk space in {parent}: the checkpoint needs about "

@@ -168,6 +168,20 @@ def test_full_disk_fails_early(tiny_models, tmp_path, monkeypatch):
         convert(tiny_models["llama"], str(tmp_path / "o"), ConvertOptions())
 
 
+def test_unwritable_output_fails_early(tiny_models, tmp_path, monkeypatch):
+    calls = interrupt_solver(monkeypatch, convert_mod, 1)  # the solver must never be reached
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ConvertError, match="cannot write to .*a_file"):
+        convert(tiny_models["llama"], str(blocker / "ckpt"), ConvertOptions())
+    if os.geteuid() != 0:  # root writes through permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConvertError, match="cannot write to .*locked"):
+            convert(tiny_models["llama"], str(locked / "ckpt"), ConvertOptions())
+    assert not calls
+
+
 @pytest.mark.parametrize("arch", ["mistral", "qwen3"])
 def test_other_architectures_convert(arch, tmp_path):
     from converters.tiny import build_tiny_model
