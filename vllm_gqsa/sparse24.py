@@ -11,8 +11,9 @@ kernel behind PyTorch's ``to_sparse_semi_structured`` on Hopper) and multiplied 
 ``torch._cslt_sparse_mm`` inside a custom op, so torch.compile and CUDA graphs see one opaque call.
 Elsewhere, or for shapes cuSPARSELt refuses, the pruned weight stays dense.
 
-PyTorch builds a new cuSPARSELt plan on every ``_cslt_sparse_mm`` call, host work measured at
-tens of milliseconds per call on an H200: a CUDA graph replays only the kernel, so decode under
+PyTorch builds a new cuSPARSELt plan on every ``_cslt_sparse_mm`` call, host work that costs
+tens of milliseconds per call on an H200 (judged from vLLM's start-up times there; not timed one
+call at a time): a CUDA graph replays only the kernel, so decode under
 CUDA graphs runs at the kernel's speed, but vLLM needs about a minute to capture each batch size
 (``benchmarks/results/gpu/e2e_llama2-7b_h200.json``) and eager calls (prefill, ``--enforce-eager``)
 are slow. Compare it on decode with CUDA graphs only.
