@@ -10,8 +10,8 @@ the same run (a large ``x.sum()``), and the speed-up over each baseline. GQSA us
 dispatch rule: the GEMV for M <= 8 tokens, dequantize + cuBLAS above. For the GEMV it also times
 x read from global memory instead of the shared-memory copy (the ablation of that copy). From 9 to
 64 tokens it also times the Triton tile kernel (``vllm_gqsa/kernels/tile_mm.py``, not yet used by
-the plugin) as ``gqsa_tile_us``. The summary adds up each model's linear layers at each M: one
-decoder layer's time and bandwidth.
+the plugin) in four block shapes, the best as ``gqsa_tile_us``. The summary adds up each model's
+linear layers at each M: one decoder layer's time and bandwidth.
 
     python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
                                  [--out benchmarks/results/kernels.json]
@@ -48,6 +48,8 @@ QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
 GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
 TILE_TIMED_MAX_TOKENS = 64  # one token tile of the tile kernel
+# Tile kernel configurations timed (rows per program, group columns per step); gqsa_tile_us is the best.
+TILE_CONFIGS = ("tile_n32_g4", "tile_n64_g4", "tile_n32_g8", "tile_n64_g8")
 GROUP_SIZE = 16
 DENSITY = 0.5  # 50 % of the groups pruned
 L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
@@ -123,10 +125,13 @@ def measure_read_bandwidth() -> float:
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
-    if path == "tile":
-        split = tile_mm.default_split_k(N, K, GROUP_SIZE, torch.cuda.get_device_properties(0).multi_processor_count)
+    if path.startswith("tile"):  # "tile_n{block_n}_g{groups_per_step}"
+        block_n, groups = (int(v[1:]) for v in path.split("_")[1:])
+        split = tile_mm.default_split_k(N, K, GROUP_SIZE, torch.cuda.get_device_properties(0).multi_processor_count,
+                                        block_n, groups)
         return [lambda t=t: tile_mm.tile_mm(x, t["codes"], t["meta"], *t["tile_tables"], N, GROUP_SIZE,
-                                            split_k=split) for t in ts]
+                                            split_k=split, block_n=block_n, groups_per_step=groups)
+                for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
 
@@ -212,8 +217,10 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
                 if "tile_tables" not in tile_extra[0]:
                     for t, e in zip(gq, tile_extra):
                         e["tile_tables"] = tile_mm.tile_tables(t["row_ptr"], t["meta"], N, K, GROUP_SIZE)
-                paths["tile"] = time_graph(gqsa_calls([{**t, **e} for t, e in zip(gq, tile_extra)],
-                                                      x, N, K, "tile"), reps)
+                with_tables = [{**t, **e} for t, e in zip(gq, tile_extra)]
+                for config in TILE_CONFIGS:
+                    paths[config] = time_graph(gqsa_calls(with_tables, x, N, K, config), reps)
+                paths["tile"] = min(paths[c] for c in TILE_CONFIGS)
             except Exception as e:  # a kernel that does not compile here must not stop the run
                 tile_error = f"{type(e).__name__}: {e}"[:300]
         kernel = "gemv" if M <= cuda.GEMV_MAX_TOKENS else "dequant_cublas"

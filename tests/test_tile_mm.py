@@ -46,15 +46,16 @@ def test_tile_tables(pattern, N, K, G):
     assert torch.equal(base, want_base)
 
 
-# (N, K, G, pattern, M, split_k, dtype): odd sizes, every pattern, group columns past bit 31 of a
-# mask word and past bit 11 of meta's column field, both output paths (store and atomics).
+# (N, K, G, pattern, M, split_k, dtype, block_n, groups_per_step): odd sizes, every pattern, group
+# columns past bit 31 of a mask word and past bit 11 of meta's column field, both output paths
+# (store and atomics), the block shapes benchmarks/kernels.py times.
 INTERPRETER_CASES = [
-    (67, 256, 16, "uniform", 9, 1, "float32"),
-    (130, 528, 16, "empty_and_full", 16, 3, "float32"),
-    (64, 4224, 32, "heavy_block", 33, 2, "float16"),
-    (40, 256, 128, "dense", 5, 1, "float16"),
-    (19, 512, 64, "all_empty", 17, 2, "float32"),
-    (6, 65536, 16, "uniform", 12, 8, "float32"),
+    (67, 256, 16, "uniform", 9, 1, "float32", 32, 4),
+    (130, 528, 16, "empty_and_full", 16, 3, "float32", 64, 8),
+    (64, 4224, 32, "heavy_block", 33, 2, "float16", 32, 8),
+    (40, 256, 128, "dense", 5, 1, "float16", 64, 4),
+    (19, 512, 64, "all_empty", 17, 2, "float32", 32, 4),
+    (6, 65536, 16, "uniform", 12, 8, "float32", 32, 4),
 ]
 
 INTERPRETER_SCRIPT = """
@@ -64,13 +65,14 @@ from test_cuda_kernels import dense_reference, make_layer
 from vllm_gqsa.kernels.cuda_format import to_kernel_format
 from vllm_gqsa.kernels.tile_mm import tile_mm, tile_tables
 out = []
-for N, K, G, pattern, M, split, dtype in json.loads(sys.argv[2]):
+for N, K, G, pattern, M, split, dtype, block_n, groups in json.loads(sys.argv[2]):
     dtype = getattr(torch, dtype)
     layer = make_layer(N, K, G, pattern, seed=M)
     t = to_kernel_format(layer, num_ctas=4)
     mask, base = tile_tables(t["row_ptr"], t["meta"], N, K, G)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)).to(dtype)
-    y = tile_mm(x, t["codes"], t["meta"], mask, base, N, G, split_k=split)
+    y = tile_mm(x, t["codes"], t["meta"], mask, base, N, G, split_k=split, block_n=block_n,
+                groups_per_step=groups)
     ref = x.float() @ dense_reference(layer).T
     out.append({"shape": list(y.shape), "dtype": str(y.dtype), "err": (y.float() - ref).abs().max().item(),
                 "scale": ref.abs().max().item()})
@@ -88,7 +90,7 @@ def test_tile_mm_under_the_triton_interpreter():
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(r.stdout.strip().splitlines()[-1])
     for case, res in zip(INTERPRETER_CASES, results):
-        N, K, G, pattern, M, split, dtype = case
+        N, K, G, pattern, M, split, dtype, _, _ = case
         assert res["shape"] == [M, N] and res["dtype"] == f"torch.{dtype}", case
         tol = 1e-5 if dtype == "float32" else 2e-3  # fp16 rounds the products' inputs and the output
         assert res["err"] <= tol * max(res["scale"], 1.0), (case, res)
