@@ -26,8 +26,6 @@ MODELS = {
 
 def joined_parts(package: str, n_parts: int) -> str:
     """The GGUF that ``package.format(1..n_parts)`` hold in pieces, joined once into a cache folder."""
-    import importlib
-
     parts = []
     for i in range(1, n_parts + 1):
         name = package.format(i)

@@ -49,7 +49,7 @@ QUICK_TOKENS = (1, 4, 8, 16)
 GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
 TILE_TIMED_MAX_TOKENS = 64  # one token tile of the tile kernel
 # Tile kernel configurations timed (rows per program, group columns per step); gqsa_tile_us is the best.
-TILE_CONFIGS = ("tile_n32_g4", "tile_n64_g4", "tile_n32_g8", "tile_n64_g8")
+TILE_CONFIGS = {"tile_n32_g4": (32, 4), "tile_n64_g4": (64, 4), "tile_n32_g8": (32, 8), "tile_n64_g8": (64, 8)}
 GROUP_SIZE = 16
 DENSITY = 0.5  # 50 % of the groups pruned
 L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
@@ -125,8 +125,8 @@ def measure_read_bandwidth() -> float:
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
-    if path.startswith("tile"):  # "tile_n{block_n}_g{groups_per_step}"
-        block_n, groups = (int(v[1:]) for v in path.split("_")[1:])
+    if path in TILE_CONFIGS:
+        block_n, groups = TILE_CONFIGS[path]
         split = tile_mm.default_split_k(N, K, GROUP_SIZE, torch.cuda.get_device_properties(0).multi_processor_count,
                                         block_n, groups)
         return [lambda t=t: tile_mm.tile_mm(x, t["codes"], t["meta"], *t["tile_tables"], N, GROUP_SIZE,

@@ -36,7 +36,7 @@ try:
 except ImportError:  # the plugin works without Triton; this kernel then is not offered
     triton = None
 
-from .cuda_format import COL_SHIFT, WEIGHTS_PER_WORD
+from .cuda_format import WEIGHTS_PER_WORD, unpack_meta
 
 BITS_PER_MASK_WORD = 32
 
@@ -52,7 +52,7 @@ def tile_tables(row_ptr: torch.Tensor, meta: torch.Tensor, N: int, K: int,
     nnz = int(rp[-1])
     counts = rp[1:] - rp[:-1]
     rows = torch.repeat_interleave(torch.arange(N, device=device), counts, output_size=nnz)
-    cols = (meta.to(torch.int64) & 0xFFFFFFFF) >> COL_SHIFT
+    cols = unpack_meta(meta)[2]
     word, bit = cols // BITS_PER_MASK_WORD, cols % BITS_PER_MASK_WORD
     mask = torch.zeros(N * KW, dtype=torch.int64, device=device)
     mask.index_add_(0, rows * KW + word, torch.ones_like(bit) << bit)  # distinct bits: add is or
