@@ -16,11 +16,17 @@
 //     barrier (a deterministic fix-up). A warp walks its groups in steps of 32 "units"
 //     (16 bytes of codes = 32 weights each, one per lane), so every weight byte is read once with
 //     one coalesced 128-bit load, marked L2 evict-first.
-//   * Dequantization is the magic-number trick in fp32 (see dequant8); products are accumulated in
-//     fp32 and scaled per group, so fp16 and bf16 share one exact dequantization.
-//   * x (M x K, small, read by every row) is copied by each CTA into shared memory, swizzled
-//     against bank conflicts, while its first weight loads are in flight (global memory through
-//     L1 when it does not fit).
+//   * The inner loop is packed fp16 math, four instructions for every eight weights and token
+//     besides the loads: the magic-number trick of FasterTransformer / Marlin turns two codes into
+//     two exact fp16 values q - z with one LOP3 and one HSUB2 or HFMA2 (see dequant_pairs), and
+//     HFMA2 multiplies them with two activations at once. Each group's (or 32-weight slice's) sum
+//     is widened to fp32 after at most 16 products, scaled, and accumulated in fp32. An earlier
+//     version did every product in fp32 and spent most of its time issuing instructions.
+//   * x (M x K, small, read by every row) is read as fp16 scaled by 2^-7 or 2^-8, which keeps
+//     those fp16 sums finite for any fp16 activations (see kXScaleLog2), with every 8 activations
+//     reordered to match the code pairs. Each CTA makes this copy in shared memory, swizzled
+//     against bank conflicts, while its first weight loads are in flight; when it does not fit,
+//     the kernel converts x from global memory at every use.
 //
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
@@ -48,6 +54,12 @@ constexpr int kZeroShift = 16;
 constexpr int kColShift = 20;
 constexpr uint32_t kNibbleMask = 0xFu;
 constexpr uint32_t kScaleMask = 0xFFFFu;
+
+// 0x64006400 is the fp16 pair (1024, 1024): the ulp of 1024 in fp16 is 1, so OR-ing a code q < 16
+// into bits 0-3 (or 16q into bits 4-7) of either half gives 1024 + q (or 1024 + 16q) exactly.
+constexpr uint32_t kHalf2Magic = 0x64006400u;
+constexpr uint32_t kHalf2Sixteenth = 0x2C002C00u;  // (1/16, 1/16)
+constexpr uint32_t kHalfMinus64 = 0xD400u;         // -64; -(64 + z) is this with z in bits 4-7
 
 // 0x4B000000 is the fp32 number 2^23: its ulp is exactly 1, so OR-ing an integer q < 2^23 into the
 // mantissa gives the float 2^23 + q with no conversion instruction.
@@ -116,6 +128,54 @@ __device__ __forceinline__ void dequant8(uint32_t word, float zero_magic, float 
   }
 }
 
+__device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
+__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
+
+// (1024 + z, 1024 + z) and (-(64 + z), -(64 + z)) as fp16 pairs, for dequant_pairs.
+struct ZeroPair {
+  uint32_t magic_z;
+  uint32_t minus_64_z;
+};
+__device__ __forceinline__ ZeroPair zero_pair(uint32_t meta) {
+  const uint32_t z = ((meta >> kZeroShift) & kNibbleMask) * 0x00010001u;  // z in both halves
+  return {kHalf2Magic | z, kHalfMinus64 * 0x00010001u | (z << 4)};
+}
+
+// The 8 codes of one word as exact fp16 values q - z, in the pairs (0, 4), (1, 5), (2, 6), (3, 7).
+// Codes 0 and 4 sit in bits 0-3 and 16-19, one in each half of the word, so one LOP3 makes the pair
+// (1024 + q0, 1024 + q4) and one HSUB2 of (1024 + z) leaves q - z. Codes 1 and 5 (bits 4-7 and
+// 20-23) give 1024 + 16q, which one HFMA2, times 1/16 minus (64 + z), turns into q - z. Codes 2, 6
+// and 3, 7 are the same after one shift by 8. Every step is exact.
+__device__ __forceinline__ void dequant_pairs(uint32_t word, ZeroPair zp, __half2 (&w)[4]) {
+  const uint32_t hi = word >> 8;
+  const __half2 sixteenth = as_half2(kHalf2Sixteenth);
+  w[0] = __hsub2(as_half2(lop3<kLutAndOr>(word, 0x000F000Fu, kHalf2Magic)), as_half2(zp.magic_z));
+  w[1] = __hfma2(as_half2(lop3<kLutAndOr>(word, 0x00F000F0u, kHalf2Magic)), sixteenth, as_half2(zp.minus_64_z));
+  w[2] = __hsub2(as_half2(lop3<kLutAndOr>(hi, 0x000F000Fu, kHalf2Magic)), as_half2(zp.magic_z));
+  w[3] = __hfma2(as_half2(lop3<kLutAndOr>(hi, 0x00F000F0u, kHalf2Magic)), sixteenth, as_half2(zp.minus_64_z));
+}
+
+// The GEMV reads x as fp16 times 2^-kXScaleLog2<G>. A lane sums at most n products (q - z) * x in
+// fp16 before widening to fp32: n = 8 for G = 16 (a unit holds two groups, each half of a pair
+// takes 8 of a group's 16 products) and 16 for larger groups (a unit is a 32-weight slice), and
+// |q - z| <= 15, so n * 15 * 65504 * 2^-s <= 65504 for s = 7 (n = 8) and s = 8 (n = 16): no partial
+// sum overflows for any finite fp16 activation. Subnormal fp16 keeps the scaled copy's absolute
+// error at 2^-24 * 2^s (1e-5 or less), far under the output's own rounding. bf16 activations
+// beyond 65504 * 2^s (over 8e6) would turn into infinities.
+template <int G>
+constexpr int kXScaleLog2 = G == 16 ? 7 : 8;
+
+// 2^-s as an fp16 pair.
+__host__ __device__ constexpr uint32_t half2_pow2_neg(int s) { return ((15u - s) << 10) * 0x00010001u; }
+
+// acc + the 8 products of w (dequant_pairs) with 8 activations in the same pair order.
+__device__ __forceinline__ __half2 dot8_pairs(const __half2 (&w)[4], uint4 xv, __half2 acc) {
+  acc = __hfma2(w[0], as_half2(xv.x), acc);
+  acc = __hfma2(w[1], as_half2(xv.y), acc);
+  acc = __hfma2(w[2], as_half2(xv.z), acc);
+  return __hfma2(w[3], as_half2(xv.w), acc);
+}
+
 // 2^23 + z as a float, to subtract from dequant8's magic values.
 __device__ __forceinline__ float zero_magic(uint32_t meta) {
   return __uint_as_float(kFloatMagic | ((meta >> kZeroShift) & kNibbleMask));
@@ -142,6 +202,15 @@ struct Act<__half> {
     __half2 h = __floats2half2_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
   }
+  // Activations 0..7 (two per word) as the fp16 pairs (0, 4), (1, 5), (2, 6), (3, 7) times 2^-s.
+  template <int s>
+  static __device__ __forceinline__ uint4 x_pairs(uint4 v) {
+    const __half2 scale = as_half2(half2_pow2_neg(s));
+    return make_uint4(half2_bits(__hmul2(as_half2(__byte_perm(v.x, v.z, 0x5410)), scale)),
+                      half2_bits(__hmul2(as_half2(__byte_perm(v.x, v.z, 0x7632)), scale)),
+                      half2_bits(__hmul2(as_half2(__byte_perm(v.y, v.w, 0x5410)), scale)),
+                      half2_bits(__hmul2(as_half2(__byte_perm(v.y, v.w, 0x7632)), scale)));
+  }
 };
 
 template <>
@@ -155,20 +224,17 @@ struct Act<__nv_bfloat16> {
     __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
     return *reinterpret_cast<uint32_t*>(&h);
   }
-};
-
-// acc + sum_i w[i] * x[i] for the 8 activations packed in xv.
-template <typename T>
-__device__ __forceinline__ float dot8(const float (&w)[kWordWeights], uint4 xv, float acc) {
-  const uint32_t packed[4] = {xv.x, xv.y, xv.z, xv.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 xf = Act<T>::unpack(packed[i]);
-    acc = fmaf(w[2 * i], xf.x, acc);
-    acc = fmaf(w[2 * i + 1], xf.y, acc);
+  // As Act<__half>::x_pairs, converted to fp16 (exact for values in fp16's normal range).
+  template <int s>
+  static __device__ __forceinline__ uint4 x_pairs(uint4 v) {
+    constexpr float scale = 1.0f / (1 << s);
+    const float2 a = unpack(v.x), b = unpack(v.y), c = unpack(v.z), d = unpack(v.w);
+    return make_uint4(half2_bits(__floats2half2_rn(a.x * scale, c.x * scale)),
+                      half2_bits(__floats2half2_rn(a.y * scale, c.y * scale)),
+                      half2_bits(__floats2half2_rn(b.x * scale, d.x * scale)),
+                      half2_bits(__floats2half2_rn(b.y * scale, d.y * scale)));
   }
-  return acc;
-}
+};
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -243,14 +309,16 @@ __device__ __forceinline__ int shared_x_row_chunks(int K) {
   return (K + kSharedXRowElems - 1) / kSharedXRowElems * (kSharedXRowElems / kWordWeights);
 }
 
-// The 8 activations of token m at input channels col0 .. col0 + 7 (col0 a multiple of 8).
-template <typename T, bool kSharedX>
-__device__ __forceinline__ uint4 load_x8(const T* __restrict__ x, const uint4* x_shared, int m, int K,
-                                         int col0) {
+// The 8 activations of token m at input channels col0 .. col0 + 7 (col0 a multiple of 8), as
+// Act<T>::x_pairs gives them: from the shared copy, or converted from global memory.
+template <typename T, int G, bool kSharedX>
+__device__ __forceinline__ uint4 load_x_pairs(const T* __restrict__ x, const uint4* x_shared, int m, int K,
+                                              int col0) {
   if constexpr (kSharedX) {
     return x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(col0 / kWordWeights)];
   } else {
-    return __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col0));
+    return Act<T>::template x_pairs<kXScaleLog2<G>>(
+        __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K + col0)));
   }
 }
 
@@ -308,8 +376,8 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) {
       const int m = i / chunks;
       const int c = i - m * chunks;
-      x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] =
-          __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c);
+      x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(
+          __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c));
     }
     __syncthreads();
   }
@@ -348,34 +416,34 @@ __global__ void __launch_bounds__(kGemvThreads)
       // Per group of this unit: its index and its contribution s * sum_j (q_j - z) x[m, j].
       int group[U::kGroups];
       float part[U::kGroups][M];
+      const uint32_t words[4] = {cur.codes.x, cur.codes.y, cur.codes.z, cur.codes.w};
 #pragma unroll
       for (int i = 0; i < U::kGroups; ++i) {
         group[i] = G == 16 ? 2 * u + i : u / U::kUnitsPerGroup;
+        const ZeroPair zp = zero_pair(cur.meta[i]);
+        // First input channel of this group's part of the unit.
+        const int col = meta_col(cur.meta[i]) * G + (G == 16 ? 0 : (u % U::kUnitsPerGroup) * kUnitWeights);
+        __half2 sum[M];
 #pragma unroll
-        for (int m = 0; m < M; ++m) part[i][m] = 0.f;
-      }
-      const uint32_t words[4] = {cur.codes.x, cur.codes.y, cur.codes.z, cur.codes.w};
+        for (int m = 0; m < M; ++m) sum[m] = __float2half2_rn(0.f);
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const int i = k / kWordsPerGroup;  // group of word k inside the unit
-        // First input channel of word k.
-        const int col0 = meta_col(cur.meta[i]) * G + (k % kWordsPerGroup) * kWordWeights +
-                         (G == 16 ? 0 : (u % U::kUnitsPerGroup) * kUnitWeights);
-        float w[kWordWeights];
-        dequant8(words[k], zero_magic(cur.meta[i]), w);
+        for (int k = 0; k < kWordsPerGroup; ++k) {
+          __half2 w[4];
+          dequant_pairs(words[i * kWordsPerGroup + k], zp, w);
 #pragma unroll
-        for (int m = 0; m < M; ++m) {
-          part[i][m] = dot8<T>(w, load_x8<T, kSharedX>(x, x_shared, m, K, col0), part[i][m]);
+          for (int m = 0; m < M; ++m) {
+            sum[m] = dot8_pairs(w, load_x_pairs<T, G, kSharedX>(x, x_shared, m, K, col + k * kWordWeights), sum[m]);
+          }
         }
-      }
-#pragma unroll
-      for (int i = 0; i < U::kGroups; ++i) {
         // Units past the warp's range, and the half of a G = 16 unit that belongs to a
         // neighbouring warp, contribute nothing (select, not multiply: x may hold inf).
         const bool valid = u < u_end && group[i] >= wb && group[i] < we;
-        const float s = meta_scale(cur.meta[i]);
+        const float s = meta_scale(cur.meta[i]) * static_cast<float>(1 << kXScaleLog2<G>);
 #pragma unroll
-        for (int m = 0; m < M; ++m) part[i][m] = valid ? s * part[i][m] : 0.f;
+        for (int m = 0; m < M; ++m) {
+          const float2 f = __half22float2(sum[m]);
+          part[i][m] = valid ? s * (f.x + f.y) : 0.f;
+        }
       }
 
       // Hand the contributions to their rows. Rows ending inside this step are finished (row
