@@ -8,10 +8,8 @@ reports time per call (median of several replays), effective GB/s over the bytes
 read (GQSA: codes + meta + row_ptr + schedule + x), the share of the read bandwidth measured in
 the same run (a large ``x.sum()``), and the speed-up over each baseline. GQSA uses the plugin's
 dispatch rule: the GEMV for M <= 8 tokens, dequantize + cuBLAS above. For the GEMV it also times
-x read from global memory instead of the shared-memory copy (the ablation of that copy). From 9 to
-64 tokens it also times the Triton tile kernel (``vllm_gqsa/kernels/tile_mm.py``, not yet used by
-the plugin) in four block shapes, the best as ``gqsa_tile_us``. The summary adds up each model's
-linear layers at each M: one decoder layer's time and bandwidth.
+x read from global memory instead of the shared-memory copy (the ablation of that copy). The
+summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
     python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
                                  [--out benchmarks/results/kernels.json]
@@ -30,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_gqsa.kernels import cuda, tile_mm  # noqa: E402
+from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, make_schedule, pack_meta,  # noqa: E402
                                            row_per_cta_schedule)
 
@@ -47,9 +45,6 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
 GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
-TILE_TIMED_MAX_TOKENS = 64  # one token tile of the tile kernel
-# Tile kernel configurations timed (rows per program, group columns per step); gqsa_tile_us is the best.
-TILE_CONFIGS = {"tile_n32_g4": (32, 4), "tile_n64_g4": (64, 4), "tile_n32_g8": (32, 8), "tile_n64_g8": (64, 8)}
 GROUP_SIZE = 16
 DENSITY = 0.5  # 50 % of the groups pruned
 L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
@@ -125,13 +120,6 @@ def measure_read_bandwidth() -> float:
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
-    if path in TILE_CONFIGS:
-        block_n, groups = TILE_CONFIGS[path]
-        split = tile_mm.default_split_k(N, K, GROUP_SIZE, torch.cuda.get_device_properties(0).multi_processor_count,
-                                        block_n, groups)
-        return [lambda t=t: tile_mm.tile_mm(x, t["codes"], t["meta"], *t["tile_tables"], N, GROUP_SIZE,
-                                            split_k=split, block_n=block_n, groups_per_step=groups)
-                for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
 
@@ -197,7 +185,6 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     t0 = gqsa_bytes(make_gqsa(N, K, DENSITY, num_ctas), 0, K)
     g_copies = copies_for(t0)
     gq = [make_gqsa(N, K, DENSITY, num_ctas) for _ in range(g_copies)]
-    tile_extra = [{} for _ in gq]  # the tile kernel's lookup tables, outside gqsa_bytes
     d_copies = copies_for(N * K * 2)
     dense = dense_weights(N, K, d_copies)
     sparse24 = semi_structured(dense)
@@ -211,26 +198,12 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["gemv"] = time_graph(gqsa_calls(gq, x, N, K, "gemv"), reps)
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = time_graph(gqsa_calls(gq, x, N, K, "dequant_cublas"), reps)
-        tile_error = None
-        if MAX_GEMV_TOKENS < M <= TILE_TIMED_MAX_TOKENS and tile_mm.available():
-            try:
-                if "tile_tables" not in tile_extra[0]:
-                    for t, e in zip(gq, tile_extra):
-                        e["tile_tables"] = tile_mm.tile_tables(t["row_ptr"], t["meta"], N, K, GROUP_SIZE)
-                with_tables = [{**t, **e} for t, e in zip(gq, tile_extra)]
-                for config in TILE_CONFIGS:
-                    paths[config] = time_graph(gqsa_calls(with_tables, x, N, K, config), reps)
-                paths["tile"] = min(paths[c] for c in TILE_CONFIGS)
-            except Exception as e:  # a kernel that does not compile here must not stop the run
-                tile_error = f"{type(e).__name__}: {e}"[:300]
         kernel = "gemv" if M <= cuda.GEMV_MAX_TOKENS else "dequant_cublas"
         us = paths[kernel]
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
              "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
              **{f"gqsa_{k}_us": v for k, v in paths.items()}}
-        if tile_error:
-            r["gqsa_tile_error"] = tile_error
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
             r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, "gemv", x_staging=0), reps)
         base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
@@ -309,6 +282,8 @@ def main() -> None:
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--tokens", default=None, help="comma-separated M values")
     p.add_argument("--skip-balance", action="store_true", help="skip the uniform vs heavy-block test")
+    p.add_argument("--ctas-per-sm", type=int, default=None,
+                   help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
     ok, reason = cuda.available()
     if not ok:
@@ -316,6 +291,8 @@ def main() -> None:
     start = time.time()
     reps = args.reps or (5 if args.quick else 20)
     num_ctas = cuda.default_num_ctas()
+    if args.ctas_per_sm:
+        num_ctas = args.ctas_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
     read_bw = measure_read_bandwidth()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: measured read bandwidth {read_bw:.0f} GB/s, GEMV grid {num_ctas} CTAs")
