@@ -7,8 +7,8 @@
   configuration; time to first token against prompt length where the file has it. A file named
   ``<that name>_<more>.json`` from the same device and shape is a later run of more configurations:
   they join its plots as dashed lines, labelled "(separate run)".
-- ``kernels_*.json`` (benchmarks/kernels.py): one decoder layer's GQSA time against each baseline's,
-  as a speed-up, against the number of tokens M.
+- one ``kernels_*.json`` (benchmarks/kernels.py; ``--kernels``, default the H200 run): one decoder
+  layer's GQSA time against each baseline's, as a speed-up, against the number of tokens M.
 """
 
 from __future__ import annotations
@@ -109,6 +109,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="benchmarks/results/gpu")
     p.add_argument("--out", default="benchmarks/results/plots")
+    p.add_argument("--kernels", default="kernels_h200.json",
+                   help="the kernel benchmark (in --results) whose summary is plotted")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
     written = []
@@ -121,7 +123,7 @@ def main(argv=None) -> int:
     for q in e2e:
         if not any(addendum_of(q, other) for other in e2e):
             written += plot_e2e(q, a.out, [p for p in e2e if addendum_of(p, q)])
-    written += plot_kernels(sorted(glob.glob(os.path.join(a.results, "kernels_*.json"))), a.out)
+    written += plot_kernels([os.path.join(a.results, a.kernels)], a.out)
     for w in written:
         print("wrote", w)
     return 0

@@ -17,11 +17,10 @@ python3 -c "from vllm_gqsa.kernels import cuda; print('GQSA CUDA kernels:', cuda
 
 if [[ $part == all || $part == kernels ]]; then
   timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
-    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_sparse24.py tests/test_tile_mm.py \
+    python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_sparse24.py \
     2>&1 | tail -5 | tee "$out/cuda_kernel_tests_memcheck.txt"
-  timeout 280 python3 benchmarks/kernels.py --models llama-2-7b --out "$out/kernels_llama2-7b.json" 2>&1 | tail -12
-  timeout 280 python3 benchmarks/kernels.py --models llama-3-8b,qwen2.5-7b --tokens 1,4,8,16,64,512 --skip-balance \
-    --out "$out/kernels_llama3-8b_qwen2.5-7b.json" 2>&1 | tail -12
+  # About 3.5 minutes on an H200 with vLLM installed (Marlin and Machete in the same run).
+  timeout 500 python3 benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | grep -E "layer sum|balance|grid"
 fi
 if [[ $part == all || $part == serve ]]; then
   # About 5 minutes per dtype with both modes: two server start-ups (torch.compile and CUDA-graph

@@ -25,13 +25,14 @@ import torch
 
 from .cuda_format import MAX_GEMV_TOKENS
 
-# Persistent-grid size of the GEMV. Measured on an H100 (4096x4096, M=1, heavy row block;
-# benchmarks/results/gpu/kernels_llama2-7b.json): 2 CTAs per SM 6.90 us, 4 per SM 8.77 us, 8 per SM
-# 10.33 us; fewer, longer warp tasks pay the per-task prologue, x copy and fix-up less often.
+# Persistent-grid size of the GEMV. Measured on an H200 (benchmarks/results/gpu/kernels_h200.json
+# and kernels_llama2-7b_h200_ctas*.json): a Llama-2-7B layer at M=1 takes 49.9 us with 2 CTAs per
+# SM, 50.8 with 3 and 60.0 with 4; fewer, longer warp tasks pay the per-task prologue, x copy and
+# fix-up less often.
 CTAS_PER_SM = 2
 # Batches of up to this many tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens), larger
-# ones dequantize + cuBLAS. At 16 tokens two GEMV launches already lose to dequantize + cuBLAS on
-# every Llama-2-7B layer (H100: 92 vs 89 us, 38 vs 28, 165 vs 153, 100 vs 84).
+# ones dequantize + cuBLAS. At 16 tokens two GEMV launches lose to dequantize + cuBLAS on every
+# Llama-2-7B layer (H200: 83 vs 67 us, 36 vs 23, 144 vs 114, 98 vs 64).
 GEMV_MAX_TOKENS = 8
 JIT_NAME = "vllm_gqsa_C"
 # torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
