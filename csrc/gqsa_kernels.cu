@@ -16,10 +16,10 @@
 //     barrier (a deterministic fix-up). A warp walks its groups in steps of 32 "units"
 //     (16 bytes of codes = 32 weights each, one per lane), so every weight byte is read once with
 //     one coalesced 128-bit load, marked L2 evict-first.
-//   * The inner loop is packed fp16 math, four instructions for every eight weights and token
-//     besides the loads: the magic-number trick of FasterTransformer / Marlin turns two codes into
-//     two exact fp16 values q - z with one LOP3 and one HSUB2 or HFMA2 (see dequant_pairs), and
-//     HFMA2 multiplies them with two activations at once. Each group's (or 32-weight slice's) sum
+//   * The inner loop is packed fp16 math. Eight weights take nine instructions to dequantize (the
+//     magic-number trick of FasterTransformer / Marlin: one LOP3 and one HSUB2 or HFMA2 turn two
+//     codes into two exact fp16 values q - z, see dequant_pairs) and four HFMA2 per token, each
+//     multiplying two weights with two activations at once. Each group's (or 32-weight slice's) sum
 //     is widened to fp32 after at most 16 products, scaled, and accumulated in fp32. An earlier
 //     version did every product in fp32 and spent most of its time issuing instructions.
 //   * x (M x K, small, read by every row) is read as fp16 scaled by 2^-7 or 2^-8, which keeps
