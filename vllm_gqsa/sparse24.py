@@ -13,10 +13,11 @@ Elsewhere, or for shapes cuSPARSELt refuses, the pruned weight stays dense.
 
 PyTorch builds a new cuSPARSELt plan on every ``_cslt_sparse_mm`` call, host work that costs
 tens of milliseconds per call on an H200 (judged from vLLM's start-up times there; not timed one
-call at a time): a CUDA graph replays only the kernel, so decode under
-CUDA graphs runs at the kernel's speed, but vLLM needs about a minute to capture each batch size
-(``benchmarks/results/gpu/e2e_llama2-7b_h200.json``) and eager calls (prefill, ``--enforce-eager``)
-are slow. Compare it on decode with CUDA graphs only.
+call at a time). In vLLM this backend is slow: about a minute to capture each CUDA-graph size, and
+7.3 tokens/s (137 ms per token) at batch 1 on an H200 with graphs captured, where its kernels
+replayed in a graph take about 7 ms per token for the linear layers
+(``benchmarks/results/gpu/e2e_llama2-7b_h200_sparse24.json``; where the rest of the time goes was
+not profiled). Compare 2:4 at the kernel level (``benchmarks/kernels.py``).
 """
 
 from __future__ import annotations
