@@ -115,6 +115,13 @@ def weight_memory_gib(log: str) -> float | None:
     return float(m.group(1)) if m else None
 
 
+def gqsa_dispatch() -> dict:
+    """The GQSA kernels' token-count crossovers the engines will use (env overrides included)."""
+    from vllm_gqsa.kernels import cuda
+
+    return {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama2-7b", choices=sorted(SHAPES))
@@ -137,7 +144,7 @@ def main(argv=None) -> int:
 
     results = {"shape": a.shape, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
                "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
-               "configs": {}}
+               "gqsa_dispatch": gqsa_dispatch(), "configs": {}}
     for name in a.configs.split(","):
         print(name, flush=True)
         tmp = tempfile.mktemp(suffix=".json")

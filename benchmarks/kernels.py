@@ -5,10 +5,12 @@ semi-structured sparsity and (when vLLM is importable) vLLM's Marlin and Machete
 Every kernel is timed inside a CUDA graph (as vLLM runs decode) that calls it once per weight
 copy, with enough copies to exceed the L2 cache, so weights always come from HBM. Each result
 reports time per call (median of several replays), effective GB/s over the bytes the kernel must
-read (GQSA: codes + meta + row_ptr + schedule + x), the share of the read bandwidth measured in
-the same run (a large ``x.sum()``), and the speed-up over each baseline. GQSA uses the plugin's
-dispatch rule: the GEMV for M <= 8 tokens, dequantize + cuBLAS above. For the GEMV it also times
-x read from global memory instead of the shared-memory copy (the ablation of that copy). The
+read (GQSA: codes + meta + row_ptr + x, and the GEMV's schedule or the tensor-core kernel's
+chunk table), the share of the read bandwidth measured in the same run (a large ``x.sum()``), and
+the speed-up over each baseline. GQSA uses the plugin's dispatch rule (the GEMV for M <= 8
+tokens, the tensor-core kernel up to 64, dequantize + cuBLAS above), and every path that could
+win at an M is timed too (``gqsa_<path>_us``). For the GEMV it also times x read from global
+memory instead of the shared-memory copy (the ablation of that copy). The
 summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
     python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
@@ -29,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.kernels import cuda  # noqa: E402
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, make_schedule, pack_meta,  # noqa: E402
-                                           row_per_cta_schedule)
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table, make_schedule,  # noqa: E402
+                                           pack_meta, row_per_cta_schedule)
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
@@ -45,12 +47,14 @@ TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
 GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
+TC_TIMED_MAX_TOKENS = 128  # the tensor-core kernel reads the weights once per 64 tokens
 GROUP_SIZE = 16
 DENSITY = 0.5  # 50 % of the groups pruned
 L2_ROTATION_BYTES = 200 * 2**20  # weight copies per graph: at least this many bytes (L2 is 50 MB)
 MAX_COPIES = 64
 BANDWIDTH_PROBE_BYTES = 2 * 2**30
 DTYPE = torch.float16
+TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc-splits)
 
 
 def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool = False) -> dict:
@@ -73,11 +77,18 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
         "codes": torch.randint(-2**31, 2**31 - 1, (nnz, GROUP_SIZE // 8), dtype=torch.int32, device="cuda"),
         "meta": pack_meta(scales, zeros, cols),
         "schedule": make_schedule(row_ptr, num_ctas),
+        "chunks": chunk_table(row_ptr, cols, K, GROUP_SIZE),
     }
 
 
-def gqsa_bytes(t: dict, M: int, K: int) -> int:
-    return sum(v.numel() * v.element_size() for v in t.values()) + M * K * 2
+# The tensors each path reads besides x: the GEMV does not read the chunk table, the tensor-core
+# kernel not the schedule.
+PATH_TENSORS = {"gemv": ("row_ptr", "codes", "meta", "schedule"), "tc": ("row_ptr", "codes", "meta", "chunks"),
+                "dequant_cublas": ("row_ptr", "codes", "meta")}
+
+
+def gqsa_bytes(t: dict, M: int, K: int, path: str = "gemv") -> int:
+    return sum(t[k].numel() * t[k].element_size() for k in PATH_TENSORS[path]) + M * K * 2
 
 
 def copies_for(nbytes: int) -> int:
@@ -120,6 +131,8 @@ def measure_read_bandwidth() -> float:
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
+    if path == "tc":
+        return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
 
@@ -191,15 +204,18 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     others = vllm_gptq_baselines(N, K, copies_for(N * K // 2))
     for M in tokens:
         x = torch.randn(M, K, device="cuda", dtype=DTYPE)
-        nbytes = sum(gqsa_bytes(t, M, K) for t in gq) / len(gq)
-        # Both GQSA paths where either could win; gqsa_us is the one the plugin picks.
+        # Every GQSA path that could win at this M; gqsa_us is the one the plugin picks.
         paths = {}
         if M <= GEMV_TIMED_MAX_TOKENS:
             paths["gemv"] = time_graph(gqsa_calls(gq, x, N, K, "gemv"), reps)
+        if M <= TC_TIMED_MAX_TOKENS:
+            paths["tc"] = time_graph(gqsa_calls(gq, x, N, K, "tc"), reps)
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = time_graph(gqsa_calls(gq, x, N, K, "dequant_cublas"), reps)
-        kernel = "gemv" if M <= cuda.GEMV_MAX_TOKENS else "dequant_cublas"
+        kernel = ("gemv" if M <= cuda.GEMV_MAX_TOKENS else "tc" if M <= cuda.TC_MAX_TOKENS
+                  else "dequant_cublas")
         us = paths[kernel]
+        nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
              "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
@@ -241,6 +257,14 @@ def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> l
                          "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw})
             print(f"balance {rows[-1]['rows']:11s} {grid:11s} {N}x{K} M=1 {us:8.2f} us "
                   f"{rows[-1]['GBps']:7.0f} GB/s {rows[-1]['pct_read_bw']:5.1f}%", flush=True)
+    x16 = torch.randn(16, K, device="cuda", dtype=DTYPE)
+    for heavy in (False, True):  # the tensor-core kernel splits rows into fixed 64-row tiles
+        ts16 = [make_gqsa(N, K, DENSITY, num_ctas, heavy_block=heavy) for _ in range(len(ts))]
+        nbytes = sum(gqsa_bytes(t, 16, K, "tc") for t in ts16) / len(ts16)
+        us = time_graph(gqsa_calls(ts16, x16, N, K, "tc"), reps)
+        rows.append({"N": N, "K": K, "M": 16, "rows": "heavy_block" if heavy else "uniform", "grid": "tc",
+                     "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw})
+        print(f"balance {rows[-1]['rows']:11s} tc {N}x{K} M=16 {us:8.2f} us {rows[-1]['GBps']:7.0f} GB/s", flush=True)
     for ctas_per_sm in (2, 4, 8):  # the persistent grid's size (cuda.CTAS_PER_SM is the default)
         num = ctas_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
         ts = [dict(t, schedule=make_schedule(t["row_ptr"], num)) for t in ts]
@@ -282,6 +306,8 @@ def main() -> None:
     p.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)}")
     p.add_argument("--tokens", default=None, help="comma-separated M values")
     p.add_argument("--skip-balance", action="store_true", help="skip the uniform vs heavy-block test")
+    p.add_argument("--tc-splits", type=int, default=0,
+                   help="K splits of the tensor-core kernel (default 0: the op chooses)")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -289,6 +315,8 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
+    global TC_SPLITS
+    TC_SPLITS = args.tc_splits
     reps = args.reps or (5 if args.quick else 20)
     num_ctas = cuda.default_num_ctas()
     if args.ctas_per_sm:

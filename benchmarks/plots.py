@@ -61,7 +61,7 @@ def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
 
     ttft = [(label, cfg["ttft"], style) for label, cfg, style in _lines(r, extra)
             if isinstance(cfg.get("ttft"), dict)]
-    if ttft:
+    if any(style == "-" for _, _, style in ttft):  # only beside a run that measured it too
         fig, ax = plt.subplots(figsize=(6, 4))
         for label, t, style in ttft:
             pts = sorted((int(k), v["ttft_ms"]) for k, v in t.items())

@@ -3,8 +3,9 @@
 
 For each serving mode (CUDA graphs + torch.compile, and ``--enforce-eager``) it starts
 ``vllm serve CKPT`` on loopback, sends greedy completions (32 tokens, the chosen token's
-logprob) for 10 prompts and one chat completion through the OpenAI client, and stops the
-server. Then transformers runs the same checkpoint through the reference dequantization, in
+logprob) for 10 prompts, one at a time (decode at batch 1: the GEMV) and then all in one request
+(decode at batch 10: the tensor-core kernel), and one chat completion through the OpenAI client,
+and stops the server. Then transformers runs the same checkpoint through the reference dequantization, in
 the same dtype on the same GPU, and generates greedily from the same prompt tokens. Reported:
 per prompt, the number of leading tokens that agree and the logprob differences.
 
@@ -86,19 +87,22 @@ def stop_server(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def greedy_completions(client) -> list[dict]:
-    """PROMPTS completed greedily (NEW_TOKENS tokens each), with token ids and logprobs."""
+def greedy_completions(client, batched: bool = False) -> list[dict]:
+    """PROMPTS completed greedily (NEW_TOKENS tokens each), with token ids and logprobs: one
+    request per prompt, or (batched) one request for all, which the engine decodes together."""
+    requests = [PROMPTS] if batched else [[p] for p in PROMPTS]
     completions = []
-    for prompt in PROMPTS:
-        r = client.completions.create(model="gqsa", prompt=prompt, max_tokens=NEW_TOKENS,
+    for prompts in requests:
+        r = client.completions.create(model="gqsa", prompt=prompts, max_tokens=NEW_TOKENS,
                                       temperature=0.0, logprobs=1,
                                       extra_body={"return_tokens_as_token_ids": True,
                                                   "ignore_eos": True})
-        lp = r.choices[0].logprobs
-        completions.append({
-            "prompt": prompt, "text": r.choices[0].text,
-            "token_ids": [int(t.split(":")[1]) for t in lp.tokens],
-            "logprobs": lp.token_logprobs})
+        for choice in sorted(r.choices, key=lambda c: c.index):
+            lp = choice.logprobs
+            completions.append({
+                "prompt": prompts[choice.index], "text": choice.text,
+                "token_ids": [int(t.split(":")[1]) for t in lp.tokens],
+                "logprobs": lp.token_logprobs})
     return completions
 
 
@@ -109,11 +113,13 @@ def query_server(ckpt: str, port: int, extra_args: list[str], log_path: str) -> 
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         completions = greedy_completions(client)
+        batched = greedy_completions(client, batched=True)
         chat = client.chat.completions.create(
             model="gqsa", messages=[{"role": "user", "content": "Name three colors."}],
             max_tokens=32, temperature=0.0)
         return {"command": " ".join(cmd), "startup_seconds": round(startup, 1),
-                "completions": completions, "chat": chat.choices[0].message.content}
+                "completions": completions, "batched_completions": batched,
+                "chat": chat.choices[0].message.content}
     finally:
         stop_server(proc)
 
@@ -201,11 +207,13 @@ def main(argv=None) -> int:
     result["vllm"] = vllm.__version__
     for mode, s in served.items():
         cmp = compare(s["completions"], ref, model)
+        batched = compare(s["batched_completions"], ref, model)
         result[mode] = {"server_command": s["command"], "startup_seconds": s["startup_seconds"],
                         "chat_reply": s["chat"], **cmp,
-                        "texts": [c["text"] for c in s["completions"]]}
-        print(mode, f"{cmp['prompts_identical']}/{cmp['prompts']} prompts identical for {NEW_TOKENS} tokens",
-              flush=True)
+                        "texts": [c["text"] for c in s["completions"]],
+                        "batched": {**batched, "texts": [c["text"] for c in s["batched_completions"]]}}
+        print(mode, f"{cmp['prompts_identical']}/{cmp['prompts']} prompts identical for {NEW_TOKENS} tokens;",
+              f"batched: {batched['prompts_identical']}/{batched['prompts']}", flush=True)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     return 0

@@ -28,6 +28,11 @@
 //     against bank conflicts, while its first weight loads are in flight; when it does not fit,
 //     the kernel converts x from global memory at every use.
 //
+// Batched decode (M = 9..32 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
+// and a range of K, copies each row's kept groups of one 256-channel chunk at a time into shared
+// memory (the chunk table says where they start, so there is no search), densifies them there to
+// fp16 and multiplies with mma.m16n8k16; splits of K are summed deterministically.
+//
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
 
@@ -554,6 +559,334 @@ __global__ void __launch_bounds__(kDequantThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// Tensor-core kernel for batched decode (M = 9..64 tokens per launch)
+
+// A weight tile of kTcRows rows; the input is walked in chunks of kTcChunk channels.
+constexpr int kTcSlots = kTcChunk / 16;      // 16-channel mma k-steps in a chunk
+constexpr int kTcChunkUnits = kTcChunk / 8;  // 16-byte units (8 fp16) in one row of a chunk
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+  if constexpr (kBytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(gmem));
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(smem)), "l"(gmem), "n"(kBytes));
+  }
+}
+
+// 16 bytes, or 16 zero bytes when !valid (a source size of 0 reads nothing).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
+
+template <int n>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(n));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(smem)));
+}
+
+// d += a (16 x 16, row-major) * b (16 x 8, column-major), fp16 inputs, fp32 accumulators.
+__device__ __forceinline__ void mma_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The tensor cores multiply fp16: x is read as fp16 times 2^-kTcXScaleLog2 and y scaled back.
+// fp16 activations are taken as they are; bf16 ones are scaled as in the GEMV, so values up to
+// 65504 * 2^8 stay finite (accumulation is fp32, so no partial sum can overflow).
+template <typename T>
+constexpr int kTcXScaleLog2 = 0;
+template <>
+constexpr int kTcXScaleLog2<__nv_bfloat16> = 8;
+
+// The 8 warps of a CTA: warp w densifies and multiplies rows 16 * (w % 4) .. + 15 of the tile over
+// half w / 4 of each chunk's 16 k-steps; the two halves' sums are added at the end.
+constexpr int kTcRowGroups = kTcRows / 16;
+constexpr int kTcHalves = kTcThreads / kWarpSize / kTcRowGroups;
+constexpr int kTcHalfSlots = kTcSlots / kTcHalves;
+constexpr int kTcCopyThreads = kTcThreads / kTcRows;  // threads copying one row's groups
+
+// Shared memory of tc_kernel. Each pipeline stage holds one chunk: x (kTokens rows of the chunk's
+// activations, in the pair order of dequant_pairs), and for each of the tile's rows the chunk's
+// kept groups (codes and meta, as many as the row's chunk mask has bits) and that mask. Behind
+// the stages, each warp has a dense fp16 copy of its 16 rows of its half chunk (the mma's A).
+template <int G, int MT>
+struct TcLayout {
+  static constexpr int kCols = kTcChunk / G;  // group columns per chunk, bits of a chunk mask
+  static constexpr int kTokens = 8 * MT;
+  static constexpr int kXBytes = kTokens * kTcChunk * 2;
+  static constexpr int kRowCodeWords = kTcChunk / 8;  // 4-bit codes of a whole chunk row
+  static constexpr int kCodeBytes = kTcRows * kRowCodeWords * 4;
+  static constexpr int kMetaBytes = kTcRows * kCols * 4;
+  static constexpr int kMaskBytes = kTcRows * 4;
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes + kMaskBytes;
+  // Stages: as many as fit two CTAs per SM (under 113 KB each) for up to 32 tokens.
+  static constexpr int kStages = MT <= 2 ? 3 : 2;
+  static constexpr int kATileUnits = 16 * kTcHalfSlots * 2;  // 16-byte units of a warp's A tile
+  static constexpr int kBytes = kStages * kStageBytes + (kTcThreads / kWarpSize) * kATileUnits * 16;
+  static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kStageBytes, "the half sums fit in stage 0");
+};
+
+// y[M, N] = x[M, K] @ W.T for M <= 8 * MT, on tensor cores. CTA (tile, split) computes rows
+// tile * kTcRows .. + kTcRows - 1 over chunks [split * C / splits, (split + 1) * C / splits) of the
+// C = ceil(K / kTcChunk) chunks. Per chunk:
+//   * cp.async copies, kStages - 1 chunks ahead, each row's kept groups of the chunk (one
+//     contiguous run of codes and of meta; the chunk table gives where it starts and which group
+//     columns it holds) and the chunk of x (zeros past M tokens or K channels);
+//   * x is converted in place to fp16 pairs (the order dequant_pairs produces weights in);
+//   * each warp densifies its 16 rows of its half chunk: lane items (row, 16-channel slot) become
+//     16 fp16 weights s * (q - z), or zeros for a pruned slot, in a swizzled tile;
+//   * ldmatrix + mma.m16n8k16 multiply the tile with x, accumulating in fp32.
+// With splits > 1 every split stores its fp32 partial in the workspace, and the last split of a
+// tile to finish (counted in counters[tile], which it resets to 0) sums them in split order and
+// writes y: the result does not depend on the order the CTAs run in.
+template <typename T, int G, int MT>
+__global__ void __launch_bounds__(kTcThreads)
+    tc_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
+              const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks, T* __restrict__ y,
+              float* __restrict__ workspace, int32_t* __restrict__ counters, int M, int N, int K, int splits) {
+  using L = TcLayout<G, MT>;
+  constexpr int kWordsPerGroup = G / kWordWeights;
+  constexpr int kSlotsPerGroup = G / 16;
+  constexpr int kCopyBytes = G == 16 ? 8 : 16;  // a group's codes are 8 (G = 16) or 16k bytes
+  extern __shared__ __align__(16) unsigned char tc_smem[];
+  __shared__ int is_last_split;
+
+  const int tile = blockIdx.x;
+  const int split = blockIdx.y;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int row_group = warp % kTcRowGroups;
+  const int half = warp / kTcRowGroups;
+  const int num_chunks = (K + kTcChunk - 1) / kTcChunk;
+  const int c_begin = split * num_chunks / splits;
+  const int n_local = (split + 1) * num_chunks / splits - c_begin;
+
+  // Copies: kTcCopyThreads neighbouring threads per row of the tile, so one warp-wide copy reads
+  // whole 32-byte sectors of a few rows.
+  const int copy_row = threadIdx.x / kTcCopyThreads;
+  const int copy_part = threadIdx.x % kTcCopyThreads;
+  const int grow = tile * kTcRows + copy_row;
+  const bool row_ok = grow < N;
+  const int row_first = row_ok ? __ldg(row_ptr + grow) : 0;
+  auto load_entry = [&](int i) {  // chunk table entry of this row for local chunk i
+    return row_ok && i < n_local ? __ldg(chunks + static_cast<size_t>(grow) * num_chunks + c_begin + i) : 0;
+  };
+
+  auto x_stage = [&](int s) { return reinterpret_cast<uint4*>(tc_smem + s * L::kStageBytes); };
+  auto code_stage = [&](int s) { return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes); };
+  auto meta_stage = [&](int s) {
+    return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes);
+  };
+  auto mask_stage = [&](int s) {
+    return reinterpret_cast<uint32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes + L::kMetaBytes);
+  };
+
+  // Word offset of 8-byte unit u (16 codes) of row r's codes in a stage. Odd rows swap the two
+  // halves of their slot: the densify reads the same unit of 4 rows at once, and rows 128 bytes
+  // apart would all hit the same banks.
+  auto code_word = [](int r, int u) { return r * L::kRowCodeWords + 2 * (u ^ ((r & 1) * kTcSlots / 2)); };
+
+  auto issue = [&](int i, int s, int entry) {
+    const uint32_t mask = static_cast<uint32_t>(entry) & 0xFFFFu;
+    const int first = row_first + static_cast<int>(static_cast<uint32_t>(entry) >> 16);
+    const int n = __popc(mask);
+    if (copy_part == 0) mask_stage(s)[copy_row] = mask;
+    const char* src = reinterpret_cast<const char*>(codes + static_cast<size_t>(first) * kWordsPerGroup);
+    const int units = n * (G / 2) / kCopyBytes;
+    for (int u = copy_part; u < units; u += kTcCopyThreads) {
+      const int pos = u * (kCopyBytes / 8);  // first 8-byte unit of this copy
+      cp_async<kCopyBytes>(code_stage(s) + code_word(copy_row, pos), src + u * kCopyBytes);
+    }
+    int32_t* mdst = meta_stage(s) + copy_row * L::kCols;
+    for (int g = copy_part; g < n; g += kTcCopyThreads) cp_async<4>(mdst + g, meta + first + g);
+    const int c = c_begin + i;
+    uint4* xs = x_stage(s);
+    for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
+      const int tok = u / kTcChunkUnits;
+      const int cu = u % kTcChunkUnits;
+      const int ch = c * kTcChunk + cu * kWordWeights;
+      const bool valid = tok < M && ch < K;
+      cp_async16_zfill(xs + tok * kTcChunkUnits + (cu ^ (tok & 7)), valid ? x + static_cast<size_t>(tok) * K + ch : x,
+                       valid);
+    }
+  };
+
+  // Prologue: the chunk table entries of the first kStages chunks in one round trip, then the
+  // copies of the first kStages - 1 chunks. One commit group per chunk, empty ones included, so
+  // that wait_group counts chunks.
+  int entry_next;
+  {
+    int e[L::kStages];
+#pragma unroll
+    for (int i = 0; i < L::kStages; ++i) e[i] = load_entry(i);
+#pragma unroll
+    for (int i = 0; i < L::kStages - 1; ++i) {
+      if (i < n_local) issue(i, i, e[i]);
+      cp_async_commit();
+    }
+    entry_next = e[L::kStages - 1];
+  }
+
+  uint4* a_tile = reinterpret_cast<uint4*>(tc_smem + L::kStages * L::kStageBytes) + warp * L::kATileUnits;
+  constexpr int kATileRowUnits = 2 * kTcHalfSlots;
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[t][j] = 0.f;
+  }
+
+  for (int i = 0; i < n_local; ++i) {
+    const int s = i % L::kStages;
+    cp_async_wait<L::kStages - 2>();  // this thread's copies of chunk i have landed
+    __syncthreads();                  // and everyone's; chunk i - 1's stage is free
+    for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
+      x_stage(s)[u] = Act<T>::template x_pairs<kTcXScaleLog2<T>>(x_stage(s)[u]);
+    }
+    __syncthreads();
+    const int next = i + L::kStages - 1;
+    if (next < n_local) {
+      issue(next, next % L::kStages, entry_next);
+      entry_next = load_entry(next + 1);
+    }
+    cp_async_commit();
+
+    // Densify: item k of a lane is row kItemRows * k + lane / kTcHalfSlots of the warp's 16, slot
+    // half * kTcHalfSlots + lane % kTcHalfSlots of the chunk.
+    const int32_t* cs = code_stage(s);
+    const int32_t* ms = meta_stage(s);
+    const uint32_t* ks = mask_stage(s);
+    constexpr int kItemRows = kWarpSize / kTcHalfSlots;
+#pragma unroll
+    for (int k = 0; k < 16 / kItemRows; ++k) {
+      const int rr = kItemRows * k + lane / kTcHalfSlots;
+      const int hs = lane % kTcHalfSlots;  // slot within the half
+      const int slot = half * kTcHalfSlots + hs;
+      const int r = row_group * 16 + rr;
+      const uint32_t mask = ks[r];
+      const int col = slot / kSlotsPerGroup;
+      uint2 w = make_uint2(0, 0);
+      uint32_t m = 0;  // a pruned slot: q = z = 0 and scale 0 give exact zeros
+      if ((mask >> col) & 1u) {
+        const int idx = __popc(mask & ((1u << col) - 1u));
+        w = *reinterpret_cast<const uint2*>(cs + code_word(r, idx * kSlotsPerGroup + slot % kSlotsPerGroup));
+        m = static_cast<uint32_t>(ms[r * L::kCols + idx]);
+      }
+      const ZeroPair zp = zero_pair(m);
+      const __half2 scale = as_half2((m & kScaleMask) * 0x00010001u);
+      __half2 h[4];
+      uint4 v[2];
+      dequant_pairs(w.x, zp, h);
+      v[0] = make_uint4(half2_bits(__hmul2(h[0], scale)), half2_bits(__hmul2(h[1], scale)),
+                        half2_bits(__hmul2(h[2], scale)), half2_bits(__hmul2(h[3], scale)));
+      dequant_pairs(w.y, zp, h);
+      v[1] = make_uint4(half2_bits(__hmul2(h[0], scale)), half2_bits(__hmul2(h[1], scale)),
+                        half2_bits(__hmul2(h[2], scale)), half2_bits(__hmul2(h[3], scale)));
+      a_tile[rr * kATileRowUnits + ((2 * hs) ^ (rr & 7))] = v[0];
+      a_tile[rr * kATileRowUnits + ((2 * hs + 1) ^ (rr & 7))] = v[1];
+    }
+    __syncwarp();
+
+    const uint4* xs = x_stage(s);
+    const int mi = lane / 8;  // the 8x8 matrix this lane addresses in ldmatrix.x4
+#pragma unroll
+    for (int kk = 0; kk < kTcHalfSlots; ++kk) {
+      uint32_t a[4];
+      const int ar = (mi & 1) * 8 + lane % 8;
+      ldmatrix_x4(a, a_tile + ar * kATileRowUnits + ((2 * kk + (mi >> 1)) ^ (ar & 7)));
+      const int xu = 2 * (half * kTcHalfSlots + kk) + (mi & 1);  // x unit of this k-step
+#pragma unroll
+      for (int p = 0; p < MT / 2; ++p) {
+        uint32_t b[4];
+        const int tok = 16 * p + (mi >> 1) * 8 + lane % 8;
+        ldmatrix_x4(b, xs + tok * kTcChunkUnits + (xu ^ (tok & 7)));
+        mma_16816(acc[2 * p], a, b[0], b[1]);
+        mma_16816(acc[2 * p + 1], a, b[2], b[3]);
+      }
+    }
+    __syncwarp();  // the tile is rewritten by the next chunk
+  }
+
+  // The second half's warps hand their sums to the first half's through stage 0.
+  cp_async_wait<0>();
+  __syncthreads();
+  float4* half_sums = reinterpret_cast<float4*>(tc_smem);
+  if (half == 1) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      half_sums[(row_group * MT + t) * kWarpSize + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    }
+  }
+  __syncthreads();
+  if (half == 1) return;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const float4 o = half_sums[(row_group * MT + t) * kWarpSize + lane];
+    acc[t][0] += o.x;
+    acc[t][1] += o.y;
+    acc[t][2] += o.z;
+    acc[t][3] += o.w;
+  }
+
+  // acc[t][j] is row g + 8 * (j / 2) of the warp's 16, token 8t + 2q + j % 2.
+  const int g = lane / 4;
+  const int q = lane % 4;
+  const int row0 = tile * kTcRows + row_group * 16 + g;
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = row0 + 8 * (j / 2);
+      const int tok = 8 * t + 2 * q + j % 2;
+      if (row < N && tok < M) {
+        if (part == nullptr) {
+          y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(acc[t][j] * kOutScale);
+        } else {
+          part[static_cast<size_t>(tok) * N + row] = acc[t][j];
+        }
+      }
+    }
+  }
+  if (splits == 1) return;
+
+  // Only the first half's warps are left: kTcThreads / kTcHalves threads.
+  constexpr int kThreadsLeft = kTcThreads / kTcHalves;
+  __threadfence();  // this thread's partials are visible to the split that sums them
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  if (!is_last_split) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < kTcRows * M; i += kThreadsLeft) {
+    const int tok = i / kTcRows;
+    const int row = tile * kTcRows + i % kTcRows;
+    if (row >= N) continue;
+    float sum = 0.f;
+    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + (static_cast<size_t>(sp) * M + tok) * N + row);
+    y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(sum * kOutScale);
+  }
+  if (threadIdx.x == 0) counters[tile] = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dispatch
 
 struct GemvArgs {
@@ -638,6 +971,42 @@ cudaError_t dequant_for_group(const int32_t* row_ptr, const int32_t* codes, cons
   }
 }
 
+template <typename T, int G, int MT>
+cudaError_t launch_tc_kernel(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                             const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
+                             int K, int splits, cudaStream_t stream) {
+  using L = TcLayout<G, MT>;
+  const auto kernel = tc_kernel<T, G, MT>;
+  const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+  if (allowed != cudaSuccess) return allowed;
+  const dim3 grid((N + kTcRows - 1) / kTcRows, splits);
+  kernel<<<grid, kTcThreads, L::kBytes, stream>>>(static_cast<const T*>(x), row_ptr, codes, meta, chunks,
+                                                  static_cast<T*>(y), workspace, counters, M, N, K, splits);
+  return cudaGetLastError();
+}
+
+template <typename T, int G>
+cudaError_t tc_for_tokens(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                          const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
+                          int K, int splits, cudaStream_t stream) {
+  if (M <= 16) return launch_tc_kernel<T, G, 2>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+  if (M <= 32) return launch_tc_kernel<T, G, 4>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+  return launch_tc_kernel<T, G, 8>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+}
+
+template <typename T>
+cudaError_t tc_for_group(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                         const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
+                         int K, int group_size, int splits, cudaStream_t stream) {
+  switch (group_size) {
+    case 16: return tc_for_tokens<T, 16>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+    case 32: return tc_for_tokens<T, 32>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+    case 64: return tc_for_tokens<T, 64>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+    case 128: return tc_for_tokens<T, 128>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 bool shape_ok(int N, int K, int group_size) {
   return N >= 0 && K >= 0 && group_size > 0 && K % group_size == 0 && K / group_size <= kMaxGroupCols;
 }
@@ -671,6 +1040,44 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
     switch (dtype) {
       case Dtype::kFloat16: err = gemv_for_group<__half>(a, m, group_size); break;
       case Dtype::kBFloat16: err = gemv_for_group<__nv_bfloat16>(a, m, group_size); break;
+    }
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+int tc_splits(int M, int N, int K, int num_sms) {
+  const int tiles = (N + kTcRows - 1) / kTcRows;
+  const int num_chunks = (K + kTcChunk - 1) / kTcChunk;
+  // Two waves of CTAs at the occupancy the shared memory allows (two CTAs per SM up to 32
+  // tokens, one above), so that the last wave's stragglers cost little; at least two chunks per
+  // split so that loads overlap the math.
+  const int resident = (M <= 32 ? 2 : 1) * (num_sms > 0 ? num_sms : 1);
+  int splits = (2 * resident + tiles - 1) / (tiles > 0 ? tiles : 1);
+  const int max_splits = num_chunks / 2 > 1 ? num_chunks / 2 : 1;
+  if (splits > max_splits) splits = max_splits;
+  return splits > 1 ? splits : 1;
+}
+
+cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
+                    const int32_t* meta, const int32_t* chunks, void* y, float* workspace, int32_t* counters,
+                    int M, int N, int K, int group_size, int splits, cudaStream_t stream) {
+  if (!shape_ok(N, K, group_size) || M < 0 || splits < 1) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
+  const size_t elem = 2;  // fp16 and bf16
+  for (int m0 = 0; m0 < M; m0 += kMaxTcTokens) {
+    const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
+    const void* xs = static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem;
+    void* ys = static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem;
+    cudaError_t err = cudaErrorInvalidValue;
+    switch (dtype) {
+      case Dtype::kFloat16:
+        err = tc_for_group<__half>(xs, row_ptr, codes, meta, chunks, ys, workspace, counters, m, N, K, group_size, splits, stream);
+        break;
+      case Dtype::kBFloat16:
+        err = tc_for_group<__nv_bfloat16>(xs, row_ptr, codes, meta, chunks, ys, workspace, counters, m, N, K, group_size, splits, stream);
+        break;
     }
     if (err != cudaSuccess) return err;
   }

@@ -10,6 +10,11 @@
 //                                 CTA c): (first kept group, first row); the last entry is (nnz, N).
 //                                 Warp t's groups end where task t+1's begin; CTA c's rows are
 //                                 schedule[c*kGemvWarps].row .. schedule[(c+1)*kGemvWarps].row - 1
+//   chunks   int32 [N, ceil(K / kTcChunk)]  for the tensor-core kernel, per row n and chunk c of
+//                                 kTcChunk input channels: bits 0-15 say which of the chunk's
+//                                 kTcChunk / G group columns row n keeps (bit j: column
+//                                 c * kTcChunk / G + j), bits 16-31 how many groups row n keeps in
+//                                 chunks 0 .. c-1 (so its groups in chunk c start there)
 //
 // The launchers check only what they can check cheaply (sizes, group size, dtype); the tensor
 // contents are trusted (validated once when the layer is repacked). They never allocate or
@@ -50,6 +55,26 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
                  const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
                  int N, int K, int group_size, int nnz, cudaStream_t stream,
                  XStaging x_staging = XStaging::kAuto);
+
+// Batched decode on tensor cores: tokens per launch (tc_gemm launches once per slice of this
+// many), rows of W per CTA, input channels per pipeline stage, threads per CTA.
+constexpr int kMaxTcTokens = 64;
+constexpr int kTcRows = 64;
+constexpr int kTcChunk = 256;
+constexpr int kTcThreads = 256;
+
+// The number of K splits tc_gemm uses by default for M tokens on a GPU with num_sms SMs:
+// enough CTAs to fill the GPU twice, at least two chunks per split.
+int tc_splits(int M, int N, int K, int num_sms);
+
+// y[M, N] = x[M, K] @ W.T on tensor cores (mma.sync), for batches too large for the GEMV. The
+// grid is (ceil(N / kTcRows), splits): each CTA dequantizes its rows' kept groups for its part of
+// K into shared memory and multiplies them with x there. With splits > 1, `workspace` holds
+// splits * min(M, kMaxTcTokens) * N floats and `counters` ceil(N / kTcRows) int32 zeros (the
+// kernel leaves them zero again). x must be 16-byte aligned. Any M: one launch per kMaxTcTokens.
+cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
+                    const int32_t* meta, const int32_t* chunks, void* y, float* workspace, int32_t* counters,
+                    int M, int N, int K, int group_size, int splits, cudaStream_t stream);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,

@@ -7,11 +7,15 @@
 //     y = x @ W.T for x [M, K] fp16/bf16; returns y [M, n_out] in x's dtype. One kernel launch
 //     per 8 tokens, each reading the weights once: meant for decode-sized M.
 //     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
+//   gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out,
+//           int splits=0) -> Tensor
+//     y = x @ W.T on tensor cores, for batches too large for the GEMV (one launch per 64 tokens).
+//     splits: how many CTAs share each row tile's input (0 chooses from the shapes and SM count).
 //   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
 //                ScalarType dtype) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
 //
-// (row_ptr, codes, meta, schedule) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// (row_ptr, codes, meta, schedule, chunks) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
 // Every tensor argument is checked for device, dtype, contiguity and shape, and a bad one raises
 // a RuntimeError that names it. Their contents are trusted: they are validated when the layer is
 // repacked. The ops allocate their output through torch, launch on the current stream, size the
@@ -125,6 +129,46 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
   return y;
 }
 
+at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
+                   const at::Tensor& meta, const at::Tensor& chunks, int64_t n_out, int64_t splits) {
+  const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(x.dim() == 2, "gqsa_tc: x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(x.is_contiguous(), "gqsa_tc: x must be contiguous");
+  const int64_t group_size = check_layer(row_ptr, codes, meta, n_out, x.device());
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M < INT32_MAX / 2, "gqsa_tc: M=", num(M), " is out of range");
+  check_input_size(K, group_size);
+  const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
+  check_int32(chunks, "chunks", 2, x.device());
+  TORCH_CHECK(chunks.size(0) == n_out && chunks.size(1) == num_chunks, "gqsa_tc: chunks must have shape [",
+              num(n_out), ", ", num(num_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
+              shape(chunks));
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_tc: x must be 16-byte aligned");
+  TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), "gqsa_tc: splits must be 0 (choose) or 1..",
+              num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
+
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
+  const int s = splits > 0 ? static_cast<int>(splits)
+                           : gqsa::tc_splits(static_cast<int>(launch_tokens), static_cast<int>(n_out), static_cast<int>(K),
+                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  at::Tensor workspace, counters;
+  if (s > 1) {
+    workspace = at::empty({s, launch_tokens, n_out}, x.options().dtype(at::kFloat));
+    counters = at::zeros({(n_out + gqsa::kTcRows - 1) / gqsa::kTcRows}, x.options().dtype(at::kInt));
+  }
+  check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
+                             meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(), y.data_ptr(),
+                             s > 1 ? workspace.data_ptr<float>() : nullptr,
+                             s > 1 ? counters.data_ptr<int32_t>() : nullptr, static_cast<int>(M),
+                             static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), s,
+                             at::cuda::getCurrentCUDAStream()),
+               "gqsa_tc");
+  return y;
+}
+
 at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
                         int64_t n_out, int64_t k_in, int64_t group_size, at::ScalarType dtype) {
   const gqsa::Dtype kdtype = kernel_dtype(dtype, "dtype");
@@ -150,12 +194,15 @@ at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, cons
 TORCH_LIBRARY(vllm_gqsa, m) {
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
         "int x_staging=-1) -> Tensor");
+  m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
+        "int splits=0) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
   m.impl("gqsa_gemv", &gqsa_gemv);
+  m.impl("gqsa_tc", &gqsa_tc);
   m.impl("gqsa_dequant", &gqsa_dequant);
 }
 

@@ -9,9 +9,9 @@ import torch
 from vllm_gqsa import reference
 from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
 from vllm_gqsa.kernels import cuda
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, WARPS_PER_CTA, can_implement,
-                                           cta_row_bounds, dequantize_kernel_format, make_schedule,
-                                           row_per_cta_schedule, to_kernel_format)
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, WARPS_PER_CTA, can_implement,
+                                           chunk_table, cta_row_bounds, dequantize_kernel_format,
+                                           make_schedule, row_per_cta_schedule, to_kernel_format)
 
 GROUP_SIZES = (16, 32, 64, 128)
 # Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
@@ -89,6 +89,27 @@ def test_kernel_format_tensors():
     assert tuple(t["codes"].shape) == (layer.nnz, 2)
     assert tuple(t["meta"].shape) == (layer.nnz,)
     assert tuple(t["schedule"].shape) == (6 * WARPS_PER_CTA + 1, 2)
+    assert t["chunks"].dtype == torch.int32 and tuple(t["chunks"].shape) == (40, 1)
+
+
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("K_groups", [1, 21, 64])
+def test_chunk_table(G, pattern, K_groups):
+    """Every entry names exactly the row's kept group columns in its chunk, and where they start."""
+    N, K = 37, G * K_groups
+    layer = make_layer(N, K, G, pattern, seed=K_groups)
+    t = chunk_table(layer.row_ptr, layer.col_idx, K, G).long()
+    n_chunks, per_chunk = -(-K // TC_CHUNK), TC_CHUNK // G
+    assert tuple(t.shape) == (N, n_chunks)
+    rp, cols = layer.row_ptr.long(), layer.col_idx.long()
+    for n in range(N):
+        row_cols = cols[rp[n]:rp[n + 1]]
+        for c in range(n_chunks):
+            in_chunk = row_cols[(row_cols >= c * per_chunk) & (row_cols < (c + 1) * per_chunk)]
+            want_mask = sum(1 << int(j - c * per_chunk) for j in in_chunk)
+            assert int(t[n, c]) & 0xFFFF == want_mask
+            assert int(t[n, c]) >> 16 == int((row_cols < c * per_chunk).sum())
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -158,11 +179,12 @@ def poisoned_empty(shape, dtype):
     torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
 
 
-def check_gemv(layer, t, M, dtype, x_staging=-1):
+def check_gemv(layer, t, M, dtype, x_staging=-1, op=None):
+    """The GEMV (or `op(x, t, N)`) against the reference, with every output written."""
     N, K = layer.out_features, layer.in_features
     x = torch.randn(M, K, device="cuda").to(dtype)
     poisoned_empty((M, N), dtype)
-    y = cuda.gemv(x, t, N, x_staging)
+    y = cuda.gemv(x, t, N, x_staging) if op is None else op(x, t, N)
     ref = x.double() @ dense_reference(layer).cuda().double().T
     assert y.shape == (M, N) and y.dtype == dtype
     assert torch.isfinite(y).all(), "some outputs were not written"
@@ -259,6 +281,61 @@ def test_gemv_row_per_cta_and_long_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M", [1, 9, 16, 17, 32, 33, 64, 65, 130])
+def test_tc(dtype, G, pattern, M):
+    """The tensor-core kernel: N no multiple of its 64-row tiles, K no multiple of its chunks,
+    every token count class (up to 16, 32, 64 per launch, and several launches)."""
+    N, K = 301, G * 21
+    layer = make_layer(N, K, G, pattern, seed=M).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, 8), M, dtype, op=cuda.tc)
+
+
+@needs_cuda
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
+@pytest.mark.parametrize("pattern", ["uniform", "heavy_block", "empty_and_full"])
+def test_tc_splits(splits, pattern):
+    """Any split of K over CTAs (16: one chunk each), deterministic from run to run."""
+    layer = make_layer(200, 16 * 256, 16, pattern, seed=splits).to("cuda")
+    t = to_kernel_format(layer, 8)
+    op = lambda x, t, N: cuda.tc(x, t, N, splits)  # noqa: E731
+    check_gemv(layer, t, 24, torch.float16, op=op)
+    x = torch.randn(40, 16 * 256, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(op(x, t, 200), op(x, t, 200)), "the split-K sum must not depend on CTA order"
+
+
+@needs_cuda
+def test_tc_large_activations():
+    """bf16 activations beyond fp16's range: the kernel multiplies x * 2^-8 in fp16."""
+    layer = make_layer(96, 16 * 40, 16, "uniform", seed=5).to("cuda")
+    t = to_kernel_format(layer, 8)
+    x = (torch.randn(20, 16 * 40, device="cuda") * 1e6).to(torch.bfloat16)
+    y = cuda.tc(x, t, 96)
+    ref = x.double() @ dense_reference(layer).cuda().double().T
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).norm() / ref.norm() < REL_TOL[torch.bfloat16]
+
+
+@needs_cuda
+def test_tc_in_cuda_graph():
+    layer = make_layer(512, 16 * 64, 16, "heavy_block").to("cuda")
+    t = to_kernel_format(layer, cuda.default_num_ctas())
+    x = torch.randn(24, 16 * 64, device="cuda", dtype=torch.float16)
+    eager = cuda.tc(x, t, 512)
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph):
+            y = cuda.tc(x, t, 512)
+    for _ in range(3):  # the split counters must be back at zero after every replay
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("pattern", PATTERNS)
 def test_dequant(dtype, G, pattern):
     N, K = 203, G * 19
     layer = make_layer(N, K, G, pattern, seed=G).to("cuda")
@@ -293,6 +370,9 @@ def test_opcheck():
                           (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], 70))
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_dequant,
                           (t["row_ptr"], t["codes"], t["meta"], 70, 16 * 7, 16, torch.float16))
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
+                          (torch.randn(20, 16 * 7, device="cuda", dtype=torch.float16), t["row_ptr"],
+                           t["codes"], t["meta"], t["chunks"], 70))
 
 
 @needs_cuda
@@ -322,3 +402,10 @@ def test_bad_inputs_raise():
         torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 20, 32, 32, torch.float16)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 20, 32, 16, torch.float32)
+    tc = torch.ops.vllm_gqsa.gqsa_tc
+    with pytest.raises(RuntimeError, match="chunks must have shape"):
+        tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"][:-1], 20)
+    with pytest.raises(RuntimeError, match="splits must be"):
+        tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"], 20, 2)  # K = 32: one chunk
+    with pytest.raises(RuntimeError, match="int32"):
+        tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"].long(), 20)

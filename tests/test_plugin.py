@@ -104,7 +104,7 @@ def test_ops_pass_opcheck(tiny_checkpoints):
     x = torch.randn(3, layer.input_size)
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm.default,
                           (x, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
-                           layer.gqsa_n_out, 16))
+                           layer.chunks, layer.gqsa_n_out, 16))
     from conftest import random_layer
     from vllm_gqsa.format import LayerFormat
 

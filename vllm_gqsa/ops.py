@@ -7,7 +7,8 @@ dense matmul: correct everywhere, fast nowhere.
 
 ``torch.ops.vllm_gqsa.gqsa_mm``: the CUDA kernel format (``kernels/cuda_format.py``). The
 batch-size-dependent kernel choice happens inside the op, where Dynamo cannot freeze it:
-the task-centric GEMV for a few tokens, dequantize + cuBLAS for many. Without the compiled
+the task-centric GEMV for a few tokens, the tensor-core kernel for tens, dequantize + cuBLAS for
+more. Without the compiled
 extension (or on the CPU) it decodes the kernel format in torch.
 """
 
@@ -36,15 +37,17 @@ def _gqsa_mm_reference_fake(x, row_ptr, col_idx, qweight, scales, qzeros, n_out,
 
 
 def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
-            schedule: torch.Tensor, n_out: int, group_size: int) -> torch.Tensor:
+            schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int) -> torch.Tensor:
     """``x [M, K] @ W.T`` with W in the CUDA kernel format."""
     from .kernels import cuda
     from .kernels.cuda_format import dequantize_kernel_format
 
-    t = {"row_ptr": row_ptr, "codes": codes, "meta": meta, "schedule": schedule}
+    t = {"row_ptr": row_ptr, "codes": codes, "meta": meta, "schedule": schedule, "chunks": chunks}
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]:
         if x.shape[0] <= cuda.GEMV_MAX_TOKENS:
             return cuda.gemv(x, t, n_out)
+        if x.shape[0] <= cuda.TC_MAX_TOKENS:
+            return cuda.tc(x, t, n_out)
         # Many tokens: the GEMM's arithmetic dwarfs one pass over the weights, so densify
         # and let cuBLAS run at tensor-core speed.
         return x @ cuda.dequant(t, n_out, x.shape[-1], group_size, x.dtype).T
@@ -52,7 +55,7 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
     return x @ w.to(x.dtype).T
 
 
-def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, n_out, group_size):
+def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size):
     return x.new_empty((*x.shape[:-1], n_out))
 
 

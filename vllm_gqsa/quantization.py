@@ -224,7 +224,8 @@ class GQSALinearMethod(LinearMethodBase):
         if not ok:
             label = f"torch reference matmul ({reason})"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
-            label = "CUDA task-centric GEMV for <= 8 tokens, dequantize + cuBLAS above"
+            label = ("CUDA task-centric GEMV for <= 8 tokens, tensor-core kernel for <= 64, "
+                     "dequantize + cuBLAS above")
         else:
             label = f"kernel format decoded in torch ({cuda_kernels.available()[1]})"
         # Every layer's choice at DEBUG; each distinct choice once at INFO.
@@ -247,7 +248,7 @@ class GQSALinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         if layer.gqsa_kernel == "kernel_format":
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
-                                            layer.gqsa_n_out, self.fmt.group_size)
+                                            layer.chunks, layer.gqsa_n_out, self.fmt.group_size)
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
                 x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,

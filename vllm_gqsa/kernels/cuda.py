@@ -30,10 +30,12 @@ from .cuda_format import MAX_GEMV_TOKENS
 # SM, 50.8 with 3 and 60.0 with 4; fewer, longer warp tasks pay the per-task prologue, x copy and
 # fix-up less often.
 CTAS_PER_SM = 2
-# Batches of up to this many tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens), larger
-# ones dequantize + cuBLAS. At 16 tokens two GEMV launches lose to dequantize + cuBLAS on every
-# Llama-2-7B layer (H200: 83 vs 67 us, 36 vs 23, 144 vs 114, 98 vs 64).
-GEMV_MAX_TOKENS = 8
+# Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
+# up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
+# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py; the environment
+# variables override them (for other GPUs, or to time one path end to end).
+GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "8"))
+TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "32"))
 JIT_NAME = "vllm_gqsa_C"
 # torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
 # a build takes minutes, so a lock this old was left by a build that was killed.
@@ -104,6 +106,10 @@ def _register_fakes() -> None:
     def _gemv_fake(x, row_ptr, codes, meta, schedule, n_out, x_staging=-1):
         return x.new_empty((x.shape[0], n_out))
 
+    @torch.library.register_fake("vllm_gqsa::gqsa_tc")
+    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0):
+        return x.new_empty((x.shape[0], n_out))
+
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
     def _dequant_fake(row_ptr, codes, meta, n_out, k_in, group_size, dtype):
         return row_ptr.new_empty((n_out, k_in), dtype=dtype)
@@ -171,6 +177,16 @@ def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out,
                                       x_staging)
+    return y.reshape(*lead, n_out)
+
+
+def tc(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0) -> torch.Tensor:
+    """``x @ W.T`` for x ``[..., K]`` on tensor cores; t from ``to_kernel_format``. For batches
+    between the GEMV's and cuBLAS's. ``splits`` (CTAs per row tile along K) 0 lets the op choose."""
+    _require()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.vllm_gqsa.gqsa_tc(x2, t["row_ptr"], t["codes"], t["meta"], t["chunks"], n_out, splits)
     return y.reshape(*lead, n_out)
 
 

@@ -26,6 +26,12 @@ tensor        dtype  shape                 content
                                            ``schedule[t] = (first kept group, first row)``;
                                            task t's groups end where task t+1's begin;
                                            ``schedule[T] = (nnz, N)``
+``chunks``    int32  ``[N, ceil(K/256)]``  the tensor-core kernel's map of each row's groups
+                                           per chunk of ``TC_CHUNK = 256`` input channels:
+                                           bits 0-15 of entry ``[n, c]`` say which of the
+                                           chunk's ``256 / G`` group columns row n keeps (bit
+                                           j: column ``c * 256 / G + j``), bits 16-31 how many
+                                           groups row n keeps in chunks ``0 .. c-1``
 ============  =====  ====================  =================================================
 
 A kept weight is ``W[n, c*G + j] = s * (q - z)`` as in the checkpoint; every other weight is 0.
@@ -37,6 +43,10 @@ the groups are split exactly evenly over its warps, whatever the row lengths; ro
 edge are combined in shared memory. The first task of CTA c starts at the CTA's first row (which
 may be empty); any other task's row is the row holding its first group. CTA c computes rows
 ``schedule[c*W, 1] .. schedule[(c+1)*W, 1] - 1`` (W = WARPS_PER_CTA).
+The tensor-core kernel (batches of 9 to 64 tokens) works on tiles of 64 rows and walks the input
+a chunk at a time; ``chunks`` tells it, without reading meta, where each row's groups of a chunk
+start and which group columns they are, so it can copy them with no search and densify them.
+
 ``num_ctas`` is chosen at load time, a few per SM (:func:`vllm_gqsa.kernels.cuda.default_num_ctas`);
 ``row_per_cta_schedule`` gives the classic one-CTA-per-row grid, for comparison.
 
@@ -59,7 +69,8 @@ WEIGHTS_PER_WORD = 8
 
 ZERO_SHIFT = 16
 COL_SHIFT = 20
-TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule")
+TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
+TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks")
 
 
 def can_implement(bits: int, group_size: int, block_rows: int, N: int, K: int) -> tuple[bool, str | None]:
@@ -129,6 +140,26 @@ def row_per_cta_schedule(row_ptr: torch.Tensor) -> torch.Tensor:
     return warp_schedule(row_ptr, torch.arange(N + 1, dtype=torch.int64))
 
 
+def chunk_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, group_size: int) -> torch.Tensor:
+    """The ``chunks`` tensor (int32 ``[N, ceil(K / TC_CHUNK)]``) of rows whose kept groups have the
+    sorted group columns ``col_idx`` (CSR with ``row_ptr``). On row_ptr's device."""
+    rp = row_ptr.to(torch.int64)
+    N = rp.numel() - 1
+    n_chunks = -(-K // TC_CHUNK)
+    cols_per_chunk = TC_CHUNK // group_size
+    counts = rp[1:] - rp[:-1]
+    rows = torch.repeat_interleave(torch.arange(N, device=rp.device), counts)
+    cols = col_idx.to(torch.int64).reshape(-1)
+    chunk, bit = cols // cols_per_chunk, cols % cols_per_chunk
+    flat = rows * n_chunks + chunk
+    # Columns are distinct within a row, so summing their bits is OR-ing them.
+    mask = torch.zeros(N * n_chunks, dtype=torch.int64, device=rp.device).index_add_(0, flat, 1 << bit)
+    kept = torch.zeros(N * n_chunks, dtype=torch.int64, device=rp.device).index_add_(0, flat, torch.ones_like(flat))
+    kept = kept.reshape(N, n_chunks)
+    before = kept.cumsum(1) - kept
+    return (mask.reshape(N, n_chunks) | (before << 16)).to(torch.int32)
+
+
 def pack_meta(scales: torch.Tensor, zeros: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """int32 meta from fp16 scales, zero points in [0, 16) and group columns in [0, 4096)."""
     bits = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
@@ -160,6 +191,7 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
         "codes": codes,
         "meta": meta,
         "schedule": make_schedule(layer.row_ptr, num_ctas),
+        "chunks": chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G),
     }
 
 
