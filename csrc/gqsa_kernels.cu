@@ -559,7 +559,7 @@ __global__ void __launch_bounds__(kDequantThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core kernel for batched decode (M = 9..64 tokens per launch)
+// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 9..32)
 
 // A weight tile of kTcRows rows; the input is walked in chunks of kTcChunk channels.
 constexpr int kTcSlots = kTcChunk / 16;      // 16-channel mma k-steps in a chunk
