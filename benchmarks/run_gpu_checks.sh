@@ -2,7 +2,7 @@
 # The GPU checks behind benchmarks/results/gpu/, in the order they were run. Needs a CUDA GPU,
 # vLLM and this package installed; CKPT is a converted SmolLM2-135M (W4 S50% g16; the default
 # conversion with BQPO + E2E-OQP: a one-shot checkpoint's near ties make greedy comparisons fragile).
-#   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|tp|e2e|load]
+#   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|tp|e2e|bench|load]
 # Each part but `load` fits in under ten minutes on an H100; `load` needs about 12 minutes alone on
 # its GPU (a vLLM server sharing the GPU with another that starts at the same time finds no memory
 # for its KV cache).
@@ -59,6 +59,11 @@ if [[ $part == all || $part == e2e ]]; then
   # batch 1 only, beside GQSA in the same run.
   timeout 590 python3 benchmarks/e2e.py --shape llama2-7b --batches 1 --configs sparse24,gqsa-s50 \
     --out "$out/e2e_llama2-7b_sparse24.json" 2>&1 | grep -E "batch|^[a-z0-9-]+$"
+fi
+if [[ $part == all || $part == bench ]]; then
+  # vllm bench serve at fixed request rates, one server start-up per configuration.
+  timeout 590 python3 benchmarks/serve_bench.py --shape llama2-7b --configs gqsa-s50,gptq-marlin,fp16 \
+    --rates 2,8 --num-prompts 200 --out "$out/serve_bench_llama2-7b.json" 2>&1 | grep -E "req/s|^[a-z0-9-]+$"
 fi
 if [[ $part == all || $part == load ]]; then
   timeout 900 python3 benchmarks/load_test.py "$ckpt" --minutes 10.5 --out "$out/load_test.json" 2>&1 | tail -6

@@ -1,0 +1,58 @@
+# SPDX-License-Identifier: Apache-2.0
+"""benchmarks/serve_bench.py builds commands that vLLM 0.26's own `serve` and `bench serve` parsers
+accept, with the options it means (the runs themselves need a GPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.fixture(scope="module")
+def parsers():
+    from vllm_cpu import setup_cpu_vllm
+
+    setup_cpu_vllm()  # vLLM's argument defaults need a platform
+    from vllm.benchmarks.serve import add_cli_args
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    serve = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(serve.add_subparsers(dest="command"))
+    bench = FlexibleArgumentParser()
+    add_cli_args(bench)
+    return serve, bench
+
+
+@pytest.mark.parametrize("name,backend", [("gqsa-s50", "auto"), ("gptq-marlin", "marlin"), ("fp16", "auto")])
+def test_server_command_parses(parsers, name, backend):
+    import serve_bench
+
+    cmd = serve_bench.server_command("/models/x", 8331, serve_bench.CONFIGS[name][1])
+    assert cmd[:3] == serve_bench.VLLM_CLI and cmd[3] == "serve"
+    ns = parsers[0].parse_args(cmd[3:])
+    assert ns.model_tag == "/models/x" and ns.load_format == "dummy" and ns.port == 8331
+    assert ns.linear_backend == backend
+
+
+def test_client_command_parses(parsers):
+    import serve_bench
+
+    cmd = serve_bench.client_command("/models/x", 8331, 2.5, 40, "/tmp/r", "r.json")
+    assert cmd[3:5] == ["bench", "serve"]
+    ns = parsers[1].parse_args(cmd[5:])
+    assert (ns.request_rate, ns.num_prompts, ns.dataset_name) == (2.5, 40, "random")
+    assert (ns.random_input_len, ns.random_output_len) == (serve_bench.PROMPT_LEN, serve_bench.GEN_LEN)
+    assert ns.ignore_eos and ns.save_result and ns.result_filename == "r.json"
+
+
+def test_unknown_config_is_refused(capsys):
+    import serve_bench
+
+    with pytest.raises(SystemExit):
+        serve_bench.main(["--configs", "gqsa-s50,w9", "--out", "/tmp/x.json", "--dry-run"])
+    assert "unknown configuration(s) w9" in capsys.readouterr().err
