@@ -224,8 +224,8 @@ class GQSALinearMethod(LinearMethodBase):
         if not ok:
             label = f"torch reference matmul ({reason})"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
-            label = ("CUDA task-centric GEMV for <= 8 tokens, tensor-core kernel for <= 64, "
-                     "dequantize + cuBLAS above")
+            label = (f"CUDA task-centric GEMV for <= {cuda_kernels.GEMV_MAX_TOKENS} tokens, tensor-core "
+                     f"kernel for <= {cuda_kernels.TC_MAX_TOKENS}, dequantize + cuBLAS above")
         else:
             label = f"kernel format decoded in torch ({cuda_kernels.available()[1]})"
         # Every layer's choice at DEBUG; each distinct choice once at INFO.
