@@ -68,10 +68,18 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
     trainable = {n: ScaleOnlyLinear(layers[n], originals[n].bias) for n in layers}
     train, val = samples[:n_train].to(device), samples[n_train:].to(device)
     steps_per_epoch = math.ceil(n_train / cfg.batch_size)
+    was_training = model.training
+    # Recompute each decoder layer's activations (and dequantized weights) in the backward pass
+    # instead of keeping them for the whole model: without this, Qwen2.5-1.5B's stage needed more
+    # than 24 GB on the CPU.
+    checkpointing = getattr(model, "supports_gradient_checkpointing", False)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         for n, m in trainable.items():
             _set_module(model, n, m)
         model.to(device, torch.float32)  # after the swap: the dense copies are not converted
+        model.eval()
         start = best = _mean_loss(model, val, eval_batch_size)
         best_layers, best_epoch, history = layers, 0, []
         params = [m.scales for m in trainable.values()]
@@ -83,6 +91,7 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
             for epoch in range(1, cfg.epochs + 1):
                 order = torch.randperm(n_train, generator=g)
                 train_loss = 0.0
+                model.train(checkpointing)  # transformers checkpoints layers in training mode only
                 for i in range(0, n_train, cfg.batch_size):
                     idx = order[i:i + cfg.batch_size].to(device)
                     loss = _lm_loss(model, train[idx])
@@ -94,6 +103,7 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
                     train_loss += loss.item() * len(idx)
                     bar.update()
                     bar.set_postfix(loss=f"{loss.item():.4f}", val=f"{best:.4f}")
+                model.eval()
                 val_loss = _mean_loss(model, val, eval_batch_size)
                 history.append({"epoch": epoch, "train_loss": train_loss / n_train, "val_loss": val_loss})
                 if val_loss < best:
@@ -102,6 +112,9 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
                 bar.set_postfix(val=f"{val_loss:.4f}", start=f"{start:.4f}")
         bar.close()
     finally:
+        if checkpointing:
+            model.gradient_checkpointing_disable()
+        model.train(was_training)
         for n, m in originals.items():
             _set_module(model, n, m)
         for n, t in [*model.named_parameters(), *model.named_buffers()]:
