@@ -7,8 +7,9 @@ copy, with enough copies to exceed the L2 cache, so weights always come from HBM
 reports time per call (median of several replays), effective GB/s over the bytes the kernel must
 read (GQSA: codes + meta + row_ptr + x, and the GEMV's schedule or the tensor-core kernel's
 chunk table), the share of the read bandwidth measured in the same run (a large ``x.sum()``), and
-the speed-up over each baseline. GQSA uses the plugin's dispatch rule (the GEMV for M <= 8
-tokens, the tensor-core kernel up to 64, dequantize + cuBLAS above), and every path that could
+the speed-up over each baseline. GQSA uses the plugin's dispatch rule (the GEMV up to
+``cuda.GEMV_MAX_TOKENS`` tokens, the tensor-core kernel up to ``cuda.TC_MAX_TOKENS``, dequantize +
+cuBLAS above), and every path that could
 win at an M is timed too (``gqsa_<path>_us``). For the GEMV it also times x read from global
 memory instead of the shared-memory copy (the ablation of that copy). The
 summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.

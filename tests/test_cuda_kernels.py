@@ -316,23 +316,6 @@ def test_tc_large_activations():
 
 
 @needs_cuda
-def test_tc_in_cuda_graph():
-    layer = make_layer(512, 16 * 64, 16, "heavy_block").to("cuda")
-    t = to_kernel_format(layer, cuda.default_num_ctas())
-    x = torch.randn(24, 16 * 64, device="cuda", dtype=torch.float16)
-    eager = cuda.tc(x, t, 512)
-    graph = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        with torch.cuda.graph(graph):
-            y = cuda.tc(x, t, 512)
-    for _ in range(3):  # the split counters must be back at zero after every replay
-        graph.replay()
-        torch.cuda.synchronize()
-        assert torch.equal(y, eager)
-
-
-@needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
@@ -346,19 +329,23 @@ def test_dequant(dtype, G, pattern):
 
 
 @needs_cuda
-def test_gemv_in_cuda_graph():
+@pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24)], ids=["gemv", "tc"])
+def test_in_cuda_graph(op, M):
+    """Deterministic and capturable; the tensor-core kernel's split counters must be back at zero
+    after every replay."""
     layer = make_layer(512, 16 * 64, 16, "heavy_block").to("cuda")
     t = to_kernel_format(layer, cuda.default_num_ctas())
-    x = torch.randn(4, 16 * 64, device="cuda", dtype=torch.float16)
-    eager = cuda.gemv(x, t, 512)
+    x = torch.randn(M, 16 * 64, device="cuda", dtype=torch.float16)
+    eager = op(x, t, 512)
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         with torch.cuda.graph(graph):
-            y = cuda.gemv(x, t, 512)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert torch.equal(y, eager), "the GEMV must be deterministic and capturable"
+            y = op(x, t, 512)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(y, eager), "the kernel must be deterministic and capturable"
 
 
 @needs_cuda

@@ -154,8 +154,7 @@ def chunk_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, group_size
     flat = rows * n_chunks + chunk
     # Columns are distinct within a row, so summing their bits is OR-ing them.
     mask = torch.zeros(N * n_chunks, dtype=torch.int64, device=rp.device).index_add_(0, flat, 1 << bit)
-    kept = torch.zeros(N * n_chunks, dtype=torch.int64, device=rp.device).index_add_(0, flat, torch.ones_like(flat))
-    kept = kept.reshape(N, n_chunks)
+    kept = torch.bincount(flat, minlength=N * n_chunks).reshape(N, n_chunks)
     before = kept.cumsum(1) - kept
     return (mask.reshape(N, n_chunks) | (before << 16)).to(torch.int32)
 
