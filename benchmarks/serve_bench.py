@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,7 +47,7 @@ def server_command(model_dir: str, port: int, engine_kwargs: dict) -> list[str]:
             "--seed", "0", *extra]
 
 
-def client_command(model_dir: str, port: int, rate: float, num_prompts: int, result_dir: str,
+def client_command(model_dir: str, port: int, rate: float | str, num_prompts: int, result_dir: str,
                    result_file: str) -> list[str]:
     """``vllm bench serve`` at one request rate, saving its JSON result."""
     return [*VLLM_CLI, "bench", "serve", "--backend", "vllm", "--host", "127.0.0.1", "--port", str(port),
@@ -80,7 +81,7 @@ def run_config(name: str, shape: str, rates: list[float], num_prompts: int, port
             print(f"  {rate} req/s: {m.get('output_throughput', 0):.1f} output tokens/s, "
                   f"TTFT p50 {m.get('median_ttft_ms', 0):.1f} ms, TPOT p50 {m.get('median_tpot_ms', 0):.2f} ms",
                   flush=True)
-        out["client_command"] = " ".join(client_command(model_dir, port, 0, num_prompts, "DIR", "FILE")[2:])
+        out["client_command"] = " ".join(client_command(model_dir, port, "RATE", num_prompts, "DIR", "FILE")[2:])
     finally:
         stop_server(proc)
     return out
@@ -109,6 +110,9 @@ def main(argv=None) -> int:
         return 0
     import torch
     import vllm
+
+    # A time-out (SIGTERM) must still stop the server, which holds most of the GPU's memory.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     results = {"shape": a.shape, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "num_prompts": a.num_prompts,
                "command": " ".join(sys.argv), "device": torch.cuda.get_device_name(), "vllm": vllm.__version__,

@@ -340,6 +340,7 @@ __global__ void __launch_bounds__(kGemvThreads)
 
   __shared__ float part_sum[kWarps][2][M];
   __shared__ int part_row[kWarps][2];
+  __shared__ bool warp_has_groups[kWarps];
   extern __shared__ uint4 x_shared[];  // M * shared_x_row_chunks(K) chunks when kSharedX
 
   const int warp = threadIdx.x / kWarpSize;
@@ -356,7 +357,10 @@ __global__ void __launch_bounds__(kGemvThreads)
   const int we = schedule[first_task + warp + 1].x;      // one past its last
   const bool has_groups = wb < we;
 
-  if (lane == 0) part_row[warp][kHead] = part_row[warp][kTail] = -1;
+  if (lane == 0) {
+    part_row[warp][kHead] = part_row[warp][kTail] = -1;
+    warp_has_groups[warp] = has_groups;
+  }
 
   const uint64_t policy = make_evict_first_policy();
   const int u_begin = G == 16 ? wb / 2 : wb * U::kUnitsPerGroup;
@@ -372,25 +376,66 @@ __global__ void __launch_bounds__(kGemvThreads)
   };
   if (has_groups) load_batch(batch_a, u_begin);
 
+  // Row boundaries come from a register cache: lane i holds row_ptr[rp_base + i], and the walk
+  // below reads them with a shuffle. Reading row_ptr from global memory at every row end made
+  // each row end wait for an L2 round trip, one after another (a warp ends a dozen rows on
+  // Llama-sized layers), which cost more than streaming the weights; now a warp waits for
+  // row_ptr once per 32 rows, and the first wait overlaps the first weight loads.
+  int rp_base = task.y;
+  int rp_cache = has_groups ? row_ptr[min(rp_base + lane, N)] : 0;
+  // row_ptr[r] for a warp-uniform r >= rp_base (rows are walked in increasing order).
+  auto row_start = [&](int r) {
+    if (r - rp_base >= kWarpSize) {
+      rp_base = r;
+      rp_cache = row_ptr[min(rp_base + lane, N)];
+    }
+    return __shfl_sync(0xffffffffu, rp_cache, r - rp_base);
+  };
+
+  // Rows without kept groups are never visited by the walk; they are zeroed here, while the first
+  // weight loads are in flight, instead of in the CTA's tail.
+  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
+    if (row_ptr[r] == row_ptr[r + 1]) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
+    }
+  }
+
   // The first weights are on their way; copy x into shared memory meanwhile. x is read once per
   // kept group at a random column: from L1, each 16-byte read of a warp touches up to 32
   // different cache lines, which made those reads the GEMV's bottleneck; from shared memory it
   // costs a few bank-conflict replays.
+  // Each thread issues kXCopyLoads loads before it stores any: one load at a time would make a
+  // chain of L2 round trips (6 for K = 11008, 16 for 8 tokens of 4096) before the first FMA.
   if constexpr (kSharedX) {
+    constexpr int kXCopyLoads = 8;
     const int chunks = K / kWordWeights;
-    for (int i = threadIdx.x; i < M * chunks; i += kGemvThreads) {
-      const int m = i / chunks;
-      const int c = i - m * chunks;
-      x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(
-          __ldg(reinterpret_cast<const uint4*>(x + static_cast<size_t>(m) * K) + c));
+    const int total = M * chunks;
+    const uint4* x_chunks = reinterpret_cast<const uint4*>(x);  // rows of K are whole chunks
+    for (int i0 = threadIdx.x; i0 < total; i0 += kXCopyLoads * kGemvThreads) {
+      uint4 v[kXCopyLoads];
+#pragma unroll
+      for (int j = 0; j < kXCopyLoads; ++j) {
+        const int i = i0 + j * kGemvThreads;
+        if (i < total) v[j] = __ldg(x_chunks + i);
+      }
+#pragma unroll
+      for (int j = 0; j < kXCopyLoads; ++j) {
+        const int i = i0 + j * kGemvThreads;
+        if (i < total) {
+          const int m = i / chunks;
+          const int c = i - m * chunks;
+          x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(v[j]);
+        }
+      }
     }
     __syncthreads();
   }
 
   if (has_groups) {
     int row = task.y;  // the row holding group wb (or an empty row before it)
-    int row_lo = row_ptr[row];      // first group of `row`
-    int row_hi = row_ptr[row + 1];  // one past its last group
+    int row_lo = row_start(row);      // first group of `row`
+    int row_hi = row_start(row + 1);  // one past its last group
     float acc[M];
 #pragma unroll
     for (int m = 0; m < M; ++m) acc[m] = 0.f;
@@ -465,7 +510,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         if (row_lo < row_hi) finish_row();  // empty rows were zeroed above
         ++row;
         row_lo = row_hi;
-        row_hi = row_ptr[row + 1];
+        row_hi = row_start(row + 1);
       }
 #pragma unroll
       for (int i = 0; i < U::kGroups; ++i) {
@@ -493,13 +538,6 @@ __global__ void __launch_bounds__(kGemvThreads)
     }
     finish_row();  // the row holding group we-1
   }
-  // Rows without kept groups are never visited by the walk above; they are zero.
-  for (int r = row_begin + threadIdx.x; r < row_end; r += kGemvThreads) {
-    if (row_ptr[r] == row_ptr[r + 1]) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + r] = Act<T>::from_float(0.f);
-    }
-  }
   __syncthreads();
 
   // Fix-up: a row that goes on past its warp is summed, in warp order, with the head partials of
@@ -510,7 +548,7 @@ __global__ void __launch_bounds__(kGemvThreads)
     for (int w = warp + 1; w < kWarps; ++w) {
       if (part_row[w][kHead] == row) {
         sum += part_sum[w][kHead][lane];
-      } else if (schedule[first_task + w].x < schedule[first_task + w + 1].x) {
+      } else if (warp_has_groups[w]) {
         break;
       }
     }
