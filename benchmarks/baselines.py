@@ -260,6 +260,8 @@ def main(argv=None) -> int:
                 earlier = json.load(f)
             results["methods"] = {**earlier.get("methods", {}), **results["methods"]}
             results.setdefault("commands", earlier.get("commands", [earlier.get("command")]))
+            for key, value in earlier.items():  # notes added to the file by hand (machine, memory)
+                results.setdefault(key, value)
             if results["command"] not in results["commands"]:
                 results["commands"].append(results["command"])
         with open(a.out, "w") as f:
