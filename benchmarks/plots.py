@@ -8,7 +8,9 @@
   ``<that name>_<more>.json`` from the same device and shape is a later run of more configurations:
   they join its plots as dashed lines, labelled "(separate run)".
 - one ``kernels_*.json`` (benchmarks/kernels.py; ``--kernels``, default the H200 run): one decoder
-  layer's GQSA time against each baseline's, as a speed-up, against the number of tokens M.
+  layer's GQSA time against each baseline's, as a speed-up, against the number of tokens M. GQSA's
+  time at each M is its fastest kernel measured there (GEMV, tensor cores or dequantize + cuBLAS):
+  the plugin's dispatch defaults are these crossovers, whatever the run itself dispatched.
 """
 
 from __future__ import annotations
@@ -85,11 +87,16 @@ def plot_kernels(paths: list[str], out_dir: str) -> list[str]:
         return []
     device = json.load(open(paths[0]))["device"]
     baselines = sorted({k[len("speedup_vs_"):] for r in rows for k in r if k.startswith("speedup_vs_")})
+    paths_us = ("gqsa_gemv_us", "gqsa_tc_us", "gqsa_dequant_cublas_us")
+
+    def gqsa_us(r: dict) -> float:
+        return min([r[k] for k in paths_us if r.get(k)] or [r["gqsa_us"]])
+
     fig, axes = plt.subplots(1, len(baselines), figsize=(5 * len(baselines), 4), squeeze=False)
     for ax, base in zip(axes[0], baselines):
         for model in dict.fromkeys(r["model"] for r in rows):
-            pts = sorted((r["M"], r[f"speedup_vs_{base}"]) for r in rows
-                         if r["model"] == model and f"speedup_vs_{base}" in r)
+            pts = sorted((r["M"], r[f"{base}_us"] / gqsa_us(r)) for r in rows
+                         if r["model"] == model and f"{base}_us" in r)
             ax.plot(*zip(*pts), marker="o", label=model)
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xscale("log", base=2)

@@ -5,7 +5,7 @@
 // for sm_80 and sm_90a on machines without a CUDA build of torch; the torch binding lives in
 // torch_bindings.cpp. The kernel format is specified in vllm_gqsa/kernels/cuda_format.py.
 //
-// Decode GEMV (M = 1..8 tokens), task-centric:
+// Decode GEMV (M = 1..8 tokens per launch; the plugin uses it up to 4), task-centric:
 //   * A persistent grid of a few CTAs per SM. The load-time schedule cuts the rows into
 //     num_ctas ranges whose kept-group counts are as close to nnz / num_ctas as row boundaries
 //     allow, so no row is shared by two CTAs and every output is written exactly once, in the
@@ -28,10 +28,11 @@
 //     against bank conflicts, while its first weight loads are in flight; when it does not fit,
 //     the kernel converts x from global memory at every use.
 //
-// Batched decode (M = 9..32 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
+// Batched decode (M = 5..32 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
 // and a range of K, copies each row's kept groups of one 256-channel chunk at a time into shared
-// memory (the chunk table says where they start, so there is no search), densifies them there to
-// fp16 and multiplies with mma.m16n8k16; splits of K are summed deterministically.
+// memory at their dense places (the chunk table says where they start, so there is no search),
+// builds the mma A fragments from them in registers and multiplies with mma.m16n8k16; splits of K
+// are summed deterministically.
 //
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
@@ -597,7 +598,7 @@ __global__ void __launch_bounds__(kDequantThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 9..32)
+// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 5..32)
 
 // A weight tile of kTcRows rows; the input is walked in chunks of kTcChunk channels.
 constexpr int kTcSlots = kTcChunk / 16;      // 16-channel mma k-steps in a chunk
@@ -622,6 +623,12 @@ __device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, b
                "r"(valid ? 16 : 0));
 }
 
+// 4 bytes, or 4 zero bytes when !valid.
+__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 4 : 0));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
 
 template <int n>
@@ -633,6 +640,10 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) 
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(smem_addr(smem)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* smem) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];" : "=r"(r[0]), "=r"(r[1]) : "r"(smem_addr(smem)));
 }
 
 // d += a (16 x 16, row-major) * b (16 x 8, column-major), fp16 inputs, fp32 accumulators.
@@ -652,44 +663,96 @@ constexpr int kTcXScaleLog2 = 0;
 template <>
 constexpr int kTcXScaleLog2<__nv_bfloat16> = 8;
 
-// The 8 warps of a CTA: warp w densifies and multiplies rows 16 * (w % 4) .. + 15 of the tile over
-// half w / 4 of each chunk's 16 k-steps; the two halves' sums are added at the end.
+// 8 bf16 activations as fp16 times 2^-s, in the same order.
+template <int s>
+__device__ __forceinline__ uint4 bf16_to_half_scaled(uint4 v) {
+  constexpr float scale = 1.0f / (1 << s);
+  const uint32_t in[4] = {v.x, v.y, v.z, v.w};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = Act<__nv_bfloat16>::unpack(in[i]);
+    out[i] = half2_bits(__floats2half2_rn(f.x * scale, f.y * scale));
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// The 8 warps of a CTA: warp w multiplies rows 16 * (w % 4) .. + 15 of the tile over half w / 4 of
+// each chunk's 16 k-steps; the two halves' sums are added at the end.
 constexpr int kTcRowGroups = kTcRows / 16;
 constexpr int kTcHalves = kTcThreads / kWarpSize / kTcRowGroups;
 constexpr int kTcHalfSlots = kTcSlots / kTcHalves;
 constexpr int kTcCopyThreads = kTcThreads / kTcRows;  // threads copying one row's groups
 
 // Shared memory of tc_kernel. Each pipeline stage holds one chunk: x (kTokens rows of the chunk's
-// activations, in the pair order of dequant_pairs), and for each of the tile's rows the chunk's
-// kept groups (codes and meta, as many as the row's chunk mask has bits) and that mask. Behind
-// the stages, each warp has a dense fp16 copy of its 16 rows of its half chunk (the mma's A).
+// activations) and, for each of the tile's rows, the chunk's codes and meta at their dense
+// positions: a kept group's codes go to its column's place in the row, a pruned column gets meta 0
+// (scale 0, so its weights are exact zeros whatever its code bytes hold, which are not copied).
 template <int G, int MT>
 struct TcLayout {
-  static constexpr int kCols = kTcChunk / G;  // group columns per chunk, bits of a chunk mask
+  static constexpr int kCols = kTcChunk / G;  // group columns per chunk
   static constexpr int kTokens = 8 * MT;
   static constexpr int kXBytes = kTokens * kTcChunk * 2;
   static constexpr int kRowCodeWords = kTcChunk / 8;  // 4-bit codes of a whole chunk row
   static constexpr int kCodeBytes = kTcRows * kRowCodeWords * 4;
-  static constexpr int kMetaBytes = kTcRows * kCols * 4;
-  static constexpr int kMaskBytes = kTcRows * 4;
-  static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes + kMaskBytes;
-  // Stages: as many as fit two CTAs per SM (under 113 KB each) for up to 32 tokens.
-  static constexpr int kStages = MT <= 2 ? 3 : 2;
-  static constexpr int kATileUnits = 16 * kTcHalfSlots * 2;  // 16-byte units of a warp's A tile
-  static constexpr int kBytes = kStages * kStageBytes + (kTcThreads / kWarpSize) * kATileUnits * 16;
+  // An odd stride: the 8 rows a warp reads at once fall in 8 different banks.
+  static constexpr int kMetaStride = kCols + 1;
+  static constexpr int kMetaBytes = kTcRows * kMetaStride * 4;
+  static constexpr int kEntryBytes = kTcRows * 4;  // chunk table entries, kStages - 1 chunks ahead
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes + kEntryBytes;
+  // Two stages: on the H200, 2, 3 and 4 stages (4 to 2 CTAs per SM) measured within noise of
+  // each other, 2 slightly ahead (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_stages*.json).
+  static constexpr int kStages = 2;
+  static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
   static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kStageBytes, "the half sums fit in stage 0");
 };
+
+// 8-byte unit p (16 codes) of tile row r sits at unit p ^ 2 (r % 8) of the row's 128 bytes: a
+// warp reads the same unit of 8 rows at once, which then fall in 16 different banks, and units
+// 2j, 2j + 1 stay together for the 16-byte copies of G >= 32.
+__device__ __forceinline__ int tc_code_unit(int r, int p) { return p ^ ((r & 7) << 1); }
+
+// One row's part of an mma A fragment (m16n8k16, row-major A): lane (g, q) holds row g's weights
+// k = 2q, 2q + 1 (lo) and 2q + 8, 2q + 9 (hi) of a 16-weight slot, as fp16 pairs s * (q - z).
+// w is the slot's two code words (weights 0-7 and 8-15, weight i in bits 4i..4i+3 of its word) and
+// sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12, so PRMT gives the bytes (w.x[q], w.y[q], w.x[q],
+// w.y[q]): byte q of a word holds weights 2q (low nibble) and 2q + 1 (high nibble). One LOP3 puts
+// weight 2q into bits 0-3 of fp16 1024 and weight 2q + 1 into bits 4-7 of the other half (1024 +
+// 16q'), and one HFMA2 with (1, 1/16) and (-(1024 + z), -(64 + z)) leaves the exact pair q - z;
+// the same after a shift by 8 for weights 2q + 8, 2q + 9. One HMUL2 by the scale rounds once, as
+// the reference does.
+__device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, uint32_t& lo, uint32_t& hi) {
+  const uint32_t p = __byte_perm(w.x, w.y, sel);
+  const uint32_t z = (meta >> kZeroShift) & kNibbleMask;
+  const __half2 neg = as_half2(0xD400E400u | z | (z << 20));  // (-(1024 + z), -(64 + z))
+  const __half2 one_sixteenth = as_half2(0x2C003C00u);        // (1, 1/16)
+  const __half2 scale = as_half2(__byte_perm(meta, 0, 0x1010));
+  lo = half2_bits(__hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
+  hi = half2_bits(
+      __hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p >> 8, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
+}
+
+// CTAs of tc_kernel<T, G, MT> that fit an SM's 227 KB of shared memory (1 KB of it reserved per
+// CTA), at most 4; G = 16 has the largest stages.
+template <int MT>
+constexpr int tc_ctas_per_sm() {
+  constexpr int n = (227 * 1024) / (TcLayout<16, MT>::kBytes + 1024);
+  return n < 4 ? n : 4;
+}
 
 // y[M, N] = x[M, K] @ W.T for M <= 8 * MT, on tensor cores. CTA (tile, split) computes rows
 // tile * kTcRows .. + kTcRows - 1 over chunks [split * C / splits, (split + 1) * C / splits) of the
 // C = ceil(K / kTcChunk) chunks. Per chunk:
-//   * cp.async copies, kStages - 1 chunks ahead, each row's kept groups of the chunk (one
-//     contiguous run of codes and of meta; the chunk table gives where it starts and which group
-//     columns it holds) and the chunk of x (zeros past M tokens or K channels);
-//   * x is converted in place to fp16 pairs (the order dequant_pairs produces weights in);
-//   * each warp densifies its 16 rows of its half chunk: lane items (row, 16-channel slot) become
-//     16 fp16 weights s * (q - z), or zeros for a pruned slot, in a swizzled tile;
-//   * ldmatrix + mma.m16n8k16 multiply the tile with x, accumulating in fp32.
+//   * cp.async copies, kStages - 1 chunks ahead, each row's kept groups of the chunk to their
+//     dense places (the chunk table gives where the row's groups of the chunk start and which
+//     columns they are), zero meta for pruned columns, and the chunk of x (zeros past M tokens or
+//     K channels); bf16 x is then converted in place to scaled fp16;
+//   * each warp builds the mma A fragments of its 16 rows directly in registers from the codes
+//     and meta (tc_a_pair: no dense copy of W, no shared-memory round trip), loads x with
+//     ldmatrix, and multiplies with mma.m16n8k16, accumulating in fp32.
+// Pruned columns cost a multiply by zeros on the tensor cores, which have room to spare here;
+// the kernel's time goes to the per-slot instructions of tc_a_pair and the copies.
 // With splits > 1 every split stores its fp32 partial in the workspace, and the last split of a
 // tile to finish (counted in counters[tile], which it resets to 0) sums them in split order and
 // writes y: the result does not depend on the order the CTAs run in.
@@ -701,7 +764,10 @@ __global__ void __launch_bounds__(kTcThreads)
   using L = TcLayout<G, MT>;
   constexpr int kWordsPerGroup = G / kWordWeights;
   constexpr int kSlotsPerGroup = G / 16;
-  constexpr int kCopyBytes = G == 16 ? 8 : 16;  // a group's codes are 8 (G = 16) or 16k bytes
+  constexpr int kCopyBytes = G == 16 ? 8 : 16;           // a group's codes are 8 (G = 16) or 16k bytes
+  constexpr int kRowCopies = kTcChunk / 2 / kCopyBytes;  // copies of one whole chunk row of codes
+  constexpr int kCopiesPerGroup = G / 2 / kCopyBytes;
+  constexpr bool kConvertX = kTcXScaleLog2<T> != 0;
   extern __shared__ __align__(16) unsigned char tc_smem[];
   __shared__ int is_last_split;
 
@@ -715,44 +781,48 @@ __global__ void __launch_bounds__(kTcThreads)
   const int c_begin = split * num_chunks / splits;
   const int n_local = (split + 1) * num_chunks / splits - c_begin;
 
-  // Copies: kTcCopyThreads neighbouring threads per row of the tile, so one warp-wide copy reads
-  // whole 32-byte sectors of a few rows.
+  // Copies: kTcCopyThreads neighbouring threads per row of the tile.
   const int copy_row = threadIdx.x / kTcCopyThreads;
   const int copy_part = threadIdx.x % kTcCopyThreads;
   const int grow = tile * kTcRows + copy_row;
   const bool row_ok = grow < N;
   const int row_first = row_ok ? __ldg(row_ptr + grow) : 0;
-  auto load_entry = [&](int i) {  // chunk table entry of this row for local chunk i
-    return row_ok && i < n_local ? __ldg(chunks + static_cast<size_t>(grow) * num_chunks + c_begin + i) : 0;
-  };
+  const int32_t* row_entries = chunks + static_cast<size_t>(row_ok ? grow : 0) * num_chunks + c_begin;
 
   auto x_stage = [&](int s) { return reinterpret_cast<uint4*>(tc_smem + s * L::kStageBytes); };
   auto code_stage = [&](int s) { return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes); };
   auto meta_stage = [&](int s) {
     return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes);
   };
-  auto mask_stage = [&](int s) {
-    return reinterpret_cast<uint32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes + L::kMetaBytes);
+  auto entry_stage = [&](int s) {
+    return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes + L::kMetaBytes);
   };
 
-  // Word offset of 8-byte unit u (16 codes) of row r's codes in a stage. Odd rows swap the two
-  // halves of their slot: the densify reads the same unit of 4 rows at once, and rows 128 bytes
-  // apart would all hit the same banks.
-  auto code_word = [](int r, int u) { return r * L::kRowCodeWords + 2 * (u ^ ((r & 1) * kTcSlots / 2)); };
-
+  // Copies chunk i into stage s, given this row's chunk table entry for it. The entry of chunk
+  // i + kStages - 1 travels with it: it is what the loop needs when this stage is consumed, so no
+  // iteration waits for a global load of its own (a chunk's math is shorter than a DRAM round trip).
   auto issue = [&](int i, int s, int entry) {
     const uint32_t mask = static_cast<uint32_t>(entry) & 0xFFFFu;
     const int first = row_first + static_cast<int>(static_cast<uint32_t>(entry) >> 16);
-    const int n = __popc(mask);
-    if (copy_part == 0) mask_stage(s)[copy_row] = mask;
-    const char* src = reinterpret_cast<const char*>(codes + static_cast<size_t>(first) * kWordsPerGroup);
-    const int units = n * (G / 2) / kCopyBytes;
-    for (int u = copy_part; u < units; u += kTcCopyThreads) {
-      const int pos = u * (kCopyBytes / 8);  // first 8-byte unit of this copy
-      cp_async<kCopyBytes>(code_stage(s) + code_word(copy_row, pos), src + u * kCopyBytes);
+    const int ahead = i + L::kStages - 1;
+    if (copy_part == 0) {
+      const bool ok = row_ok && ahead < n_local;  // a zero-size copy reads nothing, from a valid address
+      cp_async4_zfill(entry_stage(s) + copy_row, ok ? row_entries + ahead : chunks, ok);
     }
-    int32_t* mdst = meta_stage(s) + copy_row * L::kCols;
-    for (int g = copy_part; g < n; g += kTcCopyThreads) cp_async<4>(mdst + g, meta + first + g);
+    int32_t* cdst = code_stage(s) + copy_row * L::kRowCodeWords;
+    int32_t* mdst = meta_stage(s) + copy_row * L::kMetaStride;
+#pragma unroll
+    for (int u = copy_part; u < kRowCopies; u += kTcCopyThreads) {
+      const int col = u / kCopiesPerGroup;
+      const bool kept = (mask >> col) & 1u;
+      const int group = first + __popc(mask & ((1u << col) - 1u));  // if kept
+      if (kept) {
+        const int unit = u * (kCopyBytes / 8);  // first 8-byte unit of this copy in the row
+        cp_async<kCopyBytes>(cdst + 2 * tc_code_unit(copy_row, unit),
+                             codes + static_cast<size_t>(group) * kWordsPerGroup + (u % kCopiesPerGroup) * (kCopyBytes / 4));
+      }
+      if (u % kCopiesPerGroup == 0) cp_async4_zfill(mdst + col, meta + (kept ? group : 0), kept);
+    }
     const int c = c_begin + i;
     uint4* xs = x_stage(s);
     for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
@@ -765,24 +835,25 @@ __global__ void __launch_bounds__(kTcThreads)
     }
   };
 
-  // Prologue: the chunk table entries of the first kStages chunks in one round trip, then the
-  // copies of the first kStages - 1 chunks. One commit group per chunk, empty ones included, so
-  // that wait_group counts chunks.
-  int entry_next;
+  // Prologue: the chunk table entries of the first kStages - 1 chunks in one round trip, then
+  // their copies. One commit group per chunk, empty ones included, so that wait_group counts
+  // chunks.
   {
-    int e[L::kStages];
+    int e[L::kStages - 1];
 #pragma unroll
-    for (int i = 0; i < L::kStages; ++i) e[i] = load_entry(i);
+    for (int i = 0; i < L::kStages - 1; ++i) e[i] = row_ok && i < n_local ? __ldg(row_entries + i) : 0;
 #pragma unroll
     for (int i = 0; i < L::kStages - 1; ++i) {
       if (i < n_local) issue(i, i, e[i]);
       cp_async_commit();
     }
-    entry_next = e[L::kStages - 1];
   }
 
-  uint4* a_tile = reinterpret_cast<uint4*>(tc_smem + L::kStages * L::kStageBytes) + warp * L::kATileUnits;
-  constexpr int kATileRowUnits = 2 * kTcHalfSlots;
+  // This lane's rows of the warp's 16 (g and g + 8) and PRMT selector (see tc_a_pair).
+  const int g = lane / 4;
+  const int q = lane % 4;
+  const int row_a = row_group * 16 + g;
+  const uint32_t sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12;
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
@@ -794,71 +865,48 @@ __global__ void __launch_bounds__(kTcThreads)
     const int s = i % L::kStages;
     cp_async_wait<L::kStages - 2>();  // this thread's copies of chunk i have landed
     __syncthreads();                  // and everyone's; chunk i - 1's stage is free
-    for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
-      x_stage(s)[u] = Act<T>::template x_pairs<kTcXScaleLog2<T>>(x_stage(s)[u]);
+    if constexpr (kConvertX) {
+      for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
+        x_stage(s)[u] = bf16_to_half_scaled<kTcXScaleLog2<T>>(x_stage(s)[u]);
+      }
+      __syncthreads();
     }
-    __syncthreads();
     const int next = i + L::kStages - 1;
-    if (next < n_local) {
-      issue(next, next % L::kStages, entry_next);
-      entry_next = load_entry(next + 1);
-    }
+    if (next < n_local) issue(next, next % L::kStages, entry_stage(s)[copy_row]);
     cp_async_commit();
 
-    // Densify: item k of a lane is row kItemRows * k + lane / kTcHalfSlots of the warp's 16, slot
-    // half * kTcHalfSlots + lane % kTcHalfSlots of the chunk.
-    const int32_t* cs = code_stage(s);
-    const int32_t* ms = meta_stage(s);
-    const uint32_t* ks = mask_stage(s);
-    constexpr int kItemRows = kWarpSize / kTcHalfSlots;
-#pragma unroll
-    for (int k = 0; k < 16 / kItemRows; ++k) {
-      const int rr = kItemRows * k + lane / kTcHalfSlots;
-      const int hs = lane % kTcHalfSlots;  // slot within the half
-      const int slot = half * kTcHalfSlots + hs;
-      const int r = row_group * 16 + rr;
-      const uint32_t mask = ks[r];
-      const int col = slot / kSlotsPerGroup;
-      uint2 w = make_uint2(0, 0);
-      uint32_t m = 0;  // a pruned slot: q = z = 0 and scale 0 give exact zeros
-      if ((mask >> col) & 1u) {
-        const int idx = __popc(mask & ((1u << col) - 1u));
-        w = *reinterpret_cast<const uint2*>(cs + code_word(r, idx * kSlotsPerGroup + slot % kSlotsPerGroup));
-        m = static_cast<uint32_t>(ms[r * L::kCols + idx]);
-      }
-      const ZeroPair zp = zero_pair(m);
-      const __half2 scale = as_half2((m & kScaleMask) * 0x00010001u);
-      __half2 h[4];
-      uint4 v[2];
-      dequant_pairs(w.x, zp, h);
-      v[0] = make_uint4(half2_bits(__hmul2(h[0], scale)), half2_bits(__hmul2(h[1], scale)),
-                        half2_bits(__hmul2(h[2], scale)), half2_bits(__hmul2(h[3], scale)));
-      dequant_pairs(w.y, zp, h);
-      v[1] = make_uint4(half2_bits(__hmul2(h[0], scale)), half2_bits(__hmul2(h[1], scale)),
-                        half2_bits(__hmul2(h[2], scale)), half2_bits(__hmul2(h[3], scale)));
-      a_tile[rr * kATileRowUnits + ((2 * hs) ^ (rr & 7))] = v[0];
-      a_tile[rr * kATileRowUnits + ((2 * hs + 1) ^ (rr & 7))] = v[1];
-    }
-    __syncwarp();
-
+    const int32_t* code_a = code_stage(s) + row_a * L::kRowCodeWords;
+    const int32_t* code_b = code_a + 8 * L::kRowCodeWords;
+    const int32_t* meta_a = meta_stage(s) + row_a * L::kMetaStride;
+    const int32_t* meta_b = meta_a + 8 * L::kMetaStride;
     const uint4* xs = x_stage(s);
-    const int mi = lane / 8;  // the 8x8 matrix this lane addresses in ldmatrix.x4
+    const int mi = lane / 8;  // the 8x8 matrix this lane addresses in ldmatrix
 #pragma unroll
     for (int kk = 0; kk < kTcHalfSlots; ++kk) {
+      const int slot = half * kTcHalfSlots + kk;
+      const int unit = tc_code_unit(row_a, slot);  // row_a % 8 == row_b % 8
+      const int col = slot / kSlotsPerGroup;
       uint32_t a[4];
-      const int ar = (mi & 1) * 8 + lane % 8;
-      ldmatrix_x4(a, a_tile + ar * kATileRowUnits + ((2 * kk + (mi >> 1)) ^ (ar & 7)));
-      const int xu = 2 * (half * kTcHalfSlots + kk) + (mi & 1);  // x unit of this k-step
+      tc_a_pair(*reinterpret_cast<const uint2*>(code_a + 2 * unit), static_cast<uint32_t>(meta_a[col]), sel, a[0], a[2]);
+      tc_a_pair(*reinterpret_cast<const uint2*>(code_b + 2 * unit), static_cast<uint32_t>(meta_b[col]), sel, a[1], a[3]);
+      if constexpr (MT == 1) {
+        uint32_t b[2];
+        const int tok = lane % 8;
+        const int xu = 2 * slot + (mi & 1);
+        ldmatrix_x2(b, xs + tok * kTcChunkUnits + (xu ^ (tok & 7)));
+        mma_16816(acc[0], a, b[0], b[1]);
+      } else {
+        const int xu = 2 * slot + (mi & 1);  // x unit of this k-step
 #pragma unroll
-      for (int p = 0; p < MT / 2; ++p) {
-        uint32_t b[4];
-        const int tok = 16 * p + (mi >> 1) * 8 + lane % 8;
-        ldmatrix_x4(b, xs + tok * kTcChunkUnits + (xu ^ (tok & 7)));
-        mma_16816(acc[2 * p], a, b[0], b[1]);
-        mma_16816(acc[2 * p + 1], a, b[2], b[3]);
+        for (int p = 0; p < MT / 2; ++p) {
+          uint32_t b[4];
+          const int tok = 16 * p + (mi >> 1) * 8 + lane % 8;
+          ldmatrix_x4(b, xs + tok * kTcChunkUnits + (xu ^ (tok & 7)));
+          mma_16816(acc[2 * p], a, b[0], b[1]);
+          mma_16816(acc[2 * p + 1], a, b[2], b[3]);
+        }
       }
     }
-    __syncwarp();  // the tile is rewritten by the next chunk
   }
 
   // The second half's warps hand their sums to the first half's through stage 0.
@@ -883,8 +931,6 @@ __global__ void __launch_bounds__(kTcThreads)
   }
 
   // acc[t][j] is row g + 8 * (j / 2) of the warp's 16, token 8t + 2q + j % 2.
-  const int g = lane / 4;
-  const int q = lane % 4;
   const int row0 = tile * kTcRows + row_group * 16 + g;
   constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
   float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
@@ -1027,6 +1073,7 @@ template <typename T, int G>
 cudaError_t tc_for_tokens(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
                           const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
                           int K, int splits, cudaStream_t stream) {
+  if (M <= 8) return launch_tc_kernel<T, G, 1>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
   if (M <= 16) return launch_tc_kernel<T, G, 2>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
   if (M <= 32) return launch_tc_kernel<T, G, 4>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
   return launch_tc_kernel<T, G, 8>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
@@ -1087,10 +1134,10 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
 int tc_splits(int M, int N, int K, int num_sms) {
   const int tiles = (N + kTcRows - 1) / kTcRows;
   const int num_chunks = (K + kTcChunk - 1) / kTcChunk;
-  // Two waves of CTAs at the occupancy the shared memory allows (two CTAs per SM up to 32
-  // tokens, one above), so that the last wave's stragglers cost little; at least two chunks per
-  // split so that loads overlap the math.
-  const int resident = (M <= 32 ? 2 : 1) * (num_sms > 0 ? num_sms : 1);
+  // Two waves of CTAs at the occupancy the shared memory allows (see TcLayout), so that the last
+  // wave's stragglers cost little; at least two chunks per split so that loads overlap the math.
+  const int per_sm = M <= 8 ? tc_ctas_per_sm<1>() : M <= 16 ? tc_ctas_per_sm<2>() : M <= 32 ? tc_ctas_per_sm<4>() : tc_ctas_per_sm<8>();
+  const int resident = per_sm * (num_sms > 0 ? num_sms : 1);
   int splits = (2 * resident + tiles - 1) / (tiles > 0 ? tiles : 1);
   const int max_splits = num_chunks / 2 > 1 ? num_chunks / 2 : 1;
   if (splits > max_splits) splits = max_splits;

@@ -281,7 +281,7 @@ def test_gemv_row_per_cta_and_long_rows():
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-@pytest.mark.parametrize("M", [1, 9, 16, 17, 32, 33, 64, 65, 130])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16, 17, 32, 33, 64, 65, 130])
 def test_tc(dtype, G, pattern, M):
     """The tensor-core kernel: N no multiple of its 64-row tiles, K no multiple of its chunks,
     every token count class (up to 16, 32, 64 per launch, and several launches)."""

@@ -32,9 +32,13 @@ from .cuda_format import MAX_GEMV_TOKENS
 CTAS_PER_SM = 2
 # Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
-# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py; the environment
-# variables override them (for other GPUs, or to time one path end to end).
-GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "8"))
+# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200
+# (benchmarks/results/gpu/kernels_h200.json, one decoder layer of each of three models): the GEMV
+# wins at 4 tokens (97.7-121.3 us against 114.6-124.7) and loses at 8 (197.1-239.7 against
+# 120.0-132.3); the tensor-core kernel wins at 32 (202.1-235.5 us against 269.4-307.2 for
+# dequantize + cuBLAS) and loses at 64. The environment variables override them (for other GPUs,
+# or to time one path end to end).
+GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "4"))
 TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "32"))
 JIT_NAME = "vllm_gqsa_C"
 # torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
