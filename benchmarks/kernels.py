@@ -58,16 +58,21 @@ DTYPE = torch.float16
 TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc-splits)
 
 
+def row_densities(N: int, density: float, heavy_block: bool = False, device: str = "cpu") -> torch.Tensor:
+    """``[N, 1]`` fraction of groups each row keeps, ``density`` on average: the same for every row,
+    or (``heavy_block``) one block of N/8 rows at 4x the average (at most 1) and the rest lower."""
+    rows = torch.full((N, 1), density, device=device)
+    if heavy_block:
+        heavy = min(1.0, 4 * density)
+        rows[:] = (density * N - heavy * (N // 8)) / (N - N // 8)
+        rows[N // 3:N // 3 + N // 8] = heavy
+    return rows
+
+
 def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool = False) -> dict:
     """Random kernel-format tensors on the GPU (a real checkpoint's structure, random values)."""
     KG = K // GROUP_SIZE
-    row_density = torch.full((N, 1), density, device="cuda")
-    if heavy_block:  # one row block of N/8 rows at 4x the density (at most 1), the same total
-        block = slice(N // 3, N // 3 + N // 8)
-        heavy = min(1.0, 4 * density)
-        row_density[:] = (density - heavy / 8) / (1 - 1 / 8)
-        row_density[block] = heavy
-    keep = torch.rand(N, KG, device="cuda") < row_density
+    keep = torch.rand(N, KG, device="cuda") < row_densities(N, density, heavy_block, "cuda")
     row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
     row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
     cols = torch.nonzero(keep)[:, 1]
