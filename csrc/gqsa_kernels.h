@@ -70,8 +70,9 @@ int tc_splits(int M, int N, int K, int num_sms);
 // y[M, N] = x[M, K] @ W.T on tensor cores (mma.sync), for batches too large for the GEMV. The
 // grid is (ceil(N / kTcRows), splits): each CTA copies its rows' kept groups for its part of K
 // into shared memory and dequantizes them from there straight into the tensor cores' operands.
-// With splits > 1, `workspace` holds splits * min(M, kMaxTcTokens) * N floats and `counters` ceil(N / kTcRows) int32 zeros (the
-// kernel leaves them zero again). x must be 16-byte aligned. Any M: one launch per kMaxTcTokens.
+// With splits > 1, `workspace` holds splits * min(M, kMaxTcTokens) * N floats and `counters`
+// ceil(N / kTcRows) int32 zeros (the kernel leaves them zero again). x must be 16-byte aligned.
+// Any M: one launch per kMaxTcTokens.
 cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                     const int32_t* meta, const int32_t* chunks, void* y, float* workspace, int32_t* counters,
                     int M, int N, int K, int group_size, int splits, cudaStream_t stream);
