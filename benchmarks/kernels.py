@@ -147,15 +147,23 @@ def dense_weights(N: int, K: int, copies: int) -> list:
     return [torch.randn(N, K, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
 
 
-def semi_structured(ws: list):
-    """torch 2:4 (cuSPARSELt) copies of the dense weights, or None where unsupported."""
+def semi_structured(ws: list) -> dict:
+    """torch 2:4 copies of the dense weights for each kernel that takes them: cuSPARSELt (what
+    ``to_sparse_semi_structured`` picks) and CUTLASS (the ``sparse24`` plugin method's default)."""
+    mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device="cuda").repeat(ws[0].numel() // 4)
+    pruned = [w * mask.view_as(w) for w in ws]
+    out = {}
     try:
         from torch.sparse import to_sparse_semi_structured
-        mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device="cuda").repeat(ws[0].numel() // 4)
-        return [to_sparse_semi_structured(w * mask.view_as(w)) for w in ws]
+        out["sparse24_fp16"] = [to_sparse_semi_structured(w) for w in pruned]
     except Exception as e:
-        print(f"  2:4 unavailable: {type(e).__name__}: {e}")
-        return None
+        print(f"  2:4 cuSPARSELt unavailable: {type(e).__name__}: {e}")
+    try:
+        from vllm_gqsa.sparse24 import compress_cutlass  # (needs vLLM; registers the op)
+        out["sparse24_cutlass_fp16"] = [compress_cutlass(w) for w in pruned]
+    except Exception as e:
+        print(f"  2:4 CUTLASS unavailable: {type(e).__name__}: {e}")
+    return out
 
 
 def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
@@ -230,8 +238,12 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
             r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, "gemv", x_staging=0), reps)
         base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
-        if sparse24 is not None:
-            base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w) for w in sparse24]
+        if "sparse24_fp16" in sparse24:
+            base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w)
+                                     for w in sparse24["sparse24_fp16"]]
+        if "sparse24_cutlass_fp16" in sparse24:
+            base["sparse24_cutlass_fp16"] = [lambda p=p: torch.ops.vllm_gqsa.sparse24_cutlass_mm(x, *p)
+                                             for p in sparse24["sparse24_cutlass_fp16"]]
         for bname, (fn, packs, _) in others.items():
             base[bname] = [lambda p=p, fn=fn: fn(x, p) for p in packs]
         for bname, calls in base.items():
@@ -354,7 +366,9 @@ def main() -> None:
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "command": " ".join(sys.argv), "ops": reason,
            "group_size": GROUP_SIZE, "density": DENSITY, "activation_dtype": str(DTYPE),
-           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "summary": summary, "results": results, "balance": balance,
+           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas,
+           "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS},
+           "summary": summary, "results": results, "balance": balance,
            "seconds": time.time() - start}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

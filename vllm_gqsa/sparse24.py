@@ -6,23 +6,27 @@ A checkpoint (or a ``--load-format dummy`` model) whose ``quantization_config`` 
 ``{"quant_method": "sparse24"}`` loads its linear layers as ordinary dense weights through vLLM's
 own loaders, tensor parallelism included. After loading, every run of 4 consecutive input weights
 keeps its 2 largest magnitudes (a checkpoint already pruned 2:4, by SparseGPT or Wanda, keeps its
-pattern). On a CUDA GPU the result is compressed for cuSPARSELt (``torch._cslt_compress``, the
-kernel behind PyTorch's ``to_sparse_semi_structured`` on Hopper) and multiplied by
-``torch._cslt_sparse_mm`` inside a custom op, so torch.compile and CUDA graphs see one opaque call.
-Elsewhere, or for shapes cuSPARSELt refuses, the pruned weight stays dense.
+pattern). On a CUDA GPU the result is compressed for one of PyTorch's two 2:4 kernels and
+multiplied inside a custom op, so torch.compile and CUDA graphs see one opaque call. Elsewhere, or
+for shapes the kernel refuses, the pruned weight stays dense. ``VLLM_GQSA_SPARSE24_BACKEND`` picks
+the kernel; the default, ``auto``, takes CUTLASS on Ampere (compute capability 8.x) and
+cuSPARSELt elsewhere:
 
-PyTorch builds a new cuSPARSELt plan on every ``_cslt_sparse_mm`` call, host work that costs
-tens of milliseconds per call on an H200 (judged from vLLM's start-up times there; not timed one
-call at a time). In vLLM this backend is slow: about a minute to capture each CUDA-graph size, and
-7.3 tokens/s (137 ms per token) at batch 1 on an H200 with graphs captured, where its kernels
-replayed in a graph take about 7 ms per token for the linear layers
-(``benchmarks/results/gpu/e2e_llama2-7b_h200_sparse24.json``; where the rest of the time goes was
-not profiled). Compare 2:4 at the kernel level (``benchmarks/kernels.py``).
+- ``cutlass``: ``torch._sparse_semi_structured_mm``, PyTorch's CUTLASS 2:4 GEMM, with nothing to
+  plan per call. PyTorch builds it for compute capability 8.x only: on an H200 it raises
+  "Supported only on GPUs with compute capability 8.x"
+  (``benchmarks/results/gpu/kernels_h200.json``, ``sparse24_cutlass_fp16_error``).
+- ``cusparselt``: ``torch._cslt_sparse_mm``, which builds a new cuSPARSELt plan on every call. In
+  vLLM on an H200 this measured 7.3 tokens/s at batch 1 with CUDA graphs captured and about a
+  minute to capture each graph size, where its kernels replayed in a graph take about 7 ms per
+  token for the linear layers (``benchmarks/results/gpu/e2e_llama2-7b_h200_sparse24.json``; where
+  the rest of the time goes was not profiled).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
@@ -37,10 +41,22 @@ from .ops import register_op
 logger = logging.getLogger("vllm.gqsa")
 
 QUANT_METHOD = "sparse24"
-# cuSPARSELt's fp16/bf16 limits (torch.sparse.SparseSemiStructuredTensorCUSPARSELT): the sparse
-# operand's rows and columns are multiples of 16, the dense operand's multiples of 8.
-SPARSE_MULTIPLE = 16
+BACKENDS = ("auto", "cutlass", "cusparselt")
+# fp16/bf16 shape limits (torch.sparse.SparseSemiStructuredTensorCUTLASS / ...CUSPARSELT): the
+# sparse operand's rows and columns are multiples of these, the dense operand's of 8.
+SPARSE_MULTIPLES = {"cutlass": (32, 64), "cusparselt": (16, 16)}
 DENSE_ROW_MULTIPLE = 8
+
+
+def backend(device: torch.device | None = None) -> str:
+    """The 2:4 kernel for weights on ``device``: ``cutlass`` or ``cusparselt``."""
+    name = os.environ.get("VLLM_GQSA_SPARSE24_BACKEND", "auto")
+    if name not in BACKENDS:
+        raise ValueError(f"VLLM_GQSA_SPARSE24_BACKEND={name!r}: expected one of {BACKENDS}")
+    if name == "auto":
+        ampere = device is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 8
+        name = "cutlass" if ampere else "cusparselt"
+    return name
 
 
 def prune_2_4(w: torch.Tensor) -> torch.Tensor:
@@ -52,22 +68,40 @@ def prune_2_4(w: torch.Tensor) -> torch.Tensor:
     return (g * keep).reshape_as(w)
 
 
+def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+    pad = -x.shape[0] % DENSE_ROW_MULTIPLE
+    return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+
+
 def sparse24_mm(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.Tensor:
     """``x [M, K] @ W.T`` for W compressed by ``torch._cslt_compress``."""
-    M = x.shape[0]
-    pad = -M % DENSE_ROW_MULTIPLE
-    if pad:
-        x = torch.nn.functional.pad(x, (0, 0, 0, pad))
     # (W @ x.T).T in one call: transpose_result hands back [M, N] directly.
-    y = torch._cslt_sparse_mm(packed, x.t(), transpose_result=True)
-    return y[:M] if pad else y
+    return torch._cslt_sparse_mm(packed, _pad_rows(x).t(), transpose_result=True)[:x.shape[0]]
+
+
+def sparse24_cutlass_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] @ W.T`` for W compressed by ``compress_cutlass``."""
+    # The kernel computes W @ x.T ([N, M]); the transpose back is a copy of M x N outputs.
+    return torch._sparse_semi_structured_mm(packed, meta, _pad_rows(x).t()).t()[:x.shape[0]].contiguous()
+
+
+def compress_cutlass(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2:4-pruned ``w [N, K]`` as the CUTLASS kernel's kept values ``[N, K/2]`` and metadata."""
+    from torch.sparse._semi_structured_conversions import sparse_semi_structured_from_dense_cutlass
+
+    return sparse_semi_structured_from_dense_cutlass(w.contiguous())
 
 
 def _sparse24_mm_fake(x, packed, n_out):
     return x.new_empty((x.shape[0], n_out))
 
 
+def _sparse24_cutlass_mm_fake(x, packed, meta):
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
 register_op("sparse24_mm", sparse24_mm, _sparse24_mm_fake)
+register_op("sparse24_cutlass_mm", sparse24_cutlass_mm, _sparse24_cutlass_mm_fake)
 
 
 @register_quantization_config(QUANT_METHOD)
@@ -113,25 +147,35 @@ class Sparse24LinearMethod(UnquantizedLinearMethod):
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         w = prune_2_4(layer.weight.data)
         n, k = w.shape
+        kernel = backend(w.device)
+        rows, cols = SPARSE_MULTIPLES[kernel]
         reason = None
         if not w.is_cuda:
             reason = "not on a CUDA device"
         elif w.dtype not in (torch.float16, torch.bfloat16):
             reason = f"{w.dtype} activations"
-        elif n % SPARSE_MULTIPLE or k % SPARSE_MULTIPLE:
-            reason = f"shape {n}x{k} is not a multiple of {SPARSE_MULTIPLE}"
-        if reason is None:
-            layer.sparse24_packed = Parameter(torch._cslt_compress(w.contiguous()), requires_grad=False)
-            layer.sparse24_n_out = n
-            del layer.weight  # the compressed copy holds everything
-        else:
+        elif n % rows or k % cols:
+            reason = f"shape {n}x{k} is not a multiple of {rows}x{cols} ({kernel})"
+        if reason is not None:
             layer.weight.data = w
             logger.info("sparse24: %dx%d layer kept as a pruned dense weight (%s)", n, k, reason)
+            return
+        if kernel == "cutlass":
+            packed, meta = compress_cutlass(w)
+            layer.sparse24_meta = Parameter(meta, requires_grad=False)
+        else:
+            packed = torch._cslt_compress(w.contiguous())
+        layer.sparse24_packed = Parameter(packed, requires_grad=False)
+        layer.sparse24_n_out = n
+        del layer.weight  # the compressed copy holds everything
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if not hasattr(layer, "sparse24_packed"):
             return torch.nn.functional.linear(x, layer.weight, bias)
-        y = torch.ops.vllm_gqsa.sparse24_mm(x.reshape(-1, x.shape[-1]), layer.sparse24_packed,
-                                            layer.sparse24_n_out)
+        x2 = x.reshape(-1, x.shape[-1])
+        if hasattr(layer, "sparse24_meta"):
+            y = torch.ops.vllm_gqsa.sparse24_cutlass_mm(x2, layer.sparse24_packed, layer.sparse24_meta)
+        else:
+            y = torch.ops.vllm_gqsa.sparse24_mm(x2, layer.sparse24_packed, layer.sparse24_n_out)
         y = y.reshape(*x.shape[:-1], layer.sparse24_n_out)
         return y if bias is None else y + bias
