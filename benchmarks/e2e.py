@@ -41,8 +41,8 @@ CONFIGS = {
     "fp16": (None, {}),
     "gptq-marlin": (GPTQ, {"linear_backend": "marlin"}),
     "gptq-machete": (GPTQ, {"linear_backend": "machete"}),
-    # fp16 2:4 (vllm_gqsa/sparse24.py; CUTLASS unless VLLM_GQSA_SPARSE24_BACKEND says otherwise):
-    # random dense weights pruned at load.
+    # fp16 2:4 (vllm_gqsa/sparse24.py: CUTLASS on Ampere, cuSPARSELt elsewhere, or as
+    # VLLM_GQSA_SPARSE24_BACKEND says): random dense weights pruned at load.
     "sparse24": ({"quant_method": "sparse24"}, {}),
     "gqsa-s50": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
     "gqsa-s40": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.4}, {}),

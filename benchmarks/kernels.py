@@ -149,7 +149,7 @@ def dense_weights(N: int, K: int, copies: int) -> list:
 
 def semi_structured(ws: list) -> dict:
     """torch 2:4 copies of the dense weights for each kernel that takes them: cuSPARSELt (what
-    ``to_sparse_semi_structured`` picks) and CUTLASS (the ``sparse24`` plugin method's default)."""
+    ``to_sparse_semi_structured`` picks) and CUTLASS (the ``sparse24`` method's choice on Ampere)."""
     mask = torch.tensor([1, 1, 0, 0], dtype=torch.bool, device="cuda").repeat(ws[0].numel() // 4)
     pruned = [w * mask.view_as(w) for w in ws]
     out = {}
