@@ -16,11 +16,13 @@ cuSPARSELt elsewhere:
   plan per call. PyTorch builds it for compute capability 8.x only: on an H200 it raises
   "Supported only on GPUs with compute capability 8.x"
   (``benchmarks/results/gpu/kernels_h200.json``, ``sparse24_cutlass_fp16_error``).
-- ``cusparselt``: ``torch._cslt_sparse_mm``, which builds a new cuSPARSELt plan on every call. In
-  vLLM on an H200 this measured 7.3 tokens/s at batch 1 with CUDA graphs captured and about a
-  minute to capture each graph size, where its kernels replayed in a graph take about 7 ms per
-  token for the linear layers (``benchmarks/results/gpu/e2e_llama2-7b_h200_sparse24.json``; where
-  the rest of the time goes was not profiled).
+- ``cusparselt``: ``torch._cslt_sparse_mm``, which builds a new cuSPARSELt plan on every call (0.8 to 2
+  ms of host time: hidden when a CUDA graph replays it, paid on every call outside one). Its
+  ``transpose_result=True`` option is avoided: on an H200 at one token it took 165 to 290 ms of host
+  time per call and 74 to 345 us per Llama-2-7B shape in a CUDA graph, against 33 to 76 us for the
+  plain call and a transposed copy (``benchmarks/results/gpu/sparse24_diag2.json``). The 7.3
+  tokens/s once measured end to end used it
+  (``benchmarks/results/gpu/e2e_llama2-7b_h200_sparse24.json``; not yet re-run without it).
 """
 
 from __future__ import annotations
@@ -75,8 +77,9 @@ def _pad_rows(x: torch.Tensor) -> torch.Tensor:
 
 def sparse24_mm(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.Tensor:
     """``x [M, K] @ W.T`` for W compressed by ``torch._cslt_compress``."""
-    # (W @ x.T).T in one call: transpose_result hands back [M, N] directly.
-    return torch._cslt_sparse_mm(packed, _pad_rows(x).t(), transpose_result=True)[:x.shape[0]]
+    # W @ x.T ([N, M]), then a copy back to [M, N] (the fake's contiguous layout, which torch.compile
+    # relies on). Not transpose_result=True: far slower on Hopper (see the module docstring).
+    return torch._cslt_sparse_mm(packed, _pad_rows(x).t()).t()[:x.shape[0]].contiguous()
 
 
 def sparse24_cutlass_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
