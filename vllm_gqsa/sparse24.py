@@ -20,7 +20,7 @@ cuSPARSELt elsewhere:
   ms of host time: hidden when a CUDA graph replays it, paid on every call outside one). Its
   ``transpose_result=True`` option is avoided: on an H200 at one token it took 165 to 290 ms of host
   time per call and 74 to 345 us per Llama-2-7B shape in a CUDA graph, against 33 to 76 us for the
-  plain call and a transposed copy (``benchmarks/results/gpu/sparse24_diag2.json``). The 7.3
+  plain call (``benchmarks/results/gpu/sparse24_diag2.json``; the op adds a copy of the M x N result). The 7.3
   tokens/s once measured end to end used it
   (``benchmarks/results/gpu/e2e_llama2-7b_h200_sparse24.json``; not yet re-run without it).
 """
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn import Parameter
@@ -70,22 +70,28 @@ def prune_2_4(w: torch.Tensor) -> torch.Tensor:
     return (g * keep).reshape_as(w)
 
 
-def _pad_rows(x: torch.Tensor) -> torch.Tensor:
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x [M, K]`` padded with zero rows to the multiple of 8 both 2:4 kernels need."""
     pad = -x.shape[0] % DENSE_ROW_MULTIPLE
     return torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
 
 
+def _x_times_w_t(w_times: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``x @ W.T`` from a kernel that computes ``W @ b``: b is the padded x transposed, and the
+    ``[N, M]`` result is copied back to ``[M, N]`` (the fakes' contiguous layout, which
+    torch.compile relies on)."""
+    return w_times(pad_rows(x).t()).t()[:x.shape[0]].contiguous()
+
+
 def sparse24_mm(x: torch.Tensor, packed: torch.Tensor, n_out: int) -> torch.Tensor:
     """``x [M, K] @ W.T`` for W compressed by ``torch._cslt_compress``."""
-    # W @ x.T ([N, M]), then a copy back to [M, N] (the fake's contiguous layout, which torch.compile
-    # relies on). Not transpose_result=True: far slower on Hopper (see the module docstring).
-    return torch._cslt_sparse_mm(packed, _pad_rows(x).t()).t()[:x.shape[0]].contiguous()
+    # Not transpose_result=True: far slower on Hopper (see the module docstring).
+    return _x_times_w_t(lambda b: torch._cslt_sparse_mm(packed, b), x)
 
 
 def sparse24_cutlass_mm(x: torch.Tensor, packed: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
     """``x [M, K] @ W.T`` for W compressed by ``compress_cutlass``."""
-    # The kernel computes W @ x.T ([N, M]); the transpose back is a copy of M x N outputs.
-    return torch._sparse_semi_structured_mm(packed, meta, _pad_rows(x).t()).t()[:x.shape[0]].contiguous()
+    return _x_times_w_t(lambda b: torch._sparse_semi_structured_mm(packed, meta, b), x)
 
 
 def compress_cutlass(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
