@@ -1,6 +1,9 @@
 # Set-up and checks on a CPU machine (no GPU needed). On a GPU machine with vLLM installed,
 # `pip install -e .` is all the plugin needs.
 VENV ?= .venv
+# The vLLM release the plugin is pinned to; another one can be tried in its own venv, e.g.
+# make test VENV=.venv-vllm-0.33 VLLM=0.33.0
+VLLM ?= 0.26.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
@@ -12,7 +15,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml .ci/requirements-cpu.txt
 	python3 -m venv $(VENV)
 	$(PIP) -r .ci/requirements-cpu.txt
-	$(PIP) --no-deps vllm==0.26.0
+	$(PIP) --no-deps vllm==$(VLLM)
 	$(PIP) --no-deps --no-build-isolation -e .
 	touch $@
 

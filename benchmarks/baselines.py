@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from converters.calibration import calibration_samples  # noqa: E402
 from converters.convert import (SEQUENTIAL_GROUPS, _block_inputs, _collect_hessians,  # noqa: E402
-                                _module, _run_block, _to)
+                                _module, _run_block, _to, peak_memory)
 from converters.perplexity import perplexity  # noqa: E402
 from converters.solver import inverse_hessian_factor, solve_layer  # noqa: E402
 from vllm_gqsa.format import LayerFormat  # noqa: E402
@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-windows", type=int)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
+    p.add_argument("--no-eval", action="store_true",
+                   help="compress only: record the time and peak memory, not the perplexity")
     a = p.parse_args(argv)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -251,8 +253,12 @@ def main(argv=None) -> int:
         else:
             compress(model, samples, method, torch.device(a.device))
         seconds = time.time() - t0
-        r = perplexity(model, tok, text, a.eval_seq_len, a.max_windows, a.device, desc=method)
-        r.update({"seconds": round(seconds, 1), "bits_per_weight": BITS_PER_WEIGHT[method]})
+        # The process's peak so far: a method's own peak when it is the first (or only) one run.
+        peak = peak_memory(torch.device(a.device))
+        r = {} if a.no_eval else perplexity(model, tok, text, a.eval_seq_len, a.max_windows, a.device,
+                                            desc=method)
+        r.update({"seconds": round(seconds, 1), "peak_memory": peak,
+                  "bits_per_weight": BITS_PER_WEIGHT[method]})
         print(method, json.dumps(r), flush=True)
         results["methods"][method] = r
         if os.path.exists(a.out):  # add to an earlier run's methods instead of dropping them

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ from vllm_gqsa.reference import dequantize
 from .bqpo import BlockTraining, train_block
 from .calibration import calibration_samples
 from .e2e import ScaleTraining, train_scales
-from .hub import model_card
+from .hub import model_card, peak_text
 from .solver import accumulate_hessian, solve_layer
 
 logger = logging.getLogger(__name__)
@@ -210,6 +211,15 @@ def _write_progress(tmp: str, model_dir: str, opts: ConvertOptions, blocks_done:
         json.dump({"source": os.path.abspath(model_dir), "options": opts.fingerprint(),
                    "blocks_done": blocks_done, "layers": layers, "bqpo": bqpo}, f)
     os.replace(path + ".tmp", path)  # atomic: a kill leaves the old or the new file, never half
+
+
+def peak_memory(device: torch.device) -> dict:
+    """This process's peak resident host memory so far and, on CUDA, the peak tensor memory on the
+    device: what a user has to provision to run the same conversion."""
+    peak = {"host_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}  # Linux: KiB
+    if device.type == "cuda":
+        peak["cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return peak
 
 
 def pick_device(name: str) -> torch.device:
@@ -527,6 +537,7 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "training": training,
         "seconds": round(seconds, 1),
         "device": str(pick_device(opts.device)),
+        "peak_memory": peak_memory(pick_device(opts.device)),
         "layers": layers_report,
     }
     with open(os.path.join(tmp, "README.md"), "w") as f:
@@ -562,4 +573,6 @@ def describe(report: dict) -> str:
         f"{report['bits_per_weight_quantized_layers']:.3f} bits per weight (all metadata included)",
         f"  checkpoint             {report['checkpoint_bytes'] * mb:.1f} MiB "
         f"(dense {report['dense_bytes'] * mb:.1f} MiB, {report['compression_ratio']:.2f}x smaller)",
+        f"  peak memory            {peak_text(report.get('peak_memory', {}))}",
     ])
+

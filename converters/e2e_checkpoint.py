@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from vllm_gqsa.checkpoint import read_quant_config, safetensors_files, split_gqsa_tensors
 from vllm_gqsa.format import GQSALayer
 from .calibration import calibration_samples
-from .convert import BLOCKS_DIR, COMPLETE_MARKER, ConvertError, ConvertOptions, _publish, describe, pick_device, \
-    prepare_output
+from .convert import (BLOCKS_DIR, COMPLETE_MARKER, ConvertError, ConvertOptions, _publish, describe,
+                      peak_memory, pick_device, prepare_output)
 from .e2e import train_scales
 from .hub import model_card
 from .reference_model import load_reference_model
@@ -82,7 +82,12 @@ def train_checkpoint_scales(ckpt_dir: str, out_dir: str, opts: ConvertOptions) -
             shutil.copy2(src, os.path.join(tmp, name))
     report.setdefault("training", {})["e2e"] = {
         "epochs": opts.e2e_epochs, "lr": opts.e2e_lr, "batch_size": opts.e2e_batch_size,
-        "held_out_samples": opts.held_out(), **record}
+        "held_out_samples": opts.held_out(), **record,
+        "peak_memory": peak_memory(pick_device(opts.device))}
+    # The checkpoint took two processes; a user provisions for the larger peak of the two.
+    earlier = report.get("peak_memory", {})
+    report["peak_memory"] = {k: max(v, earlier.get(k, 0))
+                             for k, v in report["training"]["e2e"]["peak_memory"].items()}
     report["seconds"] = round(report["seconds"] + time.time() - t_start, 1)
     with open(os.path.join(tmp, "README.md"), "w") as f:
         f.write(model_card(report, report["source"]))

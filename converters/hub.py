@@ -58,6 +58,17 @@ def training_summary(training: dict) -> str:
     return "; ".join(parts) or "none (one-shot solver)"
 
 
+def peak_text(peak: dict) -> str:
+    """``peak_memory`` of a conversion report, for people."""
+    gib = 1 / 2**30
+    if "host_bytes" not in peak:  # reports written before the field existed
+        return "not recorded"
+    text = f"{peak['host_bytes'] * gib:.2f} GiB host"
+    if "cuda_bytes" in peak:
+        text += f", {peak['cuda_bytes'] * gib:.2f} GiB on the GPU"
+    return text
+
+
 def model_card(report: dict, source: str) -> str:
     """README.md for a converted checkpoint: what it is, how it was made, how to serve it."""
     q, c = report["quantization_config"], report["calibration"]
@@ -81,7 +92,7 @@ quantized to {q['bits']} bits with a scale and zero point per group, in the GQSA
 | checkpoint size | {report['checkpoint_bytes'] * mib:.1f} MiB (dense {report['dense_bytes'] * mib:.1f} MiB) |
 | calibration | {c['n_samples']} x {c['seq_len']} tokens of {c['data']}, seed {c['seed']} |
 | training | {training_summary(report.get("training") or {})} |
-| conversion | {report['seconds']:.0f} s on {report['device']} |
+| conversion | {report['seconds']:.0f} s on {report['device']}, peak memory {peak_text(report.get('peak_memory', {}))} |
 
 Serve it with vLLM and the vllm-gqsa plugin installed:
 

@@ -83,3 +83,20 @@ def test_awq_keeps_the_block_function_and_beats_round_to_nearest(tiny_models):
                 m.weight.data = rtn_groups(m.weight.data)
         rtn_err = (torch.cat(_run_block(rtn_block, inputs, kwargs, 4)) - ref).pow(2).mean()
     assert awq_err < rtn_err
+
+
+def test_no_eval_run_records_time_and_peak_memory(tiny_models, tmp_path):
+    """One method per process gives that method's own peak; --no-eval skips the perplexity."""
+    import json
+
+    from baselines import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    out = tmp_path / "base.json"
+    assert main([tiny_models["llama"], "--methods", "wanda-2:4", "--calib-data", str(text),
+                 "--n-samples", "4", "--seq-len", "32", "--text", str(text), "--no-eval",
+                 "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["methods"]["wanda-2:4"]
+    assert "perplexity" not in r
+    assert r["peak_memory"]["host_bytes"] > 0 and r["seconds"] >= 0

@@ -66,6 +66,10 @@ def test_report_counts_bits_per_weight(tiny_checkpoints):
     assert report["kept_group_fraction"] == pytest.approx(0.5, abs=0.01)
     assert 2.5 < report["bits_per_weight_quantized_layers"] < 3.5
     assert report["checkpoint_bytes"] < report["dense_bytes"]
+    # The process held at least the dense model while converting it.
+    assert report["peak_memory"]["host_bytes"] > report["dense_bytes"]
+    with open(os.path.join(tiny_checkpoints["llama"], "README.md")) as f:
+        assert "GiB host" in f.read()
 
 
 @pytest.mark.parametrize("group_size,block_rows", [(32, 1), (64, 2), (128, 1)])

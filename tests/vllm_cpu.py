@@ -3,6 +3,8 @@
 
 vLLM's PyPI wheel carries no CPU kernels, so the CPU platform is selected by hand and the one
 kernel a Llama/Qwen2 needs at construction (``_C::silu_and_mul``) gets a plain-torch stand-in.
+Newer vLLM releases (0.33) empty the accelerator's cache after loading, which a CPU-only torch
+refuses; with no accelerator there is no cache, so that call becomes a no-op.
 Nothing GQSA-related is stubbed: config parsing, the loader, weight loading, tensor-parallel
 slicing and the GQSA ops are the real ones.
 """
@@ -25,6 +27,8 @@ def setup_cpu_vllm() -> None:
     from vllm.platforms.cpu import CpuPlatform
 
     platforms._current_platform = CpuPlatform()
+    if not torch.accelerator.is_available():
+        torch.accelerator.empty_cache = lambda: None
     if not hasattr(torch.ops._C, "silu_and_mul"):
         lib = torch.library.Library("_C", "FRAGMENT")
         lib.define("silu_and_mul(Tensor! result, Tensor input) -> ()")
