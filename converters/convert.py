@@ -538,6 +538,9 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "seconds": round(seconds, 1),
         "device": str(pick_device(opts.device)),
         "peak_memory": peak_memory(pick_device(opts.device)),
+        # The solver's sums depend on the thread count, and the pruning pattern on those sums: the
+        # same command with another count gives a slightly different checkpoint.
+        "cpu_threads": torch.get_num_threads(),
         "layers": layers_report,
     }
     with open(os.path.join(tmp, "README.md"), "w") as f:

@@ -68,6 +68,7 @@ def test_report_counts_bits_per_weight(tiny_checkpoints):
     assert report["checkpoint_bytes"] < report["dense_bytes"]
     # The process held at least the dense model while converting it.
     assert report["peak_memory"]["host_bytes"] > report["dense_bytes"]
+    assert report["cpu_threads"] == torch.get_num_threads()
     with open(os.path.join(tiny_checkpoints["llama"], "README.md")) as f:
         assert "GiB host" in f.read()
 
