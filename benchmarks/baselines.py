@@ -221,16 +221,22 @@ def compress(model, samples, method, device, batch_size=8):
         blocks[b] = block.to("cpu")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("model")
-    p.add_argument("--methods", default="gptq-w4g128,gptq-w2g128,awq-w4g128,sparsegpt-2:4,wanda-2:4")
+def add_protocol_args(p: argparse.ArgumentParser) -> None:
+    """The calibration and evaluation options every baseline run shares, so that runs compared in
+    one table (here and in llmcompressor_check.py) use the same tokens and windows."""
     p.add_argument("--calib-data", required=True)
     p.add_argument("--n-samples", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--text", required=True)
     p.add_argument("--eval-seq-len", type=int, default=2048)
     p.add_argument("--max-windows", type=int)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--methods", default="gptq-w4g128,gptq-w2g128,awq-w4g128,sparsegpt-2:4,wanda-2:4")
+    add_protocol_args(p)
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True)
     p.add_argument("--no-eval", action="store_true",

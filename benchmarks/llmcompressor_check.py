@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.baselines import add_protocol_args  # noqa: E402
 from converters.calibration import calibration_samples  # noqa: E402
 from converters.convert import peak_memory  # noqa: E402
 from converters.perplexity import perplexity  # noqa: E402
@@ -39,8 +40,8 @@ def recipe(method: str, dampening: float | None):
     if method == "sparsegpt-2:4":
         from llmcompressor.modifiers.pruning import SparseGPTModifier
         extra = {} if dampening is None else {"dampening_frac": dampening}
-        return SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"], ignore=["lm_head"],
-                                 **extra)
+        return SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"],
+                                 ignore=["lm_head"], **extra)
     raise SystemExit(f"unknown method {method!r}")
 
 
@@ -48,11 +49,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("--methods", default="sparsegpt-2:4,gptq-w4g128")
-    p.add_argument("--calib-data", required=True)
-    p.add_argument("--n-samples", type=int, default=64)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--text", required=True)
-    p.add_argument("--max-windows", type=int)
+    add_protocol_args(p)
     p.add_argument("--dampening", type=float,
                    help="SparseGPT's dampening_frac (default: llm-compressor's; the solver here uses 0.01)")
     p.add_argument("--out", required=True)
@@ -66,16 +63,18 @@ def main(argv=None) -> int:
     with open(a.text, encoding="utf-8") as f:
         text = f.read()
     samples = calibration_samples(tok, a.calib_data, a.n_samples, a.seq_len, 0)  # baselines.py's tokens
-    data = Dataset.from_dict({"input_ids": samples.tolist(), "attention_mask": torch.ones_like(samples).tolist()})
+    data = Dataset.from_dict({"input_ids": samples.tolist(),
+                              "attention_mask": torch.ones_like(samples).tolist()})
     results = {"command": " ".join(sys.argv), "llmcompressor": llmcompressor.__version__,
-               "torch": torch.__version__, "threads": torch.get_num_threads(), "dampening": a.dampening, "methods": {}}
+               "torch": torch.__version__, "threads": torch.get_num_threads(), "dampening": a.dampening,
+               "methods": {}}
     for method in a.methods.split(","):
         model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
         t0 = time.time()
         oneshot(model=model, dataset=data, recipe=recipe(method, a.dampening), max_seq_length=a.seq_len,
                 num_calibration_samples=a.n_samples)
         seconds = time.time() - t0
-        r = perplexity(model, tok, text, 2048, a.max_windows, "cpu", desc=method)
+        r = perplexity(model, tok, text, a.eval_seq_len, a.max_windows, "cpu", desc=method)
         r.update({"seconds": round(seconds, 1), "peak_memory": peak_memory(torch.device("cpu"))})
         print(method, json.dumps(r), flush=True)
         results["methods"][method] = r

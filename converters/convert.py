@@ -521,6 +521,7 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
                       if not (n == "lm_head.weight" and config.get("tie_word_embeddings")))
     kept = sum(r["kept_groups"] for r in layers_report)
     total_groups = q_weights // qcfg.group_size
+    device = pick_device(opts.device)
     report = {
         "source": os.path.abspath(model_dir),
         "quantization_config": qcfg.to_dict(),
@@ -536,8 +537,8 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "compression_ratio": dense_bytes / total_bytes,
         "training": training,
         "seconds": round(seconds, 1),
-        "device": str(pick_device(opts.device)),
-        "peak_memory": peak_memory(pick_device(opts.device)),
+        "device": str(device),
+        "peak_memory": peak_memory(device),
         # The solver's sums depend on the thread count, and the pruning pattern on those sums: the
         # same command with another count gives a slightly different checkpoint.
         "cpu_threads": torch.get_num_threads(),
@@ -578,4 +579,3 @@ def describe(report: dict) -> str:
         f"(dense {report['dense_bytes'] * mb:.1f} MiB, {report['compression_ratio']:.2f}x smaller)",
         f"  peak memory            {peak_text(report.get('peak_memory', {}))}",
     ])
-
