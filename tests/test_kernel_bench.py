@@ -34,3 +34,19 @@ def test_heavy_block_is_capped_at_full_rows():
     heavy = row_densities(4096, 0.5, heavy_block=True)
     assert float(heavy.max()) == 1.0
     assert float(heavy.sum()) == pytest.approx(0.5 * 4096, rel=1e-6)
+
+
+def test_bank_conflict_model():
+    """benchmarks/gemv_bank_conflicts.py: dense rows read x without conflicts, random rows do not,
+    and the within-row reorder keeps every row's columns while cutting the wavefronts."""
+    import numpy as np
+    from gemv_bank_conflicts import reorder_row, wavefronts_per_read
+
+    assert wavefronts_per_read(np.tile(np.arange(256), 16)) == 4.0
+    rng = np.random.default_rng(1)
+    rows = [np.sort(rng.choice(256, 128, replace=False)) for _ in range(64)]
+    reordered = [reorder_row(r) for r in rows]
+    assert all(sorted(a.tolist()) == b.tolist() for a, b in zip(reordered, rows))
+    sorted_w = wavefronts_per_read(np.concatenate(rows))
+    assert 8 < sorted_w < 11
+    assert wavefronts_per_read(np.concatenate(reordered)) < 0.7 * sorted_w

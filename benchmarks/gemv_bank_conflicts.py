@@ -1,0 +1,94 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Shared-memory wavefronts of the one-token GEMV's x reads, counted from the layout alone (no GPU).
+
+The GEMV (csrc/gqsa_kernels.cu, G = 16) gives each lane of a warp one unit per step, two consecutive
+kept groups, and reads each group's 16 activations as two 16-byte chunks of a swizzled copy of x in
+shared memory (chunk c stored at c ^ ((c >> 3) & 7)). A 16-byte load is served a quarter-warp at a
+time: 8 lanes, one wavefront per distinct chunk in the busiest of the 8 bank quads of 128 bytes.
+This counts those wavefronts over random rows of a given density, for the kept groups in column
+order (the format) and reordered inside each row so that the groups one quarter-warp reads together
+fall on different quads (a layout the tensor-core kernel, which needs column order, cannot read
+today). Nsight Compute on the H200 measured 1.73 million shared wavefronts for the gate/up shape at
+one token, 57% of them excess (``benchmarks/results/gpu/ncu_gemv_stalls_gate_up_m1.txt``): about 9.8
+per x read against this model's 9.55 plus the x copy's stores.
+
+    python benchmarks/gemv_bank_conflicts.py [--rows 2048] [--K 4096] [--density 0.5]
+                                             [--out benchmarks/results/gemv_bank_conflicts.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+GROUP = 16
+LANES = 32
+QUARTER = 8  # lanes served together by one 16-byte shared-memory wavefront
+QUADS = 8  # 16-byte bank quads in a 128-byte row of banks
+
+
+def swizzle(chunk: np.ndarray) -> np.ndarray:
+    return chunk ^ ((chunk >> 3) & 7)
+
+
+def wavefronts_per_read(cols: np.ndarray) -> float:
+    """Mean wavefronts per warp-wide 16-byte x read, for kept group columns in kernel order."""
+    steps = len(cols) // (2 * LANES)
+    g = cols[: steps * 2 * LANES].reshape(steps, LANES, 2)  # [step, lane, group of the unit]
+    total = 0
+    for i in range(2):
+        for k in range(2):  # the group's two 16-byte chunks of x
+            quad_chunks = swizzle(2 * g[:, :, i] + k).reshape(steps, LANES // QUARTER, QUARTER)
+            for q in range(LANES // QUARTER):
+                for s in range(steps):
+                    distinct = np.unique(quad_chunks[s, q])  # lanes reading one chunk share it
+                    total += np.bincount(distinct % QUADS, minlength=QUADS).max()
+    return total / (steps * 4)
+
+
+def reorder_row(cols: np.ndarray) -> np.ndarray:
+    """A row's kept columns reordered so that neighbouring lanes' groups cycle through the quads."""
+    quad = swizzle(2 * cols) % QUADS
+    buckets = [list(cols[quad == b]) for b in range(QUADS)]
+    out = []
+    for p in range(len(cols)):
+        want = (p // 2) % QUADS if p % 2 == 0 else (p // 2 + QUADS // 2) % QUADS
+        for d in range(QUADS):
+            b = (want + d) % QUADS
+            if buckets[b]:
+                out.append(buckets[b].pop())
+                break
+    return np.array(out, dtype=cols.dtype)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--K", type=int, default=4096)
+    p.add_argument("--density", type=float, default=0.5, help="share of each row's groups kept")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/gemv_bank_conflicts.json")
+    a = p.parse_args()
+    rng = np.random.default_rng(a.seed)
+    n_groups = a.K // GROUP
+    kept = max(1, round(a.density * n_groups))
+    rows = [np.sort(rng.choice(n_groups, kept, replace=False)) for _ in range(a.rows)]
+    result = {
+        "command": " ".join(sys.argv), "rows": a.rows, "K": a.K, "density": a.density,
+        "conflict_free": 4.0,
+        "dense_rows": wavefronts_per_read(np.tile(np.arange(n_groups), a.rows)),
+        "column_order": wavefronts_per_read(np.concatenate(rows)),
+        "reordered_in_rows": wavefronts_per_read(np.concatenate([reorder_row(r) for r in rows])),
+    }
+    for key in ("conflict_free", "dense_rows", "column_order", "reordered_in_rows"):
+        print(f"{key:18s} {result[key]:.2f} wavefronts per 16-byte x read of a warp")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
