@@ -6,9 +6,9 @@ kept groups, and reads each group's 16 activations as two 16-byte chunks of a sw
 shared memory (chunk c stored at c ^ ((c >> 3) & 7)). A 16-byte load is served a quarter-warp at a
 time: 8 lanes, one wavefront per distinct chunk in the busiest of the 8 bank quads of 128 bytes.
 This counts those wavefronts over random rows of a given density, for the kept groups in column
-order (the format) and reordered inside each row so that the groups one quarter-warp reads together
-fall on different quads (a layout the tensor-core kernel, which needs column order, cannot read
-today). Nsight Compute on the H200 measured 1.73 million shared wavefronts for the gate/up shape at
+order (the format) and reordered inside each row by ``cuda_format.bank_order`` so that the groups
+one quarter-warp reads together fall on different quads (a layout the GEMV reads as it is, but the
+tensor-core kernel, which needs column order, cannot read today). Nsight Compute on the H200 measured 1.73 million shared wavefronts for the gate/up shape at
 one token, 57% of them excess (``benchmarks/results/gpu/ncu_gemv_stalls_gate_up_m1.txt``): about 9.8
 per x read against this model's 9.55 plus the x copy's stores.
 
@@ -24,6 +24,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_gqsa.kernels.cuda_format import bank_order  # noqa: E402
 
 GROUP = 16
 LANES = 32
@@ -50,19 +54,11 @@ def wavefronts_per_read(cols: np.ndarray) -> float:
     return total / (steps * 4)
 
 
-def reorder_row(cols: np.ndarray) -> np.ndarray:
-    """A row's kept columns reordered so that neighbouring lanes' groups cycle through the quads."""
-    quad = swizzle(2 * cols) % QUADS
-    buckets = [list(cols[quad == b]) for b in range(QUADS)]
-    out = []
-    for p in range(len(cols)):
-        want = (p // 2) % QUADS if p % 2 == 0 else (p // 2 + QUADS // 2) % QUADS
-        for d in range(QUADS):
-            b = (want + d) % QUADS
-            if buckets[b]:
-                out.append(buckets[b].pop())
-                break
-    return np.array(out, dtype=cols.dtype)
+def reordered(rows: list) -> np.ndarray:
+    """The rows' kept columns in the order of :func:`vllm_gqsa.kernels.cuda_format.bank_order`."""
+    cols = np.concatenate(rows)
+    row_ptr = torch.tensor(np.concatenate([[0], np.cumsum([len(r) for r in rows])]))
+    return cols[bank_order(row_ptr, torch.from_numpy(cols)).numpy()]
 
 
 def main() -> None:
@@ -82,7 +78,7 @@ def main() -> None:
         "conflict_free": 4.0,
         "dense_rows": wavefronts_per_read(np.tile(np.arange(n_groups), a.rows)),
         "column_order": wavefronts_per_read(np.concatenate(rows)),
-        "reordered_in_rows": wavefronts_per_read(np.concatenate([reorder_row(r) for r in rows])),
+        "reordered_in_rows": wavefronts_per_read(reordered(rows)),
     }
     for key in ("conflict_free", "dense_rows", "column_order", "reordered_in_rows"):
         print(f"{key:18s} {result[key]:.2f} wavefronts per 16-byte x read of a warp")

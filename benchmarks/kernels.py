@@ -15,7 +15,9 @@ far the GEMV is from the best a read alone achieves at that size. GQSA uses the 
 ``cuda.GEMV_MAX_TOKENS`` tokens, the tensor-core kernel up to ``cuda.TC_MAX_TOKENS``, dequantize +
 cuBLAS above), and every path that could
 win at an M is timed too (``gqsa_<path>_us``). For the GEMV it also times x read from global
-memory instead of the shared-memory copy (the ablation of that copy). The
+memory instead of the shared-memory copy (the ablation of that copy) and, with ``--gemv-bank-order``,
+each row's groups reordered so that a warp's x reads meet fewer bank conflicts
+(``cuda_format.bank_order``, ``gqsa_gemv_bank_order_us``). The
 summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
     python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
@@ -37,7 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table, make_schedule,  # noqa: E402
-                                           pack_meta, row_per_cta_schedule)
+                                           pack_meta, row_per_cta_schedule, with_bank_order)
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
@@ -60,6 +62,7 @@ MAX_COPIES = 64
 BANDWIDTH_PROBE_BYTES = 2 * 2**30
 DTYPE = torch.float16
 TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc-splits)
+BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups in bank order
 
 
 def row_densities(N: int, density: float, heavy_block: bool = False, device: str = "cpu") -> torch.Tensor:
@@ -258,6 +261,7 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     t0 = gqsa_bytes(make_gqsa(N, K, DENSITY, num_ctas), 0, K)
     g_copies = copies_for(t0)
     gq = [make_gqsa(N, K, DENSITY, num_ctas) for _ in range(g_copies)]
+    gq_bank = [with_bank_order(t) for t in gq] if BANK_ORDER else []
     d_copies = copies_for(N * K * 2)
     dense = dense_weights(N, K, d_copies)
     sparse24 = semi_structured(dense)
@@ -285,6 +289,8 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
              "gqsa_pct_of_read_floor": 100 * floor_us / us}
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
             r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, "gemv", x_staging=0), reps)
+        if BANK_ORDER and M <= MAX_GEMV_TOKENS:  # layout experiment: fewer bank conflicts on x
+            r["gqsa_gemv_bank_order_us"] = time_graph(gqsa_calls(gq_bank, x, N, K, "gemv"), reps)
         base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
         if "sparse24_fp16" in sparse24:
             base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w)
@@ -385,6 +391,9 @@ def main() -> None:
     p.add_argument("--skip-balance", action="store_true", help="skip the uniform vs heavy-block test")
     p.add_argument("--tc-splits", type=int, default=0,
                    help="K splits of the tensor-core kernel (default 0: the op chooses)")
+    p.add_argument("--gemv-bank-order", action="store_true",
+                   help="also time the GEMV with each row's groups reordered by x bank quad "
+                        "(cuda_format.bank_order; gqsa_gemv_bank_order_us)")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -392,8 +401,9 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
-    global TC_SPLITS
+    global TC_SPLITS, BANK_ORDER
     TC_SPLITS = args.tc_splits
+    BANK_ORDER = args.gemv_bank_order
     reps = args.reps or (5 if args.quick else 20)
     num_ctas = cuda.default_num_ctas()
     if args.ctas_per_sm:

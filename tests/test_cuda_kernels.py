@@ -11,7 +11,8 @@ from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
 from vllm_gqsa.kernels import cuda
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, WARPS_PER_CTA, can_implement,
                                            chunk_table, cta_row_bounds, dequantize_kernel_format,
-                                           make_schedule, row_per_cta_schedule, to_kernel_format)
+                                           make_schedule, row_per_cta_schedule, to_kernel_format,
+                                           with_bank_order)
 
 GROUP_SIZES = (16, 32, 64, 128)
 # Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
@@ -195,6 +196,19 @@ def check_gemv(layer, t, M, dtype, x_staging=-1, op=None):
         assert (y[:, empty] == 0).all(), "rows without kept groups must be zero"
 
 
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_bank_order_keeps_the_weight(pattern):
+    """Reordering each row's groups (cuda_format.bank_order) changes the layout, not the weight."""
+    layer = make_layer(67, 16 * 64, 16, pattern, seed=5)
+    t = to_kernel_format(layer, 8)
+    b = with_bank_order(t)
+    assert "chunks" not in b and torch.equal(b["schedule"], t["schedule"])
+    assert torch.equal(dequantize_kernel_format(b["row_ptr"], b["codes"], b["meta"], 67, 16 * 64, 16),
+                       dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], 67, 16 * 64, 16))
+    if pattern == "uniform":
+        assert not torch.equal(b["meta"], t["meta"])
+
+
 @needs_cuda
 @pytest.mark.parametrize("x_staging", [0, 1], ids=["global_x", "shared_x"])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,6 +280,16 @@ def test_gemv_grids(num_ctas, G, pattern):
     """Grids from one CTA (rows cut by every warp edge) to more CTAs than rows (empty CTAs)."""
     layer = make_layer(257, G * 13, G, pattern, seed=num_ctas).to("cuda")
     check_gemv(layer, to_kernel_format(layer, num_ctas), 3, torch.float16)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("M", [1, 2, 4])
+def test_gemv_bank_order(dtype, pattern, M):
+    """The GEMV reads a row's groups in any order: the bank-ordered layout gives the same product."""
+    layer = make_layer(301, 16 * 64, 16, pattern, seed=M).to("cuda")
+    check_gemv(layer, with_bank_order(to_kernel_format(layer, cuda.default_num_ctas())), M, dtype)
 
 
 @needs_cuda

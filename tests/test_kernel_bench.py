@@ -38,15 +38,21 @@ def test_heavy_block_is_capped_at_full_rows():
 
 def test_bank_conflict_model():
     """benchmarks/gemv_bank_conflicts.py: dense rows read x without conflicts, random rows do not,
-    and the within-row reorder keeps every row's columns while cutting the wavefronts."""
+    and cuda_format.bank_order keeps every group in its row while cutting the wavefronts."""
     import numpy as np
-    from gemv_bank_conflicts import reorder_row, wavefronts_per_read
+    import torch
+    from gemv_bank_conflicts import reordered, wavefronts_per_read
+
+    from vllm_gqsa.kernels.cuda_format import bank_order
 
     assert wavefronts_per_read(np.tile(np.arange(256), 16)) == 4.0
     rng = np.random.default_rng(1)
-    rows = [np.sort(rng.choice(256, 128, replace=False)) for _ in range(64)]
-    reordered = [reorder_row(r) for r in rows]
-    assert all(sorted(a.tolist()) == b.tolist() for a, b in zip(reordered, rows))
-    sorted_w = wavefronts_per_read(np.concatenate(rows))
+    rows = [np.sort(rng.choice(256, int(rng.integers(0, 257)), replace=False)) for _ in range(64)]
+    row_ptr = torch.tensor(np.concatenate([[0], np.cumsum([len(r) for r in rows])]))
+    perm = bank_order(row_ptr, torch.from_numpy(np.concatenate(rows)))
+    assert sorted(perm.tolist()) == list(range(int(row_ptr[-1])))  # a permutation
+    assert all(sorted(perm[a:b].tolist()) == list(range(a, b)) for a, b in zip(row_ptr[:-1].tolist(), row_ptr[1:].tolist()))
+    half = [np.sort(rng.choice(256, 128, replace=False)) for _ in range(64)]
+    sorted_w = wavefronts_per_read(np.concatenate(half))
     assert 8 < sorted_w < 11
-    assert wavefronts_per_read(np.concatenate(reordered)) < 0.7 * sorted_w
+    assert wavefronts_per_read(reordered(half)) < 0.7 * sorted_w

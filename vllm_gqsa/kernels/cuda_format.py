@@ -35,6 +35,9 @@ tensor        dtype  shape                 content
 ============  =====  ====================  =================================================
 
 A kept weight is ``W[n, c*G + j] = s * (q - z)`` as in the checkpoint; every other weight is 0.
+The GEMV alone also reads a row's groups in any order, since each carries its column in ``meta``:
+:func:`with_bank_order` gives such a layout, for measuring whether fewer shared-memory bank
+conflicts make it faster; the plugin keeps column order, which the tensor-core kernel needs.
 
 The schedule balances kept groups, not rows: CTA boundaries are the row boundaries nearest to
 ``c * nnz / num_ctas``, so each CTA owns whole rows (every output is written once, by one CTA,
@@ -192,6 +195,55 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
         "schedule": make_schedule(layer.row_ptr, num_ctas),
         "chunks": chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G),
     }
+
+
+# bank_order: sixteen consecutive kept groups (the two groups of 8 lanes' units) as the x bank
+# quads they should start in: the even positions (each lane's first group) cover all 8 quads, and
+# so do the odd ones, so one quarter-warp's 16-byte x reads can go to 8 different quads.
+_BANK_PATTERN = (0, 4, 1, 5, 2, 6, 3, 7, 4, 0, 5, 1, 6, 2, 7, 3)
+
+
+def bank_order(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """A permutation of the kept groups (int64 ``[nnz]``) that keeps every group in its row but
+    orders each row's groups so that neighbouring GEMV lanes read x from different shared-memory
+    bank quads (group size 16; see ``benchmarks/gemv_bank_conflicts.py``). Applied to ``codes`` and
+    ``meta``, it gives a layout the GEMV reads like the column-ordered one (every group carries its
+    column); the tensor-core kernel's chunk table needs column order, so this is for measuring only."""
+    rp = row_ptr.to(torch.int64)
+    cols = cols.to(torch.int64).reshape(-1)
+    nnz, N = cols.numel(), rp.numel() - 1
+    counts = rp[1:] - rp[:-1]
+    rows = torch.repeat_interleave(torch.arange(N, device=rp.device), counts, output_size=nnz)
+    chunk = 2 * cols  # the group's first 16-byte chunk of x
+    quad = (chunk ^ ((chunk >> 3) & 7)) & 7
+    # Rank of each group among the groups of its row in the same quad, in column order.
+    key = rows * 8 + quad
+    by_key = torch.sort(key, stable=True).indices
+    sorted_key = key[by_key]
+    first = torch.searchsorted(sorted_key, sorted_key)
+    rank = torch.empty_like(key)
+    rank[by_key] = torch.arange(nnz, device=key.device) - first
+    # The r-th group of a quad goes to the (r % 2)-th place of that quad in pattern block r // 2;
+    # places of quads that ran out are skipped when the row is sorted.
+    place = torch.zeros(8, 2, dtype=torch.int64)
+    seen = [0] * 8
+    for p, q in enumerate(_BANK_PATTERN):
+        place[q, seen[q]] = p
+        seen[q] += 1
+    place = place.to(key.device)
+    slot = (rank // 2) * len(_BANK_PATTERN) + place[quad, rank % 2]
+    span = int(slot.max()) + 1 if nnz else 1
+    return torch.sort(rows * span + slot, stable=True).indices
+
+
+def with_bank_order(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Kernel-format tensors ``t`` with each row's groups in :func:`bank_order` (for the GEMV only:
+    the result has no ``chunks``, which would no longer describe it)."""
+    perm = bank_order(t["row_ptr"], unpack_meta(t["meta"])[2])
+    out = {k: v for k, v in t.items() if k != "chunks"}
+    out["codes"] = t["codes"][perm].contiguous()
+    out["meta"] = t["meta"][perm].contiguous()
+    return out
 
 
 def dequantize_kernel_format(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
