@@ -56,3 +56,21 @@ def test_unknown_config_is_refused(capsys):
     with pytest.raises(SystemExit):
         serve_bench.main(["--configs", "gqsa-s50,w9", "--out", "/tmp/x.json", "--dry-run"])
     assert "unknown configuration(s) w9" in capsys.readouterr().err
+
+
+def test_e2e_quantization_configs_parse(parsers):
+    """Every benchmarks/e2e.py configuration's quantization_config is one vLLM reads as meant."""
+    import e2e
+    from vllm.model_executor.layers.quantization import get_quantization_config
+
+    import vllm_gqsa  # noqa: F401  (registers gqsa and sparse24)
+
+    for name, (quant, _) in e2e.CONFIGS.items():
+        if quant is None:
+            continue
+        cfg = get_quantization_config(quant["quant_method"]).from_config(quant)
+        if name == "awq":
+            assert (cfg.weight_bits, cfg.group_size, cfg.zero_point) == (4, 128, True)
+            assert cfg.modules_to_not_convert == []  # every linear layer quantized
+        elif name.startswith("gptq"):
+            assert (cfg.weight_bits, cfg.group_size, cfg.desc_act) == (4, 128, False)
