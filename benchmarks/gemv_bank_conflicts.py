@@ -27,16 +27,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from vllm_gqsa.kernels.cuda_format import bank_order  # noqa: E402
+from vllm_gqsa.kernels.cuda_format import bank_order, x_chunk_swizzle  # noqa: E402
 
 GROUP = 16
 LANES = 32
 QUARTER = 8  # lanes served together by one 16-byte shared-memory wavefront
 QUADS = 8  # 16-byte bank quads in a 128-byte row of banks
-
-
-def swizzle(chunk: np.ndarray) -> np.ndarray:
-    return chunk ^ ((chunk >> 3) & 7)
 
 
 def wavefronts_per_read(cols: np.ndarray) -> float:
@@ -46,7 +42,7 @@ def wavefronts_per_read(cols: np.ndarray) -> float:
     total = 0
     for i in range(2):
         for k in range(2):  # the group's two 16-byte chunks of x
-            quad_chunks = swizzle(2 * g[:, :, i] + k).reshape(steps, LANES // QUARTER, QUARTER)
+            quad_chunks = x_chunk_swizzle(2 * g[:, :, i] + k).reshape(steps, LANES // QUARTER, QUARTER)
             for q in range(LANES // QUARTER):
                 for s in range(steps):
                     distinct = np.unique(quad_chunks[s, q])  # lanes reading one chunk share it

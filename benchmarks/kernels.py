@@ -27,6 +27,7 @@ summary adds up each model's linear layers at each M: one decoder layer's time a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -142,8 +143,9 @@ def measure_read_bandwidth() -> float:
     return BANDWIDTH_PROBE_BYTES / us / 1e3
 
 
+@functools.cache
 def _read_kernel():
-    """A Triton kernel that only streams its input: each program sums READ_BLOCK int32 with wide,
+    """A Triton kernel that only streams its input: each program sums BLOCK int32 with wide,
     evict-first loads and stores one number, so the time is launch, ramp-up and the read itself."""
     import triton
     import triton.language as tl
@@ -167,20 +169,18 @@ def read_floor_us(nbytes: int, copies: int, reps: int) -> tuple:
     bufs = [torch.ones(nbytes // 4, dtype=torch.int32, device="cuda") for _ in range(copies)]
     best = (time_graph([lambda b=b: b.view(torch.float16).sum() for b in bufs], reps), "torch_sum")
     try:
+        import triton
+
         read = _read_kernel()
         n = bufs[0].numel()
         for block, warps in READ_FLOOR_CONFIGS:
-            grid = (triton_cdiv(n, block),)
+            grid = (triton.cdiv(n, block),)
             out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
             us = time_graph([lambda b=b: read[grid](b, out, n, BLOCK=block, num_warps=warps) for b in bufs], reps)
             best = min(best, (us, f"triton_read_{block}x{warps}"))
     except Exception as e:  # no Triton, or it cannot compile here: the torch read alone
         print(f"read floor: Triton read kernel unavailable ({type(e).__name__}: {e})"[:300], flush=True)
     return best
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
 
 
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):

@@ -201,6 +201,14 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
 # quads they should start in: the even positions (each lane's first group) cover all 8 quads, and
 # so do the odd ones, so one quarter-warp's 16-byte x reads can go to 8 different quads.
 _BANK_PATTERN = (0, 4, 1, 5, 2, 6, 3, 7, 4, 0, 5, 1, 6, 2, 7, 3)
+# _BANK_PLACE[q, i]: the position of quad q's i-th appearance in _BANK_PATTERN.
+_BANK_PLACE = torch.tensor([[p for p, b in enumerate(_BANK_PATTERN) if b == q] for q in range(8)])
+
+
+def x_chunk_swizzle(chunk):
+    """Where the GEMV stores 16-byte chunk ``chunk`` of a row of x in shared memory (swizzle_chunk
+    in csrc/gqsa_kernels.cu): a permutation inside each 128-byte row of banks."""
+    return chunk ^ ((chunk >> 3) & 7)
 
 
 def bank_order(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -215,7 +223,7 @@ def bank_order(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     counts = rp[1:] - rp[:-1]
     rows = torch.repeat_interleave(torch.arange(N, device=rp.device), counts, output_size=nnz)
     chunk = 2 * cols  # the group's first 16-byte chunk of x
-    quad = (chunk ^ ((chunk >> 3) & 7)) & 7
+    quad = x_chunk_swizzle(chunk) & 7
     # Rank of each group among the groups of its row in the same quad, in column order.
     key = rows * 8 + quad
     by_key = torch.sort(key, stable=True).indices
@@ -225,12 +233,7 @@ def bank_order(row_ptr: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     rank[by_key] = torch.arange(nnz, device=key.device) - first
     # The r-th group of a quad goes to the (r % 2)-th place of that quad in pattern block r // 2;
     # places of quads that ran out are skipped when the row is sorted.
-    place = torch.zeros(8, 2, dtype=torch.int64)
-    seen = [0] * 8
-    for p, q in enumerate(_BANK_PATTERN):
-        place[q, seen[q]] = p
-        seen[q] += 1
-    place = place.to(key.device)
+    place = _BANK_PLACE.to(key.device)
     slot = (rank // 2) * len(_BANK_PATTERN) + place[quad, rank % 2]
     span = int(slot.max()) + 1 if nnz else 1
     return torch.sort(rows * span + slot, stable=True).indices
