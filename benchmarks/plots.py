@@ -6,7 +6,8 @@
 - ``e2e_<shape>.json`` (benchmarks/e2e.py): output tokens/s against batch size, one line per
   configuration; time to first token against prompt length where the file has it. A file named
   ``<that name>_<more>.json`` from the same device and shape is a later run of more configurations:
-  they join its plots as dashed lines, labelled "(separate run)".
+  they join its plots as dashed lines, labelled with what their file name adds ("_awq"), one
+  colour per configuration.
 - one ``kernels_*.json`` (benchmarks/kernels.py; ``--kernels``, default the H200 run): one decoder
   layer's GQSA time against each baseline's, as a speed-up, against the number of tokens M. GQSA's
   time at each M is its fastest kernel measured there (GEMV, tensor cores or dequantize + cuBLAS):
@@ -32,22 +33,29 @@ def _batches(cfg: dict) -> list[tuple[int, float]]:
     return sorted(pts)
 
 
-def _lines(r: dict, extra: list[dict]) -> list[tuple[str, dict, str]]:
-    """(label, configuration's results, line style) for a run and the separate runs added to it."""
+def _lines(r: dict, extra: list[tuple[str, dict]]) -> list[tuple[str, dict, str]]:
+    """(label, configuration's results, line style) for a run and the separate runs added to it,
+    each separate run's lines labelled with what its file name adds to the run's ("_awq")."""
     lines = [(c, cfg, "-") for c, cfg in r["configs"].items()]
-    return lines + [(f"{c} (separate run)", cfg, "--") for e in extra for c, cfg in e["configs"].items()]
+    return lines + [(f"{c} ({tag})", cfg, "--") for tag, e in extra for c, cfg in e["configs"].items()]
+
+
+def _color(label: str, colors: dict) -> str:
+    """One colour per configuration, whichever run it comes from."""
+    return colors.setdefault(label.split(" ")[0], f"C{len(colors) % 10}")
 
 
 def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
     r = json.load(open(path))
-    extra = [json.load(open(p)) for p in extra_paths]
     name = os.path.splitext(os.path.basename(path))[0]
+    extra = [(os.path.splitext(os.path.basename(p))[0][len(name):], json.load(open(p))) for p in extra_paths]
+    colors: dict = {}
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, cfg, style in _lines(r, extra):
         pts = _batches(cfg)
-        if pts:
-            ax.plot(*zip(*pts), style, marker="o", label=label)
+        if len(pts) > 1 or (pts and style == "-"):  # a separate run's single point only clutters
+            ax.plot(*zip(*pts), style, marker="o", label=label, color=_color(label, colors))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")
@@ -55,7 +63,7 @@ def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
     ax.set_title(f"{r['shape']}, {r['device']}, vLLM {r['vllm']}\n"
                  f"prompt {r['prompt_len']}, {r['gen_len']} generated", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     written.append(os.path.join(out_dir, f"{name}_throughput.png"))
     fig.savefig(written[-1], dpi=120)
@@ -63,17 +71,17 @@ def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
 
     ttft = [(label, cfg["ttft"], style) for label, cfg, style in _lines(r, extra)
             if isinstance(cfg.get("ttft"), dict)]
-    if any(style == "-" for _, _, style in ttft):  # only beside a run that measured it too
-        fig, ax = plt.subplots(figsize=(6, 4))
+    if ttft:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for label, t, style in ttft:
             pts = sorted((int(k), v["ttft_ms"]) for k, v in t.items())
-            ax.plot(*zip(*pts), style, marker="o", label=label)
+            ax.plot(*zip(*pts), style, marker="o", label=label, color=_color(label, colors))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("time to first token (ms)")
         ax.set_title(f"{r['shape']}, {r['device']}", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         written.append(os.path.join(out_dir, f"{name}_ttft.png"))
         fig.savefig(written[-1], dpi=120)

@@ -608,25 +608,23 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+// cp.async copies of kBytes to a shared-memory address (from smem_addr); the _zfill ones write
+// zeros and read nothing when !valid (a source size of 0).
 template <int kBytes>
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+__device__ __forceinline__ void cp_async(uint32_t smem, const void* gmem) {
   if constexpr (kBytes == 16) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(smem)), "l"(gmem));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem), "l"(gmem));
   } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem_addr(smem)), "l"(gmem), "n"(kBytes));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(smem), "l"(gmem), "n"(kBytes));
   }
 }
 
-// 16 bytes, or 16 zero bytes when !valid (a source size of 0 reads nothing).
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(valid ? 16 : 0));
+__device__ __forceinline__ void cp_async16_zfill(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }
 
-// 4 bytes, or 4 zero bytes when !valid.
-__device__ __forceinline__ void cp_async4_zfill(void* smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(smem)), "l"(gmem),
-               "r"(valid ? 4 : 0));
+__device__ __forceinline__ void cp_async4_zfill(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 4 : 0));
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
@@ -744,10 +742,11 @@ constexpr int tc_ctas_per_sm() {
 // y[M, N] = x[M, K] @ W.T for M <= 8 * MT, on tensor cores. CTA (tile, split) computes rows
 // tile * kTcRows .. + kTcRows - 1 over chunks [split * C / splits, (split + 1) * C / splits) of the
 // C = ceil(K / kTcChunk) chunks. Per chunk:
-//   * cp.async copies, kStages - 1 chunks ahead, each row's kept groups of the chunk to their
-//     dense places (the chunk table gives where the row's groups of the chunk start and which
-//     columns they are), zero meta for pruned columns, and the chunk of x (zeros past M tokens or
-//     K channels); bf16 x is then converted in place to scaled fp16;
+//   * cp.async copies, kStages - 1 chunks ahead (issued halfway through the previous chunk's
+//     math), each row's kept groups of the chunk to their dense places (the chunk table gives
+//     where the row's groups of the chunk start and which columns they are), zero meta for pruned
+//     columns, and the chunk of x (zeros past M tokens or K channels); bf16 x is then converted in
+//     place to scaled fp16;
 //   * each warp builds the mma A fragments of its 16 rows directly in registers from the codes
 //     and meta (tc_a_pair: no dense copy of W, no shared-memory round trip), loads x with
 //     ldmatrix, and multiplies with mma.m16n8k16, accumulating in fp32.
@@ -798,6 +797,35 @@ __global__ void __launch_bounds__(kTcThreads)
     return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes + L::kMetaBytes);
   };
 
+  // What a thread copies is the same for every chunk but for the chunk's offset, so the copies'
+  // shared-memory addresses and x offsets are computed once here: recomputed per chunk, they cost
+  // as many instructions as the chunk's mma k-steps.
+  // Codes and meta: this thread's copies of its row are copy_part + kTcCopyThreads * j.
+  constexpr int kRowCopiesPerThread = kRowCopies / kTcCopyThreads;
+  static_assert(kRowCopies % kTcCopyThreads == 0, "every thread makes the same number of copies");
+  const uint32_t stage0 = smem_addr(tc_smem);
+  const uint32_t entry_dst = stage0 + L::kXBytes + L::kCodeBytes + L::kMetaBytes + 4 * copy_row;
+  const uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + 4 * copy_row * L::kMetaStride;
+  uint32_t code_dst[kRowCopiesPerThread];
+#pragma unroll
+  for (int j = 0; j < kRowCopiesPerThread; ++j) {
+    const int u = copy_part + kTcCopyThreads * j;
+    code_dst[j] = stage0 + L::kXBytes + 4 * (copy_row * L::kRowCodeWords + 2 * tc_code_unit(copy_row, u * (kCopyBytes / 8)));
+  }
+  // x: token tok_j = threadIdx.x / kTcChunkUnits + j * kXTokenStep, 16-byte unit cu of the chunk;
+  // its place in the stage is the thread's first place plus j * kTcThreads units, since the
+  // swizzle (tok & 7) does not change with j (kXTokenStep is a multiple of 8).
+  constexpr int kXCopies = L::kTokens * kTcChunkUnits / kTcThreads;
+  constexpr int kXTokenStep = kTcThreads / kTcChunkUnits;
+  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0 && kXTokenStep % 8 == 0, "x copies tile the stage");
+  const int x_tok = threadIdx.x / kTcChunkUnits;
+  const int x_cu = threadIdx.x % kTcChunkUnits;
+  const uint32_t x_dst = stage0 + 16 * (x_tok * kTcChunkUnits + (x_cu ^ (x_tok & 7)));
+  const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
+  uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
+#pragma unroll
+  for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
+
   // Copies chunk i into stage s, given this row's chunk table entry for it. The entry of chunk
   // i + kStages - 1 travels with it: it is what the loop needs when this stage is consumed, so no
   // iteration waits for a global load of its own (a chunk's math is shorter than a DRAM round trip).
@@ -805,33 +833,30 @@ __global__ void __launch_bounds__(kTcThreads)
     const uint32_t mask = static_cast<uint32_t>(entry) & 0xFFFFu;
     const int first = row_first + static_cast<int>(static_cast<uint32_t>(entry) >> 16);
     const int ahead = i + L::kStages - 1;
+    const uint32_t stage = static_cast<uint32_t>(s * L::kStageBytes);
     if (copy_part == 0) {
       const bool ok = row_ok && ahead < n_local;  // a zero-size copy reads nothing, from a valid address
-      cp_async4_zfill(entry_stage(s) + copy_row, ok ? row_entries + ahead : chunks, ok);
+      cp_async4_zfill(entry_dst + stage, ok ? row_entries + ahead : chunks, ok);
     }
-    int32_t* cdst = code_stage(s) + copy_row * L::kRowCodeWords;
-    int32_t* mdst = meta_stage(s) + copy_row * L::kMetaStride;
 #pragma unroll
-    for (int u = copy_part; u < kRowCopies; u += kTcCopyThreads) {
+    for (int j = 0; j < kRowCopiesPerThread; ++j) {
+      const int u = copy_part + kTcCopyThreads * j;
       const int col = u / kCopiesPerGroup;
       const bool kept = (mask >> col) & 1u;
       const int group = first + __popc(mask & ((1u << col) - 1u));  // if kept
       if (kept) {
-        const int unit = u * (kCopyBytes / 8);  // first 8-byte unit of this copy in the row
-        cp_async<kCopyBytes>(cdst + 2 * tc_code_unit(copy_row, unit),
+        cp_async<kCopyBytes>(code_dst[j] + stage,
                              codes + static_cast<size_t>(group) * kWordsPerGroup + (u % kCopiesPerGroup) * (kCopyBytes / 4));
       }
-      if (u % kCopiesPerGroup == 0) cp_async4_zfill(mdst + col, meta + (kept ? group : 0), kept);
+      if (u % kCopiesPerGroup == 0) cp_async4_zfill(meta_dst + stage + 4 * col, meta + (kept ? group : 0), kept);
     }
-    const int c = c_begin + i;
-    uint4* xs = x_stage(s);
-    for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
-      const int tok = u / kTcChunkUnits;
-      const int cu = u % kTcChunkUnits;
-      const int ch = c * kTcChunk + cu * kWordWeights;
-      const bool valid = tok < M && ch < K;
-      cp_async16_zfill(xs + tok * kTcChunkUnits + (cu ^ (tok & 7)), valid ? x + static_cast<size_t>(tok) * K + ch : x,
-                       valid);
+    const int ch = (c_begin + i) * kTcChunk;
+    const bool ch_ok = ch + x_cu * kWordWeights < K;
+#pragma unroll
+    for (int j = 0; j < kXCopies; ++j) {
+      const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
+      cp_async16_zfill(x_dst + stage + 16 * kTcThreads * j,
+                       valid ? x_src + static_cast<size_t>(j * kXTokenStep) * K + ch : x, valid);
     }
   };
 
@@ -872,8 +897,7 @@ __global__ void __launch_bounds__(kTcThreads)
       __syncthreads();
     }
     const int next = i + L::kStages - 1;
-    if (next < n_local) issue(next, next % L::kStages, entry_stage(s)[copy_row]);
-    cp_async_commit();
+    const int next_entry = entry_stage(s)[copy_row];
 
     const int32_t* code_a = code_stage(s) + row_a * L::kRowCodeWords;
     const int32_t* code_b = code_a + 8 * L::kRowCodeWords;
@@ -883,6 +907,16 @@ __global__ void __launch_bounds__(kTcThreads)
     const int mi = lane / 8;  // the 8x8 matrix this lane addresses in ldmatrix
 #pragma unroll
     for (int kk = 0; kk < kTcHalfSlots; ++kk) {
+      // The next chunk's copies go out halfway through this chunk's k-steps rather than before
+      // them: issued all at once, the copies of every warp queue up behind each other (Nsight
+      // Compute: more MIO-throttle stalls); spread among the k-steps they overlap the math, and
+      // half a chunk of math still covers their latency. On the H200, this and the copy addresses
+      // computed once took one Llama-2-7B layer at 8, 16 and 32 tokens from 121.1, 162.9 and
+      // 202.2 us to 112.3, 157.0 and 188.5 (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_*.json).
+      if (kk == kTcHalfSlots / 2) {
+        if (next < n_local) issue(next, next % L::kStages, next_entry);
+        cp_async_commit();
+      }
       const int slot = half * kTcHalfSlots + kk;
       const int unit = tc_code_unit(row_a, slot);  // row_a % 8 == row_b % 8
       const int col = slot / kSlotsPerGroup;
