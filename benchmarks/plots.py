@@ -33,29 +33,28 @@ def _batches(cfg: dict) -> list[tuple[int, float]]:
     return sorted(pts)
 
 
-def _lines(r: dict, extra: list[tuple[str, dict]]) -> list[tuple[str, dict, str]]:
-    """(label, configuration's results, line style) for a run and the separate runs added to it,
+def _lines(r: dict, extra: list[tuple[str, dict]]) -> list[tuple[str, str, dict, str]]:
+    """(configuration, label, its results, line style) for a run and the separate runs added to it,
     each separate run's lines labelled with what its file name adds to the run's ("_awq")."""
-    lines = [(c, cfg, "-") for c, cfg in r["configs"].items()]
-    return lines + [(f"{c} ({tag})", cfg, "--") for tag, e in extra for c, cfg in e["configs"].items()]
-
-
-def _color(label: str, colors: dict) -> str:
-    """One colour per configuration, whichever run it comes from."""
-    return colors.setdefault(label.split(" ")[0], f"C{len(colors) % 10}")
+    lines = [(c, c, cfg, "-") for c, cfg in r["configs"].items()]
+    return lines + [(c, f"{c} ({tag})", cfg, "--") for tag, e in extra for c, cfg in e["configs"].items()]
 
 
 def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
     r = json.load(open(path))
     name = os.path.splitext(os.path.basename(path))[0]
     extra = [(os.path.splitext(os.path.basename(p))[0][len(name):], json.load(open(p))) for p in extra_paths]
-    colors: dict = {}
+    colors: dict = {}  # one colour per configuration, whichever run it comes from
+
+    def color(config: str) -> str:
+        return colors.setdefault(config, f"C{len(colors) % 10}")
+
     written = []
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, cfg, style in _lines(r, extra):
+    for config, label, cfg, style in _lines(r, extra):
         pts = _batches(cfg)
         if len(pts) > 1 or (pts and style == "-"):  # a separate run's single point only clutters
-            ax.plot(*zip(*pts), style, marker="o", label=label, color=_color(label, colors))
+            ax.plot(*zip(*pts), style, marker="o", label=label, color=color(config))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("batch size (sequences)")
@@ -69,13 +68,13 @@ def plot_e2e(path: str, out_dir: str, extra_paths: list[str] = ()) -> list[str]:
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
 
-    ttft = [(label, cfg["ttft"], style) for label, cfg, style in _lines(r, extra)
+    ttft = [(config, label, cfg["ttft"], style) for config, label, cfg, style in _lines(r, extra)
             if isinstance(cfg.get("ttft"), dict)]
     if ttft:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, t, style in ttft:
+        for config, label, t, style in ttft:
             pts = sorted((int(k), v["ttft_ms"]) for k, v in t.items())
-            ax.plot(*zip(*pts), style, marker="o", label=label, color=_color(label, colors))
+            ax.plot(*zip(*pts), style, marker="o", label=label, color=color(config))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("time to first token (ms)")
