@@ -690,11 +690,23 @@ template <int G, int MT>
 struct TcLayout {
   static constexpr int kCols = kTcChunk / G;  // group columns per chunk
   static constexpr int kTokens = 8 * MT;
-  static constexpr int kXBytes = kTokens * kTcChunk * 2;
-  static constexpr int kRowCodeWords = kTcChunk / 8;  // 4-bit codes of a whole chunk row
-  static constexpr int kCodeBytes = kTcRows * kRowCodeWords * 4;
-  // An odd stride: the 8 rows a warp reads at once fall in 8 different banks.
-  static constexpr int kMetaStride = kCols + 1;
+  // Rows of x and of codes are padded by 16 bytes, so the 8 rows one ldmatrix or one warp-wide code
+  // read touches start 4 banks apart and fall in different banks. Unlike an XOR swizzle, padding
+  // keeps every k-step's offset from a thread's row a compile-time constant, so the unrolled
+  // k-steps address shared memory with immediates instead of recomputing swizzled addresses.
+  // With the zero point placed by one IMAD, the scale broadcast by HMUL2's operand and the meta
+  // stride below, this took one Llama-2-7B layer on the H200 at 8, 16 and 32 tokens from 111.3,
+  // 154.7 and 187.8 us to 105.0, 126.9 and 176.3 (a static main loop of 530 SASS instructions per
+  // chunk to 433; benchmarks/results/gpu/kernels_llama2-7b_h200_tc_{before_padding,padding_meta16}.json).
+  static constexpr int kXRowBytes = kTcChunk * 2 + 16;
+  static constexpr int kXBytes = kTokens * kXRowBytes;
+  static constexpr int kCodeRowBytes = kTcChunk / 2 + 16;  // 4-bit codes of a whole chunk row
+  static constexpr int kCodeBytes = kTcRows * kCodeRowBytes;
+  // Meta rows are kMetaStride words apart. A warp reads the same group columns of 8 rows at once,
+  // up to 4 neighbouring words per row in one load (2 with G = 64, 1 with G = 128). A stride of 4
+  // times an odd number puts the 8 rows' blocks of up to 4 words in different banks; for the
+  // single words of G = 128 an odd stride does that.
+  static constexpr int kMetaStride = kCols <= 2 ? 3 : (kCols / 4) % 2 ? kCols : kCols + 4;
   static constexpr int kMetaBytes = kTcRows * kMetaStride * 4;
   static constexpr int kEntryBytes = kTcRows * 4;  // chunk table entries, kStages - 1 chunks ahead
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes + kEntryBytes;
@@ -705,11 +717,6 @@ struct TcLayout {
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
   static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kStageBytes, "the half sums fit in stage 0");
 };
-
-// 8-byte unit p (16 codes) of tile row r sits at unit p ^ 2 (r % 8) of the row's 128 bytes: a
-// warp reads the same unit of 8 rows at once, which then fall in 16 different banks, and units
-// 2j, 2j + 1 stay together for the 16-byte copies of G >= 32.
-__device__ __forceinline__ int tc_code_unit(int r, int p) { return p ^ ((r & 7) << 1); }
 
 // One row's part of an mma A fragment (m16n8k16, row-major A): lane (g, q) holds row g's weights
 // k = 2q, 2q + 1 (lo) and 2q + 8, 2q + 9 (hi) of a 16-weight slot, as fp16 pairs s * (q - z).
@@ -723,9 +730,10 @@ __device__ __forceinline__ int tc_code_unit(int r, int p) { return p ^ ((r & 7) 
 __device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, uint32_t& lo, uint32_t& hi) {
   const uint32_t p = __byte_perm(w.x, w.y, sel);
   const uint32_t z = (meta >> kZeroShift) & kNibbleMask;
-  const __half2 neg = as_half2(0xD400E400u | z | (z << 20));  // (-(1024 + z), -(64 + z))
-  const __half2 one_sixteenth = as_half2(0x2C003C00u);        // (1, 1/16)
-  const __half2 scale = as_half2(__byte_perm(meta, 0, 0x1010));
+  // (-(1024 + z), -(64 + z)): z into bits 0-3 and 20-23 in one IMAD (the fields do not overlap).
+  const __half2 neg = as_half2(z * 0x100001u + 0xD400E400u);
+  const __half2 one_sixteenth = as_half2(0x2C003C00u);  // (1, 1/16)
+  const __half2 scale = __low2half2(as_half2(meta));
   lo = half2_bits(__hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
   hi = half2_bits(
       __hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p >> 8, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
@@ -788,8 +796,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const int row_first = row_ok ? __ldg(row_ptr + grow) : 0;
   const int32_t* row_entries = chunks + static_cast<size_t>(row_ok ? grow : 0) * num_chunks + c_begin;
 
-  auto x_stage = [&](int s) { return reinterpret_cast<uint4*>(tc_smem + s * L::kStageBytes); };
-  auto code_stage = [&](int s) { return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes); };
+  auto x_stage = [&](int s) { return tc_smem + s * L::kStageBytes; };
+  auto code_stage = [&](int s) { return tc_smem + s * L::kStageBytes + L::kXBytes; };
   auto meta_stage = [&](int s) {
     return reinterpret_cast<int32_t*>(tc_smem + s * L::kStageBytes + L::kXBytes + L::kCodeBytes);
   };
@@ -810,17 +818,15 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
   for (int j = 0; j < kRowCopiesPerThread; ++j) {
     const int u = copy_part + kTcCopyThreads * j;
-    code_dst[j] = stage0 + L::kXBytes + 4 * (copy_row * L::kRowCodeWords + 2 * tc_code_unit(copy_row, u * (kCopyBytes / 8)));
+    code_dst[j] = stage0 + L::kXBytes + copy_row * L::kCodeRowBytes + u * kCopyBytes;
   }
-  // x: token tok_j = threadIdx.x / kTcChunkUnits + j * kXTokenStep, 16-byte unit cu of the chunk;
-  // its place in the stage is the thread's first place plus j * kTcThreads units, since the
-  // swizzle (tok & 7) does not change with j (kXTokenStep is a multiple of 8).
+  // x: token x_tok + j * kXTokenStep, 16-byte unit x_cu of the chunk.
   constexpr int kXCopies = L::kTokens * kTcChunkUnits / kTcThreads;
   constexpr int kXTokenStep = kTcThreads / kTcChunkUnits;
-  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0 && kXTokenStep % 8 == 0, "x copies tile the stage");
+  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0, "x copies tile the stage");
   const int x_tok = threadIdx.x / kTcChunkUnits;
   const int x_cu = threadIdx.x % kTcChunkUnits;
-  const uint32_t x_dst = stage0 + 16 * (x_tok * kTcChunkUnits + (x_cu ^ (x_tok & 7)));
+  const uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
   const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
   uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
 #pragma unroll
@@ -855,7 +861,7 @@ __global__ void __launch_bounds__(kTcThreads)
 #pragma unroll
     for (int j = 0; j < kXCopies; ++j) {
       const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
-      cp_async16_zfill(x_dst + stage + 16 * kTcThreads * j,
+      cp_async16_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
                        valid ? x_src + static_cast<size_t>(j * kXTokenStep) * K + ch : x, valid);
     }
   };
@@ -879,6 +885,15 @@ __global__ void __launch_bounds__(kTcThreads)
   const int q = lane % 4;
   const int row_a = row_group * 16 + g;
   const uint32_t sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12;
+  // Offsets in a stage for this lane's first k-step (slot half * kTcHalfSlots): its rows' codes and
+  // meta, and the x row whose address it gives ldmatrix (lane l gives row l % 8 of 8x8 matrix
+  // l / 8; the matrices are the k-step's two 8-channel halves, for tokens 0-7 and, with MT > 1,
+  // 8-15; 16-token group p is 16 * p rows further on).
+  static_assert(kTcHalfSlots % kSlotsPerGroup == 0, "a half starts at a group column");
+  const int code_off = row_a * L::kCodeRowBytes + 8 * half * kTcHalfSlots;
+  const int meta_off = row_a * L::kMetaStride + half * kTcHalfSlots / kSlotsPerGroup;
+  const int mi = lane / 8;
+  const int x_off = (MT == 1 ? lane % 8 : (mi >> 1) * 8 + lane % 8) * L::kXRowBytes + 16 * (2 * half * kTcHalfSlots + (mi & 1));
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
@@ -892,19 +907,19 @@ __global__ void __launch_bounds__(kTcThreads)
     __syncthreads();                  // and everyone's; chunk i - 1's stage is free
     if constexpr (kConvertX) {
       for (int u = threadIdx.x; u < L::kTokens * kTcChunkUnits; u += kTcThreads) {
-        x_stage(s)[u] = bf16_to_half_scaled<kTcXScaleLog2<T>>(x_stage(s)[u]);
+        uint4* v = reinterpret_cast<uint4*>(x_stage(s) + (u / kTcChunkUnits) * L::kXRowBytes) + u % kTcChunkUnits;
+        *v = bf16_to_half_scaled<kTcXScaleLog2<T>>(*v);
       }
       __syncthreads();
     }
     const int next = i + L::kStages - 1;
     const int next_entry = entry_stage(s)[copy_row];
 
-    const int32_t* code_a = code_stage(s) + row_a * L::kRowCodeWords;
-    const int32_t* code_b = code_a + 8 * L::kRowCodeWords;
-    const int32_t* meta_a = meta_stage(s) + row_a * L::kMetaStride;
+    const unsigned char* code_a = code_stage(s) + code_off;
+    const unsigned char* code_b = code_a + 8 * L::kCodeRowBytes;
+    const int32_t* meta_a = meta_stage(s) + meta_off;
     const int32_t* meta_b = meta_a + 8 * L::kMetaStride;
-    const uint4* xs = x_stage(s);
-    const int mi = lane / 8;  // the 8x8 matrix this lane addresses in ldmatrix
+    const unsigned char* xs = x_stage(s) + x_off;
 #pragma unroll
     for (int kk = 0; kk < kTcHalfSlots; ++kk) {
       // The next chunk's copies go out halfway through this chunk's k-steps rather than before
@@ -917,25 +932,20 @@ __global__ void __launch_bounds__(kTcThreads)
         if (next < n_local) issue(next, next % L::kStages, next_entry);
         cp_async_commit();
       }
-      const int slot = half * kTcHalfSlots + kk;
-      const int unit = tc_code_unit(row_a, slot);  // row_a % 8 == row_b % 8
-      const int col = slot / kSlotsPerGroup;
+      // k-step kk of this warp's half: 8 bytes of codes and 32 of x further on per k-step.
       uint32_t a[4];
-      tc_a_pair(*reinterpret_cast<const uint2*>(code_a + 2 * unit), static_cast<uint32_t>(meta_a[col]), sel, a[0], a[2]);
-      tc_a_pair(*reinterpret_cast<const uint2*>(code_b + 2 * unit), static_cast<uint32_t>(meta_b[col]), sel, a[1], a[3]);
+      const int col = kk / kSlotsPerGroup;
+      tc_a_pair(*reinterpret_cast<const uint2*>(code_a + 8 * kk), static_cast<uint32_t>(meta_a[col]), sel, a[0], a[2]);
+      tc_a_pair(*reinterpret_cast<const uint2*>(code_b + 8 * kk), static_cast<uint32_t>(meta_b[col]), sel, a[1], a[3]);
       if constexpr (MT == 1) {
         uint32_t b[2];
-        const int tok = lane % 8;
-        const int xu = 2 * slot + (mi & 1);
-        ldmatrix_x2(b, xs + tok * kTcChunkUnits + (xu ^ (tok & 7)));
+        ldmatrix_x2(b, xs + 32 * kk);
         mma_16816(acc[0], a, b[0], b[1]);
       } else {
-        const int xu = 2 * slot + (mi & 1);  // x unit of this k-step
 #pragma unroll
         for (int p = 0; p < MT / 2; ++p) {
           uint32_t b[4];
-          const int tok = 16 * p + (mi >> 1) * 8 + lane % 8;
-          ldmatrix_x4(b, xs + tok * kTcChunkUnits + (xu ^ (tok & 7)));
+          ldmatrix_x4(b, xs + 32 * kk + 16 * p * L::kXRowBytes);
           mma_16816(acc[2 * p], a, b[0], b[1]);
           mma_16816(acc[2 * p + 1], a, b[2], b[3]);
         }
