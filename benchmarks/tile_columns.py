@@ -21,16 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from converters.fake_quant import group_params  # noqa: E402
 from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors  # noqa: E402
 from vllm_gqsa.format import GQSALayer  # noqa: E402
-
-
-def keep_mask(layer: GQSALayer) -> torch.Tensor:
-    """bool [N / block_rows, K / G]: which group columns each row block keeps."""
-    rows = layer.block_ids()
-    mask = torch.zeros(layer.row_ptr.numel() - 1, layer.num_group_cols, dtype=torch.bool)
-    mask[rows, layer.col_idx.long()] = True
-    return mask
 
 
 def tile_union(mask: torch.Tensor, tile: int) -> float:
@@ -60,7 +53,7 @@ def main(argv=None) -> int:
     for name in sorted(layers):
         out_features, in_features = modules[name].weight.shape
         layer = GQSALayer.from_tensors(layers[name], out_features, in_features, qcfg.layer_format(), name)
-        mask = keep_mask(layer)
+        mask = group_params(layer)[0]  # bool [N, K / G]: the groups each row keeps
         order = (mask.float() @ torch.randn(mask.shape[1], generator=g)).argsort()
         r = {"layer": name, "rows": mask.shape[0], "group_cols": mask.shape[1],
              "density": mask.float().mean().item(), "tile_union": tile_union(mask, args.tile),
