@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     print(f"all layers: density {summary['kept']:.3f}, {args.tile}-row tiles keep {summary['union']:.3f} "
           f"of the columns ({summary['union_sorted']:.3f} with rows sorted)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"checkpoint": args.ckpt, "tile": args.tile,
+    import transformers
+
+    Path(args.out).write_text(json.dumps({"checkpoint": args.ckpt, "tile": args.tile, "device": "cpu",
+                                          "torch": torch.__version__, "transformers": transformers.__version__,
                                           "command": " ".join(["benchmarks/tile_columns.py", *sys.argv[1:]]),
                                           "summary": summary, "layers": rows}, indent=1))
     return 0
