@@ -21,7 +21,9 @@
 //     codes into two exact fp16 values q - z, see dequant_pairs) and four HFMA2 per token, each
 //     multiplying two weights with two activations at once. Each group's (or 32-weight slice's) sum
 //     is widened to fp32 after at most 16 products, scaled, and accumulated in fp32. An earlier
-//     version did every product in fp32 and spent most of its time issuing instructions.
+//     version did every product in fp32 and spent most of its time issuing instructions. At one
+//     token a warp does the math of a whole batch of steps before walking their rows, so the
+//     dequantize-and-multiply chains of several steps overlap.
 //   * x (M x K, small, read by every row) is read as fp16 scaled by 2^-7 or 2^-8, which keeps
 //     those fp16 sums finite for any fp16 activations (see kXScaleLog2), with every 8 activations
 //     reordered to match the code pairs. Each CTA makes this copy in shared memory, swizzled
@@ -460,17 +462,14 @@ __global__ void __launch_bounds__(kGemvThreads)
       for (int m = 0; m < M; ++m) acc[m] = 0.f;
     };
 
-    // One step: the 32 units starting at u0, one per lane (cur is this lane's).
-    auto step = [&](const U& cur, int u0) {
+    // One step's math: the contributions s * sum_j (q_j - z) x[m, j] of the groups in this lane's
+    // unit of the 32 starting at u0 (cur), zero for groups outside the warp's range.
+    auto step_math = [&](const U& cur, int u0, float (&part)[U::kGroups][M]) {
       const int u = u0 + lane;
-
-      // Per group of this unit: its index and its contribution s * sum_j (q_j - z) x[m, j].
-      int group[U::kGroups];
-      float part[U::kGroups][M];
       const uint32_t words[4] = {cur.codes.x, cur.codes.y, cur.codes.z, cur.codes.w};
 #pragma unroll
       for (int i = 0; i < U::kGroups; ++i) {
-        group[i] = G == 16 ? 2 * u + i : u / U::kUnitsPerGroup;
+        const int group = G == 16 ? 2 * u + i : u / U::kUnitsPerGroup;
         const ZeroPair zp = zero_pair(cur.meta[i]);
         // First input channel of this group's part of the unit.
         const int col = meta_col(cur.meta[i]) * G + (G == 16 ? 0 : (u % U::kUnitsPerGroup) * kUnitWeights);
@@ -488,7 +487,7 @@ __global__ void __launch_bounds__(kGemvThreads)
         }
         // Units past the warp's range, and the half of a G = 16 unit that belongs to a
         // neighbouring warp, contribute nothing (select, not multiply: x may hold inf).
-        const bool valid = u < u_end && group[i] >= wb && group[i] < we;
+        const bool valid = u < u_end && group >= wb && group < we;
         const float s = meta_scale(cur.meta[i]) * static_cast<float>(1 << kXScaleLog2<G>);
 #pragma unroll
         for (int m = 0; m < M; ++m) {
@@ -496,9 +495,15 @@ __global__ void __launch_bounds__(kGemvThreads)
           part[i][m] = valid ? s * (f.x + f.y) : 0.f;
         }
       }
+    };
 
-      // Hand the contributions to their rows. Rows ending inside this step are finished (row
-      // boundaries are warp-uniform); the row still open at the step's end keeps accumulating.
+    // Hands one step's contributions to their rows. Rows ending inside the step are finished (row
+    // boundaries are warp-uniform); the row still open at the step's end keeps accumulating.
+    auto step_rows = [&](const float (&part)[U::kGroups][M], int u0) {
+      const int u = u0 + lane;
+      int group[U::kGroups];
+#pragma unroll
+      for (int i = 0; i < U::kGroups; ++i) group[i] = G == 16 ? 2 * u + i : u / U::kUnitsPerGroup;
       const int step_end = min(G == 16 ? 2 * (u0 + kWarpSize) : (u0 + kWarpSize) / U::kUnitsPerGroup, we);
       while (row_hi < step_end) {
 #pragma unroll
@@ -521,11 +526,40 @@ __global__ void __launch_bounds__(kGemvThreads)
         }
       }
     };
+
     auto run_batch = [&](const U (&batch)[kStages], int u0) {
+      if constexpr (M == 1) {
+        // At one token the math of the whole batch comes before its row walks. The walk is a
+        // data-dependent loop the compiler cannot schedule across, so with math and walk
+        // alternating, only one unit's dequantize-and-multiply chains were in flight at a time.
+        // On the H200 this took one token through a Llama-2-7B layer from 49.7 to 46.5 us and
+        // a Llama-3-8B layer from 50.0 to 48.7 (benchmarks/results/gpu/
+        // kernels_h200_gemv_math_first{_before,}.json). With 2 and 4 tokens it holds more
+        // registers and issues more x reads at once, and was no faster or slower (up to 23%,
+        // kernels_h200_gemv_math_first_experiment_*.json), so they keep the alternation.
+        float part[kStages][U::kGroups][M];
+        if (u0 + (kStages - 1) * kWarpSize < u_end) {  // warp-uniform: every step has units
 #pragma unroll
-      for (int s = 0; s < kStages; ++s) {
-        if (u0 + s * kWarpSize >= u_end) break;  // warp-uniform
-        step(batch[s], u0 + s * kWarpSize);
+          for (int s = 0; s < kStages; ++s) step_math(batch[s], u0 + s * kWarpSize, part[s]);
+        } else {
+#pragma unroll
+          for (int s = 0; s < kStages; ++s) {
+            if (u0 + s * kWarpSize < u_end) step_math(batch[s], u0 + s * kWarpSize, part[s]);
+          }
+        }
+#pragma unroll
+        for (int s = 0; s < kStages; ++s) {
+          if (u0 + s * kWarpSize >= u_end) break;  // warp-uniform
+          step_rows(part[s], u0 + s * kWarpSize);
+        }
+      } else {
+#pragma unroll
+        for (int s = 0; s < kStages; ++s) {
+          if (u0 + s * kWarpSize >= u_end) break;  // warp-uniform
+          float part[U::kGroups][M];
+          step_math(batch[s], u0 + s * kWarpSize, part);
+          step_rows(part, u0 + s * kWarpSize);
+        }
       }
     };
 
@@ -711,7 +745,9 @@ struct TcLayout {
   static constexpr int kEntryBytes = kTcRows * 4;  // chunk table entries, kStages - 1 chunks ahead
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes + kEntryBytes;
   // Two stages: on the H200, 2, 3 and 4 stages (4 to 2 CTAs per SM) measured within noise of
-  // each other, 2 slightly ahead (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_stages*.json).
+  // each other, 2 slightly ahead (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_stages*.json);
+  // with the kernel's later, shorter k-steps, 3 stages were 7-22% slower at 8 to 32 tokens
+  // (kernels_llama2-7b_h200_tc_pipeline_experiment_{base,stages3}.json).
   static constexpr int kStages = 2;
   static constexpr int kBytes = kStages * kStageBytes;
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
@@ -928,6 +964,8 @@ __global__ void __launch_bounds__(kTcThreads)
       // half a chunk of math still covers their latency. On the H200, this and the copy addresses
       // computed once took one Llama-2-7B layer at 8, 16 and 32 tokens from 121.1, 162.9 and
       // 202.2 us to 112.3, 157.0 and 188.5 (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_*.json).
+      // Once the k-steps were shorter, issuing them at k-step 0 instead was no faster (106.6, 124.3
+      // and 182.1 us against 105.3, 125.4 and 176.9; kernels_llama2-7b_h200_tc_pipeline_experiment_*.json).
       if (kk == kTcHalfSlots / 2) {
         if (next < n_local) issue(next, next % L::kStages, next_entry);
         cp_async_commit();
