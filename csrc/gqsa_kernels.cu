@@ -538,6 +538,8 @@ __global__ void __launch_bounds__(kGemvThreads)
         // registers and issues more x reads at once, and was no faster or slower (up to 23%,
         // kernels_h200_gemv_math_first_experiment_*.json), so they keep the alternation.
         float part[kStages][U::kGroups][M];
+        // A full batch takes the branch without per-step conditions, which is what lets the
+        // compiler interleave its steps; only a warp's last batch can be partial.
         if (u0 + (kStages - 1) * kWarpSize < u_end) {  // warp-uniform: every step has units
 #pragma unroll
           for (int s = 0; s < kStages; ++s) step_math(batch[s], u0 + s * kWarpSize, part[s]);
