@@ -8,7 +8,8 @@ time: 8 lanes, one wavefront per distinct chunk in the busiest of the 8 bank qua
 This counts those wavefronts over random rows of a given density, for the kept groups in column
 order (the format) and reordered inside each row by ``cuda_format.bank_order`` so that the groups
 one quarter-warp reads together fall on different quads (a layout the GEMV reads as it is, but the
-tensor-core kernel, which needs column order, cannot read today). Nsight Compute on the H200 measured 1.73 million shared wavefronts for the gate/up shape at
+tensor-core kernel, which needs column order, cannot read today), and reordered only inside each
+256-channel chunk, an order the tensor-core kernel could recompute from a chunk's keep mask. Nsight Compute on the H200 measured 1.73 million shared wavefronts for the gate/up shape at
 one token, 57% of them excess (``benchmarks/results/gpu/ncu_gemv_stalls_gate_up_m1.txt``): about 9.8
 per x read against this model's 9.55 plus the x copy's stores.
 
@@ -57,6 +58,15 @@ def reordered(rows: list) -> np.ndarray:
     return cols[bank_order(row_ptr, torch.from_numpy(cols)).numpy()]
 
 
+def reordered_in_chunks(rows: list, chunk_groups: int = 16) -> np.ndarray:
+    """The rows' kept columns reordered only inside each tensor-core chunk (256 input channels, 16
+    group columns), by the bank quad of the group's first x chunk, then by column. The tensor-core
+    kernel finds a chunk's groups as one run and could recompute this order from the chunk's keep
+    mask; a whole-row order like ``bank_order`` it cannot."""
+    quad = x_chunk_swizzle(2 * np.arange(max((int(r.max()) for r in rows if len(r)), default=0) + 1)) & 7
+    return np.concatenate([r[np.lexsort((r, quad[r], r // chunk_groups))] for r in rows])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=2048)
@@ -75,9 +85,10 @@ def main() -> None:
         "dense_rows": wavefronts_per_read(np.tile(np.arange(n_groups), a.rows)),
         "column_order": wavefronts_per_read(np.concatenate(rows)),
         "reordered_in_rows": wavefronts_per_read(reordered(rows)),
+        "reordered_in_chunks": wavefronts_per_read(reordered_in_chunks(rows)),
     }
-    for key in ("conflict_free", "dense_rows", "column_order", "reordered_in_rows"):
-        print(f"{key:18s} {result[key]:.2f} wavefronts per 16-byte x read of a warp")
+    for key in ("conflict_free", "dense_rows", "column_order", "reordered_in_rows", "reordered_in_chunks"):
+        print(f"{key:19s} {result[key]:.2f} wavefronts per 16-byte x read of a warp")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1))
 

@@ -41,7 +41,7 @@ def test_bank_conflict_model():
     and cuda_format.bank_order keeps every group in its row while cutting the wavefronts."""
     import numpy as np
     import torch
-    from gemv_bank_conflicts import reordered, wavefronts_per_read
+    from gemv_bank_conflicts import reordered, reordered_in_chunks, wavefronts_per_read
 
     from vllm_gqsa.kernels.cuda_format import bank_order
 
@@ -56,3 +56,12 @@ def test_bank_conflict_model():
     sorted_w = wavefronts_per_read(np.concatenate(half))
     assert 8 < sorted_w < 11
     assert wavefronts_per_read(reordered(half)) < 0.7 * sorted_w
+    # Reordered inside 16-column chunks: every group stays in its chunk, and the wavefronts fall,
+    # but less than with the whole-row order.
+    in_chunks = reordered_in_chunks(half)
+    offsets = np.cumsum([0] + [len(r) for r in half])
+    for r, a in zip(half, offsets[:-1]):
+        part = in_chunks[a:a + len(r)]
+        assert sorted(part.tolist()) == r.tolist()
+        assert (np.diff(part // 16) >= 0).all()
+    assert wavefronts_per_read(reordered(half)) < wavefronts_per_read(in_chunks) < sorted_w
