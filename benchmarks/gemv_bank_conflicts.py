@@ -63,8 +63,7 @@ def reordered_in_chunks(rows: list, chunk_groups: int = 16) -> np.ndarray:
     group columns), by the bank quad of the group's first x chunk, then by column. The tensor-core
     kernel finds a chunk's groups as one run and could recompute this order from the chunk's keep
     mask; a whole-row order like ``bank_order`` it cannot."""
-    quad = x_chunk_swizzle(2 * np.arange(max((int(r.max()) for r in rows if len(r)), default=0) + 1)) & 7
-    return np.concatenate([r[np.lexsort((r, quad[r], r // chunk_groups))] for r in rows])
+    return np.concatenate([r[np.lexsort((r, x_chunk_swizzle(2 * r) & 7, r // chunk_groups))] for r in rows])
 
 
 def main() -> None:
