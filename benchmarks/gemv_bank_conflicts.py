@@ -79,7 +79,8 @@ def main() -> None:
     kept = max(1, round(a.density * n_groups))
     rows = [np.sort(rng.choice(n_groups, kept, replace=False)) for _ in range(a.rows)]
     result = {
-        "command": " ".join(sys.argv), "rows": a.rows, "K": a.K, "density": a.density,
+        "command": " ".join(sys.argv), "device": "cpu (a model of the layout, no GPU)",
+        "numpy": np.__version__, "torch": torch.__version__, "rows": a.rows, "K": a.K, "density": a.density,
         "conflict_free": 4.0,
         "dense_rows": wavefronts_per_read(np.tile(np.arange(n_groups), a.rows)),
         "column_order": wavefronts_per_read(np.concatenate(rows)),
