@@ -148,7 +148,9 @@ def main(argv=None) -> int:
 
     results = {"shape": a.shape, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
                "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
-               "gqsa_dispatch": gqsa_dispatch(), "configs": {}}
+               "gqsa_dispatch": gqsa_dispatch(),
+               "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_GQSA_")},
+               "configs": {}}
     for name in a.configs.split(","):
         print(name, flush=True)
         tmp = tempfile.mktemp(suffix=".json")

@@ -3,7 +3,9 @@
 semi-structured sparsity and (when vLLM is importable) vLLM's Marlin and Machete GPTQ kernels.
 
 Every kernel is timed inside a CUDA graph (as vLLM runs decode) that calls it once per weight
-copy, with enough copies to exceed the L2 cache, so weights always come from HBM. Each result
+copy, with enough copies to exceed the L2 cache, so weights always come from HBM; calls follow each
+other, or, with ``--after-kernel``, each follows a small kernel that writes x, as a linear layer
+follows a norm or an activation in a model (that kernel's own time subtracted). Each result
 reports time per call (median of several replays), effective GB/s over the bytes the kernel must
 read (GQSA: codes + meta + row_ptr + x, and the GEMV's schedule or the tensor-core kernel's
 chunk table), the share of the read bandwidth measured in the same run (a large ``x.sum()``), and
@@ -64,6 +66,7 @@ BANDWIDTH_PROBE_BYTES = 2 * 2**30
 DTYPE = torch.float16
 TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc-splits)
 BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups in bank order
+AFTER_KERNEL = False  # --after-kernel: each timed call follows a small kernel that writes x
 
 
 def row_densities(N: int, density: float, heavy_block: bool = False, device: str = "cpu") -> torch.Tensor:
@@ -269,14 +272,26 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     floor_us, floor_kernel = read_floor_us(t0, g_copies, reps)
     for M in tokens:
         x = torch.randn(M, K, device="cuda", dtype=DTYPE)
+        # With --after-kernel every timed call follows a small ordinary kernel that writes x, as a
+        # linear layer follows a norm or an activation in a model, and that kernel's own time
+        # (measured alone) is subtracted. Without it, calls of one kind follow each other, which
+        # lets kernels launched with programmatic dependent launch overlap their neighbours.
+        before = (lambda: x.mul_(1.0)) if AFTER_KERNEL else None
+        before_us = time_graph([before] * 16, reps) if before else 0.0
+
+        def timed(calls):
+            if before is None:
+                return time_graph(calls, reps)
+            return time_graph([lambda c=c: (before(), c()) for c in calls], reps) - before_us
+
         # Every GQSA path that could win at this M; gqsa_us is the one the plugin picks.
         paths = {}
         if M <= GEMV_TIMED_MAX_TOKENS:
-            paths["gemv"] = time_graph(gqsa_calls(gq, x, N, K, "gemv"), reps)
+            paths["gemv"] = timed(gqsa_calls(gq, x, N, K, "gemv"))
         if M <= TC_TIMED_MAX_TOKENS:
-            paths["tc"] = time_graph(gqsa_calls(gq, x, N, K, "tc"), reps)
+            paths["tc"] = timed(gqsa_calls(gq, x, N, K, "tc"))
         if M > MAX_GEMV_TOKENS:
-            paths["dequant_cublas"] = time_graph(gqsa_calls(gq, x, N, K, "dequant_cublas"), reps)
+            paths["dequant_cublas"] = timed(gqsa_calls(gq, x, N, K, "dequant_cublas"))
         kernel = ("gemv" if M <= cuda.GEMV_MAX_TOKENS else "tc" if M <= cuda.TC_MAX_TOKENS
                   else "dequant_cublas")
         us = paths[kernel]
@@ -287,10 +302,12 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
              **{f"gqsa_{k}_us": v for k, v in paths.items()},
              "read_floor_us": floor_us, "read_floor_kernel": floor_kernel, "read_floor_pct_read_bw": 100 * t0 / floor_us / 1e3 / read_bw,
              "gqsa_pct_of_read_floor": 100 * floor_us / us}
+        if before is not None:
+            r["before_kernel_us"] = before_us
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
-            r["gqsa_global_x_us"] = time_graph(gqsa_calls(gq, x, N, K, "gemv", x_staging=0), reps)
+            r["gqsa_global_x_us"] = timed(gqsa_calls(gq, x, N, K, "gemv", x_staging=0))
         if BANK_ORDER and M <= MAX_GEMV_TOKENS:  # layout experiment: fewer bank conflicts on x
-            r["gqsa_gemv_bank_order_us"] = time_graph(gqsa_calls(gq_bank, x, N, K, "gemv"), reps)
+            r["gqsa_gemv_bank_order_us"] = timed(gqsa_calls(gq_bank, x, N, K, "gemv"))
         base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
         if "sparse24_fp16" in sparse24:
             base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w)
@@ -302,7 +319,7 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             base[bname] = [lambda p=p, fn=fn: fn(x, p) for p in packs]
         for bname, calls in base.items():
             try:
-                b_us = time_graph(calls, reps)
+                b_us = timed(calls)
                 r[f"{bname}_us"] = b_us
                 r[f"speedup_vs_{bname}"] = b_us / us
             except Exception as e:
@@ -394,6 +411,9 @@ def main() -> None:
     p.add_argument("--gemv-bank-order", action="store_true",
                    help="also time the GEMV with each row's groups reordered by x bank quad "
                         "(cuda_format.bank_order; gqsa_gemv_bank_order_us)")
+    p.add_argument("--after-kernel", action="store_true",
+                   help="time every call right after a small elementwise kernel that writes x "
+                        "(its own time subtracted), as in a model, instead of back to back")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -401,9 +421,10 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
-    global TC_SPLITS, BANK_ORDER
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL
     TC_SPLITS = args.tc_splits
     BANK_ORDER = args.gemv_bank_order
+    AFTER_KERNEL = args.after_kernel
     reps = args.reps or (5 if args.quick else 20)
     num_ctas = cuda.default_num_ctas()
     if args.ctas_per_sm:

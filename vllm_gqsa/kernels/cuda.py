@@ -25,18 +25,19 @@ import torch
 
 from .cuda_format import MAX_GEMV_TOKENS
 
-# Persistent-grid size of the GEMV. Measured on an H200 (benchmarks/results/gpu/kernels_h200.json
-# and kernels_llama2-7b_h200_ctas*.json): a Llama-2-7B layer at M=1 takes 49.9 us with 2 CTAs per
+# Persistent-grid size of the GEMV. Measured on an H200 (benchmarks/results/gpu/
+# kernels_llama2-7b_h200_ctas*.json): a Llama-2-7B layer at M=1 takes 49.9 us with 2 CTAs per
 # SM, 50.8 with 3 and 60.0 with 4; fewer, longer warp tasks pay the per-task prologue, x copy and
 # fix-up less often.
 CTAS_PER_SM = 2
 # Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
 # cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200
-# (benchmarks/results/gpu/kernels_h200.json, one decoder layer of each of three models): the GEMV
-# wins at 4 tokens (97.7-121.3 us against 114.6-124.7) and loses at 8 (197.1-239.7 against
-# 120.0-132.3); the tensor-core kernel wins at 32 (202.1-235.5 us against 269.4-307.2 for
-# dequantize + cuBLAS) and loses at 64. The environment variables override them (for other GPUs,
+# (benchmarks/results/gpu/kernels_h200.json, one decoder layer of each of three models): at 4
+# tokens the GEMV and the tensor-core kernel tie (97.4-115.1 us against 99.5-106.2; in vLLM, 945.1
+# against 939.4 tokens/s at batch 4), at 8 the GEMV loses (184.6-233.6 against 105.8-116.4); the
+# tensor-core kernel wins at 32 (179.5-212.4 us against 270.2-309.2 for dequantize + cuBLAS) and
+# ties or loses at 64 (285.2-306.7 against 270.4-311.0). The environment variables override them (for other GPUs,
 # or to time one path end to end).
 GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "4"))
 TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "32"))
