@@ -1,6 +1,6 @@
 // SPDX-License-Identifier: Apache-2.0
 //
-// GQSA CUDA kernels: 4-bit group-quantized, group-sparse weights (block_rows = 1), fp16 or bf16
+// GQSA CUDA kernels: 4-bit group-quantized, group-sparse weights (single rows), fp16 or bf16
 // activations. Self-contained (CUDA runtime + fp16/bf16 headers + inline PTX) so that it compiles
 // for sm_80 and sm_90a on machines without a CUDA build of torch; the torch binding lives in
 // torch_bindings.cpp. The kernel format is specified in vllm_gqsa/kernels/cuda_format.py.

@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 //
 // Torch-free launchers of the GQSA CUDA kernels. Every pointer is a device pointer in the
-// kernel format documented in vllm_gqsa/kernels/cuda_format.py (4-bit codes, block_rows = 1):
+// kernel format documented in vllm_gqsa/kernels/cuda_format.py (4-bit codes, single rows):
 //
 //   row_ptr  int32 [N + 1]        kept groups of row n are row_ptr[n] .. row_ptr[n+1]-1
 //   codes    int32 [nnz, G / 8]   word w of a group holds weights 8w..8w+7, weight 8w+i in bits 4i..4i+3

@@ -12,7 +12,7 @@ from vllm_gqsa.kernels import cuda
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, WARPS_PER_CTA, can_implement,
                                            chunk_table, cta_row_bounds, dequantize_kernel_format,
                                            make_schedule, row_per_cta_schedule, to_kernel_format,
-                                           with_bank_order)
+                                           unpack_meta, with_bank_order)
 
 GROUP_SIZES = (16, 32, 64, 128)
 # Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
@@ -20,8 +20,8 @@ GROUP_SIZES = (16, 32, 64, 128)
 PATTERNS = ("uniform", "empty_and_full", "heavy_block", "all_empty", "dense")
 
 
-def make_layer(N: int, K: int, G: int, pattern: str, seed: int = 0):
-    """A random 4-bit GQSA layer whose rows follow a density pattern."""
+def make_layer(N: int, K: int, G: int, pattern: str, seed: int = 0, block_rows: int = 1):
+    """A random 4-bit GQSA layer whose rows (row blocks) follow a density pattern."""
     g = torch.Generator().manual_seed(seed)
     KG = K // G
     codes = torch.randint(0, 16, (N, K), generator=g)
@@ -40,13 +40,14 @@ def make_layer(N: int, K: int, G: int, pattern: str, seed: int = 0):
         density[:] = 0.0
     elif pattern == "dense":
         density[:] = 1.0
-    keep = torch.rand(N, KG, generator=g) < density
-    fmt = LayerFormat(4, G, 1)
+    R = block_rows
+    keep = torch.rand(N // R, KG, generator=g) < density[::R]
+    fmt = LayerFormat(4, G, R)
     if not keep.any():  # pack_layer cannot reshape zero groups; build the empty layer directly
-        return GQSALayer(row_ptr=torch.zeros(N + 1, dtype=torch.int32),
+        return GQSALayer(row_ptr=torch.zeros(N // R + 1, dtype=torch.int32),
                          col_idx=torch.zeros(0, dtype=index_dtype(KG)),
-                         qweight=torch.zeros(0, 1, G // 2, dtype=torch.uint8),
-                         scales=torch.zeros(0, 1, dtype=torch.float16),
+                         qweight=torch.zeros(0, R, G // 2, dtype=torch.uint8),
+                         scales=torch.zeros(0, R, dtype=torch.float16),
                          qzeros=torch.zeros(0, dtype=torch.uint8), out_features=N, in_features=K, fmt=fmt)
     return pack_layer(codes, scales, zeros, keep, fmt)
 
@@ -71,6 +72,23 @@ def test_kernel_format_round_trip(G, pattern, N, odd):
     t = to_kernel_format(layer, num_ctas=7)
     got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, G)
     assert torch.equal(got, dense_reference(layer))
+
+
+@pytest.mark.parametrize("R", [2, 16, 64])
+@pytest.mark.parametrize("pattern", ["uniform", "empty_and_full", "all_empty"])
+def test_kernel_format_of_row_blocks(R, pattern):
+    """A checkpoint with block_rows > 1 is repacked into single rows, each holding its block's
+    group columns in order, with the same weight."""
+    N, K, G = 9 * R, 16 * 37, 16
+    layer = make_layer(N, K, G, pattern, seed=R, block_rows=R)
+    t = to_kernel_format(layer, num_ctas=5)
+    got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, G)
+    assert torch.equal(got, dense_reference(layer))
+    row_groups = t["row_ptr"][1:] - t["row_ptr"][:-1]
+    assert torch.equal(row_groups, (layer.row_ptr[1:] - layer.row_ptr[:-1]).repeat_interleave(R))
+    single = layer.single_rows()
+    assert torch.equal(t["chunks"], chunk_table(single.row_ptr, single.col_idx, K, G))
+    assert torch.equal(unpack_meta(t["meta"])[2], single.col_idx.long())
 
 
 def test_kernel_format_high_columns():
@@ -144,11 +162,10 @@ def test_row_per_cta_schedule():
 
 
 @pytest.mark.parametrize("args,fragment", [
-    ((2, 16, 1, 64, 64), "4-bit"),
-    ((4, 8, 1, 64, 64), "group_size"),
-    ((4, 16, 2, 64, 64), "block_rows"),
-    ((4, 16, 1, 64, 40), "multiple"),
-    ((4, 16, 1, 64, 16 * 4097), "4096"),
+    ((2, 16, 64, 64), "4-bit"),
+    ((4, 8, 64, 64), "group_size"),
+    ((4, 16, 64, 40), "multiple"),
+    ((4, 16, 64, 16 * 4097), "4096"),
 ])
 def test_can_implement_rejects(args, fragment):
     ok, reason = can_implement(*args)
@@ -156,8 +173,8 @@ def test_can_implement_rejects(args, fragment):
 
 
 def test_can_implement_accepts():
-    assert can_implement(4, 16, 1, 11008, 4096) == (True, None)
-    assert can_implement(4, 128, 1, 4096, 128 * 4096) == (True, None)
+    assert can_implement(4, 16, 11008, 4096) == (True, None)
+    assert can_implement(4, 128, 4096, 128 * 4096) == (True, None)
 
 
 def test_available_reports_a_reason():
@@ -312,6 +329,16 @@ def test_tc(dtype, G, pattern, M):
     N, K = 301, G * 21
     layer = make_layer(N, K, G, pattern, seed=M).to("cuda")
     check_gemv(layer, to_kernel_format(layer, 8), M, dtype, op=cuda.tc)
+
+
+@needs_cuda
+@pytest.mark.parametrize("R", [4, 64])
+@pytest.mark.parametrize("M", [1, 3, 16, 40])
+def test_row_blocks(R, M):
+    """A block_rows > 1 layer through the GEMV (1 and 3 tokens) and the tensor-core kernel."""
+    layer = make_layer(7 * R, 16 * 40, 16, "empty_and_full", seed=R + M, block_rows=R).to("cuda")
+    op = None if M <= MAX_GEMV_TOKENS else cuda.tc
+    check_gemv(layer.single_rows(), to_kernel_format(layer, 8), M, torch.float16, op=op)
 
 
 @needs_cuda

@@ -373,6 +373,37 @@ class GQSALayer:
             qzeros=pack_flat(zeros, self.fmt.bits),
             out_features=out_features, in_features=in_features, fmt=self.fmt)
 
+    def single_rows(self) -> "GQSALayer":
+        """The same weights with ``block_rows = 1``: each row of a row block keeps the block's
+        group columns, with its own codes, scale and zero point. (Rows then carry their own index,
+        so this costs index bytes; the kernel format carries a column with every group anyway.)"""
+        R = self.fmt.block_rows
+        if R == 1:
+            return self
+        start = self.row_ptr[:-1].long()
+        count = self.row_ptr[1:].long() - start
+        blocks = self.block_ids()
+        # Group g, j-th of block b, row i of the block goes to R * start[b] + i * count[b] + j.
+        first = R * start[blocks] + (torch.arange(self.nnz, device=blocks.device) - start[blocks])
+        rows = torch.arange(R, device=blocks.device)
+        pos = (first.unsqueeze(1) + rows * count[blocks].unsqueeze(1)).reshape(-1)  # [nnz * R]
+        n = self.nnz * R
+
+        def scatter(t: torch.Tensor) -> torch.Tensor:  # t: [nnz, R, ...] in (group, row) order
+            out = t.new_empty((n, *t.shape[2:]))
+            out[pos] = t.reshape(n, *t.shape[2:])
+            return out
+
+        row_ptr = torch.empty(self.out_features + 1, dtype=torch.int32, device=self.row_ptr.device)
+        row_ptr[:-1] = (R * start.unsqueeze(1) + rows * count.unsqueeze(1)).reshape(-1).to(torch.int32)
+        row_ptr[-1] = n
+        fmt = LayerFormat(self.fmt.bits, self.fmt.group_size, 1)
+        return GQSALayer(
+            row_ptr=row_ptr, col_idx=scatter(self.col_idx.unsqueeze(1).expand(-1, R)),
+            qweight=scatter(self.qweight).unsqueeze(1), scales=scatter(self.scales).unsqueeze(1),
+            qzeros=pack_flat(scatter(self.zeros()), fmt.bits),
+            out_features=self.out_features, in_features=self.in_features, fmt=fmt)
+
     @staticmethod
     def concat_rows(layers: list["GQSALayer"]) -> "GQSALayer":
         """Stack layers with equal input size along the output dimension (fused QKV, gate/up)."""

@@ -211,7 +211,7 @@ class GQSALinearMethod(LinearMethodBase):
         for t_name in TENSOR_NAMES:
             delattr(layer, t_name)
 
-        ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, self.fmt.block_rows, N, K)
+        ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, N, K)
         if ok:
             tensors = to_kernel_format(merged, num_ctas=_num_ctas(device))
             layer.gqsa_kernel = "kernel_format"

@@ -3,8 +3,11 @@
 
 The checkpoint format (:mod:`vllm_gqsa.format`) is not the kernel format: the plugin repacks each
 layer once at load time with :func:`to_kernel_format`. The kernels handle ``bits = 4``,
-``block_rows = 1``, ``group_size`` G in {16, 32, 64, 128} and at most 4096 group columns
-(see :func:`can_implement`). For a layer with N rows, K inputs and ``nnz`` kept groups:
+``group_size`` G in {16, 32, 64, 128} and at most 4096 group columns (see :func:`can_implement`).
+Rows are single: a checkpoint with ``block_rows`` R > 1 is repacked so that each row of a row block
+holds the block's group columns (:meth:`GQSALayer.single_rows`); every group carries its column in
+``meta`` anyway, so the kernel format is the same size whatever R. For a layer with N rows, K inputs
+and ``nnz`` kept groups (counted per row):
 
 ============  =====  ====================  =================================================
 tensor        dtype  shape                 content
@@ -64,7 +67,6 @@ from ..format import GQSALayer
 
 SUPPORTED_BITS = 4
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
-SUPPORTED_BLOCK_ROWS = 1
 MAX_GROUP_COLS = 4096  # group columns held in the 12 top bits of meta
 MAX_GEMV_TOKENS = 8  # tokens per GEMV kernel launch (gqsa::kMaxGemvTokens)
 WARPS_PER_CTA = 8  # kGemvWarps in csrc/gqsa_kernels.h
@@ -76,14 +78,13 @@ TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcC
 TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks")
 
 
-def can_implement(bits: int, group_size: int, block_rows: int, N: int, K: int) -> tuple[bool, str | None]:
-    """Whether the CUDA kernels handle a layer of this format and shape; the reason when not."""
+def can_implement(bits: int, group_size: int, N: int, K: int) -> tuple[bool, str | None]:
+    """Whether the CUDA kernels handle a layer of this format and shape (any block_rows); the
+    reason when not."""
     if bits != SUPPORTED_BITS:
         return False, f"the CUDA kernels handle {SUPPORTED_BITS}-bit codes only, not bits={bits}"
     if group_size not in SUPPORTED_GROUP_SIZES:
         return False, f"group_size={group_size} is not one of {SUPPORTED_GROUP_SIZES}"
-    if block_rows != SUPPORTED_BLOCK_ROWS:
-        return False, f"the CUDA kernels handle block_rows=1 only, not block_rows={block_rows}"
     if N < 0 or K < 0 or K % group_size:
         return False, f"input size {K} is not a multiple of group_size {group_size}"
     if K // group_size > MAX_GROUP_COLS:
@@ -181,10 +182,10 @@ def unpack_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]:
     """Repack a validated checkpoint layer into the kernel format, on the layer's device."""
     fmt = layer.fmt
-    ok, reason = can_implement(fmt.bits, fmt.group_size, fmt.block_rows,
-                               layer.out_features, layer.in_features)
+    ok, reason = can_implement(fmt.bits, fmt.group_size, layer.out_features, layer.in_features)
     if not ok:
         raise ValueError(f"GQSA CUDA kernels cannot run this layer: {reason}")
+    layer = layer.single_rows()
     nnz, G = layer.nnz, fmt.group_size
     codes = layer.qweight.reshape(nnz, G // 2).contiguous().view(torch.int32)
     meta = pack_meta(layer.scales.reshape(nnz), layer.zeros().reshape(nnz), layer.col_idx.long())
