@@ -48,6 +48,11 @@ def test_pack_unpack_round_trip_awkward_shapes(fmt):
     assert torch.equal(dequantize(layer), expected)
     assert layer.bits_per_weight() == pytest.approx(
         expected_bits_per_weight(fmt, N, K, layer.nnz / (NB * KG)), rel=1e-9)
+    # The same weights as single rows (what the CUDA kernels' format is built from).
+    single = layer.single_rows()
+    single.validate()
+    assert single.fmt.block_rows == 1 and single.nnz == layer.nnz * fmt.block_rows
+    assert torch.equal(dequantize(single), expected)
 
 
 def test_index_width_follows_k():
