@@ -520,7 +520,7 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.state_dict().items()
                       if not (n == "lm_head.weight" and config.get("tie_word_embeddings")))
     kept = sum(r["kept_groups"] for r in layers_report)
-    total_groups = q_weights // qcfg.group_size
+    total_groups = q_weights // (qcfg.group_size * qcfg.block_rows)  # a kept group spans R rows
     device = pick_device(opts.device)
     report = {
         "source": os.path.abspath(model_dir),

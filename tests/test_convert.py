@@ -76,9 +76,10 @@ def test_report_counts_bits_per_weight(tiny_checkpoints):
 @pytest.mark.parametrize("group_size,block_rows", [(32, 1), (64, 2), (128, 1)])
 def test_other_group_sizes(tiny_models, tmp_path, group_size, block_rows):
     out = str(tmp_path / "ckpt")
-    convert(tiny_models["llama"], out, ConvertOptions(group_size=group_size, block_rows=block_rows,
-                                                      n_samples=4, seq_len=32))
+    report = convert(tiny_models["llama"], out, ConvertOptions(group_size=group_size, block_rows=block_rows,
+                                                               n_samples=4, seq_len=32))
     load_reference_model(out)  # validates every layer
+    assert report["kept_group_fraction"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_cli_errors_are_clear(tiny_models, tmp_path, capsys):
