@@ -50,6 +50,10 @@ CONFIGS = {
     "gqsa-s50": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
     "gqsa-s40": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.4}, {}),
     "gqsa-s30": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.3}, {}),
+    # Row blocks of 16 and 64 rows sharing their pruning pattern (--block-rows), served by the same
+    # kernels after the load-time repacking into single rows.
+    "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
+    "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
 }
 PROMPT_LEN, GEN_LEN = 128, 256
 

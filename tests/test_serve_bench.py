@@ -74,3 +74,7 @@ def test_e2e_quantization_configs_parse(parsers):
             assert cfg.modules_to_not_convert == []  # every linear layer quantized
         elif name.startswith("gptq"):
             assert (cfg.weight_bits, cfg.group_size, cfg.desc_act) == (4, 128, False)
+        elif name.startswith("gqsa"):
+            q = cfg.quant
+            assert (q.bits, q.group_size) == (4, 16)
+            assert q.block_rows == (int(name.rsplit("-r", 1)[1]) if "-r" in name else 1), name
