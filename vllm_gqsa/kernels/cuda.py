@@ -37,8 +37,8 @@ CTAS_PER_SM = 2
 # tokens the GEMV and the tensor-core kernel tie (97.4-115.1 us against 99.5-106.2; in vLLM, 945.1
 # against 939.4 tokens/s at batch 4), at 8 the GEMV loses (184.6-233.6 against 105.8-116.4); the
 # tensor-core kernel wins at 32 (179.5-212.4 us against 270.2-309.2 for dequantize + cuBLAS) and
-# ties or loses at 64 (285.2-306.7 against 270.4-311.0). The environment variables override them (for other GPUs,
-# or to time one path end to end).
+# ties or loses at 64 (285.2-306.7 against 270.4-311.0). The environment variables override them
+# (for other GPUs, or to time one path end to end).
 GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "4"))
 TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "32"))
 JIT_NAME = "vllm_gqsa_C"
