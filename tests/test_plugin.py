@@ -219,31 +219,18 @@ def test_bf16_model_stays_bf16(tiny_checkpoints):
             torch.testing.assert_close(y.float(), x.float() @ w.T, rtol=0.02, atol=0.02, msg=name)
 
 
-def test_formats_without_a_cuda_kernel_serve_through_the_reference_op(tiny_models, tmp_path):
+@pytest.mark.parametrize("bits,block_rows,path", [(2, 2, "reference"), (4, 2, "kernel_format")])
+def test_other_formats_load_and_match_the_reference(tiny_models, tmp_path, bits, block_rows, path):
+    """2-bit layers serve through the reference op; 4-bit row blocks are repacked into the CUDA
+    kernels' format (single rows), which on the CPU is decoded in torch."""
     from converters.convert import ConvertOptions, convert
 
-    ckpt = str(tmp_path / "w2r2")
-    convert(tiny_models["llama"], ckpt, ConvertOptions(bits=2, block_rows=2, n_samples=2, seq_len=16))
+    ckpt = str(tmp_path / f"w{bits}r{block_rows}")
+    convert(tiny_models["llama"], ckpt, ConvertOptions(bits=bits, block_rows=block_rows, n_samples=2, seq_len=16))
     model, _ = load_vllm_model(ckpt, port=free_port())
     refs = reference_weights(ckpt, model)
     with torch.no_grad():
         for name, layer in linear_layers(model).items():
-            assert layer.gqsa_kernel == "reference", name
-            x = torch.randn(3, layer.input_size)
-            torch.testing.assert_close(layer(x)[0], x @ refs[name][0].T, rtol=1e-4, atol=1e-4, msg=name)
-
-
-def test_row_blocks_serve_through_the_kernel_format(tiny_models, tmp_path):
-    """A 4-bit checkpoint with block_rows > 1 is repacked into the CUDA kernels' format (single
-    rows) at load; here, on the CPU, that format is decoded in torch."""
-    from converters.convert import ConvertOptions, convert
-
-    ckpt = str(tmp_path / "w4r2")
-    convert(tiny_models["llama"], ckpt, ConvertOptions(block_rows=2, n_samples=2, seq_len=16))
-    model, _ = load_vllm_model(ckpt, port=free_port())
-    refs = reference_weights(ckpt, model)
-    with torch.no_grad():
-        for name, layer in linear_layers(model).items():
-            assert layer.gqsa_kernel == "kernel_format", name
+            assert layer.gqsa_kernel == path, name
             x = torch.randn(3, layer.input_size)
             torch.testing.assert_close(layer(x)[0], x @ refs[name][0].T, rtol=1e-4, atol=1e-4, msg=name)
