@@ -217,6 +217,16 @@ def semi_structured(ws: list) -> dict:
     return out
 
 
+def _package_version(name: str) -> str | None:
+    """The installed version of a package (the Marlin and Machete baselines are vLLM's), or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
     """Marlin and Machete GPTQ 4-bit g128 callables factories (only when vLLM is importable)."""
     try:
@@ -446,7 +456,7 @@ def main() -> None:
     summary = summarize(results, read_bw)
     balance = [] if args.skip_balance else bench_balance(4096, 4096, reps, read_bw, num_ctas)
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
-           "cuda": torch.version.cuda, "command": " ".join(sys.argv), "ops": reason,
+           "cuda": torch.version.cuda, "vllm": _package_version("vllm"), "command": " ".join(sys.argv), "ops": reason,
            "group_size": GROUP_SIZE, "density": DENSITY, "activation_dtype": str(DTYPE),
            "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas,
            "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS},
