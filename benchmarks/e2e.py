@@ -127,7 +127,9 @@ def gqsa_dispatch() -> dict:
     """The GQSA kernels' token-count crossovers the engines will use (env overrides included)."""
     from vllm_gqsa.kernels import cuda
 
-    return {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS}
+    return {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
+            "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,
+            "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS}
 
 
 def main(argv=None) -> int:

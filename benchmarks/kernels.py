@@ -15,7 +15,7 @@ streaming read in several block shapes), rotated the same way: about how fast on
 bytes, launch and ramp-up included, so ``gqsa_pct_of_read_floor`` says how
 far the GEMV is from the best a read alone achieves at that size. GQSA uses the plugin's dispatch rule (the GEMV up to
 ``cuda.GEMV_MAX_TOKENS`` tokens, the tensor-core kernel up to ``cuda.TC_MAX_TOKENS``, dequantize +
-cuBLAS above), and every path that could
+cuBLAS above; ``cuda.dispatch`` gives other crossovers for compact tiles, ``--block-rows 64``), and every path that could
 win at an M is timed too (``gqsa_<path>_us``). For the GEMV it also times x read from global
 memory instead of the shared-memory copy (the ablation of that copy) and, with ``--gemv-bank-order``,
 each row's groups reordered so that a warp's x reads meet fewer bank conflicts
@@ -41,8 +41,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.kernels import cuda  # noqa: E402
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table, make_schedule,  # noqa: E402
-                                           pack_meta, row_per_cta_schedule, with_bank_order)
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table,  # noqa: E402
+                                           compact_chunk_table, make_schedule, pack_meta,
+                                           row_per_cta_schedule, with_bank_order)
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
@@ -67,6 +68,7 @@ DTYPE = torch.float16
 TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc-splits)
 BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups in bank order
 AFTER_KERNEL = False  # --after-kernel: each timed call follows a small kernel that writes x
+BLOCK_ROWS = 1  # --block-rows: rows that share one keep pattern
 
 
 def row_densities(N: int, density: float, heavy_block: bool = False, device: str = "cpu") -> torch.Tensor:
@@ -81,32 +83,43 @@ def row_densities(N: int, density: float, heavy_block: bool = False, device: str
 
 
 def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool = False) -> dict:
-    """Random kernel-format tensors on the GPU (a real checkpoint's structure, random values)."""
-    KG = K // GROUP_SIZE
-    keep = torch.rand(N, KG, device="cuda") < row_densities(N, density, heavy_block, "cuda")
+    """Random kernel-format tensors on the GPU (a real checkpoint's structure, random values).
+    With BLOCK_ROWS > 1 the rows of each block keep the same groups, as a ``--block-rows``
+    checkpoint does once ``GQSALayer.single_rows`` has unpacked it for the kernels; with 64 or
+    more, its tiles are compact (``xcols``), as ``to_kernel_format`` makes them, and
+    ``chunks_by_channel`` keeps the ordinary chunk table for comparison."""
+    KG, R = K // GROUP_SIZE, BLOCK_ROWS
+    keep = torch.rand(N // R, KG, device="cuda") < row_densities(N // R, density, heavy_block, "cuda")
+    keep = keep.repeat_interleave(R, dim=0)
     row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
     row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
     cols = torch.nonzero(keep)[:, 1]
     nnz = cols.numel()
     scales = (torch.rand(nnz, device="cuda") * 0.02 + 0.01).half()
     zeros = torch.randint(0, 16, (nnz,), device="cuda")
-    return {
+    t = {
         "row_ptr": row_ptr,
         "codes": torch.randint(-2**31, 2**31 - 1, (nnz, GROUP_SIZE // 8), dtype=torch.int32, device="cuda"),
         "meta": pack_meta(scales, zeros, cols),
         "schedule": make_schedule(row_ptr, num_ctas),
         "chunks": chunk_table(row_ptr, cols, K, GROUP_SIZE),
     }
+    compact = compact_chunk_table(row_ptr, cols, K, GROUP_SIZE)
+    if compact is not None:
+        t["chunks_by_channel"] = t["chunks"]
+        t["chunks"], t["xcols"] = compact
+    return t
 
 
 # The tensors each path reads besides x: the GEMV does not read the chunk table, the tensor-core
 # kernel not the schedule.
-PATH_TENSORS = {"gemv": ("row_ptr", "codes", "meta", "schedule"), "tc": ("row_ptr", "codes", "meta", "chunks"),
+PATH_TENSORS = {"gemv": ("row_ptr", "codes", "meta", "schedule"),
+                "tc": ("row_ptr", "codes", "meta", "chunks", "xcols"),
                 "dequant_cublas": ("row_ptr", "codes", "meta")}
 
 
 def gqsa_bytes(t: dict, M: int, K: int, path: str = "gemv") -> int:
-    return sum(t[k].numel() * t[k].element_size() for k in PATH_TENSORS[path]) + M * K * 2
+    return sum(t[k].numel() * t[k].element_size() for k in PATH_TENSORS[path] if k in t) + M * K * 2
 
 
 def copies_for(nbytes: int) -> int:
@@ -190,6 +203,9 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
     if path == "tc":
+        return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
+    if path == "tc_by_channel":  # compact tiles walked by channel chunks instead
+        ts = [{"chunks": t["chunks_by_channel"], **{k: t[k] for k in PATH_TENSORS["gemv"]}} for t in ts]
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
@@ -275,6 +291,7 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     g_copies = copies_for(t0)
     gq = [make_gqsa(N, K, DENSITY, num_ctas) for _ in range(g_copies)]
     gq_bank = [with_bank_order(t) for t in gq] if BANK_ORDER else []
+    compact = "xcols" in gq[0]
     d_copies = copies_for(N * K * 2)
     dense = dense_weights(N, K, d_copies)
     sparse24 = semi_structured(dense)
@@ -300,10 +317,12 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["gemv"] = timed(gqsa_calls(gq, x, N, K, "gemv"))
         if M <= TC_TIMED_MAX_TOKENS:
             paths["tc"] = timed(gqsa_calls(gq, x, N, K, "tc"))
+        if M <= TC_TIMED_MAX_TOKENS and compact:
+            paths["tc_by_channel"] = timed(gqsa_calls(gq, x, N, K, "tc_by_channel"))
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = timed(gqsa_calls(gq, x, N, K, "dequant_cublas"))
-        kernel = ("gemv" if M <= cuda.GEMV_MAX_TOKENS else "tc" if M <= cuda.TC_MAX_TOKENS
-                  else "dequant_cublas")
+        gemv_max, tc_max = cuda.dispatch(compact)
+        kernel = "gemv" if M <= gemv_max else "tc" if M <= tc_max else "dequant_cublas"
         us = paths[kernel]
         nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
@@ -424,6 +443,9 @@ def main() -> None:
     p.add_argument("--after-kernel", action="store_true",
                    help="time every call right after a small elementwise kernel that writes x "
                         "(its own time subtracted), as in a model, instead of back to back")
+    p.add_argument("--block-rows", type=int, default=1,
+                   help="rows per block sharing one keep pattern, as in a --block-rows checkpoint "
+                        "(default 1); every shape's N must be a multiple of it")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -431,7 +453,8 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
-    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS
+    BLOCK_ROWS = args.block_rows
     TC_SPLITS = args.tc_splits
     BANK_ORDER = args.gemv_bank_order
     AFTER_KERNEL = args.after_kernel
@@ -457,9 +480,11 @@ def main() -> None:
     balance = [] if args.skip_balance else bench_balance(4096, 4096, reps, read_bw, num_ctas)
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "vllm": _package_version("vllm"), "command": " ".join(sys.argv), "ops": reason,
-           "group_size": GROUP_SIZE, "density": DENSITY, "activation_dtype": str(DTYPE),
+           "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "density": DENSITY, "activation_dtype": str(DTYPE),
            "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas,
-           "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS},
+           "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
+                        "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,
+                        "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS},
            "summary": summary, "results": results, "balance": balance,
            "seconds": time.time() - start}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -777,17 +777,11 @@ __device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, 
       __hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p >> 8, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
 }
 
-// CTAs of tc_kernel<T, G, MT> that fit an SM's 227 KB of shared memory (1 KB of it reserved per
-// CTA), at most 4; G = 16 has the largest stages.
-template <int MT>
-constexpr int tc_ctas_per_sm() {
-  constexpr int n = (227 * 1024) / (TcLayout<16, MT>::kBytes + 1024);
-  return n < 4 ? n : 4;
-}
-
 // y[M, N] = x[M, K] @ W.T for M <= 8 * MT, on tensor cores. CTA (tile, split) computes rows
 // tile * kTcRows .. + kTcRows - 1 over chunks [split * C / splits, (split + 1) * C / splits) of the
-// C = ceil(K / kTcChunk) chunks. Per chunk:
+// C = num_chunks chunks: ceil(K / kTcChunk) chunks of input channels, or with xcols (compact
+// tiles, whose rows all keep the same group columns) chunks of the tile's kept group columns,
+// which halves the work of a tile at 50% sparsity. Per chunk:
 //   * cp.async copies, kStages - 1 chunks ahead (issued halfway through the previous chunk's
 //     math), each row's kept groups of the chunk to their dense places (the chunk table gives
 //     where the row's groups of the chunk start and which columns they are), zero meta for pruned
@@ -796,15 +790,17 @@ constexpr int tc_ctas_per_sm() {
 //   * each warp builds the mma A fragments of its 16 rows directly in registers from the codes
 //     and meta (tc_a_pair: no dense copy of W, no shared-memory round trip), loads x with
 //     ldmatrix, and multiplies with mma.m16n8k16, accumulating in fp32.
-// Pruned columns cost a multiply by zeros on the tensor cores, which have room to spare here;
-// the kernel's time goes to the per-slot instructions of tc_a_pair and the copies.
+// Outside compact tiles, pruned columns cost a multiply by zeros on the tensor cores, which have
+// room to spare here; the kernel's time goes to the per-slot instructions of tc_a_pair and the
+// copies, so walking only kept columns (compact tiles) is what halves it.
 // With splits > 1 every split stores its fp32 partial in the workspace, and the last split of a
 // tile to finish (counted in counters[tile], which it resets to 0) sums them in split order and
 // writes y: the result does not depend on the order the CTAs run in.
 template <typename T, int G, int MT>
 __global__ void __launch_bounds__(kTcThreads)
     tc_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
-              const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks, T* __restrict__ y,
+              const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks,
+              const int32_t* __restrict__ xcols, int num_chunks, T* __restrict__ y,
               float* __restrict__ workspace, int32_t* __restrict__ counters, int M, int N, int K, int splits) {
   using L = TcLayout<G, MT>;
   constexpr int kWordsPerGroup = G / kWordWeights;
@@ -822,7 +818,6 @@ __global__ void __launch_bounds__(kTcThreads)
   const int lane = threadIdx.x % kWarpSize;
   const int row_group = warp % kTcRowGroups;
   const int half = warp / kTcRowGroups;
-  const int num_chunks = (K + kTcChunk - 1) / kTcChunk;
   const int c_begin = split * num_chunks / splits;
   const int n_local = (split + 1) * num_chunks / splits - c_begin;
 
@@ -866,6 +861,14 @@ __global__ void __launch_bounds__(kTcThreads)
   const int x_cu = threadIdx.x % kTcChunkUnits;
   const uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
   const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
+  // Compact tiles (xcols given): chunk slot j holds group column xcols[tile, chunk, j] of x, and
+  // this thread copies unit x_cu % kUnitsPerGroup of slot x_cu / kUnitsPerGroup. Its column for
+  // the chunk it copies next is loaded one chunk ahead, so no copy waits on that load.
+  constexpr int kUnitsPerGroup = G / kWordWeights;
+  const T* x_gather = x + static_cast<size_t>(x_tok) * K + (x_cu % kUnitsPerGroup) * kWordWeights;
+  const int32_t* xcol_src =
+      xcols == nullptr ? nullptr : xcols + (static_cast<size_t>(tile) * num_chunks + c_begin) * L::kCols + x_cu / kUnitsPerGroup;
+  int xcol = xcol_src != nullptr && n_local > 0 ? __ldg(xcol_src) : -1;
   uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
 #pragma unroll
   for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
@@ -894,13 +897,15 @@ __global__ void __launch_bounds__(kTcThreads)
       }
       if (u % kCopiesPerGroup == 0) cp_async4_zfill(meta_dst + stage + 4 * col, meta + (kept ? group : 0), kept);
     }
-    const int ch = (c_begin + i) * kTcChunk;
-    const bool ch_ok = ch + x_cu * kWordWeights < K;
+    // x: the chunk's channels, or with xcols the group columns of the chunk's slots.
+    const T* src = xcol_src == nullptr ? x_src + (c_begin + i) * kTcChunk : x_gather + xcol * G;
+    const bool ch_ok = xcol_src == nullptr ? (c_begin + i) * kTcChunk + x_cu * kWordWeights < K : xcol >= 0;
+    if (xcol_src != nullptr) xcol = i + 1 < n_local ? __ldg(xcol_src + (i + 1) * L::kCols) : -1;
 #pragma unroll
     for (int j = 0; j < kXCopies; ++j) {
       const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
       cp_async16_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
-                       valid ? x_src + static_cast<size_t>(j * kXTokenStep) * K + ch : x, valid);
+                       valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
     }
   };
 
@@ -1139,39 +1144,50 @@ cudaError_t dequant_for_group(const int32_t* row_ptr, const int32_t* codes, cons
   }
 }
 
+// One launch of tc_kernel: at most kMaxTcTokens tokens.
+struct TcArgs {
+  const void* x;
+  const int32_t* row_ptr;
+  const int32_t* codes;
+  const int32_t* meta;
+  const int32_t* chunks;
+  const int32_t* xcols;
+  int num_chunks;
+  void* y;
+  float* workspace;
+  int32_t* counters;
+  int M, N, K, splits;
+  cudaStream_t stream;
+};
+
 template <typename T, int G, int MT>
-cudaError_t launch_tc_kernel(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                             const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
-                             int K, int splits, cudaStream_t stream) {
+cudaError_t launch_tc_kernel(const TcArgs& a) {
   using L = TcLayout<G, MT>;
   const auto kernel = tc_kernel<T, G, MT>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
-  const dim3 grid((N + kTcRows - 1) / kTcRows, splits);
-  kernel<<<grid, kTcThreads, L::kBytes, stream>>>(static_cast<const T*>(x), row_ptr, codes, meta, chunks,
-                                                  static_cast<T*>(y), workspace, counters, M, N, K, splits);
+  const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
+  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(a.x), a.row_ptr, a.codes, a.meta, a.chunks,
+                                                    a.xcols, a.num_chunks, static_cast<T*>(a.y), a.workspace,
+                                                    a.counters, a.M, a.N, a.K, a.splits);
   return cudaGetLastError();
 }
 
 template <typename T, int G>
-cudaError_t tc_for_tokens(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                          const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
-                          int K, int splits, cudaStream_t stream) {
-  if (M <= 8) return launch_tc_kernel<T, G, 1>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
-  if (M <= 16) return launch_tc_kernel<T, G, 2>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
-  if (M <= 32) return launch_tc_kernel<T, G, 4>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
-  return launch_tc_kernel<T, G, 8>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+cudaError_t tc_for_tokens(const TcArgs& a) {
+  if (a.M <= 8) return launch_tc_kernel<T, G, 1>(a);
+  if (a.M <= 16) return launch_tc_kernel<T, G, 2>(a);
+  if (a.M <= 32) return launch_tc_kernel<T, G, 4>(a);
+  return launch_tc_kernel<T, G, 8>(a);
 }
 
 template <typename T>
-cudaError_t tc_for_group(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                         const int32_t* chunks, void* y, float* workspace, int32_t* counters, int M, int N,
-                         int K, int group_size, int splits, cudaStream_t stream) {
+cudaError_t tc_for_group(const TcArgs& a, int group_size) {
   switch (group_size) {
-    case 16: return tc_for_tokens<T, 16>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
-    case 32: return tc_for_tokens<T, 32>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
-    case 64: return tc_for_tokens<T, 64>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
-    case 128: return tc_for_tokens<T, 128>(x, row_ptr, codes, meta, chunks, y, workspace, counters, M, N, K, splits, stream);
+    case 16: return tc_for_tokens<T, 16>(a);
+    case 32: return tc_for_tokens<T, 32>(a);
+    case 64: return tc_for_tokens<T, 64>(a);
+    case 128: return tc_for_tokens<T, 128>(a);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -1215,38 +1231,40 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
   return cudaSuccess;
 }
 
-int tc_splits(int M, int N, int K, int num_sms) {
+int tc_splits(int N, int num_chunks, int num_sms) {
   const int tiles = (N + kTcRows - 1) / kTcRows;
-  const int num_chunks = (K + kTcChunk - 1) / kTcChunk;
-  // Two waves of CTAs at the occupancy the shared memory allows (see TcLayout), so that the last
-  // wave's stragglers cost little; at least two chunks per split so that loads overlap the math.
-  const int per_sm = M <= 8 ? tc_ctas_per_sm<1>() : M <= 16 ? tc_ctas_per_sm<2>() : M <= 32 ? tc_ctas_per_sm<4>() : tc_ctas_per_sm<8>();
-  const int resident = per_sm * (num_sms > 0 ? num_sms : 1);
-  int splits = (2 * resident + tiles - 1) / (tiles > 0 ? tiles : 1);
-  const int max_splits = num_chunks / 2 > 1 ? num_chunks / 2 : 1;
+  // About two CTAs per SM, and at least four chunks per split. Every split pays a pipeline fill
+  // and its fp32 partial sums, and the CTAs need not fill every SM slot. On the H200, one
+  // Llama-2-7B layer (qkv and gate_up unsplit, o and down in 2 to 4) took 100.8 / 114.1 / 140.7 /
+  // 212.4 us at 8 / 16 / 32 / 64 tokens with this rule, against 106.9 / 128.2 / 176.8 / 281.5 with
+  // the previous one (CTAs for two waves at full occupancy, at least two chunks per split); on
+  // compact tiles 75.4 / 89.9 / 113.6 / 177.5 against 87.1 / 107.6 / 147.5 / 247.0
+  // (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_splits{,_before}_r{1,64}.json; a sweep of fixed
+  // splits on compact tiles, kernels_llama2-7b_h200_tc_splits_forced*_r64.json, found it).
+  int splits = tiles > 0 ? 2 * (num_sms > 0 ? num_sms : 1) / tiles : 1;
+  const int max_splits = num_chunks / 4;
   if (splits > max_splits) splits = max_splits;
   return splits > 1 ? splits : 1;
 }
 
 cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
-                    const int32_t* meta, const int32_t* chunks, void* y, float* workspace, int32_t* counters,
-                    int M, int N, int K, int group_size, int splits, cudaStream_t stream) {
-  if (!shape_ok(N, K, group_size) || M < 0 || splits < 1) return cudaErrorInvalidValue;
+                    const int32_t* meta, const int32_t* chunks, const int32_t* xcols, int num_chunks, void* y,
+                    float* workspace, int32_t* counters, int M, int N, int K, int group_size, int splits,
+                    cudaStream_t stream) {
+  if (!shape_ok(N, K, group_size) || M < 0 || splits < 1 || num_chunks < 0) return cudaErrorInvalidValue;
+  if (xcols == nullptr && num_chunks != (K + kTcChunk - 1) / kTcChunk) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
   const size_t elem = 2;  // fp16 and bf16
   for (int m0 = 0; m0 < M; m0 += kMaxTcTokens) {
     const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
-    const void* xs = static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem;
-    void* ys = static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem;
+    const TcArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta, chunks, xcols,
+                   num_chunks, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, m, N, K,
+                   splits, stream};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
-      case Dtype::kFloat16:
-        err = tc_for_group<__half>(xs, row_ptr, codes, meta, chunks, ys, workspace, counters, m, N, K, group_size, splits, stream);
-        break;
-      case Dtype::kBFloat16:
-        err = tc_for_group<__nv_bfloat16>(xs, row_ptr, codes, meta, chunks, ys, workspace, counters, m, N, K, group_size, splits, stream);
-        break;
+      case Dtype::kFloat16: err = tc_for_group<__half>(a, group_size); break;
+      case Dtype::kBFloat16: err = tc_for_group<__nv_bfloat16>(a, group_size); break;
     }
     if (err != cudaSuccess) return err;
   }

@@ -63,19 +63,24 @@ constexpr int kTcRows = 64;
 constexpr int kTcChunk = 256;
 constexpr int kTcThreads = 256;
 
-// The number of K splits tc_gemm uses by default for M tokens on a GPU with num_sms SMs:
-// enough CTAs to fill the GPU twice, at least two chunks per split.
-int tc_splits(int M, int N, int K, int num_sms);
+// The number of K splits tc_gemm uses by default for N rows and num_chunks chunks per row tile on
+// a GPU with num_sms SMs: about two CTAs per SM, at least four chunks per split.
+int tc_splits(int N, int num_chunks, int num_sms);
 
 // y[M, N] = x[M, K] @ W.T on tensor cores (mma.sync), for batches too large for the GEMV. The
 // grid is (ceil(N / kTcRows), splits): each CTA copies its rows' kept groups for its part of K
 // into shared memory and dequantizes them from there straight into the tensor cores' operands.
 // With splits > 1, `workspace` holds splits * min(M, kMaxTcTokens) * N floats and `counters`
 // ceil(N / kTcRows) int32 zeros (the kernel leaves them zero again). x must be 16-byte aligned.
-// Any M: one launch per kMaxTcTokens.
+// Any M: one launch per kMaxTcTokens. Without xcols, chunk c of a row tile is input channels
+// c * kTcChunk .. + kTcChunk - 1 and num_chunks = ceil(K / kTcChunk); with xcols (compact tiles,
+// whose rows all keep the same group columns), slot j of chunk c of tile t is group column
+// xcols[(t * num_chunks + c) * kTcChunk / group_size + j] (-1: none), so only kept columns are
+// multiplied. chunks and xcols are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
 cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
-                    const int32_t* meta, const int32_t* chunks, void* y, float* workspace, int32_t* counters,
-                    int M, int N, int K, int group_size, int splits, cudaStream_t stream);
+                    const int32_t* meta, const int32_t* chunks, const int32_t* xcols, int num_chunks, void* y,
+                    float* workspace, int32_t* counters, int M, int N, int K, int group_size, int splits,
+                    cudaStream_t stream);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,

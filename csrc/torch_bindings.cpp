@@ -8,14 +8,15 @@
 //     per 8 tokens, each reading the weights once: meant for decode-sized M.
 //     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
 //   gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out,
-//           int splits=0) -> Tensor
+//           int splits=0, Tensor? xcols=None) -> Tensor
 //     y = x @ W.T on tensor cores, for batches too large for the GEMV (one launch per 64 tokens).
 //     splits: how many CTAs share each row tile's input (0 chooses from the shapes and SM count).
+//     xcols: the compact tiles' group columns, for a chunk table made with them (see the format).
 //   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
 //                ScalarType dtype) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
 //
-// (row_ptr, codes, meta, schedule, chunks) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// (row_ptr, codes, meta, schedule, chunks, xcols) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
 // Every tensor argument is checked for device, dtype, contiguity and shape, and a bad one raises
 // a RuntimeError that names it. Their contents are trusted: they are validated when the layer is
 // repacked. The ops allocate their output through torch, launch on the current stream, size the
@@ -130,7 +131,8 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
 }
 
 at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
-                   const at::Tensor& meta, const at::Tensor& chunks, int64_t n_out, int64_t splits) {
+                   const at::Tensor& meta, const at::Tensor& chunks, int64_t n_out, int64_t splits,
+                   const std::optional<at::Tensor>& xcols) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_tc: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_tc: x must be contiguous");
@@ -138,11 +140,24 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(M < INT32_MAX / 2, "gqsa_tc: M=", num(M), " is out of range");
   check_input_size(K, group_size);
-  const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
+  const int64_t max_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
   check_int32(chunks, "chunks", 2, x.device());
-  TORCH_CHECK(chunks.size(0) == n_out && chunks.size(1) == num_chunks, "gqsa_tc: chunks must have shape [",
-              num(n_out), ", ", num(num_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
-              shape(chunks));
+  const int64_t num_chunks = chunks.size(1);
+  if (xcols.has_value()) {
+    // Compact tiles: at most as many chunks as channel chunks, and a column per slot.
+    TORCH_CHECK(chunks.size(0) == n_out && num_chunks <= max_chunks, "gqsa_tc: chunks must have shape [",
+                num(n_out), ", <= ", num(max_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
+                shape(chunks));
+    check_int32(*xcols, "xcols", 3, x.device());
+    const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
+    TORCH_CHECK(xcols->size(0) == tiles && xcols->size(1) == num_chunks && xcols->size(2) == gqsa::kTcChunk / group_size,
+                "gqsa_tc: xcols must have shape [", num(tiles), ", ", num(num_chunks), ", ",
+                num(gqsa::kTcChunk / group_size), "] for these chunks, got ", shape(*xcols));
+  } else {
+    TORCH_CHECK(chunks.size(0) == n_out && num_chunks == max_chunks, "gqsa_tc: chunks must have shape [",
+                num(n_out), ", ", num(max_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
+                shape(chunks));
+  }
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_tc: x must be 16-byte aligned");
   TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), "gqsa_tc: splits must be 0 (choose) or 1..",
               num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
@@ -150,9 +165,10 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (num_chunks == 0) return y.zero_();  // no input channels, or compact tiles that keep nothing
   const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
   const int s = splits > 0 ? static_cast<int>(splits)
-                           : gqsa::tc_splits(static_cast<int>(launch_tokens), static_cast<int>(n_out), static_cast<int>(K),
+                           : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
                                              at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
   at::Tensor workspace, counters;
   if (s > 1) {
@@ -160,7 +176,8 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
     counters = at::zeros({(n_out + gqsa::kTcRows - 1) / gqsa::kTcRows}, x.options().dtype(at::kInt));
   }
   check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
-                             meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(), y.data_ptr(),
+                             meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
+                             xcols.has_value() ? xcols->data_ptr<int32_t>() : nullptr, static_cast<int>(num_chunks), y.data_ptr(),
                              s > 1 ? workspace.data_ptr<float>() : nullptr,
                              s > 1 ? counters.data_ptr<int32_t>() : nullptr, static_cast<int>(M),
                              static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), s,
@@ -195,7 +212,7 @@ TORCH_LIBRARY(vllm_gqsa, m) {
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
         "int x_staging=-1) -> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
-        "int splits=0) -> Tensor");
+        "int splits=0, Tensor? xcols=None) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype) -> Tensor");
 }

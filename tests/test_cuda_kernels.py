@@ -9,10 +9,11 @@ import torch
 from vllm_gqsa import reference
 from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
 from vllm_gqsa.kernels import cuda
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, WARPS_PER_CTA, can_implement,
-                                           chunk_table, cta_row_bounds, dequantize_kernel_format,
-                                           make_schedule, row_per_cta_schedule, to_kernel_format,
-                                           unpack_meta, with_bank_order)
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, TC_ROWS, WARPS_PER_CTA,
+                                           can_implement, chunk_table, compact_chunk_table,
+                                           cta_row_bounds, dequantize_kernel_format, make_schedule,
+                                           row_per_cta_schedule, to_kernel_format, unpack_meta,
+                                           with_bank_order)
 
 GROUP_SIZES = (16, 32, 64, 128)
 # Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
@@ -52,6 +53,19 @@ def make_layer(N: int, K: int, G: int, pattern: str, seed: int = 0, block_rows: 
     return pack_layer(codes, scales, zeros, keep, fmt)
 
 
+def tile_layer(N: int, K: int, G: int, density: float, seed: int = 0):
+    """A random layer whose rows keep the same group columns within each TC_ROWS-row tile (the
+    last tile may be shorter): compact tiles for the tensor-core kernel."""
+    g = torch.Generator().manual_seed(seed)
+    KG = K // G
+    keep = torch.rand(-(-N // TC_ROWS), KG, generator=g) < density
+    keep = keep.repeat_interleave(TC_ROWS, dim=0)[:N]
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    scales = (torch.rand(N, KG, generator=g) + 0.5) * 0.02
+    zeros = torch.randint(0, 16, (N, KG), generator=g)
+    return pack_layer(codes, scales, zeros, keep, LayerFormat(4, G, 1))
+
+
 def dense_reference(layer, dtype=torch.float32):
     """reference.dequantize, which cannot unpack a layer with no kept groups (all zeros then)."""
     if layer.nnz == 0:
@@ -87,8 +101,75 @@ def test_kernel_format_of_row_blocks(R, pattern):
     row_groups = t["row_ptr"][1:] - t["row_ptr"][:-1]
     assert torch.equal(row_groups, (layer.row_ptr[1:] - layer.row_ptr[:-1]).repeat_interleave(R))
     single = layer.single_rows()
-    assert torch.equal(t["chunks"], chunk_table(single.row_ptr, single.col_idx, K, G))
+    compact = compact_chunk_table(single.row_ptr, single.col_idx, K, G)
+    if compact is None:
+        assert "xcols" not in t and torch.equal(t["chunks"], chunk_table(single.row_ptr, single.col_idx, K, G))
+    else:  # 64-row blocks, or nothing kept: compact tiles
+        assert R == 64 or pattern == "all_empty"
+        assert torch.equal(t["chunks"], compact[0]) and torch.equal(t["xcols"], compact[1])
     assert torch.equal(unpack_meta(t["meta"])[2], single.col_idx.long())
+
+
+def compact_tile_weight(t, N, K, G):
+    """The weight the tensor-core kernel reads from compact tiles: slot j of chunk c of row n is
+    the row's group ``first + popcount(mask below j)``, multiplied with x's group column
+    ``xcols[tile, c, j]``."""
+    slots = TC_CHUNK // G
+    rp, chunks, xcols = t["row_ptr"].long(), t["chunks"].long(), t["xcols"].long()
+    per_group = dequantize_kernel_format(torch.arange(t["meta"].numel() + 1, dtype=torch.int32), t["codes"],
+                                         t["meta"] & ((1 << 20) - 1), t["meta"].numel(), G, G)
+    w = torch.zeros(N, K // G, G)
+    used = torch.zeros(t["meta"].numel(), dtype=torch.int64)
+    for n in range(N):
+        for c in range(chunks.shape[1]):
+            mask, before = int(chunks[n, c]) & 0xFFFF, int(chunks[n, c]) >> 16
+            for j in range(slots):
+                if (mask >> j) & 1:
+                    group = int(rp[n]) + before + bin(mask & ((1 << j) - 1)).count("1")
+                    assert group < int(rp[n + 1]), "a slot past the row's groups"
+                    col = int(xcols[n // TC_ROWS, c, j])
+                    assert 0 <= col < K // G and col == int(unpack_meta(t["meta"][group:group + 1])[2])
+                    w[n, col] = per_group[group]
+                    used[group] += 1
+    assert (used == 1).all(), "every kept group is read exactly once"
+    return w.reshape(N, K)
+
+
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("N,density", [(3 * TC_ROWS, 0.5), (3 * TC_ROWS + 40, 0.3), (TC_ROWS - 7, 0.1),
+                                       (2 * TC_ROWS, 0.0)])
+def test_compact_tiles(G, N, density):
+    """Tiles whose rows keep the same columns get compact chunks (the last tile may be short), and
+    what the tensor-core kernel reads from them is the layer's weight."""
+    K = G * 45
+    layer = tile_layer(N, K, G, density, seed=G + N)
+    t = to_kernel_format(layer, num_ctas=3)
+    assert "xcols" in t
+    slots = TC_CHUNK // G
+    counts = (layer.row_ptr[1:] - layer.row_ptr[:-1]).long()
+    n_chunks = -(-int(counts.max()) // slots)
+    assert tuple(t["chunks"].shape) == (N, n_chunks) and n_chunks < -(-K // TC_CHUNK)
+    assert tuple(t["xcols"].shape) == (-(-N // TC_ROWS), n_chunks, slots)
+    assert torch.equal(compact_tile_weight(t, N, K, G), dense_reference(layer))
+
+
+@pytest.mark.parametrize("change", ["one_row_differs", "dense", "single_rows"])
+def test_compact_tiles_only_when_they_apply(change):
+    """No compact tiles when one row of a tile keeps other columns, when they would not save a
+    chunk, or for an ordinary single-row layer."""
+    N, K, G = 2 * TC_ROWS, 16 * 40, 16
+    if change == "single_rows":
+        layer = make_layer(N, K, G, "uniform")
+    else:
+        layer = tile_layer(N, K, G, 1.0 if change == "dense" else 0.5)
+    cols = layer.col_idx.clone()
+    if change == "one_row_differs":
+        row = TC_ROWS + 5
+        last = int(layer.row_ptr[row + 1]) - 1
+        free = sorted(set(range(K // G)) - set(cols[layer.row_ptr[row]:last + 1].tolist()))
+        cols[last] = free[-1]  # still sorted only if it stays the row's largest column
+        assert free[-1] > int(cols[last - 1])
+    assert compact_chunk_table(layer.row_ptr, cols, K, G) is None
 
 
 def test_kernel_format_high_columns():
@@ -342,6 +423,33 @@ def test_row_blocks(R, M):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("G", GROUP_SIZES)
+@pytest.mark.parametrize("M", [5, 16, 33, 64, 130])
+def test_tc_compact_tiles(dtype, G, M):
+    """The tensor-core kernel on compact tiles (xcols): a short last tile, tiles of different
+    lengths, any M."""
+    layer = tile_layer(3 * TC_ROWS + 40, G * 45, G, 0.4, seed=G + M).to("cuda")
+    t = to_kernel_format(layer, 8)
+    assert "xcols" in t
+    check_gemv(layer, t, M, dtype, op=cuda.tc)
+
+
+@needs_cuda
+@pytest.mark.parametrize("splits,density", [(1, 0.5), (2, 0.5), (3, 0.5), (0, 0.0), (1, 0.0)])
+def test_tc_compact_tiles_splits(splits, density):
+    """Compact tiles split along their chunks; a layer that keeps nothing has no chunks at all
+    and gives zeros."""
+    N, K = 2 * TC_ROWS + 3, 16 * 256
+    layer = tile_layer(N, K, 16, density, seed=splits).to("cuda")
+    t = to_kernel_format(layer, 8)
+    assert "xcols" in t and (t["chunks"].shape[1] == 0) == (density == 0)
+    assert density == 0 or t["chunks"].shape[1] >= splits
+    op = lambda x, t, N: cuda.tc(x, t, N, splits)  # noqa: E731
+    check_gemv(layer, t, 20, torch.bfloat16, op=op)
+
+
+@needs_cuda
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 @pytest.mark.parametrize("pattern", ["uniform", "heavy_block", "empty_and_full"])
 def test_tc_splits(splits, pattern):
@@ -411,6 +519,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 7, device="cuda", dtype=torch.float16), t["row_ptr"],
                            t["codes"], t["meta"], t["chunks"], 70))
+    c = to_kernel_format(tile_layer(70, 16 * 40, 16, 0.3).to("cuda"), 9)
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
+                          (torch.randn(20, 16 * 40, device="cuda", dtype=torch.float16), c["row_ptr"],
+                           c["codes"], c["meta"], c["chunks"], 70, 0, c["xcols"]))
 
 
 @needs_cuda
@@ -447,3 +559,9 @@ def test_bad_inputs_raise():
         tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"], 20, 2)  # K = 32: one chunk
     with pytest.raises(RuntimeError, match="int32"):
         tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"].long(), 20)
+    c = to_kernel_format(tile_layer(20, 16 * 40, 16, 0.3).to("cuda"), 2)
+    xc = torch.randn(2, 16 * 40, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="xcols must have shape"):
+        tc(xc, c["row_ptr"], c["codes"], c["meta"], c["chunks"], 20, 0, c["xcols"][:, :, :-1].contiguous())
+    with pytest.raises(RuntimeError, match="chunks must have shape"):  # compact tables need xcols
+        tc(xc, c["row_ptr"], c["codes"], c["meta"], c["chunks"], 20)

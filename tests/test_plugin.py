@@ -219,18 +219,26 @@ def test_bf16_model_stays_bf16(tiny_checkpoints):
             torch.testing.assert_close(y.float(), x.float() @ w.T, rtol=0.02, atol=0.02, msg=name)
 
 
-@pytest.mark.parametrize("bits,block_rows,path", [(2, 2, "reference"), (4, 2, "kernel_format")])
+@pytest.mark.parametrize("bits,block_rows,path", [(2, 2, "reference"), (4, 2, "kernel_format"),
+                                                  (4, 64, "kernel_format")])
 def test_other_formats_load_and_match_the_reference(tiny_models, tmp_path, bits, block_rows, path):
     """2-bit layers serve through the reference op; 4-bit row blocks are repacked into the CUDA
-    kernels' format (single rows), which on the CPU is decoded in torch."""
+    kernels' format (single rows), which on the CPU is decoded in torch. Row blocks of 64 give
+    compact tiles (``xcols``) where they save the tensor-core kernel chunks: here down_proj, whose
+    1024 inputs make 4 chunks of channels."""
     from converters.convert import ConvertOptions, convert
+    from converters.tiny import build_tiny_model
 
+    model_dir = tiny_models["llama"]
+    if block_rows == 64:
+        model_dir = build_tiny_model(str(tmp_path / "wide-mlp"), intermediate_size=1024)
     ckpt = str(tmp_path / f"w{bits}r{block_rows}")
-    convert(tiny_models["llama"], ckpt, ConvertOptions(bits=bits, block_rows=block_rows, n_samples=2, seq_len=16))
+    convert(model_dir, ckpt, ConvertOptions(bits=bits, block_rows=block_rows, n_samples=2, seq_len=16))
     model, _ = load_vllm_model(ckpt, port=free_port())
     refs = reference_weights(ckpt, model)
     with torch.no_grad():
         for name, layer in linear_layers(model).items():
             assert layer.gqsa_kernel == path, name
+            assert hasattr(layer, "xcols") == (block_rows == 64 and "down_proj" in name), name
             x = torch.randn(3, layer.input_size)
             torch.testing.assert_close(layer(x)[0], x @ refs[name][0].T, rtol=1e-4, atol=1e-4, msg=name)

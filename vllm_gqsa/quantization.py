@@ -224,8 +224,10 @@ class GQSALinearMethod(LinearMethodBase):
         if not ok:
             label = f"torch reference matmul ({reason})"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
-            label = (f"CUDA task-centric GEMV for <= {cuda_kernels.GEMV_MAX_TOKENS} tokens, tensor-core "
-                     f"kernel for <= {cuda_kernels.TC_MAX_TOKENS}, dequantize + cuBLAS above")
+            compact = "xcols" in tensors
+            gemv_max, tc_max = cuda_kernels.dispatch(compact)
+            label = (f"CUDA task-centric GEMV for <= {gemv_max} tokens, tensor-core kernel"
+                     f"{' on compact tiles' if compact else ''} for <= {tc_max}, dequantize + cuBLAS above")
         else:
             label = f"kernel format decoded in torch ({cuda_kernels.available()[1]})"
         # Every layer's choice at DEBUG; each distinct choice once at INFO.
@@ -248,7 +250,8 @@ class GQSALinearMethod(LinearMethodBase):
         x2 = x.reshape(-1, x.shape[-1])
         if layer.gqsa_kernel == "kernel_format":
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
-                                            layer.chunks, layer.gqsa_n_out, self.fmt.group_size)
+                                            layer.chunks, layer.gqsa_n_out, self.fmt.group_size,
+                                            getattr(layer, "xcols", None))
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
                 x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,

@@ -32,15 +32,21 @@ from .cuda_format import MAX_GEMV_TOKENS
 CTAS_PER_SM = 2
 # Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
-# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200
-# (benchmarks/results/gpu/kernels_h200.json, one decoder layer of each of three models): at 4
-# tokens the GEMV and the tensor-core kernel tie (97.4-115.1 us against 99.5-106.2; in vLLM, 945.1
-# against 939.4 tokens/s at batch 4), at 8 the GEMV loses (184.6-233.6 against 105.8-116.4); the
-# tensor-core kernel wins at 32 (179.5-212.4 us against 270.2-309.2 for dequantize + cuBLAS) and
-# ties or loses at 64 (285.2-306.7 against 270.4-311.0). The environment variables override them
-# (for other GPUs, or to time one path end to end).
+# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200, one
+# Llama-2-7B decoder layer (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_splits_r1.json): at 4
+# tokens the GEMV and the tensor-core kernel tie (98.3 against 98.8 us; in vLLM, 945.1 against
+# 939.4 tokens/s at batch 4 with an earlier tensor-core kernel), at 8 the GEMV loses (184.6
+# against 100.8); the tensor-core kernel wins at 64 (212.4 us against 272.6 for dequantize +
+# cuBLAS) and loses at 128 (405.4 against 282.1).
 GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "4"))
-TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "32"))
+TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "64"))
+# Layers with compact tiles (cuda_format: rows of each 64-row tile keep the same group columns, as
+# in a checkpoint converted with --block-rows 64) multiply only their kept columns on the tensor
+# cores, which moves the first crossover: the tensor-core kernel wins from 4 tokens (73.2 us against
+# 99.0 for the GEMV; 72.3 against 63.2 at 2) and still loses at 128 (352.1 against 281.1;
+# kernels_llama2-7b_h200_tc_splits_r64.json).
+COMPACT_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_GEMV_MAX_TOKENS", "2"))
+COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "64"))
 JIT_NAME = "vllm_gqsa_C"
 # torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
 # a build takes minutes, so a lock this old was left by a build that was killed.
@@ -112,7 +118,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_tc")
-    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0):
+    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
@@ -166,6 +172,14 @@ def _require() -> None:
         raise RuntimeError(f"GQSA CUDA ops are not available: {reason}")
 
 
+def dispatch(compact: bool) -> tuple[int, int]:
+    """The most tokens the GEMV, then the tensor-core kernel, serve for a layer (with compact
+    tiles or not); dequantize + cuBLAS serves larger batches."""
+    if compact:
+        return COMPACT_GEMV_MAX_TOKENS, COMPACT_TC_MAX_TOKENS
+    return GEMV_MAX_TOKENS, TC_MAX_TOKENS
+
+
 def default_num_ctas(device: torch.device | int | None = None) -> int:
     """The GEMV grid for a device: CTAS_PER_SM CTAs per SM (pass it to ``to_kernel_format``)."""
     return CTAS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
@@ -187,11 +201,13 @@ def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int
 
 def tc(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0) -> torch.Tensor:
     """``x @ W.T`` for x ``[..., K]`` on tensor cores; t from ``to_kernel_format``. For batches
-    between the GEMV's and cuBLAS's. ``splits`` (CTAs per row tile along K) 0 lets the op choose."""
+    between the GEMV's and cuBLAS's. ``splits`` (CTAs per row tile along K) 0 lets the op choose.
+    A layer with compact tiles (``t["xcols"]``) multiplies only its tiles' kept columns."""
     _require()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.vllm_gqsa.gqsa_tc(x2, t["row_ptr"], t["codes"], t["meta"], t["chunks"], n_out, splits)
+    y = torch.ops.vllm_gqsa.gqsa_tc(x2, t["row_ptr"], t["codes"], t["meta"], t["chunks"], n_out, splits,
+                                    t.get("xcols"))
     return y.reshape(*lead, n_out)
 
 

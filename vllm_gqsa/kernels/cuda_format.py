@@ -35,6 +35,9 @@ tensor        dtype  shape                 content
                                            chunk's ``256 / G`` group columns row n keeps (bit
                                            j: column ``c * 256 / G + j``), bits 16-31 how many
                                            groups row n keeps in chunks ``0 .. c-1``
+``xcols``     int32  ``[T, C, 256 / G]``   only for compact tiles (below): slot j of chunk c
+                                           of tile t is group column ``xcols[t, c, j]``, or
+                                           -1 past the tile's last kept column
 ============  =====  ====================  =================================================
 
 A kept weight is ``W[n, c*G + j] = s * (q - z)`` as in the checkpoint; every other weight is 0.
@@ -49,9 +52,19 @@ the groups are split exactly evenly over its warps, whatever the row lengths; ro
 edge are combined in shared memory. The first task of CTA c starts at the CTA's first row (which
 may be empty); any other task's row is the row holding its first group. CTA c computes rows
 ``schedule[c*W, 1] .. schedule[(c+1)*W, 1] - 1`` (W = WARPS_PER_CTA).
-The tensor-core kernel (batches of 5 to 32 tokens by default) works on tiles of 64 rows and walks the input
+The tensor-core kernel (batches of 5 to 64 tokens by default) works on tiles of 64 rows and walks the input
 a chunk at a time; ``chunks`` tells it, without reading meta, where each row's groups of a chunk
 start and which group columns they are, so it can copy them to their dense places with no search.
+
+Compact tiles. When every row of each 64-row tile (``TC_ROWS``; the last may be shorter) keeps
+the same group columns, as a checkpoint with ``block_rows`` a multiple of 64 does, the tensor-core
+kernel walks only the kept columns: chunk c of a tile is its kept columns ``c * 256 / G ..`` (all
+the tile's rows hold them at the same offsets in their rows), ``xcols`` names them for the copy of
+x, and ``chunks`` has C = the most chunks any tile needs columns (T = ceil(N / 64) tiles), with
+entry ``[n, c]`` = the mask of the slots of chunk c that hold a column and, in bits 16-31,
+``c * 256 / G`` capped at the row's group count. With single rows, 98.7% of a 16-row tile's group
+columns are kept by some row in a one-shot SmolLM2-135M at S50% (``benchmarks/tile_columns.py``),
+so only such checkpoints have compact tiles.
 
 ``num_ctas`` is chosen at load time, a few per SM (:func:`vllm_gqsa.kernels.cuda.default_num_ctas`);
 ``row_per_cta_schedule`` gives the classic one-CTA-per-row grid, for comparison.
@@ -75,7 +88,8 @@ WEIGHTS_PER_WORD = 8
 ZERO_SHIFT = 16
 COL_SHIFT = 20
 TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
-TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks")
+TC_ROWS = 64  # rows per tile of the tensor-core kernel (gqsa::kTcRows)
+TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks")  # and "xcols" for compact tiles
 
 
 def can_implement(bits: int, group_size: int, N: int, K: int) -> tuple[bool, str | None]:
@@ -163,6 +177,37 @@ def chunk_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, group_size
     return (mask.reshape(N, n_chunks) | (before << 16)).to(torch.int32)
 
 
+def compact_chunk_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, group_size: int
+                        ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(chunks, xcols)`` of compact tiles (see the format) if every row of each TC_ROWS-row tile
+    keeps the same group columns and that saves chunks, else None. On row_ptr's device."""
+    rp = row_ptr.to(torch.int64)
+    N = rp.numel() - 1
+    cols = col_idx.to(torch.int64).reshape(-1)
+    counts = rp[1:] - rp[:-1]
+    row = torch.arange(N, device=rp.device)
+    lead = row - row % TC_ROWS  # each row's tile's first row
+    if N == 0 or not torch.equal(counts, counts[lead]):
+        return None
+    rows = torch.repeat_interleave(row, counts, output_size=cols.numel())
+    pos = torch.arange(cols.numel(), device=rp.device) - rp[rows]  # a group's place in its row
+    if not torch.equal(cols, cols[rp[lead[rows]] + pos]):
+        return None
+    slots = TC_CHUNK // group_size
+    n_chunks = int(-(-int(counts.max()) // slots))
+    if n_chunks >= -(-K // TC_CHUNK):
+        return None
+    tiles = -(-N // TC_ROWS)
+    xcols = torch.full((tiles, n_chunks * slots), -1, dtype=torch.int64, device=rp.device)
+    first = rows == lead[rows]  # the groups of each tile's first row name the tile's columns
+    xcols[rows[first] // TC_ROWS, pos[first]] = cols[first]
+    start = torch.arange(n_chunks, device=rp.device) * slots
+    before = torch.minimum(start, counts[:, None])
+    in_chunk = (counts[:, None] - start).clamp(0, slots)
+    chunks = ((1 << in_chunk) - 1) | (before << 16)
+    return chunks.to(torch.int32), xcols.reshape(tiles, n_chunks, slots).to(torch.int32)
+
+
 def pack_meta(scales: torch.Tensor, zeros: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """int32 meta from fp16 scales, zero points in [0, 16) and group columns in [0, 4096)."""
     bits = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
@@ -189,13 +234,18 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
     nnz, G = layer.nnz, fmt.group_size
     codes = layer.qweight.reshape(nnz, G // 2).contiguous().view(torch.int32)
     meta = pack_meta(layer.scales.reshape(nnz), layer.zeros().reshape(nnz), layer.col_idx.long())
-    return {
+    t = {
         "row_ptr": layer.row_ptr.to(torch.int32).contiguous(),
         "codes": codes,
         "meta": meta,
         "schedule": make_schedule(layer.row_ptr, num_ctas),
-        "chunks": chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G),
     }
+    compact = compact_chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G)
+    if compact is None:
+        t["chunks"] = chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G)
+    else:
+        t["chunks"], t["xcols"] = compact
+    return t
 
 
 # bank_order: sixteen consecutive kept groups (the two groups of 8 lanes' units) as the x bank
