@@ -205,7 +205,7 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
     if path == "tc":
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
     if path == "tc_by_channel":  # compact tiles walked by channel chunks instead
-        ts = [{"chunks": t["chunks_by_channel"], **{k: t[k] for k in PATH_TENSORS["gemv"]}} for t in ts]
+        ts = [{**{k: v for k, v in t.items() if k != "xcols"}, "chunks": t["chunks_by_channel"]} for t in ts]
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
