@@ -30,7 +30,7 @@
 //     against bank conflicts, while its first weight loads are in flight; when it does not fit,
 //     the kernel converts x from global memory at every use.
 //
-// Batched decode (M = 5..32 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
+// Batched decode (M = 5..64 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
 // and a range of K, copies each row's kept groups of one 256-channel chunk at a time into shared
 // memory at their dense places (the chunk table says where they start, so there is no search),
 // builds the mma A fragments from them in registers and multiplies with mma.m16n8k16; splits of K
@@ -634,7 +634,7 @@ __global__ void __launch_bounds__(kDequantThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 5..32)
+// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 5..64)
 
 // A weight tile of kTcRows rows; the input is walked in chunks of kTcChunk channels.
 constexpr int kTcSlots = kTcChunk / 16;      // 16-channel mma k-steps in a chunk
@@ -756,6 +756,32 @@ struct TcLayout {
   static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kStageBytes, "the half sums fit in stage 0");
 };
 
+// A pipeline stage as a type, so that code for one stage can be written once and compiled per
+// stage; stage_of gives the index of a StageTag or of a plain int stage.
+template <int S>
+struct StageTag {};
+template <typename S>
+constexpr bool kIsStageTag = false;
+template <int S>
+constexpr bool kIsStageTag<StageTag<S>> = true;
+template <int S>
+__device__ __forceinline__ constexpr int stage_of(StageTag<S>) {
+  return S;
+}
+__device__ __forceinline__ int stage_of(int s) { return s; }
+
+// Keeps v in a register at this point: an empty asm that may change it, so the compiler can
+// neither recompute it nor move its computation past here (ptxas otherwise rematerializes
+// per-thread addresses from the thread index inside hot loops to save registers).
+template <typename V>
+__device__ __forceinline__ void keep_in_register(V& v) {
+  if constexpr (sizeof(V) == 8) {
+    asm volatile("" : "+l"(v));
+  } else {
+    asm volatile("" : "+r"(v));
+  }
+}
+
 // One row's part of an mma A fragment (m16n8k16, row-major A): lane (g, q) holds row g's weights
 // k = 2q, 2q + 1 (lo) and 2q + 8, 2q + 9 (hi) of a 16-weight slot, as fp16 pairs s * (q - z).
 // w is the slot's two code words (weights 0-7 and 8-15, weight i in bits 4i..4i+3 of its word) and
@@ -826,7 +852,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const int copy_part = threadIdx.x % kTcCopyThreads;
   const int grow = tile * kTcRows + copy_row;
   const bool row_ok = grow < N;
-  const int row_first = row_ok ? __ldg(row_ptr + grow) : 0;
+  int row_first = row_ok ? __ldg(row_ptr + grow) : 0;
   const int32_t* row_entries = chunks + static_cast<size_t>(row_ok ? grow : 0) * num_chunks + c_begin;
 
   auto x_stage = [&](int s) { return tc_smem + s * L::kStageBytes; };
@@ -845,8 +871,8 @@ __global__ void __launch_bounds__(kTcThreads)
   constexpr int kRowCopiesPerThread = kRowCopies / kTcCopyThreads;
   static_assert(kRowCopies % kTcCopyThreads == 0, "every thread makes the same number of copies");
   const uint32_t stage0 = smem_addr(tc_smem);
-  const uint32_t entry_dst = stage0 + L::kXBytes + L::kCodeBytes + L::kMetaBytes + 4 * copy_row;
-  const uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + 4 * copy_row * L::kMetaStride;
+  uint32_t entry_dst = stage0 + L::kXBytes + L::kCodeBytes + L::kMetaBytes + 4 * copy_row;
+  uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + 4 * copy_row * L::kMetaStride;
   uint32_t code_dst[kRowCopiesPerThread];
 #pragma unroll
   for (int j = 0; j < kRowCopiesPerThread; ++j) {
@@ -859,7 +885,7 @@ __global__ void __launch_bounds__(kTcThreads)
   static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0, "x copies tile the stage");
   const int x_tok = threadIdx.x / kTcChunkUnits;
   const int x_cu = threadIdx.x % kTcChunkUnits;
-  const uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
+  uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
   const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
   // Compact tiles (xcols given): chunk slot j holds group column xcols[tile, chunk, j] of x, and
   // this thread copies unit x_cu % kUnitsPerGroup of slot x_cu / kUnitsPerGroup. Its column for
@@ -927,16 +953,16 @@ __global__ void __launch_bounds__(kTcThreads)
   const int g = lane / 4;
   const int q = lane % 4;
   const int row_a = row_group * 16 + g;
-  const uint32_t sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12;
+  uint32_t sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12;
   // Offsets in a stage for this lane's first k-step (slot half * kTcHalfSlots): its rows' codes and
   // meta, and the x row whose address it gives ldmatrix (lane l gives row l % 8 of 8x8 matrix
   // l / 8; the matrices are the k-step's two 8-channel halves, for tokens 0-7 and, with MT > 1,
   // 8-15; 16-token group p is 16 * p rows further on).
   static_assert(kTcHalfSlots % kSlotsPerGroup == 0, "a half starts at a group column");
-  const int code_off = row_a * L::kCodeRowBytes + 8 * half * kTcHalfSlots;
-  const int meta_off = row_a * L::kMetaStride + half * kTcHalfSlots / kSlotsPerGroup;
+  int code_off = row_a * L::kCodeRowBytes + 8 * half * kTcHalfSlots;
+  int meta_off = row_a * L::kMetaStride + half * kTcHalfSlots / kSlotsPerGroup;
   const int mi = lane / 8;
-  const int x_off = (MT == 1 ? lane % 8 : (mi >> 1) * 8 + lane % 8) * L::kXRowBytes + 16 * (2 * half * kTcHalfSlots + (mi & 1));
+  int x_off = (MT == 1 ? lane % 8 : (mi >> 1) * 8 + lane % 8) * L::kXRowBytes + 16 * (2 * half * kTcHalfSlots + (mi & 1));
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {
@@ -944,8 +970,26 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int j = 0; j < 4; ++j) acc[t][j] = 0.f;
   }
 
-  for (int i = 0; i < n_local; ++i) {
-    const int s = i % L::kStages;
+  // Chunk i, in stage `stage`: a StageTag (see the loop below) or an int.
+  auto chunk = [&](int i, auto stage) {
+    constexpr bool kStaticStage = kIsStageTag<decltype(stage)>;
+    const int s = stage_of(stage);
+    if constexpr (kStaticStage) {
+      // This thread's selector, offsets and copy addresses stay in registers across chunks: left
+      // to itself the compiler recomputes them from the thread index at every chunk.
+      keep_in_register(sel);
+      keep_in_register(code_off);
+      keep_in_register(meta_off);
+      keep_in_register(x_off);
+#pragma unroll
+      for (int j = 0; j < kRowCopiesPerThread; ++j) keep_in_register(code_dst[j]);
+      keep_in_register(meta_dst);
+      keep_in_register(entry_dst);
+      keep_in_register(x_dst);
+      keep_in_register(x_src);
+      keep_in_register(row_entries);
+      keep_in_register(row_first);
+    }
     cp_async_wait<L::kStages - 2>();  // this thread's copies of chunk i have landed
     __syncthreads();                  // and everyone's; chunk i - 1's stage is free
     if constexpr (kConvertX) {
@@ -974,7 +1018,7 @@ __global__ void __launch_bounds__(kTcThreads)
       // Once the k-steps were shorter, issuing them at k-step 0 instead was no faster (106.6, 124.3
       // and 182.1 us against 105.3, 125.4 and 176.9; kernels_llama2-7b_h200_tc_pipeline_experiment_*.json).
       if (kk == kTcHalfSlots / 2) {
-        if (next < n_local) issue(next, next % L::kStages, next_entry);
+        if (next < n_local) issue(next, kStaticStage ? (s + L::kStages - 1) % L::kStages : next % L::kStages, next_entry);
         cp_async_commit();
       }
       // k-step kk of this warp's half: 8 bytes of codes and 32 of x further on per k-step.
@@ -996,6 +1040,25 @@ __global__ void __launch_bounds__(kTcThreads)
         }
       }
     }
+  };
+  // Up to 32 tokens the loop takes two chunks per iteration, so that each chunk's stage is a
+  // compile-time constant and every shared-memory address is the thread's base plus an immediate
+  // (with the stage a loop variable the compiler recomputes them, and this thread's offsets, at
+  // every chunk). That cut the main loop of the 8, 16 and 32-token instances from 445, 465 and 495
+  // SASS instructions per chunk to 364, 378 and 438. One Llama-2-7B layer on an H200 went from
+  // 100.0 / 112.6 / 139.8 us to 92.9 / 105.8 / 132.3 at 8 / 16 / 32 tokens, 0.66x / 0.64x / 0.60x
+  // Marlin to 0.69x / 0.66x / 0.63x (Marlin timed in each call; benchmarks/results/gpu/
+  // kernels_llama2-7b_h200_tc_static_stages.json against kernels_llama2-7b_h200_tc_stages2_experiment_r1.json).
+  // At 64 tokens it cut 533 instructions to 453 but ran slower, 214.7 against 205.2 us (106
+  // registers instead of 79), so 64 tokens keep the one-chunk loop.
+  static_assert(L::kStages == 2, "the two-chunk loop alternates two stages");
+  if constexpr (MT <= 4) {
+    for (int i = 0; i < n_local; i += 2) {
+      chunk(i, StageTag<0>{});
+      if (i + 1 < n_local) chunk(i + 1, StageTag<1>{});
+    }
+  } else {
+    for (int i = 0; i < n_local; ++i) chunk(i, i % L::kStages);
   }
 
   // The second half's warps hand their sums to the first half's through stage 0.
