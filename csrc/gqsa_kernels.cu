@@ -1018,7 +1018,7 @@ __global__ void __launch_bounds__(kTcThreads)
       // Once the k-steps were shorter, issuing them at k-step 0 instead was no faster (106.6, 124.3
       // and 182.1 us against 105.3, 125.4 and 176.9; kernels_llama2-7b_h200_tc_pipeline_experiment_*.json).
       if (kk == kTcHalfSlots / 2) {
-        if (next < n_local) issue(next, kStaticStage ? (s + L::kStages - 1) % L::kStages : next % L::kStages, next_entry);
+        if (next < n_local) issue(next, (s + L::kStages - 1) % L::kStages, next_entry);  // next's stage
         cp_async_commit();
       }
       // k-step kk of this warp's half: 8 bytes of codes and 32 of x further on per k-step.
