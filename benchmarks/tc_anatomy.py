@@ -58,7 +58,7 @@ def main() -> None:
     torch.manual_seed(0)
     M = a.tokens
     tiny = torch.randn(16, 64, device="cuda", dtype=torch.half)
-    out = {"device": torch.cuda.get_device_name(), "tokens": M,
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda, "tokens": M,
            "trivial_kernel_us": time_graph([lambda: tiny.mul_(1.0)] * 64, 50), "rows": []}
     for N, K, splits in CASES:
         t0 = make_gqsa(N, K, 0.5, cuda.default_num_ctas())
