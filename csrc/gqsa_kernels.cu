@@ -5,7 +5,7 @@
 // for sm_80 and sm_90a on machines without a CUDA build of torch; the torch binding lives in
 // torch_bindings.cpp. The kernel format is specified in vllm_gqsa/kernels/cuda_format.py.
 //
-// Decode GEMV (M = 1..8 tokens per launch; the plugin uses it up to 4), task-centric:
+// Decode GEMV (M = 1..8 tokens per launch; the plugin uses it up to 3), task-centric:
 //   * A persistent grid of a few CTAs per SM. The load-time schedule cuts the rows into
 //     num_ctas ranges whose kept-group counts are as close to nnz / num_ctas as row boundaries
 //     allow, so no row is shared by two CTAs and every output is written exactly once, in the
@@ -30,7 +30,7 @@
 //     against bank conflicts, while its first weight loads are in flight; when it does not fit,
 //     the kernel converts x from global memory at every use.
 //
-// Batched decode (M = 5..64 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
+// Batched decode (M = 4..64 tokens by default) on tensor cores, see tc_kernel: a CTA takes 64 rows
 // and a range of K, copies each row's kept groups of one 256-channel chunk at a time into shared
 // memory at their dense places (the chunk table says where they start, so there is no search),
 // builds the mma A fragments from them in registers and multiplies with mma.m16n8k16; splits of K
@@ -634,7 +634,7 @@ __global__ void __launch_bounds__(kDequantThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 5..64)
+// Tensor-core kernel for batched decode (up to 64 tokens per launch; the plugin uses it for 4..64)
 
 // A weight tile of kTcRows rows; the input is walked in chunks of kTcChunk channels.
 constexpr int kTcSlots = kTcChunk / 16;      // 16-channel mma k-steps in a chunk

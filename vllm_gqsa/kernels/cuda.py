@@ -32,13 +32,15 @@ from .cuda_format import MAX_GEMV_TOKENS
 CTAS_PER_SM = 2
 # Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
-# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200, one
-# Llama-2-7B decoder layer (benchmarks/results/gpu/kernels_llama2-7b_h200_tc_splits_r1.json): at 4
-# tokens the GEMV and the tensor-core kernel tie (98.3 against 98.8 us; in vLLM, 945.1 against
-# 939.4 tokens/s at batch 4 with an earlier tensor-core kernel), at 8 the GEMV loses (184.6
-# against 100.8); the tensor-core kernel wins at 64 (212.4 us against 272.6 for dequantize +
-# cuBLAS) and loses at 128 (405.4 against 282.1).
-GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "4"))
+# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200
+# (benchmarks/results/gpu/kernels_h200.json, one decoder layer): at 4 tokens the tensor-core
+# kernel beats the GEMV on all three models (91.0 against 97.3 us for Llama-2-7B, 97.7 against
+# 110.0 for Llama-3-8B, 111.9 against 115.8 for Qwen2.5-7B; in vLLM, batch 4 of the Llama-2-7B
+# shape decoded 1027.7 tokens/s against 987.0 on the GEMV, e2e_llama2-7b_h200-two-chunk*.json),
+# at 2 the GEMV wins (62.4 against 90.1); the tensor-core kernel wins at 64 (212.4 us against
+# 272.6 for dequantize + cuBLAS, kernels_llama2-7b_h200_tc_splits_r1.json) and loses at 128
+# (405.4 against 282.1).
+GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "3"))
 TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "64"))
 # Layers with compact tiles (cuda_format: rows of each 64-row tile keep the same group columns, as
 # in a checkpoint converted with --block-rows 64) multiply only their kept columns on the tensor

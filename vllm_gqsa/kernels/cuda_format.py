@@ -52,7 +52,7 @@ the groups are split exactly evenly over its warps, whatever the row lengths; ro
 edge are combined in shared memory. The first task of CTA c starts at the CTA's first row (which
 may be empty); any other task's row is the row holding its first group. CTA c computes rows
 ``schedule[c*W, 1] .. schedule[(c+1)*W, 1] - 1`` (W = WARPS_PER_CTA).
-The tensor-core kernel (batches of 5 to 64 tokens by default) works on tiles of 64 rows and walks the input
+The tensor-core kernel (batches of 4 to 64 tokens by default) works on tiles of 64 rows and walks the input
 a chunk at a time; ``chunks`` tells it, without reading meta, where each row's groups of a chunk
 start and which group columns they are, so it can copy them to their dense places with no search.
 
