@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""End-to-end speed in vLLM: fp16 against GPTQ (Marlin, Machete), AWQ, 2:4 and GQSA.
+"""End-to-end speed in vLLM: fp16 against GPTQ (Marlin, Machete), AWQ, 2:4, 2-bit GPTQ and GQSA.
 
 Random weights of a real model shape (``--load-format dummy``): values do not change speed. Each
 configuration runs in its own process with identical engine settings and reports output tokens
@@ -8,7 +8,7 @@ first token of one request at each ``--ttft-prompts`` length (a 1-token generati
 and the GPU memory vLLM reports for the weights ("Model loading took ... GiB").
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
-        --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gqsa-s50 --out benchmarks/results/e2e.json
+        --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
 """
 
 from __future__ import annotations
@@ -44,6 +44,10 @@ CONFIGS = {
     # AWQ W4 g128 with zero points, as AutoAWQ writes it; vLLM serves it with its Marlin kernel on
     # CUDA (AutoAWQConfig: AutoAWQMarlinLinearMethod). Every linear layer is quantized by default.
     "awq": ({"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"}, {}),
+    # W2: 2-bit GPTQ g128, which vLLM's own GPTQ method refuses; vllm_gqsa/gptq_w2.py takes it and
+    # serves it through vLLM's ExLlama kernel.
+    "gptq-w2": ({"quant_method": "gptq", "bits": 2, "group_size": 128, "desc_act": False, "sym": True,
+                 "checkpoint_format": "gptq"}, {}),
     # fp16 2:4 (vllm_gqsa/sparse24.py: CUTLASS on Ampere, cuSPARSELt elsewhere, or as
     # VLLM_GQSA_SPARSE24_BACKEND says): random dense weights pruned at load.
     "sparse24": ({"quant_method": "sparse24"}, {}),

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """Speed of the GQSA CUDA kernels on real linear-layer shapes, against cuBLAS fp16, torch 2:4
-semi-structured sparsity and (when vLLM is importable) vLLM's Marlin and Machete GPTQ kernels.
+semi-structured sparsity and (when vLLM is importable) vLLM's Marlin and Machete GPTQ 4-bit
+kernels and its ExLlama GPTQ kernel at 2 bits (``exllama_w2``, the W2 baseline).
 
 Every kernel is timed inside a CUDA graph (as vLLM runs decode) that calls it once per weight
 copy, with enough copies to exceed the L2 cache, so weights always come from HBM; calls follow each
@@ -244,7 +245,8 @@ def _package_version(name: str) -> str | None:
 
 
 def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
-    """Marlin and Machete GPTQ 4-bit g128 callables factories (only when vLLM is importable)."""
+    """Marlin and Machete GPTQ 4-bit g128, and ExLlama GPTQ 2-bit g128 (W2): callables and their
+    weight copies (only when vLLM is importable)."""
     try:
         from vllm import _custom_ops as ops  # noqa: F401
     except Exception:
@@ -281,6 +283,23 @@ def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
         out["machete"] = (machete, packs, N * K // 2 + N * K // 128 * 2)
     except Exception as e:
         print(f"  machete unavailable: {type(e).__name__}: {e}")
+    try:
+        # W2: 2-bit GPTQ g128 through vLLM's ExLlama kernel, as vllm_gqsa/gptq_w2.py serves it.
+        # Random codes and zero points: their values do not change the kernel's speed.
+        empty_perm = torch.empty(0, dtype=torch.int32, device="cuda")
+        packs = []
+        for _ in range(copies_for(N * K // 4)):
+            qweight = torch.randint(-2**31, 2**31 - 1, (K // 16, N), dtype=torch.int32, device="cuda")
+            ops.gptq_shuffle(qweight, empty_perm, 2)
+            packs.append((qweight, torch.randint(-2**31, 2**31 - 1, (K // 128, N // 16), dtype=torch.int32,
+                                                 device="cuda"),
+                          torch.randn(K // 128, N, device="cuda", dtype=DTYPE) * 1e-2))
+
+        def exllama_w2(x, p):
+            return ops.gptq_gemm(x, p[0], p[1], p[2], empty_perm, True, False, 2)
+        out["exllama_w2"] = (exllama_w2, packs, N * K // 4 + N * K // 128 * 2 + N * K // 128 // 4)
+    except Exception as e:
+        print(f"  exllama_w2 unavailable: {type(e).__name__}: {e}")
     return out
 
 

@@ -13,8 +13,8 @@ import torch
 
 pytest.importorskip("vllm")
 
-from test_plugin import broken_copy, free_port  # noqa: E402
-from vllm_cpu import load_vllm_model  # noqa: E402
+from test_plugin import broken_copy  # noqa: E402
+from vllm_cpu import free_port, load_vllm_model  # noqa: E402
 from vllm_gqsa.format import GQSAFormatError  # noqa: E402
 
 LAYER = "model.layers.1.mlp.down_proj"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import configparser
 import json
 import os
-import shlex
 import shutil
 import subprocess
 import sys

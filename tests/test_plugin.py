@@ -2,26 +2,19 @@
 """The vLLM plugin on the CPU: registration, vLLM's real loader, tensor parallelism over gloo,
 torch.compile, and broken checkpoints."""
 
-import json
 import os
 import shutil
-import socket
 
 import pytest
 import torch
 
 pytest.importorskip("vllm")
 
-from vllm_cpu import linear_layers, load_vllm_model, setup_cpu_vllm, tp_worker  # noqa: E402
+from vllm_cpu import (combine_column_shards, free_port, linear_layers, load_vllm_model, run_tp,  # noqa: E402
+                      setup_cpu_vllm)
 from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors  # noqa: E402
 from vllm_gqsa.format import GQSAFormatError, GQSALayer  # noqa: E402
 from vllm_gqsa.reference import dequantize  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def reference_weights(ckpt: str, model) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
@@ -114,24 +107,6 @@ def test_ops_pass_opcheck(tiny_checkpoints):
                            ref.qweight, ref.scales, ref.qzeros, 24, 2, 32, 2))
 
 
-def run_tp(ckpt: str, world_size: int, tmp_path, inputs) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    port = free_port()
-    ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=tp_worker, args=(r, world_size, ckpt, port, inputs, str(tmp_path)))
-             for r in range(world_size)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=600)
-    errors = [(tmp_path / f"rank{r}.err") for r in range(world_size)]
-    errors = [e.read_text() for e in errors if e.exists()]
-    if errors:
-        raise RuntimeError(errors[0])
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tensor_parallel_shards_combine_to_the_unsharded_output(world_size, tiny_checkpoints, tmp_path):
@@ -144,26 +119,13 @@ def test_tensor_parallel_shards_combine_to_the_unsharded_output(world_size, tiny
         expected = {n: (l(inputs[n])[0] if isinstance(l(inputs[n]), tuple) else l(inputs[n]))
                     for n, l in layers.items()}
     ranks = run_tp(ckpt, world_size, tmp_path, inputs)
-    cfg = json.load(open(os.path.join(ckpt, "config.json")))
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
-    replicas = max(1, world_size // cfg["num_key_value_heads"])
     for name, exp in expected.items():
         outs = [r[name] for r in ranks]
         if name.endswith(("o_proj", "down_proj")):  # row-parallel: all-reduced on every rank
             for o in outs:
                 torch.testing.assert_close(o, exp, rtol=1e-4, atol=1e-4, msg=name)
             continue
-        if name.endswith("qkv_proj"):
-            sizes = [q // world_size, max(kv // world_size, head_dim), max(kv // world_size, head_dim)]
-            pieces = [o.split(sizes, dim=-1) for o in outs]
-            got = torch.cat([torch.cat([p[0] for p in pieces], -1)]
-                            + [torch.cat([pieces[r][i] for r in range(0, world_size, replicas)], -1)
-                               for i in (1, 2)], -1)
-        else:  # gate_up: [gate_r | up_r] on each rank
-            half = outs[0].shape[-1] // 2
-            got = torch.cat([torch.cat([o[:, :half] for o in outs], -1),
-                             torch.cat([o[:, half:] for o in outs], -1)], -1)
+        got = combine_column_shards(name, outs, ckpt)
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
 
 

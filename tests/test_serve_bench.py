@@ -63,13 +63,19 @@ def test_e2e_quantization_configs_parse(parsers):
     import e2e
     from vllm.model_executor.layers.quantization import get_quantization_config
 
-    import vllm_gqsa  # noqa: F401  (registers gqsa and sparse24)
+    import vllm_gqsa  # noqa: F401  (registers gqsa, sparse24 and gptq_w2)
+    from vllm_gqsa.gptq_w2 import GPTQW2Config
 
     for name, (quant, _) in e2e.CONFIGS.items():
         if quant is None:
             continue
-        cfg = get_quantization_config(quant["quant_method"]).from_config(quant)
-        if name == "awq":
+        # A 2-bit GPTQ config is claimed by gptq_w2's override before vLLM's own GPTQ sees it.
+        method = GPTQW2Config.override_quantization_method(quant, None) or quant["quant_method"]
+        assert (method == "gptq_w2") == (name == "gptq-w2"), name
+        cfg = get_quantization_config(method).from_config(quant)
+        if name == "gptq-w2":
+            assert cfg.group_size == 128
+        elif name == "awq":
             assert (cfg.weight_bits, cfg.group_size, cfg.zero_point) == (4, 128, True)
             assert cfg.modules_to_not_convert == []  # every linear layer quantized
         elif name.startswith("gptq"):

@@ -3,7 +3,6 @@
 
 import json
 import shutil
-import socket
 
 import pytest
 import torch
@@ -11,17 +10,11 @@ from safetensors.torch import load_file
 
 pytest.importorskip("vllm")
 
-from vllm_cpu import linear_layers, load_vllm_model, setup_cpu_vllm  # noqa: E402
+from vllm_cpu import free_port, linear_layers, load_vllm_model, setup_cpu_vllm  # noqa: E402
 from vllm_gqsa.sparse24 import backend, compress_cutlass, prune_2_4  # noqa: E402
 
 FUSED = {"self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
          "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_prune_2_4_keeps_the_two_largest_of_every_four():

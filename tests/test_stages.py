@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from converters import convert as convert_mod
 from converters import e2e as e2e_mod
-from converters.bqpo import BlockTraining, train_block
+from converters.bqpo import train_block
 from converters.calibration import calibration_samples
 from converters.convert import (ConvertError, ConvertOptions, _block_inputs, _block_layers, _convert_block,
                                 _load_layers, _run_block, _to, convert)

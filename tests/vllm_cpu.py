@@ -11,7 +11,9 @@ slicing and the GQSA ops are the real ones.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import traceback
 
 import torch
@@ -94,3 +96,47 @@ def tp_worker(rank: int, world_size: int, ckpt: str, port: int, inputs: dict, ou
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_tp(ckpt: str, world_size: int, tmp_path, inputs: dict, port: int | None = None) -> list[dict]:
+    """``tp_worker`` on ``world_size`` spawned processes (gloo); each rank's layer outputs."""
+    import torch.multiprocessing as mp
+
+    port = port or free_port()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=tp_worker, args=(r, world_size, ckpt, port, inputs, str(tmp_path)))
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=600)
+    errors = [(tmp_path / f"rank{r}.err") for r in range(world_size)]
+    errors = [e.read_text() for e in errors if e.exists()]
+    if errors:
+        raise RuntimeError(errors[0])
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
+
+
+def combine_column_shards(name: str, outs: list[torch.Tensor], ckpt: str) -> torch.Tensor:
+    """The unsharded output of column-parallel layer ``name`` (a Llama/Qwen2 ``qkv_proj`` or
+    ``gate_up_proj``) from its ranks' outputs, KV heads replicated past their count included."""
+    world_size = len(outs)
+    cfg = json.load(open(os.path.join(ckpt, "config.json")))
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    replicas = max(1, world_size // cfg["num_key_value_heads"])
+    if name.endswith("qkv_proj"):
+        sizes = [q // world_size, max(kv // world_size, head_dim), max(kv // world_size, head_dim)]
+        pieces = [o.split(sizes, dim=-1) for o in outs]
+        return torch.cat([torch.cat([p[0] for p in pieces], -1)]
+                         + [torch.cat([pieces[r][i] for r in range(0, world_size, replicas)], -1)
+                            for i in (1, 2)], -1)
+    half = outs[0].shape[-1] // 2  # gate_up: [gate_r | up_r] on each rank
+    return torch.cat([torch.cat([o[:, :half] for o in outs], -1),
+                      torch.cat([o[:, half:] for o in outs], -1)], -1)

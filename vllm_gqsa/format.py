@@ -410,7 +410,7 @@ class GQSALayer:
         first = layers[0]
         if any(l.in_features != first.in_features or l.fmt != first.fmt for l in layers):
             raise GQSAFormatError("cannot fuse GQSA layers with different input sizes or formats")
-        offsets, ptrs, total = [], [], 0
+        ptrs, total = [], 0
         for i, l in enumerate(layers):
             ptrs.append(l.row_ptr[(0 if i == 0 else 1):].long() + total)
             total += l.nnz
