@@ -80,6 +80,8 @@ def test_round_to_nearest_quantization_is_close():
     ({"bits": 2, "group_size": -1}, "channel-wise 2-bit GPTQ is not served"),
     ({"bits": 2, "group_size": 24}, "positive multiple of 16"),
     ({"bits": 2, "group_size": 128, "checkpoint_format": "gptq_v2"}, "checkpoint_format 'gptq_v2'"),
+    ({"bits": 2, "group_size": 128, "lm_head": True}, "quantized lm_head is not served"),
+    ({"bits": 2, "group_size": 128, "dynamic": {"-:.*down_proj": {}}}, "'dynamic' overrides are not served"),
 ])
 def test_config_refuses_what_the_kernel_cannot_serve(cfg, message):
     with pytest.raises(ValueError, match=message):

@@ -14,8 +14,9 @@ paths, but its GPTQ method only routes 4 and 8 bits to a kernel: a 2-bit checkpo
 - Kernel: ``gptq_gemm(..., use_exllama=True, bit=2)`` after ``gptq_shuffle``, as vLLM's
   ``ExllamaLinearKernel`` does for 4 bits: the ExLlama GEMV-style kernel up to 50 tokens, above
   that the weight reconstructed to fp16 and cuBLAS. fp16 activations only.
-- Not served: act-order (``desc_act``) and channel-wise (``group_size`` -1) checkpoints. A
-  ``desc_act: false`` checkpoint's ``g_idx`` is k // g by construction; it is loaded and ignored.
+- Not served: act-order (``desc_act``), channel-wise (``group_size`` -1), quantized ``lm_head``
+  and per-module ``dynamic`` checkpoints. A ``desc_act: false`` checkpoint's ``g_idx`` is k // g
+  by construction; it is loaded and ignored.
 
 On the CPU (or without vLLM's CUDA ops) the layer multiplies by ``dequantize``'s weight, the same
 math in plain torch, so loading and sharding can be checked without a GPU.
@@ -121,6 +122,8 @@ class GPTQW2Config(QuantizationConfig):
         fmt = config.get("checkpoint_format", "gptq")
         if fmt != "gptq":
             raise ValueError(f"gptq_w2: checkpoint_format {fmt!r} is not served, only 'gptq' (v1)")
+        if config.get("lm_head"):
+            raise ValueError("gptq_w2: a quantized lm_head is not served, only the decoder blocks' layers")
         if config.get("dynamic"):
             raise ValueError("gptq_w2: per-module 'dynamic' overrides are not served")
         return cls(group_size=int(config.get("group_size", 128)))
