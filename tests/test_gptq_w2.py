@@ -88,6 +88,17 @@ def test_config_refuses_what_the_kernel_cannot_serve(cfg, message):
         GPTQW2Config.from_config(cfg)
 
 
+def test_shapes_the_format_cannot_hold_are_refused():
+    from vllm_gqsa.gptq_w2 import GPTQW2LinearMethod
+
+    method = GPTQW2LinearMethod(GPTQW2Config(32))
+    layer = torch.nn.Module()
+    with pytest.raises(ValueError, match="48 input channels per rank, not a multiple of group_size 32"):
+        method.create_weights(layer, 48, [64], 96, 64, torch.float16)
+    with pytest.raises(ValueError, match=r"output sizes per rank \[64, 24\] must be multiples of 16"):
+        method.create_weights(layer, 64, [64, 24], 64, 88, torch.float16)
+
+
 def test_a_2bit_gptq_checkpoint_resolves_to_gptq_w2(tiny_models, tmp_path):
     ckpt = make_w2_checkpoint(tiny_models["llama"], tmp_path / "w2")
     setup_cpu_vllm()
