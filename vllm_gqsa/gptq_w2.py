@@ -18,8 +18,9 @@ paths, but its GPTQ method only routes 4 and 8 bits to a kernel: a 2-bit checkpo
   and per-module ``dynamic`` checkpoints. A ``desc_act: false`` checkpoint's ``g_idx`` is k // g
   by construction; it is loaded and ignored.
 
-On the CPU (or without vLLM's CUDA ops) the layer multiplies by ``dequantize``'s weight, the same
-math in plain torch, so loading and sharding can be checked without a GPU.
+Elsewhere (the CPU, fp32 activations, or no vLLM CUDA ops) the layer multiplies by
+``dequantize``'s weight, rebuilt on every call: the same math in plain torch, correct but not fast,
+so that loading and sharding can be checked without a GPU.
 """
 
 from __future__ import annotations
@@ -32,41 +33,29 @@ from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
                                                register_weight_loader_v2_supported_method)
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.quantization.utils.quant_utils import (pack_quantized_values_into_int32,
+                                                                       unpack_quantized_values_into_int32)
 from vllm.model_executor.parameter import GroupQuantScaleParameter, PackedvLLMParameter, RowvLLMParameter
+from vllm.scalar_type import scalar_types
 
 QUANT_METHOD = "gptq_w2"
 BITS = 2
 PACK = 32 // BITS  # codes per int32 word
+WEIGHT_TYPE = scalar_types.uint2b2  # only its width matters to vLLM's pack helpers
 GPTQ_METHODS = ("gptq", "auto_gptq", "gptq_marlin", QUANT_METHOD)
 
 
-def _fields(packed: torch.Tensor, dim: int) -> torch.Tensor:
-    """The 2-bit fields of int32 ``packed``, unpacked along ``dim`` (lowest bits first)."""
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int32, device=packed.device)
-    if dim == 0:
-        f = (packed.unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**BITS - 1)
-        return f.reshape(-1, packed.shape[1])
-    f = (packed.unsqueeze(-1) >> shifts) & (2**BITS - 1)
-    return f.reshape(packed.shape[0], -1)
-
-
 def pack(fields: torch.Tensor, dim: int) -> torch.Tensor:
-    """Integer fields in [0, 4) packed 16 to an int32 along ``dim``, the inverse of ``_fields``."""
-    f = fields.to(torch.int64)
-    if f.min() < 0 or f.max() >= 2**BITS:
-        raise ValueError(f"2-bit fields must lie in [0, {2**BITS}), got [{int(f.min())}, {int(f.max())}]")
-    shifts = torch.arange(0, 32, BITS, dtype=torch.int64, device=f.device)
-    if dim == 0:
-        words = (f.reshape(-1, PACK, f.shape[1]) << shifts.view(1, -1, 1)).sum(1)
-    else:
-        words = (f.reshape(f.shape[0], -1, PACK) << shifts).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    """Integer fields in [0, 4) packed 16 to an int32 along ``dim``, lowest bits first."""
+    if fields.min() < 0 or fields.max() >= 2**BITS:
+        raise ValueError(f"2-bit fields must lie in [0, {2**BITS}), got [{int(fields.min())}, {int(fields.max())}]")
+    return pack_quantized_values_into_int32(fields.to(torch.int32), WEIGHT_TYPE, dim).contiguous()
 
 
 def dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
     """The ``[N, K]`` weight of a GPTQ v1 2-bit layer, in ``scales``' dtype."""
-    q = _fields(qweight, 0)
-    zeros = _fields(qzeros, 1) + 1  # v1 stores zero - 1, and the kernel adds the 1 back
+    q = unpack_quantized_values_into_int32(qweight, WEIGHT_TYPE, 0)
+    zeros = unpack_quantized_values_into_int32(qzeros, WEIGHT_TYPE, 1) + 1  # v1 stores zero - 1; the kernel adds 1
     w = (q - zeros.repeat_interleave(group_size, 0)).to(scales.dtype) * scales.repeat_interleave(group_size, 0)
     return w.T
 
