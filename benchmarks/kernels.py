@@ -24,7 +24,11 @@ each row's groups reordered so that a warp's x reads meet fewer bank conflicts
 summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
     python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
+                                 [--baselines all|none|marlin,...]
                                  [--out benchmarks/results/kernels.json]
+
+``--baselines marlin`` (or ``none``) leaves the other baselines and the read floor out: a run then
+takes a fraction of the time, for comparing two builds of the GQSA kernels with each other.
 """
 
 from __future__ import annotations
@@ -70,6 +74,25 @@ TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc
 BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups in bank order
 AFTER_KERNEL = False  # --after-kernel: each timed call follows a small kernel that writes x
 BLOCK_ROWS = 1  # --block-rows: rows that share one keep pattern
+# What each shape is compared with (--baselines); the read floor counts as one. Fewer make a run
+# much shorter (most of its time goes to making and timing the baselines), for comparing two
+# builds of the GQSA kernels with each other.
+BASELINES = ("cublas_fp16", "sparse24", "marlin", "machete", "exllama_w2", "read_floor")
+SELECTED = frozenset(BASELINES)
+
+
+def parse_baselines(spec: str) -> frozenset:
+    """``all``, ``none`` or a comma-separated subset of BASELINES (``sparse24`` is both 2:4 kernels)."""
+    if spec == "all":
+        return frozenset(BASELINES)
+    if spec == "none":
+        return frozenset()
+    names = frozenset(n.strip() for n in spec.split(",") if n.strip())
+    unknown = sorted(names - set(BASELINES))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown baseline(s) {', '.join(unknown) or repr(spec)}: choose from {', '.join(BASELINES)}, all or none")
+    return names
 
 
 def row_densities(N: int, density: float, heavy_block: bool = False, device: str = "cpu") -> torch.Tensor:
@@ -244,62 +267,67 @@ def _package_version(name: str) -> str | None:
         return None
 
 
-def vllm_gptq_baselines(N: int, K: int, copies: int) -> dict:
-    """Marlin and Machete GPTQ 4-bit g128, and ExLlama GPTQ 2-bit g128 (W2): callables and their
-    weight copies (only when vLLM is importable)."""
+def vllm_gptq_baselines(N: int, K: int, copies: int, names=frozenset(BASELINES)) -> dict:
+    """Marlin and Machete GPTQ 4-bit g128, and ExLlama GPTQ 2-bit g128 (W2), those of them in
+    ``names``: callables and their weight copies (only when vLLM is importable)."""
+    if not names & {"marlin", "machete", "exllama_w2"}:
+        return {}
     try:
         from vllm import _custom_ops as ops  # noqa: F401
     except Exception:
         return {}
     out = {}
-    try:
-        from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
-        from vllm.model_executor.layers.quantization.utils.marlin_utils import marlin_make_workspace_new
-        from vllm.scalar_type import scalar_types
-        packs = [marlin_quantize(torch.randn(K, N, device="cuda", dtype=DTYPE), scalar_types.uint4b8, 128, False)
-                 for _ in range(copies)]
-        workspace = marlin_make_workspace_new(torch.device("cuda"))
+    if "marlin" in names:
+        try:
+            from vllm.model_executor.layers.quantization.utils.marlin_utils_test import marlin_quantize
+            from vllm.model_executor.layers.quantization.utils.marlin_utils import marlin_make_workspace_new
+            from vllm.scalar_type import scalar_types
+            packs = [marlin_quantize(torch.randn(K, N, device="cuda", dtype=DTYPE), scalar_types.uint4b8, 128, False)
+                     for _ in range(copies)]
+            workspace = marlin_make_workspace_new(torch.device("cuda"))
 
-        def marlin(x, p):
-            _, q, s, g_idx, sort_idx, _ = p
-            return ops.marlin_gemm(x, None, q, None, s, None, None, None, g_idx, sort_idx, workspace,
-                                   scalar_types.uint4b8, x.shape[0], N, K, is_k_full=True)
-        out["marlin"] = (marlin, packs, N * K // 2 + N * K // 128 * 2)
-    except Exception as e:
-        print(f"  marlin unavailable: {type(e).__name__}: {e}")
-    try:
-        from vllm.model_executor.layers.quantization.utils.quant_utils import quantize_weights
-        from vllm.scalar_type import scalar_types
-        packs = []
-        for _ in range(copies):
-            _, wq, ws, _ = quantize_weights(torch.randn(K, N, device="cuda", dtype=DTYPE), scalar_types.uint4b8, 128)
-            from vllm.model_executor.layers.quantization.utils.quant_utils import pack_rows
-            wq_packed = pack_rows(wq, 4, K, N)
-            packs.append((ops.machete_prepack_B(wq_packed.t().contiguous().t(), DTYPE, scalar_types.uint4b8, None), ws))
+            def marlin(x, p):
+                _, q, s, g_idx, sort_idx, _ = p
+                return ops.marlin_gemm(x, None, q, None, s, None, None, None, g_idx, sort_idx, workspace,
+                                       scalar_types.uint4b8, x.shape[0], N, K, is_k_full=True)
+            out["marlin"] = (marlin, packs, N * K // 2 + N * K // 128 * 2)
+        except Exception as e:
+            print(f"  marlin unavailable: {type(e).__name__}: {e}")
+    if "machete" in names:
+        try:
+            from vllm.model_executor.layers.quantization.utils.quant_utils import quantize_weights
+            from vllm.scalar_type import scalar_types
+            packs = []
+            for _ in range(copies):
+                _, wq, ws, _ = quantize_weights(torch.randn(K, N, device="cuda", dtype=DTYPE), scalar_types.uint4b8, 128)
+                from vllm.model_executor.layers.quantization.utils.quant_utils import pack_rows
+                wq_packed = pack_rows(wq, 4, K, N)
+                packs.append((ops.machete_prepack_B(wq_packed.t().contiguous().t(), DTYPE, scalar_types.uint4b8, None), ws))
 
-        def machete(x, p):
-            return ops.machete_mm(a=x, b_q=p[0], b_type=scalar_types.uint4b8, b_group_scales=p[1],
-                                  b_group_size=128)
-        out["machete"] = (machete, packs, N * K // 2 + N * K // 128 * 2)
-    except Exception as e:
-        print(f"  machete unavailable: {type(e).__name__}: {e}")
-    try:
-        # W2: 2-bit GPTQ g128 through vLLM's ExLlama kernel, as vllm_gqsa/gptq_w2.py serves it.
-        # Random codes and zero points: their values do not change the kernel's speed.
-        empty_perm = torch.empty(0, dtype=torch.int32, device="cuda")
-        packs = []
-        for _ in range(copies_for(N * K // 4)):
-            qweight = torch.randint(-2**31, 2**31 - 1, (K // 16, N), dtype=torch.int32, device="cuda")
-            ops.gptq_shuffle(qweight, empty_perm, 2)
-            packs.append((qweight, torch.randint(-2**31, 2**31 - 1, (K // 128, N // 16), dtype=torch.int32,
-                                                 device="cuda"),
-                          torch.randn(K // 128, N, device="cuda", dtype=DTYPE) * 1e-2))
+            def machete(x, p):
+                return ops.machete_mm(a=x, b_q=p[0], b_type=scalar_types.uint4b8, b_group_scales=p[1],
+                                      b_group_size=128)
+            out["machete"] = (machete, packs, N * K // 2 + N * K // 128 * 2)
+        except Exception as e:
+            print(f"  machete unavailable: {type(e).__name__}: {e}")
+    if "exllama_w2" in names:
+        try:
+            # W2: 2-bit GPTQ g128 through vLLM's ExLlama kernel, as vllm_gqsa/gptq_w2.py serves it.
+            # Random codes and zero points: their values do not change the kernel's speed.
+            empty_perm = torch.empty(0, dtype=torch.int32, device="cuda")
+            packs = []
+            for _ in range(copies_for(N * K // 4)):
+                qweight = torch.randint(-2**31, 2**31 - 1, (K // 16, N), dtype=torch.int32, device="cuda")
+                ops.gptq_shuffle(qweight, empty_perm, 2)
+                packs.append((qweight, torch.randint(-2**31, 2**31 - 1, (K // 128, N // 16), dtype=torch.int32,
+                                                     device="cuda"),
+                              torch.randn(K // 128, N, device="cuda", dtype=DTYPE) * 1e-2))
 
-        def exllama_w2(x, p):
-            return ops.gptq_gemm(x, p[0], p[1], p[2], empty_perm, True, False, 2)
-        out["exllama_w2"] = (exllama_w2, packs, N * K // 4 + N * K // 128 * 2 + N * K // 128 // 4)
-    except Exception as e:
-        print(f"  exllama_w2 unavailable: {type(e).__name__}: {e}")
+            def exllama_w2(x, p):
+                return ops.gptq_gemm(x, p[0], p[1], p[2], empty_perm, True, False, 2)
+            out["exllama_w2"] = (exllama_w2, packs, N * K // 4 + N * K // 128 * 2 + N * K // 128 // 4)
+        except Exception as e:
+            print(f"  exllama_w2 unavailable: {type(e).__name__}: {e}")
     return out
 
 
@@ -311,11 +339,10 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     gq = [make_gqsa(N, K, DENSITY, num_ctas) for _ in range(g_copies)]
     gq_bank = [with_bank_order(t) for t in gq] if BANK_ORDER else []
     compact = "xcols" in gq[0]
-    d_copies = copies_for(N * K * 2)
-    dense = dense_weights(N, K, d_copies)
-    sparse24 = semi_structured(dense)
-    others = vllm_gptq_baselines(N, K, copies_for(N * K // 2))
-    floor_us, floor_kernel = read_floor_us(t0, g_copies, reps)
+    dense = dense_weights(N, K, copies_for(N * K * 2)) if SELECTED & {"cublas_fp16", "sparse24"} else []
+    sparse24 = semi_structured(dense) if "sparse24" in SELECTED else {}
+    others = vllm_gptq_baselines(N, K, copies_for(N * K // 2), SELECTED)
+    floor_us, floor_kernel = read_floor_us(t0, g_copies, reps) if "read_floor" in SELECTED else (None, None)
     for M in tokens:
         x = torch.randn(M, K, device="cuda", dtype=DTYPE)
         # With --after-kernel every timed call follows a small ordinary kernel that writes x, as a
@@ -347,16 +374,18 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
              "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
-             **{f"gqsa_{k}_us": v for k, v in paths.items()},
-             "read_floor_us": floor_us, "read_floor_kernel": floor_kernel, "read_floor_pct_read_bw": 100 * t0 / floor_us / 1e3 / read_bw,
-             "gqsa_pct_of_read_floor": 100 * floor_us / us}
+             **{f"gqsa_{k}_us": v for k, v in paths.items()}}
+        if floor_us is not None:
+            r.update({"read_floor_us": floor_us, "read_floor_kernel": floor_kernel,
+                      "read_floor_pct_read_bw": 100 * t0 / floor_us / 1e3 / read_bw,
+                      "gqsa_pct_of_read_floor": 100 * floor_us / us})
         if before is not None:
             r["before_kernel_us"] = before_us
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
             r["gqsa_global_x_us"] = timed(gqsa_calls(gq, x, N, K, "gemv", x_staging=0))
         if BANK_ORDER and M <= MAX_GEMV_TOKENS:  # layout experiment: fewer bank conflicts on x
             r["gqsa_gemv_bank_order_us"] = timed(gqsa_calls(gq_bank, x, N, K, "gemv"))
-        base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]}
+        base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]} if "cublas_fp16" in SELECTED else {}
         if "sparse24_fp16" in sparse24:
             base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w)
                                      for w in sparse24["sparse24_fp16"]]
@@ -374,8 +403,9 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
                 r[f"{bname}_error"] = f"{type(e).__name__}: {e}"[:200]
         rows.append(r)
         extra = " ".join(f"{k[11:]}={v:.2f}x" for k, v in r.items() if k.startswith("speedup_vs_"))
+        floor = f" (read floor {floor_us:.2f} us)" if floor_us is not None else ""
         print(f"{model:11s} {name:8s} {N:6d}x{K:<6d} M={M:<4d} {us:8.2f} us {r['gqsa_GBps']:7.0f} GB/s "
-              f"{r['gqsa_pct_read_bw']:5.1f}% (read floor {floor_us:.2f} us) {extra}", flush=True)
+              f"{r['gqsa_pct_read_bw']:5.1f}%{floor} {extra}", flush=True)
     return rows
 
 
@@ -440,9 +470,10 @@ def summarize(results: list, read_bw: float) -> list:
                         row[f"speedup_vs_{key[:-3]}"] = row[key] / us
             out.append(row)
             extra = " ".join(f"{k[11:]}={v:.2f}x" for k, v in row.items() if k.startswith("speedup_vs_"))
+            floor = (f" ({row['gqsa_pct_of_read_floor']:.0f}% of the read floor)"
+                     if "gqsa_pct_of_read_floor" in row else "")
             print(f"layer sum {model:11s} M={M:<4d} {us:8.2f} us {row['gqsa_GBps']:7.0f} GB/s "
-                  f"{row['gqsa_pct_read_bw']:5.1f}% ({row.get('gqsa_pct_of_read_floor', 0):.0f}% of the read floor) "
-                  f"{extra}", flush=True)
+                  f"{row['gqsa_pct_read_bw']:5.1f}%{floor} {extra}", flush=True)
     return out
 
 
@@ -465,6 +496,9 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, default=1,
                    help="rows per block sharing one keep pattern, as in a --block-rows checkpoint "
                         "(default 1); every shape's N must be a multiple of it")
+    p.add_argument("--baselines", type=parse_baselines, default=frozenset(BASELINES),
+                   help=f"what to compare with: all (default), none, or a comma-separated subset of "
+                        f"{','.join(BASELINES)}; fewer make a run much shorter")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -472,8 +506,9 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
-    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED
     BLOCK_ROWS = args.block_rows
+    SELECTED = args.baselines
     TC_SPLITS = args.tc_splits
     BANK_ORDER = args.gemv_bank_order
     AFTER_KERNEL = args.after_kernel
@@ -500,7 +535,7 @@ def main() -> None:
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "vllm": _package_version("vllm"), "command": " ".join(sys.argv), "ops": reason,
            "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "density": DENSITY, "activation_dtype": str(DTYPE),
-           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas,
+           "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "baselines": sorted(SELECTED),
            "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
                         "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,
                         "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS},

@@ -65,3 +65,18 @@ def test_bank_conflict_model():
         assert sorted(part.tolist()) == r.tolist()
         assert (np.diff(part // 16) >= 0).all()
     assert wavefronts_per_read(reordered(half)) < wavefronts_per_read(in_chunks) < sorted_w
+
+
+def test_baselines_option():
+    """--baselines: all, none or a subset; a misspelt name is refused with the valid ones listed."""
+    import argparse
+
+    from kernels import BASELINES, parse_baselines
+
+    assert parse_baselines("all") == frozenset(BASELINES)
+    assert parse_baselines("none") == frozenset()
+    assert parse_baselines("marlin, read_floor") == {"marlin", "read_floor"}
+    with pytest.raises(argparse.ArgumentTypeError, match="marlni.*choose from cublas_fp16"):
+        parse_baselines("marlin,marlni")
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_baselines(",")
