@@ -27,8 +27,8 @@ summary adds up each model's linear layers at each M: one decoder layer's time a
                                  [--baselines all|none|marlin,...]
                                  [--out benchmarks/results/kernels.json]
 
-``--baselines marlin`` (or ``none``) leaves the other baselines and the read floor out: a run then
-takes a fraction of the time, for comparing two builds of the GQSA kernels with each other.
+``--baselines marlin`` (or ``none``) leaves the other baselines and the read floor out (they are not
+made or timed), for comparing two builds of the GQSA kernels with each other.
 """
 
 from __future__ import annotations
@@ -74,9 +74,7 @@ TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc
 BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups in bank order
 AFTER_KERNEL = False  # --after-kernel: each timed call follows a small kernel that writes x
 BLOCK_ROWS = 1  # --block-rows: rows that share one keep pattern
-# What each shape is compared with (--baselines); the read floor counts as one. Fewer make a run
-# much shorter (most of its time goes to making and timing the baselines), for comparing two
-# builds of the GQSA kernels with each other.
+# What each shape is compared with (--baselines); the read floor counts as one.
 BASELINES = ("cublas_fp16", "sparse24", "marlin", "machete", "exllama_w2", "read_floor")
 SELECTED = frozenset(BASELINES)
 
@@ -498,7 +496,7 @@ def main() -> None:
                         "(default 1); every shape's N must be a multiple of it")
     p.add_argument("--baselines", type=parse_baselines, default=frozenset(BASELINES),
                    help=f"what to compare with: all (default), none, or a comma-separated subset of "
-                        f"{','.join(BASELINES)}; fewer make a run much shorter")
+                        f"{','.join(BASELINES)}")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
