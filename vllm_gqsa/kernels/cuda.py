@@ -26,9 +26,12 @@ import torch
 from .cuda_format import MAX_GEMV_TOKENS
 
 # Persistent-grid size of the GEMV. Measured on an H200 (benchmarks/results/gpu/
-# kernels_llama2-7b_h200_ctas*.json): a Llama-2-7B layer at M=1 takes 49.9 us with 2 CTAs per
+# kernels_llama2-7b_h200_ctas*.json): a Llama-2-7B layer at M=1 took 49.9 us with 2 CTAs per
 # SM, 50.8 with 3 and 60.0 with 4; fewer, longer warp tasks pay the per-task prologue, x copy and
-# fix-up less often.
+# fix-up less often. With two load steps per batch (76 registers, so three CTAs fit an SM) 3 per SM
+# is within 1% of 2 (44.4 against 44.5 us, kernels_h200_gemv_load_steps_r2.json); with 2, two
+# CTAs fit an SM even with the largest shared x copy (kMaxSharedXBytes, 100 KB), so a wide layer at
+# 2 or 3 tokens never runs its grid in two waves.
 CTAS_PER_SM = 2
 # Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
