@@ -4,7 +4,9 @@
 vLLM's PyPI wheel carries no CPU kernels, so the CPU platform is selected by hand and the one
 kernel a Llama/Qwen2 needs at construction (``_C::silu_and_mul``) gets a plain-torch stand-in.
 Newer vLLM releases (0.33) empty the accelerator's cache after loading, which a CPU-only torch
-refuses; with no accelerator there is no cache, so that call becomes a no-op.
+refuses; with no accelerator there is no cache, so that call becomes a no-op. On CPUs with AMX
+they also send small bf16/fp16 weights to a C++ CPU kernel the wheel lacks; those take vLLM's own
+torch path instead.
 Nothing GQSA-related is stubbed: config parsing, the loader, weight loading, tensor-parallel
 slicing and the GQSA ops are the real ones.
 """
@@ -41,6 +43,14 @@ def setup_cpu_vllm() -> None:
 
         lib.impl("silu_and_mul", silu_and_mul, "CPU")
         setup_cpu_vllm.lib = lib  # keep the library alive
+    # On a CPU with AMX tiles, newer vLLM (0.33) packs small bf16/fp16 weights, such as a tiny
+    # model's embedding, for a kernel of its C++ CPU build (convert_weight_packed), with no switch
+    # to turn that off. That build is not here, so such layers take vLLM's plain torch path, which
+    # is what it does on CPUs without AMX.
+    import vllm.model_executor.layers.utils as layer_utils
+
+    if hasattr(layer_utils, "check_cpu_sgl_kernel") and not hasattr(torch.ops._C, "convert_weight_packed"):
+        layer_utils.check_cpu_sgl_kernel = lambda *args, **kwargs: False
     import vllm.plugins
 
     vllm.plugins.load_general_plugins()  # finds vllm_gqsa through its entry point
