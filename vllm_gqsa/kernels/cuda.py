@@ -37,10 +37,10 @@ CTAS_PER_SM = 2
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
 # cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200
 # (benchmarks/results/gpu/kernels_h200.json, one decoder layer): at 4 tokens the tensor-core
-# kernel beats the GEMV on all three models (91.0 against 97.3 us for Llama-2-7B, 97.7 against
-# 110.0 for Llama-3-8B, 111.9 against 115.8 for Qwen2.5-7B; in vLLM, batch 4 of the Llama-2-7B
+# kernel beats the GEMV on all three models (91.5 against 95.4 us for Llama-2-7B, 97.6 against
+# 109.6 for Llama-3-8B, 109.0 against 114.5 for Qwen2.5-7B; in vLLM, batch 4 of the Llama-2-7B
 # shape decoded 1027.7 tokens/s against 987.0 on the GEMV, e2e_llama2-7b_h200-two-chunk*.json),
-# at 2 the GEMV wins (62.4 against 90.1); the tensor-core kernel wins at 64 (212.4 us against
+# at 2 the GEMV wins (61.4 against 90.8); the tensor-core kernel wins at 64 (212.4 us against
 # 272.6 for dequantize + cuBLAS, kernels_llama2-7b_h200_tc_splits_r1.json) and loses at 128
 # (405.4 against 282.1).
 GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_GEMV_MAX_TOKENS", "3"))
