@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
         "on the model's LM loss. Both use the calibration samples, the last --val-samples of them "
         "held out: a stage's result is kept only if it lowers the held-out loss. 0 epochs turns a "
         "stage off. Learning rates are fractions of each group's quantization step (Adam moves a "
-        "parameter by about its learning rate per step), so they carry over between models.")
+        "parameter by about its learning rate per step), so they carry over between models. "
+        "More epochs cost time and buy accuracy: on SmolLM2-135M, --bqpo-epochs 8 --e2e-epochs 4 "
+        "took 3x the default conversion time and perplexity from 47.3 to 38.0.")
     t.add_argument("--bqpo-epochs", type=int, default=d.bqpo_epochs,
                    help=f"BQPO epochs over the calibration samples, per block (default {d.bqpo_epochs})")
     t.add_argument("--bqpo-lr-weight", type=float, default=d.bqpo_lr_weight,
