@@ -5,7 +5,8 @@ Random weights of a real model shape (``--load-format dummy``): values do not ch
 configuration runs in its own process with identical engine settings and reports output tokens
 per second for prompt 128 / 256 generated tokens (ignore_eos) at each batch size, the time to
 first token of one request at each ``--ttft-prompts`` length (a 1-token generation, best of 3),
-and the GPU memory vLLM reports for the weights ("Model loading took ... GiB").
+and the GPU memory vLLM reports for the weights ("Model loading took ... GiB"). ``--dtype bfloat16``
+makes and serves the model in bf16 (the ``fp16`` configuration is then the dense bf16 model).
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
@@ -54,6 +55,8 @@ CONFIGS = {
     "gqsa-s50": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
     "gqsa-s40": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.4}, {}),
     "gqsa-s30": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.3}, {}),
+    # Groups of 32: half the metadata per weight (2.5 instead of 3 bits per weight at S50%).
+    "gqsa-s50-g32": ({"quant_method": "gqsa", "bits": 4, "group_size": 32, "sparsity": 0.5}, {}),
     # Row blocks of 16 and 64 rows sharing their pruning pattern (--block-rows), served by the same
     # kernels after the load-time repacking into single rows.
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
@@ -62,11 +65,11 @@ CONFIGS = {
 PROMPT_LEN, GEN_LEN = 128, 256
 
 
-def make_model_dir(root: str, shape: str, quant: dict | None) -> str:
+def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "float16") -> str:
     from converters.tiny import byte_tokenizer
 
     os.makedirs(root, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": "float16",
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
            "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
            **SHAPES[shape]}
@@ -142,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--configs", default="fp16,gptq-marlin,gqsa-s50")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--ttft-prompts", default="", help="prompt lengths for time to first token, e.g. 512,2048,8192")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
+                   help="the model's dtype, which vLLM serves it in (the W2 kernel takes float16 only)")
     p.add_argument("--out", required=True)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -149,14 +154,14 @@ def main(argv=None) -> int:
     ttft_prompts = [int(n) for n in a.ttft_prompts.split(",") if n]
     if a.child:  # one configuration in this process
         quant, engine_kwargs = CONFIGS[a.child]
-        d = make_model_dir(tempfile.mkdtemp(), a.shape, quant)
+        d = make_model_dir(tempfile.mkdtemp(), a.shape, quant, a.dtype)
         with open(a.out, "w") as f:
             json.dump(run_one(d, engine_kwargs, batches, ttft_prompts), f)
         return 0
     import torch
     import vllm
 
-    results = {"shape": a.shape, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
+    results = {"shape": a.shape, "dtype": a.dtype, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
                "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "gqsa_dispatch": gqsa_dispatch(),
                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_GQSA_")},
@@ -165,7 +170,7 @@ def main(argv=None) -> int:
         print(name, flush=True)
         tmp = tempfile.mktemp(suffix=".json")
         proc = subprocess.Popen([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
-                                 "--ttft-prompts", a.ttft_prompts, "--out", tmp, "--child", name],
+                                 "--ttft-prompts", a.ttft_prompts, "--dtype", a.dtype, "--out", tmp, "--child", name],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         log = []
         for line in proc.stdout:  # shown as it comes, kept for the weight-memory line

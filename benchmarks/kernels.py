@@ -28,7 +28,10 @@ summary adds up each model's linear layers at each M: one decoder layer's time a
                                  [--out benchmarks/results/kernels.json]
 
 ``--baselines marlin`` (or ``none``) leaves the other baselines and the read floor out (they are not
-made or timed), for comparing two builds of the GQSA kernels with each other.
+made or timed), for comparing two builds of the GQSA kernels with each other. ``--dtype bfloat16``
+runs GQSA and every baseline on bf16 activations (cuBLAS and 2:4 then report as ``cublas_bf16`` and
+``sparse24_bf16``; the ExLlama W2 kernel takes fp16 only and is left out), and ``--group-size``
+times GQSA at 32, 64 or 128 weights per group instead of 16 (the baselines do not change).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_gqsa.format import SUPPORTED_GROUP_SIZES  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table,  # noqa: E402
                                            compact_chunk_table, make_schedule, pack_meta,
@@ -60,6 +64,7 @@ MODELS = {
                    ("down", 3584, 18944)],
 }
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
 GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
@@ -232,6 +237,11 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
 
+def dense_tag() -> str:
+    """How the dense and 2:4 baselines are named in the results: by their activation dtype."""
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}[DTYPE]
+
+
 def dense_weights(N: int, K: int, copies: int) -> list:
     return [torch.randn(N, K, device="cuda", dtype=DTYPE) * 0.02 for _ in range(copies)]
 
@@ -383,13 +393,14 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             r["gqsa_global_x_us"] = timed(gqsa_calls(gq, x, N, K, "gemv", x_staging=0))
         if BANK_ORDER and M <= MAX_GEMV_TOKENS:  # layout experiment: fewer bank conflicts on x
             r["gqsa_gemv_bank_order_us"] = timed(gqsa_calls(gq_bank, x, N, K, "gemv"))
-        base = {"cublas_fp16": [lambda w=w: torch.matmul(x, w.T) for w in dense]} if "cublas_fp16" in SELECTED else {}
+        tag = dense_tag()
+        base = {f"cublas_{tag}": [lambda w=w: torch.matmul(x, w.T) for w in dense]} if "cublas_fp16" in SELECTED else {}
         if "sparse24_fp16" in sparse24:
-            base["sparse24_fp16"] = [lambda w=w: torch.nn.functional.linear(x, w)
-                                     for w in sparse24["sparse24_fp16"]]
+            base[f"sparse24_{tag}"] = [lambda w=w: torch.nn.functional.linear(x, w)
+                                       for w in sparse24["sparse24_fp16"]]
         if "sparse24_cutlass_fp16" in sparse24:
-            base["sparse24_cutlass_fp16"] = [lambda p=p: torch.ops.vllm_gqsa.sparse24_cutlass_mm(x, *p)
-                                             for p in sparse24["sparse24_cutlass_fp16"]]
+            base[f"sparse24_cutlass_{tag}"] = [lambda p=p: torch.ops.vllm_gqsa.sparse24_cutlass_mm(x, *p)
+                                               for p in sparse24["sparse24_cutlass_fp16"]]
         for bname, (fn, packs, _) in others.items():
             base[bname] = [lambda p=p, fn=fn: fn(x, p) for p in packs]
         for bname, calls in base.items():
@@ -476,6 +487,7 @@ def summarize(results: list, read_bw: float) -> list:
 
 
 def main() -> None:
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes, four batch sizes (< 60 s)")
     p.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -497,6 +509,10 @@ def main() -> None:
     p.add_argument("--baselines", type=parse_baselines, default=frozenset(BASELINES),
                    help=f"what to compare with: all (default), none, or a comma-separated subset of "
                         f"{','.join(BASELINES)}")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
+                   help="activation dtype of GQSA and every baseline (default float16)")
+    p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=GROUP_SIZE,
+                   help=f"GQSA weights per group (default {GROUP_SIZE})")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -504,9 +520,11 @@ def main() -> None:
     if not ok:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
-    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED
     BLOCK_ROWS = args.block_rows
-    SELECTED = args.baselines
+    DTYPE = DTYPES[args.dtype]
+    GROUP_SIZE = args.group_size
+    # vLLM's ExLlama GPTQ kernel multiplies fp16 activations only (GPTQConfig serves fp16).
+    SELECTED = args.baselines - ({"exllama_w2"} if DTYPE != torch.float16 else set())
     TC_SPLITS = args.tc_splits
     BANK_ORDER = args.gemv_bank_order
     AFTER_KERNEL = args.after_kernel

@@ -82,5 +82,18 @@ def test_e2e_quantization_configs_parse(parsers):
             assert (cfg.weight_bits, cfg.group_size, cfg.desc_act) == (4, 128, False)
         elif name.startswith("gqsa"):
             q = cfg.quant
-            assert (q.bits, q.group_size) == (4, 16)
+            assert (q.bits, q.group_size) == (4, 32 if name.endswith("-g32") else 16), name
             assert q.block_rows == (int(name.rsplit("-r", 1)[1]) if "-r" in name else 1), name
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_e2e_model_dtype(tmp_path, dtype):
+    """benchmarks/e2e.py --dtype: the model folder it makes is read in that dtype."""
+    import e2e
+    import torch
+    from transformers import AutoConfig
+
+    d = e2e.make_model_dir(str(tmp_path), "llama3-8b", e2e.CONFIGS["gqsa-s50"][0], dtype)
+    cfg = AutoConfig.from_pretrained(d)
+    assert cfg.dtype == getattr(torch, dtype)
+    assert cfg.quantization_config["quant_method"] == "gqsa"
