@@ -64,7 +64,6 @@ MODELS = {
                    ("down", 3584, 18944)],
 }
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
 GEMV_TIMED_MAX_TOKENS = 64  # the GEMV reads the weights once per 8 tokens: no contender above this
@@ -509,7 +508,7 @@ def main() -> None:
     p.add_argument("--baselines", type=parse_baselines, default=frozenset(BASELINES),
                    help=f"what to compare with: all (default), none, or a comma-separated subset of "
                         f"{','.join(BASELINES)}")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float16",
+    p.add_argument("--dtype", choices=["float16", "bfloat16"], default="float16",
                    help="activation dtype of GQSA and every baseline (default float16)")
     p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=GROUP_SIZE,
                    help=f"GQSA weights per group (default {GROUP_SIZE})")
@@ -521,7 +520,7 @@ def main() -> None:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
     BLOCK_ROWS = args.block_rows
-    DTYPE = DTYPES[args.dtype]
+    DTYPE = getattr(torch, args.dtype)
     GROUP_SIZE = args.group_size
     # vLLM's ExLlama GPTQ kernel multiplies fp16 activations only (GPTQConfig serves fp16).
     SELECTED = args.baselines - ({"exllama_w2"} if DTYPE != torch.float16 else set())
