@@ -714,6 +714,16 @@ __device__ __forceinline__ uint4 bf16_to_half_scaled(uint4 v) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
+// x as fp16 times 2^-kTcXScaleLog2<T>, 8 activations per thread and step: for the tensor-core
+// kernel's larger batches, where converting x once per launch is cheaper than converting each
+// chunk in every CTA that reads it (see tc_converts_x_once).
+template <typename T>
+__global__ void tc_scale_x_kernel(const uint4* __restrict__ x, uint4* __restrict__ out, int units) {
+  for (int u = blockIdx.x * blockDim.x + threadIdx.x; u < units; u += gridDim.x * blockDim.x) {
+    out[u] = bf16_to_half_scaled<kTcXScaleLog2<T>>(x[u]);
+  }
+}
+
 // The 8 warps of a CTA: warp w multiplies rows 16 * (w % 4) .. + 15 of the tile over half w / 4 of
 // each chunk's 16 k-steps; the two halves' sums are added at the end.
 constexpr int kTcRowGroups = kTcRows / 16;
@@ -815,7 +825,7 @@ __device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, 
 //     math), each row's kept groups of the chunk to their dense places (the chunk table gives
 //     where the row's groups of the chunk start and which columns they are), zero meta for pruned
 //     columns, and the chunk of x (zeros past M tokens or K channels); bf16 x is then converted in
-//     place to scaled fp16;
+//     place to scaled fp16, unless tc_scale_x_kernel already did so for the whole launch (kXScaled);
 //   * each warp builds the mma A fragments of its 16 rows directly in registers from the codes
 //     and meta (tc_a_pair: no dense copy of W, no shared-memory round trip), loads x with
 //     ldmatrix, and multiplies with mma.m16n8k16, accumulating in fp32.
@@ -825,7 +835,7 @@ __device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, 
 // With splits > 1 every split stores its fp32 partial in the workspace, and the last split of a
 // tile to finish (counted in counters[tile], which it resets to 0) sums them in split order and
 // writes y: the result does not depend on the order the CTAs run in.
-template <typename T, int G, int MT>
+template <typename T, int G, int MT, bool kXScaled>
 __global__ void __launch_bounds__(kTcThreads)
     tc_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks,
@@ -837,7 +847,9 @@ __global__ void __launch_bounds__(kTcThreads)
   constexpr int kCopyBytes = G == 16 ? 8 : 16;           // a group's codes are 8 (G = 16) or 16k bytes
   constexpr int kRowCopies = kTcChunk / 2 / kCopyBytes;  // copies of one whole chunk row of codes
   constexpr int kCopiesPerGroup = G / 2 / kCopyBytes;
-  constexpr bool kConvertX = kTcXScaleLog2<T> != 0;
+  // kXScaled: x already holds the scaled fp16 values (tc_scale_x_kernel); its bytes are copied as
+  // they are, and only y is written as T.
+  constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
   extern __shared__ __align__(16) unsigned char tc_smem[];
   __shared__ int is_last_split;
 
@@ -1222,29 +1234,48 @@ struct TcArgs {
   void* y;
   float* workspace;
   int32_t* counters;
+  void* x_scratch;  // M x K fp16 when x is scaled once per launch (tc_converts_x_once), else null
   int M, N, K, splits;
   cudaStream_t stream;
 };
 
-template <typename T, int G, int MT>
-cudaError_t launch_tc_kernel(const TcArgs& a) {
+template <typename T, int G, int MT, bool kXScaled>
+cudaError_t launch_tc_kernel(const TcArgs& a, const void* x) {
   using L = TcLayout<G, MT>;
-  const auto kernel = tc_kernel<T, G, MT>;
+  const auto kernel = tc_kernel<T, G, MT, kXScaled>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
-  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(a.x), a.row_ptr, a.codes, a.meta, a.chunks,
+  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.row_ptr, a.codes, a.meta, a.chunks,
                                                     a.xcols, a.num_chunks, static_cast<T*>(a.y), a.workspace,
                                                     a.counters, a.M, a.N, a.K, a.splits);
   return cudaGetLastError();
 }
 
+template <typename T, int G, int MT>
+cudaError_t launch_tc(const TcArgs& a) {
+  if constexpr (kTcXScaleLog2<T> != 0) {
+    if (a.x_scratch != nullptr) {
+      const int units = static_cast<int>(static_cast<size_t>(a.M) * a.K / 8);
+      if (units > 0) {
+        const int blocks = (units + kTcThreads - 1) / kTcThreads;
+        tc_scale_x_kernel<T><<<blocks, kTcThreads, 0, a.stream>>>(static_cast<const uint4*>(a.x),
+                                                                  static_cast<uint4*>(a.x_scratch), units);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+      }
+      return launch_tc_kernel<T, G, MT, true>(a, a.x_scratch);
+    }
+  }
+  return launch_tc_kernel<T, G, MT, false>(a, a.x);
+}
+
 template <typename T, int G>
 cudaError_t tc_for_tokens(const TcArgs& a) {
-  if (a.M <= 8) return launch_tc_kernel<T, G, 1>(a);
-  if (a.M <= 16) return launch_tc_kernel<T, G, 2>(a);
-  if (a.M <= 32) return launch_tc_kernel<T, G, 4>(a);
-  return launch_tc_kernel<T, G, 8>(a);
+  if (a.M <= 8) return launch_tc<T, G, 1>(a);
+  if (a.M <= 16) return launch_tc<T, G, 2>(a);
+  if (a.M <= 32) return launch_tc<T, G, 4>(a);
+  return launch_tc<T, G, 8>(a);
 }
 
 template <typename T>
@@ -1313,20 +1344,27 @@ int tc_splits(int N, int num_chunks, int num_sms) {
   return splits > 1 ? splits : 1;
 }
 
+bool tc_converts_x_once(Dtype dtype, int M) {
+  return dtype == Dtype::kBFloat16 && M >= kTcScaleXOnceTokens;
+}
+
 cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                     const int32_t* meta, const int32_t* chunks, const int32_t* xcols, int num_chunks, void* y,
-                    float* workspace, int32_t* counters, int M, int N, int K, int group_size, int splits,
-                    cudaStream_t stream) {
+                    float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int group_size,
+                    int splits, cudaStream_t stream) {
   if (!shape_ok(N, K, group_size) || M < 0 || splits < 1 || num_chunks < 0) return cudaErrorInvalidValue;
   if (xcols == nullptr && num_chunks != (K + kTcChunk - 1) / kTcChunk) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
+  if (x_scratch != nullptr && K % 8 != 0) return cudaErrorInvalidValue;  // converted 16 bytes at a time
   const size_t elem = 2;  // fp16 and bf16
   for (int m0 = 0; m0 < M; m0 += kMaxTcTokens) {
     const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
+    // The scratch is reused by every slice: the launches of one stream run in order.
+    void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
     const TcArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta, chunks, xcols,
-                   num_chunks, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, m, N, K,
-                   splits, stream};
+                   num_chunks, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
+                   m, N, K, splits, stream};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
       case Dtype::kFloat16: err = tc_for_group<__half>(a, group_size); break;

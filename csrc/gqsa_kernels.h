@@ -62,6 +62,14 @@ constexpr int kMaxTcTokens = 64;
 constexpr int kTcRows = 64;
 constexpr int kTcChunk = 256;
 constexpr int kTcThreads = 256;
+// Tokens per launch from which bf16 x is converted once per launch (one small kernel) rather than
+// chunk by chunk in every CTA, which repeats the conversion once per row tile. On the H200 converting
+// once made one decoder layer 16-19% faster at 64 tokens and 3-9% at 32 on Llama-2-7B, Llama-3-8B
+// and Qwen2.5-7B shapes, 3% and 6% at 16 tokens on the Llama shapes (2% slower on Qwen2.5-7B), and
+// at 8 tokens 2% faster on the Llama shapes but 5% slower on Qwen2.5-7B, where the extra launch
+// costs more than it saves (benchmarks/results/gpu/kernels_h200_bf16_scale_x_once_experiment_*.json).
+// The 9-to-16-token instance converts 16 token rows whatever M is, so 16 tokens stand for it.
+constexpr int kTcScaleXOnceTokens = 9;
 
 // The number of K splits tc_gemm uses by default for N rows and num_chunks chunks per row tile on
 // a GPU with num_sms SMs: about two CTAs per SM, at least four chunks per split.
@@ -77,10 +85,17 @@ int tc_splits(int N, int num_chunks, int num_sms);
 // whose rows all keep the same group columns), slot j of chunk c of tile t is group column
 // xcols[(t * num_chunks + c) * kTcChunk / group_size + j] (-1: none), so only kept columns are
 // multiplied. chunks and xcols are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// bf16 x is multiplied as fp16 scaled by 2^-8. From kTcScaleXOnceTokens tokens per launch, a small
+// kernel converts each launch's x once into x_scratch (min(M, kMaxTcTokens) * K fp16, which the
+// caller provides when tc_converts_x_once(dtype, min(M, kMaxTcTokens)) is true); below it, and
+// whenever x_scratch is null, every CTA converts the chunks of x it copies.
 cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                     const int32_t* meta, const int32_t* chunks, const int32_t* xcols, int num_chunks, void* y,
-                    float* workspace, int32_t* counters, int M, int N, int K, int group_size, int splits,
-                    cudaStream_t stream);
+                    float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int group_size,
+                    int splits, cudaStream_t stream);
+
+// Whether tc_gemm converts x once per launch of M tokens (and so needs x_scratch).
+bool tc_converts_x_once(Dtype dtype, int M);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,

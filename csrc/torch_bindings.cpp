@@ -175,11 +175,16 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
     workspace = at::empty({s, launch_tokens, n_out}, x.options().dtype(at::kFloat));
     counters = at::zeros({(n_out + gqsa::kTcRows - 1) / gqsa::kTcRows}, x.options().dtype(at::kInt));
   }
+  at::Tensor x_scratch;
+  if (gqsa::tc_converts_x_once(dtype, static_cast<int>(launch_tokens))) {
+    x_scratch = at::empty({launch_tokens, K}, x.options().dtype(at::kHalf));
+  }
   check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
                              meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
                              xcols.has_value() ? xcols->data_ptr<int32_t>() : nullptr, static_cast<int>(num_chunks), y.data_ptr(),
                              s > 1 ? workspace.data_ptr<float>() : nullptr,
-                             s > 1 ? counters.data_ptr<int32_t>() : nullptr, static_cast<int>(M),
+                             s > 1 ? counters.data_ptr<int32_t>() : nullptr,
+                             x_scratch.defined() ? x_scratch.data_ptr() : nullptr, static_cast<int>(M),
                              static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), s,
                              at::cuda::getCurrentCUDAStream()),
                "gqsa_tc");

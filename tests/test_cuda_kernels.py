@@ -488,13 +488,14 @@ def test_dequant(dtype, G, pattern):
 
 
 @needs_cuda
-@pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24)], ids=["gemv", "tc"])
-def test_in_cuda_graph(op, M):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24), (cuda.tc, 64)], ids=["gemv", "tc", "tc_64"])
+def test_in_cuda_graph(op, M, dtype):
     """Deterministic and capturable; the tensor-core kernel's split counters must be back at zero
-    after every replay."""
+    after every replay (and in bf16 its x scratch, at the larger batches, is captured too)."""
     layer = make_layer(512, 16 * 64, 16, "heavy_block").to("cuda")
     t = to_kernel_format(layer, cuda.default_num_ctas())
-    x = torch.randn(M, 16 * 64, device="cuda", dtype=torch.float16)
+    x = torch.randn(M, 16 * 64, device="cuda", dtype=dtype)
     eager = op(x, t, 512)
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -519,6 +520,10 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 7, device="cuda", dtype=torch.float16), t["row_ptr"],
                            t["codes"], t["meta"], t["chunks"], 70))
+    for M in (20, 64):  # bf16 x converted in the kernel, and once per launch
+        torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
+                              (torch.randn(M, 16 * 7, device="cuda", dtype=torch.bfloat16), t["row_ptr"],
+                               t["codes"], t["meta"], t["chunks"], 70))
     c = to_kernel_format(tile_layer(70, 16 * 40, 16, 0.3).to("cuda"), 9)
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 40, device="cuda", dtype=torch.float16), c["row_ptr"],
