@@ -64,7 +64,7 @@ constexpr int kTcChunk = 256;
 constexpr int kTcThreads = 256;
 // Tokens per launch from which bf16 x is converted once per launch (one small kernel) rather than
 // chunk by chunk in every CTA, which repeats the conversion once per row tile. On the H200 converting
-// once made one decoder layer 16-19% faster at 64 tokens and 3-9% at 32 on Llama-2-7B, Llama-3-8B
+// once made one decoder layer 18-19% faster at 64 tokens and 3-9% at 32 on Llama-2-7B, Llama-3-8B
 // and Qwen2.5-7B shapes, 3% and 6% at 16 tokens on the Llama shapes (2% slower on Qwen2.5-7B), and
 // at 8 tokens 2% faster on the Llama shapes but 5% slower on Qwen2.5-7B, where the extra launch
 // costs more than it saves (benchmarks/results/gpu/kernels_h200_bf16_scale_x_once_experiment_*.json).
