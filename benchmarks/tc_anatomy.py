@@ -8,8 +8,8 @@ For each (N, K, K splits) it times, with x of M random fp16 tokens and W4 S50% g
 benchmarks/kernels.py makes them:
   * ``graph_us``: a CUDA graph calling the op once per weight copy (rotated past L2), per call;
   * ``graph_same_weights_us``: the same graph on one copy (weights warm in L2);
-  * ``kernels``: median duration of each GPU kernel of a call (profiler): the tensor-core kernel,
-    and the zero-fill of the split counters when splits > 1.
+  * ``kernels``: median duration of each GPU kernel of a call (profiler): the tensor-core kernel
+    (and, before layers kept their split counters, the counters' zero-fill when splits > 1).
 ``trivial_kernel_us`` is a graph of a tiny elementwise kernel per call: what any launch costs.
 Splits 0 is the op's own choice (``tc_splits``)."""
 

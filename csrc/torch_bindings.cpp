@@ -8,15 +8,17 @@
 //     per 8 tokens, each reading the weights once: meant for decode-sized M.
 //     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
 //   gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out,
-//           int splits=0, Tensor? xcols=None) -> Tensor
+//           int splits=0, Tensor? xcols=None, Tensor? counters=None) -> Tensor
 //     y = x @ W.T on tensor cores, for batches too large for the GEMV (one launch per 64 tokens).
 //     splits: how many CTAs share each row tile's input (0 chooses from the shapes and SM count).
 //     xcols: the compact tiles' group columns, for a chunk table made with them (see the format).
+//     counters: the layer's split counters (the format's `counters`, all zeros); without them the
+//     op zeroes fresh ones on every call, one more kernel (a memset) per call.
 //   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
 //                ScalarType dtype) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
 //
-// (row_ptr, codes, meta, schedule, chunks, xcols) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// (row_ptr, codes, meta, schedule, chunks, xcols, counters) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
 // Every tensor argument is checked for device, dtype, contiguity and shape, and a bad one raises
 // a RuntimeError that names it. Their contents are trusted: they are validated when the layer is
 // repacked. The ops allocate their output through torch, launch on the current stream, size the
@@ -132,7 +134,7 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
 
 at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
                    const at::Tensor& meta, const at::Tensor& chunks, int64_t n_out, int64_t splits,
-                   const std::optional<at::Tensor>& xcols) {
+                   const std::optional<at::Tensor>& xcols, const std::optional<at::Tensor>& counters) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_tc: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_tc: x must be contiguous");
@@ -143,13 +145,13 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   const int64_t max_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
   check_int32(chunks, "chunks", 2, x.device());
   const int64_t num_chunks = chunks.size(1);
+  const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
   if (xcols.has_value()) {
     // Compact tiles: at most as many chunks as channel chunks, and a column per slot.
     TORCH_CHECK(chunks.size(0) == n_out && num_chunks <= max_chunks, "gqsa_tc: chunks must have shape [",
                 num(n_out), ", <= ", num(max_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
                 shape(chunks));
     check_int32(*xcols, "xcols", 3, x.device());
-    const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
     TORCH_CHECK(xcols->size(0) == tiles && xcols->size(1) == num_chunks && xcols->size(2) == gqsa::kTcChunk / group_size,
                 "gqsa_tc: xcols must have shape [", num(tiles), ", ", num(num_chunks), ", ",
                 num(gqsa::kTcChunk / group_size), "] for these chunks, got ", shape(*xcols));
@@ -157,6 +159,11 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
     TORCH_CHECK(chunks.size(0) == n_out && num_chunks == max_chunks, "gqsa_tc: chunks must have shape [",
                 num(n_out), ", ", num(max_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
                 shape(chunks));
+  }
+  if (counters.has_value()) {
+    check_int32(*counters, "counters", 1, x.device());
+    TORCH_CHECK(counters->numel() == tiles, "gqsa_tc: counters must have ", num(tiles),
+                " entries (one per 64-row tile) for n_out=", num(n_out), ", got ", shape(*counters));
   }
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_tc: x must be 16-byte aligned");
   TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), "gqsa_tc: splits must be 0 (choose) or 1..",
@@ -170,10 +177,15 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   const int s = splits > 0 ? static_cast<int>(splits)
                            : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
                                              at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  at::Tensor workspace, counters;
+  // With splits, the last CTA of a row tile to finish is found by counting in counters[tile], which
+  // it sets back to 0: the layer's counters (zeros at load time, like Marlin's workspace) stay zeros
+  // from call to call. Zeroing fresh ones is one more kernel per call, which a CUDA graph replays
+  // too (3 of a Llama-3-8B layer's 4 linear layers split on an H200). The schema does not mark
+  // counters as written, since every call leaves them as it found them.
+  at::Tensor workspace, tile_counters;
   if (s > 1) {
     workspace = at::empty({s, launch_tokens, n_out}, x.options().dtype(at::kFloat));
-    counters = at::zeros({(n_out + gqsa::kTcRows - 1) / gqsa::kTcRows}, x.options().dtype(at::kInt));
+    tile_counters = counters.has_value() ? *counters : at::zeros({tiles}, x.options().dtype(at::kInt));
   }
   at::Tensor x_scratch;
   if (gqsa::tc_converts_x_once(dtype, static_cast<int>(launch_tokens))) {
@@ -183,7 +195,7 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
                              meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
                              xcols.has_value() ? xcols->data_ptr<int32_t>() : nullptr, static_cast<int>(num_chunks), y.data_ptr(),
                              s > 1 ? workspace.data_ptr<float>() : nullptr,
-                             s > 1 ? counters.data_ptr<int32_t>() : nullptr,
+                             s > 1 ? tile_counters.data_ptr<int32_t>() : nullptr,
                              x_scratch.defined() ? x_scratch.data_ptr() : nullptr, static_cast<int>(M),
                              static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), s,
                              at::cuda::getCurrentCUDAStream()),
@@ -217,7 +229,7 @@ TORCH_LIBRARY(vllm_gqsa, m) {
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
         "int x_staging=-1) -> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
-        "int splits=0, Tensor? xcols=None) -> Tensor");
+        "int splits=0, Tensor? xcols=None, Tensor? counters=None) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype) -> Tensor");
 }

@@ -108,6 +108,8 @@ def test_kernel_format_of_row_blocks(R, pattern):
         assert R == 64 or pattern == "all_empty"
         assert torch.equal(t["chunks"], compact[0]) and torch.equal(t["xcols"], compact[1])
     assert torch.equal(unpack_meta(t["meta"])[2], single.col_idx.long())
+    tiles = -(-N // TC_ROWS)
+    assert t["counters"].dtype == torch.int32 and torch.equal(t["counters"], torch.zeros(tiles, dtype=torch.int32))
 
 
 def compact_tile_weight(t, N, K, G):
@@ -459,7 +461,11 @@ def test_tc_splits(splits, pattern):
     op = lambda x, t, N: cuda.tc(x, t, N, splits)  # noqa: E731
     check_gemv(layer, t, 24, torch.float16, op=op)
     x = torch.randn(40, 16 * 256, device="cuda", dtype=torch.bfloat16)
-    assert torch.equal(op(x, t, 200), op(x, t, 200)), "the split-K sum must not depend on CTA order"
+    y = op(x, t, 200)
+    assert torch.equal(y, op(x, t, 200)), "the split-K sum must not depend on CTA order"
+    assert not t["counters"].any(), "the last split of each tile sets its counter back to 0"
+    fresh = {k: v for k, v in t.items() if k != "counters"}  # the op zeroes counters of its own
+    assert torch.equal(op(x, fresh, 200), y)
 
 
 @needs_cuda
@@ -491,11 +497,12 @@ def test_dequant(dtype, G, pattern):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24), (cuda.tc, 64)], ids=["gemv", "tc", "tc_64"])
 def test_in_cuda_graph(op, M, dtype):
-    """Deterministic and capturable; the tensor-core kernel's split counters must be back at zero
-    after every replay (and in bf16 its x scratch, at the larger batches, is captured too)."""
-    layer = make_layer(512, 16 * 64, 16, "heavy_block").to("cuda")
+    """Deterministic and capturable; the tensor-core kernel's split counters (8 row tiles of 16
+    chunks: split 4 ways on an H100 or H200) must be back at zero after every replay (and in bf16
+    its x scratch, at the larger batches, is captured too)."""
+    layer = make_layer(512, 16 * 256, 16, "heavy_block").to("cuda")
     t = to_kernel_format(layer, cuda.default_num_ctas())
-    x = torch.randn(M, 16 * 64, device="cuda", dtype=dtype)
+    x = torch.randn(M, 16 * 256, device="cuda", dtype=dtype)
     eager = op(x, t, 512)
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -506,6 +513,7 @@ def test_in_cuda_graph(op, M, dtype):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(y, eager), "the kernel must be deterministic and capturable"
+        assert not t["counters"].any(), "the layer's split counters are zeros after every call"
 
 
 @needs_cuda
@@ -524,6 +532,12 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                               (torch.randn(M, 16 * 7, device="cuda", dtype=torch.bfloat16), t["row_ptr"],
                                t["codes"], t["meta"], t["chunks"], 70))
+    # The layer's split counters (3 chunks split 3 ways): written during the call, zeros after it,
+    # which is what lets the schema leave them unmarked as written.
+    s = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9)
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
+                          (torch.randn(20, 16 * 48, device="cuda", dtype=torch.float16), s["row_ptr"],
+                           s["codes"], s["meta"], s["chunks"], 70, 3, None, s["counters"]))
     c = to_kernel_format(tile_layer(70, 16 * 40, 16, 0.3).to("cuda"), 9)
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 40, device="cuda", dtype=torch.float16), c["row_ptr"],
@@ -564,6 +578,11 @@ def test_bad_inputs_raise():
         tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"], 20, 2)  # K = 32: one chunk
     with pytest.raises(RuntimeError, match="int32"):
         tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"].long(), 20)
+    with pytest.raises(RuntimeError, match="counters must have 1 entries"):
+        tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"], 20, 0, None, torch.zeros(2, dtype=torch.int32,
+                                                                                          device="cuda"))
+    with pytest.raises(RuntimeError, match="counters must be int32"):
+        tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"], 20, 0, None, t["counters"].long())
     c = to_kernel_format(tile_layer(20, 16 * 40, 16, 0.3).to("cuda"), 2)
     xc = torch.randn(2, 16 * 40, device="cuda", dtype=torch.float16)
     with pytest.raises(RuntimeError, match="xcols must have shape"):

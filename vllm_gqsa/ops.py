@@ -38,14 +38,17 @@ def _gqsa_mm_reference_fake(x, row_ptr, col_idx, qweight, scales, qzeros, n_out,
 
 def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
             schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
-            xcols: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [M, K] @ W.T`` with W in the CUDA kernel format (``xcols`` for compact tiles)."""
+            xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None) -> torch.Tensor:
+    """``x [M, K] @ W.T`` with W in the CUDA kernel format (``xcols`` for compact tiles,
+    ``counters`` for the tensor-core kernel's K splits)."""
     from .kernels import cuda
     from .kernels.cuda_format import dequantize_kernel_format
 
     t = {"row_ptr": row_ptr, "codes": codes, "meta": meta, "schedule": schedule, "chunks": chunks}
     if xcols is not None:
         t["xcols"] = xcols
+    if counters is not None:
+        t["counters"] = counters
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]:
         gemv_max, tc_max = cuda.dispatch(xcols is not None)
         if x.shape[0] <= gemv_max:
@@ -59,7 +62,8 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
     return x @ w.to(x.dtype).T
 
 
-def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols=None):
+def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols=None,
+                  counters=None):
     return x.new_empty((*x.shape[:-1], n_out))
 
 

@@ -251,7 +251,7 @@ class GQSALinearMethod(LinearMethodBase):
         if layer.gqsa_kernel == "kernel_format":
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
                                             layer.chunks, layer.gqsa_n_out, self.fmt.group_size,
-                                            getattr(layer, "xcols", None))
+                                            getattr(layer, "xcols", None), layer.counters)
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
                 x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,

@@ -123,7 +123,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_tc")
-    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None):
+    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None, counters=None):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
@@ -212,7 +212,7 @@ def tc(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.vllm_gqsa.gqsa_tc(x2, t["row_ptr"], t["codes"], t["meta"], t["chunks"], n_out, splits,
-                                    t.get("xcols"))
+                                    t.get("xcols"), t.get("counters"))
     return y.reshape(*lead, n_out)
 
 

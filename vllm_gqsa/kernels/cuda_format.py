@@ -38,6 +38,10 @@ tensor        dtype  shape                 content
 ``xcols``     int32  ``[T, C, 256 / G]``   only for compact tiles (below): slot j of chunk c
                                            of tile t is group column ``xcols[t, c, j]``, or
                                            -1 past the tile's last kept column
+``counters``  int32  ``[T]``               zeros: the tensor-core kernel's count of the
+                                           finished K splits of each 64-row tile, which the
+                                           last split sets back to 0, so they are zeros again
+                                           after every call (T = ceil(N / 64))
 ============  =====  ====================  =================================================
 
 A kept weight is ``W[n, c*G + j] = s * (q - z)`` as in the checkpoint; every other weight is 0.
@@ -66,6 +70,10 @@ entry ``[n, c]`` = the mask of the slots of chunk c that hold a column and, in b
 columns are kept by some row in a one-shot SmolLM2-135M at S50% (``benchmarks/tile_columns.py``),
 so only such checkpoints have compact tiles.
 
+``counters`` are working memory that lives with the layer, as Marlin's workspace does, so that a
+call need not zero fresh ones with one more kernel. Calls that share them must be ordered (one CUDA
+stream), which is how a model calls a layer.
+
 ``num_ctas`` is chosen at load time, a few per SM (:func:`vllm_gqsa.kernels.cuda.default_num_ctas`);
 ``row_per_cta_schedule`` gives the classic one-CTA-per-row grid, for comparison.
 
@@ -89,7 +97,7 @@ ZERO_SHIFT = 16
 COL_SHIFT = 20
 TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
 TC_ROWS = 64  # rows per tile of the tensor-core kernel (gqsa::kTcRows)
-TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks")  # and "xcols" for compact tiles
+TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks", "counters")  # and "xcols" for compact tiles
 
 
 def can_implement(bits: int, group_size: int, N: int, K: int) -> tuple[bool, str | None]:
@@ -245,6 +253,8 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
         t["chunks"] = chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G)
     else:
         t["chunks"], t["xcols"] = compact
+    tiles = -(-layer.out_features // TC_ROWS)
+    t["counters"] = torch.zeros(tiles, dtype=torch.int32, device=layer.row_ptr.device)
     return t
 
 
