@@ -50,9 +50,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.format import SUPPORTED_GROUP_SIZES  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_ROWS, chunk_table,  # noqa: E402
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table,  # noqa: E402
                                            compact_chunk_table, make_schedule, pack_meta,
-                                           row_per_cta_schedule, with_bank_order)
+                                           row_per_cta_schedule, split_counters, with_bank_order)
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
@@ -134,7 +134,7 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
     if compact is not None:
         t["chunks_by_channel"] = t["chunks"]
         t["chunks"], t["xcols"] = compact
-    t["counters"] = torch.zeros(-(-N // TC_ROWS), dtype=torch.int32, device="cuda")  # as the plugin's layers
+    t["counters"] = split_counters(N, "cuda")  # as the plugin's layers
     return t
 
 

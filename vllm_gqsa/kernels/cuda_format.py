@@ -253,9 +253,13 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
         t["chunks"] = chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G)
     else:
         t["chunks"], t["xcols"] = compact
-    tiles = -(-layer.out_features // TC_ROWS)
-    t["counters"] = torch.zeros(tiles, dtype=torch.int32, device=layer.row_ptr.device)
+    t["counters"] = split_counters(layer.out_features, layer.row_ptr.device)
     return t
+
+
+def split_counters(N: int, device: torch.device | str) -> torch.Tensor:
+    """The ``counters`` of a layer with N rows: zeros, one per 64-row tile."""
+    return torch.zeros(-(-N // TC_ROWS), dtype=torch.int32, device=device)
 
 
 # bank_order: sixteen consecutive kept groups (the two groups of 8 lanes' units) as the x bank
