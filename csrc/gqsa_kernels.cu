@@ -731,6 +731,16 @@ constexpr int kTcHalves = kTcThreads / kWarpSize / kTcRowGroups;
 constexpr int kTcHalfSlots = kTcSlots / kTcHalves;
 constexpr int kTcCopyThreads = kTcThreads / kTcRows;  // threads copying one row's groups
 
+// Shared memory per SM of the architecture being compiled: 228 KB on Hopper, 164 KB on A100 and
+// 100 KB on the other Ampere and Ada parts (the host pass does not use it).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ == 800 || __CUDA_ARCH__ == 870)
+constexpr int kSmemPerSm = 164 * 1024;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+constexpr int kSmemPerSm = 100 * 1024;
+#else
+constexpr int kSmemPerSm = 228 * 1024;
+#endif
+
 // Shared memory of tc_kernel. Each pipeline stage holds one chunk: x (kTokens rows of the chunk's
 // activations) and, for each of the tile's rows, the chunk's codes and meta at their dense
 // positions: a kept group's codes go to its column's place in the row, a pruned column gets meta 0
@@ -765,6 +775,9 @@ struct TcLayout {
   // (kernels_llama2-7b_h200_tc_pipeline_experiment_{base,stages3}.json).
   static constexpr int kStages = 2;
   static constexpr int kBytes = kStages * kStageBytes;
+  // CTAs per SM that shared memory allows (1 KB of it is reserved per CTA), at most 4: the
+  // minimum given to __launch_bounds__ for MT <= 2 (see tc_kernel).
+  static constexpr int kMinCtas = kSmemPerSm / (kBytes + 1024) < 4 ? kSmemPerSm / (kBytes + 1024) : 4;
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
   static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kStageBytes, "the half sums fit in stage 0");
 };
@@ -835,8 +848,18 @@ __device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, 
 // With splits > 1 every split stores its fp32 partial in the workspace, and the last split of a
 // tile to finish (counted in counters[tile], which it resets to 0) sums them in split order and
 // writes y: the result does not depend on the order the CTAs run in.
-template <typename T, int G, int MT, bool kXScaled>
-__global__ void __launch_bounds__(kTcThreads)
+// kCompact: the layer has compact tiles (xcols), so the x copy gathers group columns; ordinary
+// layers get an instance without that branch and its loads.
+// Registers: for MT <= 2 the launch bound asks for as many CTAs per SM as shared memory allows
+// (4 on Hopper). Unbounded, ptxas gave MT = 2 68 registers, room for only 3 CTAs, and Llama-3-8B's
+// gate/up (448 tiles) no longer fit one wave on 132 SMs: 56-57 us at 16 tokens instead of 49-50.
+// Bounded, MT = 2 keeps three values in local memory (L1), most other layers ran 1-4% slower than
+// unbounded and Qwen2.5-7B's gate/up (592 tiles, two waves either way) 71-72 us instead of 60-65;
+// MT = 1 uses 64 registers instead of 50 and ran 1-5% faster at 4 and 8 tokens
+// (benchmarks/results/gpu/kernels_h200_tc_trim_*.json). MT = 4 and 8 are left unbounded (0):
+// shared memory already allows only 3 and 2 CTAs, and a bound made ptxas spill.
+template <typename T, int G, int MT, bool kXScaled, bool kCompact>
+__global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCtas : 0))
     tc_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks,
               const int32_t* __restrict__ xcols, int num_chunks, T* __restrict__ y,
@@ -887,12 +910,20 @@ __global__ void __launch_bounds__(kTcThreads)
   static_assert(kRowCopies % kTcCopyThreads == 0, "every thread makes the same number of copies");
   const uint32_t stage0 = smem_addr(tc_smem);
   uint32_t entry_dst = stage0 + L::kXBytes + L::kCodeBytes + L::kMetaBytes + 4 * copy_row;
-  uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + 4 * copy_row * L::kMetaStride;
+  uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + 4 * copy_row * L::kMetaStride + 4 * (copy_part / kCopiesPerGroup);
   uint32_t code_dst[kRowCopiesPerThread];
+  // Copy j of this thread is of group column col0 + j * kColStep; col_bit[j] is its bit in a chunk
+  // table mask, computed once like the addresses.
+  static_assert(kTcCopyThreads % kCopiesPerGroup == 0, "a thread's copies start at the same part of a group");
+  constexpr int kColStep = kTcCopyThreads / kCopiesPerGroup;
+  const int col0 = copy_part / kCopiesPerGroup;
+  const bool copies_meta = copy_part % kCopiesPerGroup == 0;  // the first copy of a group brings its meta
+  uint32_t col_bit[kRowCopiesPerThread];
 #pragma unroll
   for (int j = 0; j < kRowCopiesPerThread; ++j) {
     const int u = copy_part + kTcCopyThreads * j;
     code_dst[j] = stage0 + L::kXBytes + copy_row * L::kCodeRowBytes + u * kCopyBytes;
+    col_bit[j] = 1u << (col0 + j * kColStep);
   }
   // x: token x_tok + j * kXTokenStep, 16-byte unit x_cu of the chunk.
   constexpr int kXCopies = L::kTokens * kTcChunkUnits / kTcThreads;
@@ -908,8 +939,8 @@ __global__ void __launch_bounds__(kTcThreads)
   constexpr int kUnitsPerGroup = G / kWordWeights;
   const T* x_gather = x + static_cast<size_t>(x_tok) * K + (x_cu % kUnitsPerGroup) * kWordWeights;
   const int32_t* xcol_src =
-      xcols == nullptr ? nullptr : xcols + (static_cast<size_t>(tile) * num_chunks + c_begin) * L::kCols + x_cu / kUnitsPerGroup;
-  int xcol = xcol_src != nullptr && n_local > 0 ? __ldg(xcol_src) : -1;
+      kCompact ? xcols + (static_cast<size_t>(tile) * num_chunks + c_begin) * L::kCols + x_cu / kUnitsPerGroup : nullptr;
+  int xcol = kCompact && n_local > 0 ? __ldg(xcol_src) : -1;
   uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
 #pragma unroll
   for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
@@ -928,20 +959,25 @@ __global__ void __launch_bounds__(kTcThreads)
     }
 #pragma unroll
     for (int j = 0; j < kRowCopiesPerThread; ++j) {
-      const int u = copy_part + kTcCopyThreads * j;
-      const int col = u / kCopiesPerGroup;
-      const bool kept = (mask >> col) & 1u;
-      const int group = first + __popc(mask & ((1u << col) - 1u));  // if kept
+      const bool kept = mask & col_bit[j];
+      const int group = first + __popc(mask & (col_bit[j] - 1u));  // if kept
       if (kept) {
-        cp_async<kCopyBytes>(code_dst[j] + stage,
-                             codes + static_cast<size_t>(group) * kWordsPerGroup + (u % kCopiesPerGroup) * (kCopyBytes / 4));
+        cp_async<kCopyBytes>(code_dst[j] + stage, codes + static_cast<size_t>(group) * kWordsPerGroup +
+                                                      (copy_part % kCopiesPerGroup) * (kCopyBytes / 4));
       }
-      if (u % kCopiesPerGroup == 0) cp_async4_zfill(meta_dst + stage + 4 * col, meta + (kept ? group : 0), kept);
+      if (copies_meta) cp_async4_zfill(meta_dst + stage + 4 * kColStep * j, meta + (kept ? group : 0), kept);
     }
-    // x: the chunk's channels, or with xcols the group columns of the chunk's slots.
-    const T* src = xcol_src == nullptr ? x_src + (c_begin + i) * kTcChunk : x_gather + xcol * G;
-    const bool ch_ok = xcol_src == nullptr ? (c_begin + i) * kTcChunk + x_cu * kWordWeights < K : xcol >= 0;
-    if (xcol_src != nullptr) xcol = i + 1 < n_local ? __ldg(xcol_src + (i + 1) * L::kCols) : -1;
+    // x: the chunk's channels, or on compact tiles the group columns of the chunk's slots.
+    const T* src;
+    bool ch_ok;
+    if constexpr (kCompact) {
+      src = x_gather + xcol * G;
+      ch_ok = xcol >= 0;
+      xcol = i + 1 < n_local ? __ldg(xcol_src + (i + 1) * L::kCols) : -1;
+    } else {
+      src = x_src + (c_begin + i) * kTcChunk;
+      ch_ok = (c_begin + i) * kTcChunk + x_cu * kWordWeights < K;
+    }
 #pragma unroll
     for (int j = 0; j < kXCopies; ++j) {
       const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
@@ -997,7 +1033,10 @@ __global__ void __launch_bounds__(kTcThreads)
       keep_in_register(meta_off);
       keep_in_register(x_off);
 #pragma unroll
-      for (int j = 0; j < kRowCopiesPerThread; ++j) keep_in_register(code_dst[j]);
+      for (int j = 0; j < kRowCopiesPerThread; ++j) {
+        keep_in_register(code_dst[j]);
+        keep_in_register(col_bit[j]);
+      }
       keep_in_register(meta_dst);
       keep_in_register(entry_dst);
       keep_in_register(x_dst);
@@ -1239,10 +1278,10 @@ struct TcArgs {
   cudaStream_t stream;
 };
 
-template <typename T, int G, int MT, bool kXScaled>
+template <typename T, int G, int MT, bool kXScaled, bool kCompact>
 cudaError_t launch_tc_kernel(const TcArgs& a, const void* x) {
   using L = TcLayout<G, MT>;
-  const auto kernel = tc_kernel<T, G, MT, kXScaled>;
+  const auto kernel = tc_kernel<T, G, MT, kXScaled, kCompact>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
@@ -1264,10 +1303,11 @@ cudaError_t launch_tc(const TcArgs& a) {
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
       }
-      return launch_tc_kernel<T, G, MT, true>(a, a.x_scratch);
+      return a.xcols != nullptr ? launch_tc_kernel<T, G, MT, true, true>(a, a.x_scratch)
+                                : launch_tc_kernel<T, G, MT, true, false>(a, a.x_scratch);
     }
   }
-  return launch_tc_kernel<T, G, MT, false>(a, a.x);
+  return a.xcols != nullptr ? launch_tc_kernel<T, G, MT, false, true>(a, a.x) : launch_tc_kernel<T, G, MT, false, false>(a, a.x);
 }
 
 template <typename T, int G>
