@@ -1278,10 +1278,10 @@ struct TcArgs {
   cudaStream_t stream;
 };
 
-template <typename T, int G, int MT, bool kXScaled, bool kCompact>
+template <typename T, int G, int MT, bool kXScaled>
 cudaError_t launch_tc_kernel(const TcArgs& a, const void* x) {
   using L = TcLayout<G, MT>;
-  const auto kernel = tc_kernel<T, G, MT, kXScaled, kCompact>;
+  const auto kernel = a.xcols != nullptr ? tc_kernel<T, G, MT, kXScaled, true> : tc_kernel<T, G, MT, kXScaled, false>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
@@ -1303,11 +1303,10 @@ cudaError_t launch_tc(const TcArgs& a) {
         const cudaError_t err = cudaGetLastError();
         if (err != cudaSuccess) return err;
       }
-      return a.xcols != nullptr ? launch_tc_kernel<T, G, MT, true, true>(a, a.x_scratch)
-                                : launch_tc_kernel<T, G, MT, true, false>(a, a.x_scratch);
+      return launch_tc_kernel<T, G, MT, true>(a, a.x_scratch);
     }
   }
-  return a.xcols != nullptr ? launch_tc_kernel<T, G, MT, false, true>(a, a.x) : launch_tc_kernel<T, G, MT, false, false>(a, a.x);
+  return launch_tc_kernel<T, G, MT, false>(a, a.x);
 }
 
 template <typename T, int G>
