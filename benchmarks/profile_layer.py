@@ -3,9 +3,10 @@
 
     ncu -k regex:gemv_kernel -s 2 -c 1 --metrics ... python benchmarks/profile_layer.py gemv 22016 4096 1
 
-PATH is gemv, gemv_bank (the GEMV on groups in ``cuda_format.bank_order``) or tc (tensor cores);
-the layer is N x K at 50% density, made as benchmarks/kernels.py makes its layers; x is M random
-fp16 tokens. ``-s 2 -c 1`` profiles the third call. The ``ncu_stalls_*.txt`` files in
+PATH is gemv, gemv_bank (the GEMV on groups in ``cuda_format.bank_order``), tc (tensor cores) or
+marlin (vLLM's Marlin on a GPTQ 4-bit g128 layer of the same shape, for comparison: ``-k
+regex:Marlin``); the GQSA layer is N x K at 50% density, made as benchmarks/kernels.py makes its
+layers; x is M random fp16 tokens. ``-s 2 -c 1`` profiles the third call. The ``ncu_stalls_*.txt`` files in
 benchmarks/results/gpu/ hold the command lines they came from."""
 
 from __future__ import annotations
@@ -17,25 +18,33 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import make_gqsa  # noqa: E402
+from kernels import make_gqsa, vllm_gptq_baselines  # noqa: E402
 
 from vllm_gqsa.kernels import cuda, cuda_format  # noqa: E402
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", choices=("gemv", "gemv_bank", "tc"))
+    p.add_argument("path", choices=("gemv", "gemv_bank", "tc", "marlin"))
     p.add_argument("N", type=int)
     p.add_argument("K", type=int)
     p.add_argument("M", type=int)
     a = p.parse_args()
     torch.manual_seed(0)
-    t = make_gqsa(a.N, a.K, 0.5, cuda.default_num_ctas())
-    if a.path == "gemv_bank":
-        t = cuda_format.with_bank_order(t)
     x = torch.randn(a.M, a.K, device="cuda", dtype=torch.half)
+    if a.path == "marlin":
+        baselines = vllm_gptq_baselines(a.N, a.K, 1, frozenset({"marlin"}))
+        if "marlin" not in baselines:
+            sys.exit("marlin: vLLM's Marlin kernel is not available here")
+        fn, packs, _ = baselines["marlin"]
+        call = lambda: fn(x, packs[0])  # noqa: E731
+    else:
+        t = make_gqsa(a.N, a.K, 0.5, cuda.default_num_ctas())
+        if a.path == "gemv_bank":
+            t = cuda_format.with_bank_order(t)
+        call = (lambda: cuda.tc(x, t, a.N)) if a.path == "tc" else (lambda: cuda.gemv(x, t, a.N))
     for _ in range(3):
-        y = cuda.tc(x, t, a.N) if a.path == "tc" else cuda.gemv(x, t, a.N)
+        y = call()
     torch.cuda.synchronize()
     print("ok", a.path, tuple(y.shape))
 
