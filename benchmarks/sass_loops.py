@@ -65,7 +65,12 @@ def main() -> None:
     p.add_argument("--arch", default="sm_90a")
     p.add_argument("--span", help="START:END addresses in hex, END excluded")
     a = p.parse_args()
-    found = functions(a.obj, a.arch, a.pattern)
+    try:
+        found = functions(a.obj, a.arch, a.pattern)
+    except FileNotFoundError:
+        raise SystemExit(f"{CUOBJDUMP} not found: put cuobjdump on PATH or name it in CUOBJDUMP")
+    except subprocess.CalledProcessError as e:
+        raise SystemExit(f"cuobjdump could not read {a.obj}: {e.stderr.strip()}")
     if not found:
         raise SystemExit(f"no function matching {a.pattern!r} with {a.arch} code in {a.obj}")
     name, regs, stack = found[0]
