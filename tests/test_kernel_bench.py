@@ -80,3 +80,27 @@ def test_baselines_option():
         parse_baselines("marlin,marlni")
     with pytest.raises(argparse.ArgumentTypeError):
         parse_baselines(",")
+
+
+def test_gemv_timeline_summary_keeps_nanoseconds():
+    """benchmarks/gemv_timeline.py: globaltimer stamps are near 2^61 ns, where a double's step is
+    256 ns; the summary must subtract the first start in integers, and skip warps with no groups
+    where it times their loop."""
+    import torch
+    from gemv_timeline import FIELDS, SLOTS, summarize
+
+    t = torch.zeros((SLOTS, FIELDS), dtype=torch.int64)
+    base = 1_764_000_000_123_456_789
+    for w in range(16):
+        start = base + 32 * w
+        t[w, 0:6] = torch.tensor([start, start + 400, base + 2000, base + 3000, base + 9000, base + 10_000 + 64 * w])
+        t[w, 6] = w // 8  # two SMs
+        t[w, 7] = 18_000
+        t[w, 8:14] = 10**12 + 1000 * torch.arange(6)
+    t[15, 3] = t[15, 4] = t[15, 11] = t[15, 12] = 0  # a warp without groups
+    s = summarize(t)
+    assert s["warps"] == 16 and s["sms"] == 2
+    assert s["span_us"] == pytest.approx(10.96)  # (10_000 + 64 * 15) ns after the first start
+    assert s["warp_start_us"]["p100"] == pytest.approx(0.48)
+    assert s["cycles_entry_to_first_batch_done"]["p0"] == 3000
+    assert s["cycles_first_batch_to_loop_done"]["p100"] == 1000  # warp 15 left out

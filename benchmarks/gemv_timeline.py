@@ -1,0 +1,145 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Where one GEMV call's time goes, warp by warp: the one-token GEMV on each linear shape of a
+decoder layer, with per-warp timestamps from an instrumented build of the kernels.
+
+The timestamps come from ``benchmarks/results/gpu/gemv_timeline_experiment.patch``, which makes
+every warp record ``%globaltimer`` and ``clock64`` at six points (entry, schedule read, x copied,
+first batch's math done, loop done, end) into a device array, and exports two C functions that
+zero it and copy it out. Build the kernels with the patch applied (``git apply`` it, then ``pip
+install --no-build-isolation -e .`` on the GPU machine), then::
+
+    python benchmarks/gemv_timeline.py --out benchmarks/results/gpu/gemv_timeline_h200.json
+
+Each shape is timed as ``benchmarks/kernels.py`` times it (random layers at 50% density, enough
+copies to rotate past L2, one CUDA graph calling each once); the timeline is that of the graph's
+last call, whose predecessor is the same kernel on another copy, and of one call alone after an
+L2 flush. The instrumentation itself costs a few percent, so compare timelines with timelines
+and speeds with uninstrumented builds."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import copies_for, gqsa_bytes, make_gqsa  # noqa: E402
+
+from vllm_gqsa.kernels import cuda  # noqa: E402
+
+SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+SLOTS, FIELDS = 8192, 16  # the patch's gqsa_timeline[kTimelineSlots][16]
+# Field i (0..5) is the globaltimer at event i, 8 + i its clock64; 6 is the SM, 7 the warp's cycles.
+EVENTS = ("entry", "schedule_read", "x_copied", "first_batch_done", "loop_done", "end")
+
+
+def timeline_library() -> ctypes.CDLL:
+    """The loaded kernel library, if it is an instrumented build."""
+    ok, why = cuda.available()
+    if not ok:
+        sys.exit(f"gemv_timeline: the GQSA CUDA kernels are not available ({why})")
+    import vllm_gqsa._C as ext
+
+    lib = ctypes.CDLL(ext.__file__)
+    if not hasattr(lib, "gqsa_timeline_copy"):
+        sys.exit("gemv_timeline: vllm_gqsa._C has no timeline; build it with "
+                 "benchmarks/results/gpu/gemv_timeline_experiment.patch applied")
+    return lib
+
+
+def quantiles(xs: list[float]) -> dict[str, float] | None:
+    xs = sorted(xs)
+    if not xs:
+        return None
+    return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (0, 10, 50, 90, 100)}
+
+
+def summarize(t: torch.Tensor) -> dict:
+    """Per-warp intervals of one call: `t` is the copied array, rows of warps that ran."""
+    t = t[t[:, 0] != 0]
+    has = t[:, 3] != 0  # warps with groups (the others skip the loop)
+    # Nanoseconds since the first warp's start, taken in int64: globaltimer values are near 2^61,
+    # where a double cannot tell apart times 256 ns apart.
+    t0 = t[:, 0].min()
+    t = torch.cat([t[:, :6] - t0, t[:, 6:]], dim=1).double()
+    cyc = lambda a, b, rows=slice(None): quantiles((t[rows, 8 + b] - t[rows, 8 + a]).tolist())  # noqa: E731
+    return {
+        "warps": int(t.shape[0]),
+        "sms": int(torch.unique(t[:, 6]).numel()),
+        "span_us": float(t[:, 5].max() / 1e3),
+        "warp_start_us": quantiles((t[:, 0] / 1e3).tolist()),
+        "warp_end_us": quantiles((t[:, 5] / 1e3).tolist()),
+        "cycles_entry_to_schedule_read": cyc(0, 1),
+        "cycles_entry_to_x_copied": cyc(0, 2),
+        "cycles_entry_to_first_batch_done": cyc(0, 3, has),
+        "cycles_first_batch_to_loop_done": cyc(3, 4, has),
+        "cycles_loop_done_to_end": cyc(4, 5, has),
+        "cycles_entry_to_end": quantiles(t[:, 7].tolist()),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--reps", type=int, default=10, help="graph replays for the per-call time")
+    args = p.parse_args()
+    lib = timeline_library()
+    host = torch.zeros((SLOTS, FIELDS), dtype=torch.int64)
+
+    def grab() -> torch.Tensor:
+        torch.cuda.synchronize()
+        if lib.gqsa_timeline_copy(ctypes.c_void_p(host.data_ptr())) != 0:
+            sys.exit("gemv_timeline: copying the timeline failed")
+        return host.clone()
+
+    ncta = cuda.default_num_ctas()
+    out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "num_ctas": ncta,
+           "command": " ".join(sys.argv), "events": EVENTS, "shapes": {}}
+    for name, (N, K) in SHAPES.items():
+        first = make_gqsa(N, K, 0.5, ncta)
+        layers = [first] + [make_gqsa(N, K, 0.5, ncta) for _ in range(copies_for(gqsa_bytes(first, 1, K)) - 1)]
+        x = torch.randn(1, K, dtype=torch.float16, device="cuda")
+        calls = [lambda t=t: cuda.gemv(x, t, N) for t in layers]
+        for c in calls:  # warm up outside the graph
+            c()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in calls:
+                c()
+        times = []
+        for _ in range(args.reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3 / len(calls))
+        lib.gqsa_timeline_reset()
+        g.replay()
+        in_graph = summarize(grab())
+        flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+        lib.gqsa_timeline_reset()
+        flush.fill_(1)
+        cuda.gemv(x, layers[0], N)
+        alone = summarize(grab())
+        del flush
+        out["shapes"][name] = {"N": N, "K": K, "copies": len(layers), "graph_us_per_call": statistics.median(times),
+                               "graph_last_call": in_graph, "alone_after_l2_flush": alone}
+        c = in_graph
+        print(f"{name:8s} {statistics.median(times):6.2f} us/call, span {c['span_us']:5.2f} us; cycles (p50) to "
+              f"x copied {c['cycles_entry_to_x_copied']['p50']:.0f}, first batch "
+              f"{c['cycles_entry_to_first_batch_done']['p50']:.0f}, loop {c['cycles_first_batch_to_loop_done']['p50']:.0f}, "
+              f"end {c['cycles_loop_done_to_end']['p50']:.0f}", flush=True)
+        del layers, calls, g
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
