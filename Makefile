@@ -2,7 +2,7 @@
 # `pip install -e .` is all the plugin needs.
 VENV ?= .venv
 # The vLLM release the plugin is pinned to; another one can be tried in its own venv, e.g.
-# make test VENV=.venv-vllm-0.33 VLLM=0.33.0
+# make test VENV=.venv-vllm-0.34 VLLM=0.34.0
 VLLM ?= 0.26.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check
