@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import statistics
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, gqsa_bytes, make_gqsa  # noqa: E402
+from kernels import capture_graph, copies_for, gqsa_bytes, make_gqsa, replay_us  # noqa: E402
 
 from vllm_gqsa.kernels import cuda  # noqa: E402
 
@@ -105,20 +104,8 @@ def main() -> None:
         layers = [first] + [make_gqsa(N, K, 0.5, ncta) for _ in range(copies_for(gqsa_bytes(first, 1, K)) - 1)]
         x = torch.randn(1, K, dtype=torch.float16, device="cuda")
         calls = [lambda t=t: cuda.gemv(x, t, N) for t in layers]
-        for c in calls:  # warm up outside the graph
-            c()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            for c in calls:
-                c()
-        times = []
-        for _ in range(args.reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            g.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e3 / len(calls))
+        g = capture_graph(calls)
+        us = replay_us(g, len(calls), args.reps)
         lib.gqsa_timeline_reset()
         g.replay()
         in_graph = summarize(grab())
@@ -128,10 +115,10 @@ def main() -> None:
         cuda.gemv(x, layers[0], N)
         alone = summarize(grab())
         del flush
-        out["shapes"][name] = {"N": N, "K": K, "copies": len(layers), "graph_us_per_call": statistics.median(times),
+        out["shapes"][name] = {"N": N, "K": K, "copies": len(layers), "graph_us_per_call": us,
                                "graph_last_call": in_graph, "alone_after_l2_flush": alone}
         c = in_graph
-        print(f"{name:8s} {statistics.median(times):6.2f} us/call, span {c['span_us']:5.2f} us; cycles (p50) to "
+        print(f"{name:8s} {us:6.2f} us/call, span {c['span_us']:5.2f} us; cycles (p50) to "
               f"x copied {c['cycles_entry_to_x_copied']['p50']:.0f}, first batch "
               f"{c['cycles_entry_to_first_batch_done']['p50']:.0f}, loop {c['cycles_first_batch_to_loop_done']['p50']:.0f}, "
               f"end {c['cycles_loop_done_to_end']['p50']:.0f}", flush=True)

@@ -153,8 +153,8 @@ def copies_for(nbytes: int) -> int:
     return max(2, min(MAX_COPIES, math.ceil(L2_ROTATION_BYTES / max(nbytes, 1))))
 
 
-def time_graph(calls, reps: int) -> float:
-    """Median µs per call of a CUDA graph that makes every call in `calls` once."""
+def capture_graph(calls) -> torch.cuda.CUDAGraph:
+    """A CUDA graph that makes every call in `calls` once, warmed up and replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm up outside the graph (workspaces, lazy init)
@@ -167,6 +167,11 @@ def time_graph(calls, reps: int) -> float:
             c()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def replay_us(g: torch.cuda.CUDAGraph, n_calls: int, reps: int) -> float:
+    """Median µs per call over `reps` replays of a graph of `n_calls` calls."""
     times = []
     for _ in range(reps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -174,8 +179,13 @@ def time_graph(calls, reps: int) -> float:
         g.replay()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+        times.append(start.elapsed_time(end) * 1e3 / n_calls)
     return statistics.median(times)
+
+
+def time_graph(calls, reps: int) -> float:
+    """Median µs per call of a CUDA graph that makes every call in `calls` once."""
+    return replay_us(capture_graph(calls), len(calls), reps)
 
 
 def measure_read_bandwidth() -> float:
