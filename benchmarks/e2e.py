@@ -7,6 +7,8 @@ per second for prompt 128 / 256 generated tokens (ignore_eos) at each batch size
 first token of one request at each ``--ttft-prompts`` length (a 1-token generation, best of 3),
 and the GPU memory vLLM reports for the weights ("Model loading took ... GiB"). ``--dtype bfloat16``
 makes and serves the model in bf16 (the ``fp16`` configuration is then the dense bf16 model).
+``--profile-batches 1,16`` also says where a decode step's GPU time goes at those batch sizes (the
+linear layers, attention, norms, the output layer, ...; see profile_decode).
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
@@ -63,6 +65,89 @@ CONFIGS = {
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
 }
 PROMPT_LEN, GEN_LEN = 128, 256
+# --profile-batches: decode steps in the profiled generation (after its prefill).
+PROFILE_STEPS = 64
+
+# Where a decode step's GPU time goes: kernel-name fragments (lower case) per category, first match
+# wins. vLLM's torch.compile turns RMSNorm with the residual add, SiLU-and-mul and the rotary
+# embedding into generated Triton kernels named after the ops they fuse, which include the linear
+# op they feed (triton_red_fused_fused_add_rms_norm_gqsa_mm_0), so those never count as a linear
+# layer; the rotary embedding's is named after its cache lookup (index_select).
+# FlashAttention 3 is a CUTLASS kernel, so attention is tried before the dense GEMM's fragments.
+LINEAR_CATEGORIES = (
+    ("gqsa linear", ("gqsa",)),
+    ("marlin linear", ("marlin",)),
+    ("machete linear", ("machete",)),
+    ("other quantized linear", ("exllama", "gptq", "awq", "cusparselt", "sparse")),
+)
+ATTENTION = ("attention", ("flash", "attn", "attention", "paged", "reshape_and_cache", "fmha"))
+DENSE_GEMM = ("dense gemm (lm_head)", ("gemm", "cutlass", "xmma", "cublas", "nvjet", "sm90_", "sm80_"))
+OTHER_CATEGORIES = (
+    ("rmsnorm and residual", ("rms", "norm", "rsqrt")),
+    ("activation", ("act_and_mul", "silu", "sigmoid")),
+    ("rotary embedding", ("rotary", "rope", "index_select")),
+    ("sampling", ("sample", "argmax", "topk", "top_k")),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    generated = low.startswith("triton_")
+    for category, fragments in OTHER_CATEGORIES if generated else (*LINEAR_CATEGORIES, ATTENTION, DENSE_GEMM,
+                                                                    *OTHER_CATEGORIES):
+        if any(f in low for f in fragments):
+            return category
+    return "other"
+
+
+def profile_decode(llm, batch: int, prompt_ids: list) -> dict:
+    """Where a decode step's time goes at `batch`: GPU kernel time by category (kernel_category)
+    from torch.profiler (the engine must run in this process), and the wall time per step. Each
+    is the difference between generating 1 + PROFILE_STEPS tokens and generating one, divided by
+    PROFILE_STEPS, so the prefill cancels out. The wall times come from runs without the
+    profiler, after the profiled ones (best of three); they include the GPU's idle gaps."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids[:batch]]
+
+    def generate(tokens: int) -> float:
+        params = SamplingParams(max_tokens=tokens, ignore_eos=True, temperature=0.0)
+        t = time.perf_counter()
+        llm.generate(prompts, params, use_tqdm=False)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    def kernels(tokens: int) -> dict:
+        generate(tokens)  # warm-up, and the same prefix-cache state as the profiled run
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            generate(tokens)
+        out = {}
+        for e in prof.key_averages():
+            if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0:
+                us, n = out.get(e.key, (0.0, 0))
+                out[e.key] = (us + e.self_device_time_total, n + e.count)
+        return out
+
+    steps = PROFILE_STEPS
+    k1, k2 = kernels(1), kernels(1 + steps)
+    walls = {tokens: min(generate(tokens) for _ in range(3)) for tokens in (1, 1 + steps)}
+    per_step = {name: ((us - k1.get(name, (0.0, 0))[0]) / steps, (n - k1.get(name, (0.0, 0))[1]) / steps)
+                for name, (us, n) in k2.items()}
+    by_category = {}
+    for name, (us, _) in per_step.items():
+        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + us
+    kernel_us = sum(by_category.values())
+    wall_us = 1e6 * (walls[1 + steps] - walls[1]) / steps
+    return {"batch": batch, "steps": steps, "wall_s_1_token": round(walls[1], 4),
+            f"wall_s_{1 + steps}_tokens": round(walls[1 + steps], 4), "wall_us_per_step": round(wall_us, 1),
+            "kernel_us_per_step": round(kernel_us, 1), "gpu_idle_us_per_step": round(wall_us - kernel_us, 1),
+            "by_category_us_per_step": {k: round(v, 1) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+            "top_kernels": [{"name": n[:160], "category": kernel_category(n), "us_per_step": round(us, 2),
+                             "calls_per_step": round(c, 2)}
+                            for n, (us, c) in sorted(per_step.items(), key=lambda kv: -kv[1][0])[:20]]}
 
 
 def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "float16") -> str:
@@ -81,7 +166,8 @@ def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "floa
     return root
 
 
-def run_one(model_dir: str, engine_kwargs: dict, batches: list[int], ttft_prompts: list[int]) -> dict:
+def run_one(model_dir: str, engine_kwargs: dict, batches: list[int], ttft_prompts: list[int],
+            profile_batches: tuple = ()) -> dict:
     import torch
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -121,6 +207,11 @@ def run_one(model_dir: str, engine_kwargs: dict, batches: list[int], ttft_prompt
             times.append(time.perf_counter() - t)
         out.setdefault("ttft", {})[str(n)] = {"ttft_ms": round(1e3 * min(times), 2)}
         print(f"  time to first token, {n}-token prompt: {1e3 * min(times):.1f} ms", flush=True)
+    for b in profile_batches:
+        ids = [torch.randint(100, 30000, (PROMPT_LEN,), generator=g).tolist() for _ in range(b)]
+        out.setdefault("decode_profile", {})[f"batch{b}"] = prof = profile_decode(llm, b, ids)
+        print(f"  decode step at batch {b}: {prof['wall_us_per_step']:.0f} us wall, "
+              f"{prof['kernel_us_per_step']:.0f} us of kernels: {prof['by_category_us_per_step']}", flush=True)
     return out
 
 
@@ -147,21 +238,27 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-prompts", default="", help="prompt lengths for time to first token, e.g. 512,2048,8192")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"],
                    help="the model's dtype, which vLLM serves it in (the W2 kernel takes float16 only)")
+    p.add_argument("--profile-batches", default="",
+                   help="also profile decode steps at these batch sizes, e.g. 1,16 (GPU time per step by "
+                        "kernel category, and the wall time); the engine then runs in the benchmark's "
+                        "process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which the tokens/s also measure")
     p.add_argument("--out", required=True)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     batches = [int(b) for b in a.batches.split(",")]
     ttft_prompts = [int(n) for n in a.ttft_prompts.split(",") if n]
+    profile_batches = tuple(int(b) for b in a.profile_batches.split(",") if b)
     if a.child:  # one configuration in this process
         quant, engine_kwargs = CONFIGS[a.child]
         d = make_model_dir(tempfile.mkdtemp(), a.shape, quant, a.dtype)
         with open(a.out, "w") as f:
-            json.dump(run_one(d, engine_kwargs, batches, ttft_prompts), f)
+            json.dump(run_one(d, engine_kwargs, batches, ttft_prompts, profile_batches), f)
         return 0
     import torch
     import vllm
 
     results = {"shape": a.shape, "dtype": a.dtype, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
+               "engine_in_process": bool(profile_batches),
                "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "gqsa_dispatch": gqsa_dispatch(),
                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_GQSA_")},
@@ -169,9 +266,11 @@ def main(argv=None) -> int:
     for name in a.configs.split(","):
         print(name, flush=True)
         tmp = tempfile.mktemp(suffix=".json")
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile_batches else None
         proc = subprocess.Popen([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
-                                 "--ttft-prompts", a.ttft_prompts, "--dtype", a.dtype, "--out", tmp, "--child", name],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 "--ttft-prompts", a.ttft_prompts, "--dtype", a.dtype, "--out", tmp, "--child", name,
+                                 "--profile-batches", a.profile_batches],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         log = []
         for line in proc.stdout:  # shown as it comes, kept for the weight-memory line
             print(line, end="", flush=True)

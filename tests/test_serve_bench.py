@@ -97,3 +97,34 @@ def test_e2e_model_dtype(tmp_path, dtype):
     cfg = AutoConfig.from_pretrained(d)
     assert cfg.dtype == getattr(torch, dtype)
     assert cfg.quantization_config["quant_method"] == "gqsa"
+
+
+@pytest.mark.parametrize("name, category", [
+    ("void gqsa::(anonymous namespace)::gemv_kernel<__half, 16, 1, true>(const __half*, ...)", "gqsa linear"),
+    ("void gqsa::(anonymous namespace)::tc_kernel<__half, 16, 2, false, false>(...)", "gqsa linear"),
+    ("void marlin::Marlin<(vllm::ScalarType::Id)5, 256, 1, 8, 8, false, 4, 8, false>(...)", "marlin linear"),
+    ("void gemm_half_q_half_gptq_2bit_kernel<true, 1>(...)", "other quantized linear"),
+    ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "rmsnorm and residual"),
+    ("triton_red_fused_fused_add_rms_norm_gqsa_mm_0", "rmsnorm and residual"),
+    ("triton_red_fused_fused_add_rms_norm_marlin_gemm_2", "rmsnorm and residual"),
+    ("triton_poi_fused_gqsa_mm_mul_silu_slice_1", "activation"),
+    ("triton_poi_fused_add_cat_index_select_mul_split_split_with_sizes_sub_unsqueeze_view_3", "rotary embedding"),
+    ("triton_poi_fused_mul_silu_slice_1", "activation"),
+    ("void vllm::act_and_mul_kernel<c10::Half, ...>(...)", "activation"),
+    ("void flash::flash_fwd_splitkv_kernel<Flash_fwd_kernel_traits<128, 64, 128, 4>, ...>(...)", "attention"),
+    ("void vllm::reshape_and_cache_flash_kernel<__half, __half, 0>(...)", "attention"),
+    ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...> > >(...)", "attention"),
+    ("void cutlass::device_kernel<flash::FlashAttnFwdCombine<cute::tuple<cute::C<8>, ...> > >(...)", "attention"),
+    ("void vllm::rotary_embedding_kernel<c10::Half, true>(...)", "rotary embedding"),
+    ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "dense gemm (lm_head)"),
+    ("nvjet_hsh_64x8_64x16_2x1_v_bz_splitK_TNT", "dense gemm (lm_head)"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::ArgMaxOps<float>, ...>(...)",
+     "sampling"),
+    ("Memcpy DtoH (Device -> Pinned)", "other"),
+])
+def test_e2e_kernel_categories(name, category):
+    """benchmarks/e2e.py --profile-batch sorts a decode step's kernels by what they do: the linear
+    layers' kernels of each method apart from the rest of the step."""
+    import e2e
+
+    assert e2e.kernel_category(name) == category
