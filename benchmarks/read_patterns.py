@@ -8,8 +8,8 @@ one number per program): ``private``, each program streams its own contiguous ra
 warps do, and ``interleaved``, where at step i program p reads block i * programs + p, so the
 programs running together read neighbouring addresses. Sizes: a Llama-2-7B gate/up, qkv and o
 projection at W4 S50% g16 (33.8, 18.9 and 6.3 MB); grids of 2112 one-warp programs (the GEMV's
-264 CTAs x 8 warps), 264 x 8 warps and 528 x 4; 2, 4 and 8 pipeline stages. Timed as CUDA-graph
-replays over enough copies to pass the L2 cache, best of three.
+264 CTAs x 8 warps), 264 x 8 warps and 528 x 4; 2, 4 and 8 pipeline stages. Timed as kernels.py
+times a layer: CUDA-graph replays over enough copies to pass the L2 cache.
 
     python benchmarks/read_patterns.py --out benchmarks/results/gpu/read_patterns_h200.json
 """
@@ -19,10 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels import time_graph  # noqa: E402
 
 
 @triton.jit
@@ -43,31 +47,6 @@ def interleaved(src, out, per_prog, P, BLOCK: tl.constexpr):
         off = i.to(tl.int64) * P + p * BLOCK
         acc += tl.load(src + off + tl.arange(0, BLOCK), eviction_policy="evict_first")
     tl.store(out + p, tl.sum(acc))
-
-
-def time_calls(calls, reps: int = 20) -> float:
-    """µs per call: the calls captured in one CUDA graph, replayed `reps` times, best of three."""
-    g = torch.cuda.CUDAGraph()
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        for c in calls:
-            c()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(g):
-        for c in calls:
-            c()
-    g.replay()
-    torch.cuda.synchronize()
-    e0, e1 = torch.cuda.Event(True), torch.cuda.Event(True)
-    best = float("inf")
-    for _ in range(3):
-        e0.record()
-        for _ in range(reps):
-            g.replay()
-        e1.record()
-        torch.cuda.synchronize()
-        best = min(best, e0.elapsed_time(e1) * 1e3 / reps / len(calls))
-    return best
 
 
 def main(argv=None) -> int:
@@ -91,7 +70,7 @@ def main(argv=None) -> int:
                     else:
                         calls = [lambda b=b: interleaved[(progs,)](b, out, per, progs, BLOCK=block,
                                                                    num_warps=warps, num_stages=stages) for b in bufs]
-                    us = time_calls(calls)
+                    us = time_graph(calls, reps=20)
                     r = dict(MB=n * 4 / 1e6, progs=progs, warps=warps, stages=stages, pattern=name, us=us,
                              GBps=n * 4 / us / 1e3)
                     results.append(r)
