@@ -105,7 +105,7 @@ def profile_decode(llm, batch: int, prompt_ids: list) -> dict:
     from torch.profiler (the engine must run in this process), and the wall time per step. Each
     is the difference between generating 1 + PROFILE_STEPS tokens and generating one, divided by
     PROFILE_STEPS, so the prefill cancels out. The wall times come from runs without the
-    profiler, after the profiled ones (best of three); they include the GPU's idle gaps."""
+    profiler, before the profiled ones (best of three); they include the GPU's idle gaps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
     from vllm import SamplingParams
@@ -132,8 +132,9 @@ def profile_decode(llm, batch: int, prompt_ids: list) -> dict:
         return out
 
     steps = PROFILE_STEPS
-    k1, k2 = kernels(1), kernels(1 + steps)
+    # Wall times first: once torch.profiler has run, its CUDA tracing state can stay in the process.
     walls = {tokens: min(generate(tokens) for _ in range(3)) for tokens in (1, 1 + steps)}
+    k1, k2 = kernels(1), kernels(1 + steps)
     per_step = {name: ((us - k1.get(name, (0.0, 0))[0]) / steps, (n - k1.get(name, (0.0, 0))[1]) / steps)
                 for name, (us, n) in k2.items()}
     by_category = {}
