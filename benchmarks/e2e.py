@@ -135,11 +135,14 @@ def profile_decode(llm, batch: int, prompt_ids: list) -> dict:
     # Wall times first: once torch.profiler has run, its CUDA tracing state can stay in the process.
     walls = {tokens: min(generate(tokens) for _ in range(3)) for tokens in (1, 1 + steps)}
     k1, k2 = kernels(1), kernels(1 + steps)
-    per_step = {name: ((us - k1.get(name, (0.0, 0))[0]) / steps, (n - k1.get(name, (0.0, 0))[1]) / steps)
-                for name, (us, n) in k2.items()}
+    per_step = {}
+    for name, (us, n) in k2.items():
+        us1, n1 = k1.get(name, (0.0, 0))
+        per_step[name] = ((us - us1) / steps, (n - n1) / steps)
     by_category = {}
     for name, (us, _) in per_step.items():
-        by_category[kernel_category(name)] = by_category.get(kernel_category(name), 0.0) + us
+        category = kernel_category(name)
+        by_category[category] = by_category.get(category, 0.0) + us
     kernel_us = sum(by_category.values())
     wall_us = 1e6 * (walls[1 + steps] - walls[1]) / steps
     return {"batch": batch, "steps": steps, "wall_s_1_token": round(walls[1], 4),

@@ -123,7 +123,7 @@ def test_e2e_model_dtype(tmp_path, dtype):
     ("Memcpy DtoH (Device -> Pinned)", "other"),
 ])
 def test_e2e_kernel_categories(name, category):
-    """benchmarks/e2e.py --profile-batch sorts a decode step's kernels by what they do: the linear
+    """benchmarks/e2e.py --profile-batches sorts a decode step's kernels by what they do: the linear
     layers' kernels of each method apart from the rest of the step."""
     import e2e
 
