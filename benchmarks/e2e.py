@@ -154,7 +154,8 @@ def profile_decode(llm, batch: int, prompt_ids: list) -> dict:
                             for n, (us, c) in sorted(per_step.items(), key=lambda kv: -kv[1][0])[:20]]}
 
 
-def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "float16") -> str:
+def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "float16",
+                   layers: int | None = None) -> str:
     from converters.tiny import byte_tokenizer
 
     os.makedirs(root, exist_ok=True)
@@ -162,6 +163,8 @@ def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "floa
            "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
            **SHAPES[shape]}
+    if layers:
+        cfg["num_hidden_layers"] = layers
     if quant:
         cfg["quantization_config"] = quant
     with open(os.path.join(root, "config.json"), "w") as f:
@@ -246,6 +249,9 @@ def main(argv=None) -> int:
                    help="also profile decode steps at these batch sizes, e.g. 1,16 (GPU time per step by "
                         "kernel category, and the wall time); the engine then runs in the benchmark's "
                         "process (VLLM_ENABLE_V1_MULTIPROCESSING=0), which the tokens/s also measure")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers instead of the shape's own: with 1, a decode step's GPU work is "
+                        "small, so its wall time is about what the engine spends on each step around it")
     p.add_argument("--out", required=True)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -254,14 +260,14 @@ def main(argv=None) -> int:
     profile_batches = tuple(int(b) for b in a.profile_batches.split(",") if b)
     if a.child:  # one configuration in this process
         quant, engine_kwargs = CONFIGS[a.child]
-        d = make_model_dir(tempfile.mkdtemp(), a.shape, quant, a.dtype)
+        d = make_model_dir(tempfile.mkdtemp(), a.shape, quant, a.dtype, a.layers)
         with open(a.out, "w") as f:
             json.dump(run_one(d, engine_kwargs, batches, ttft_prompts, profile_batches), f)
         return 0
     import torch
     import vllm
 
-    results = {"shape": a.shape, "dtype": a.dtype, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
+    results = {"shape": a.shape, "layers": a.layers or SHAPES[a.shape]["num_hidden_layers"], "dtype": a.dtype, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
                "engine_in_process": bool(profile_batches),
                "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "gqsa_dispatch": gqsa_dispatch(),
@@ -273,7 +279,8 @@ def main(argv=None) -> int:
         env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile_batches else None
         proc = subprocess.Popen([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
                                  "--ttft-prompts", a.ttft_prompts, "--dtype", a.dtype, "--out", tmp, "--child", name,
-                                 "--profile-batches", a.profile_batches],
+                                 "--profile-batches", a.profile_batches,
+                                 *(["--layers", str(a.layers)] if a.layers else [])],
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         log = []
         for line in proc.stdout:  # shown as it comes, kept for the weight-memory line

@@ -58,8 +58,33 @@ def quantiles(xs: list[float]) -> dict[str, float] | None:
     return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (0, 10, 50, 90, 100)}
 
 
+def tail(t: torch.Tensor) -> dict | None:
+    """How much of a call's tail even shares would take back, from the loop-done times (µs) of the
+    warps with groups: the last warp's, and the latest mean over the warps of one CTA, of one SM,
+    and of the whole grid. A warp's work is fixed by the schedule, so if the warps of a CTA (an SM,
+    the grid) could hand work to each other, they would finish about at their mean: the difference
+    to the last warp is what dynamic shares at that level could save at most."""
+    slot = torch.arange(t.shape[0])
+    ran = (t[:, 0] != 0) & (t[:, 3] != 0)
+    if not ran.any():
+        return None
+    t0 = t[ran, 0].min()
+    done = (t[ran, 4] - t0).double() / 1e3
+    cta, sm = slot[ran] // 8, t[ran, 6]  # the patch's slot is blockIdx.x * kWarps + warp
+
+    def latest_mean(key: torch.Tensor) -> float:
+        keys, idx = torch.unique(key, return_inverse=True)
+        sums = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, idx, done)
+        counts = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, idx, torch.ones_like(done))
+        return float((sums / counts).max())
+
+    return {"last_loop_done_us": float(done.max()), "latest_cta_mean_us": latest_mean(cta),
+            "latest_sm_mean_us": latest_mean(sm), "grid_mean_us": float(done.mean())}
+
+
 def summarize(t: torch.Tensor) -> dict:
     """Per-warp intervals of one call: `t` is the copied array, rows of warps that ran."""
+    loop_tail = tail(t)
     t = t[t[:, 0] != 0]
     has = t[:, 3] != 0  # warps with groups (the others skip the loop)
     # Nanoseconds since the first warp's start, taken in int64: globaltimer values are near 2^61,
@@ -79,6 +104,7 @@ def summarize(t: torch.Tensor) -> dict:
         "cycles_first_batch_to_loop_done": cyc(3, 4, has),
         "cycles_loop_done_to_end": cyc(4, 5, has),
         "cycles_entry_to_end": quantiles(t[:, 7].tolist()),
+        "loop_done_tail": loop_tail,
     }
 
 
@@ -121,7 +147,10 @@ def main() -> None:
         print(f"{name:8s} {us:6.2f} us/call, span {c['span_us']:5.2f} us; cycles (p50) to "
               f"x copied {c['cycles_entry_to_x_copied']['p50']:.0f}, first batch "
               f"{c['cycles_entry_to_first_batch_done']['p50']:.0f}, loop {c['cycles_first_batch_to_loop_done']['p50']:.0f}, "
-              f"end {c['cycles_loop_done_to_end']['p50']:.0f}", flush=True)
+              f"end {c['cycles_loop_done_to_end']['p50']:.0f}; loop done: last {c['loop_done_tail']['last_loop_done_us']:.2f} "
+              f"us, latest CTA mean {c['loop_done_tail']['latest_cta_mean_us']:.2f}, latest SM mean "
+              f"{c['loop_done_tail']['latest_sm_mean_us']:.2f}, grid mean {c['loop_done_tail']['grid_mean_us']:.2f}",
+              flush=True)
         del layers, calls, g
         torch.cuda.empty_cache()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -104,3 +104,22 @@ def test_gemv_timeline_summary_keeps_nanoseconds():
     assert s["warp_start_us"]["p100"] == pytest.approx(0.48)
     assert s["cycles_entry_to_first_batch_done"]["p0"] == 3000
     assert s["cycles_first_batch_to_loop_done"]["p100"] == 1000  # warp 15 left out
+
+
+def test_gemv_timeline_tail():
+    """benchmarks/gemv_timeline.py: the loop-done tail against the latest mean of a CTA's, an SM's
+    and the grid's warps (a CTA's 8 warps are slots 8c..8c+7; field 6 is the SM)."""
+    import torch
+    from gemv_timeline import FIELDS, SLOTS, summarize
+
+    t = torch.zeros((SLOTS, FIELDS), dtype=torch.int64)
+    base = 1_764_000_000_123_456_789
+    for w in range(24):  # CTAs 0 and 1 on SM 0, CTA 2 on SM 1
+        t[w, 0:6] = base + torch.tensor([0, 100, 200, 300, 10_000 + (1000 * w if w < 8 else 0), 20_000])
+        t[w, 6] = w // 16
+    t[23, 3] = 0  # a warp without groups: left out
+    tail = summarize(t)["loop_done_tail"]
+    assert tail["last_loop_done_us"] == pytest.approx(17.0)
+    assert tail["latest_cta_mean_us"] == pytest.approx(13.5)  # CTA 0: 10 .. 17 us
+    assert tail["latest_sm_mean_us"] == pytest.approx(11.75)  # SM 0: CTA 0 and 8 warps at 10 us
+    assert tail["grid_mean_us"] == pytest.approx((10 * 23 + 28) / 23)

@@ -97,6 +97,16 @@ def test_e2e_model_dtype(tmp_path, dtype):
     cfg = AutoConfig.from_pretrained(d)
     assert cfg.dtype == getattr(torch, dtype)
     assert cfg.quantization_config["quant_method"] == "gqsa"
+    assert cfg.num_hidden_layers == 32
+
+
+def test_e2e_layers(tmp_path):
+    """benchmarks/e2e.py --layers: the shape's layers, fewer of them (the engine-overhead probe)."""
+    import e2e
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(e2e.make_model_dir(str(tmp_path), "llama2-7b", None, layers=1))
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == (1, 4096, 11008)
 
 
 @pytest.mark.parametrize("name, category", [
