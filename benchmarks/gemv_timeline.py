@@ -13,8 +13,9 @@ install --no-build-isolation -e .`` on the GPU machine), then::
 Each shape is timed as ``benchmarks/kernels.py`` times it (random layers at 50% density, enough
 copies to rotate past L2, one CUDA graph calling each once); the timeline is that of the graph's
 last call, whose predecessor is the same kernel on another copy, and of one call alone after an
-L2 flush. The instrumentation itself costs a few percent, so compare timelines with timelines
-and speeds with uninstrumented builds."""
+L2 flush. ``loop_done_tail`` says how much of each call's tail dynamic work shares could save at
+most (see ``tail``). The instrumentation itself costs a few percent, so compare timelines with
+timelines and speeds with uninstrumented builds."""
 
 from __future__ import annotations
 
