@@ -8,7 +8,9 @@ first token of one request at each ``--ttft-prompts`` length (a 1-token generati
 and the GPU memory vLLM reports for the weights ("Model loading took ... GiB"). ``--dtype bfloat16``
 makes and serves the model in bf16 (the ``fp16`` configuration is then the dense bf16 model).
 ``--profile-batches 1,16`` also says where a decode step's GPU time goes at those batch sizes (the
-linear layers, attention, norms, the output layer, ...; see profile_decode).
+linear layers, attention, norms, the output layer, ...; see profile_decode). ``--layers 1`` keeps
+one decoder layer of the shape: a step's GPU work is then small, and its wall time is mostly the
+engine's own work per step, the floor under every configuration's step at small batches.
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
