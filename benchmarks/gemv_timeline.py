@@ -69,15 +69,14 @@ def tail(t: torch.Tensor) -> dict | None:
     ran = (t[:, 0] != 0) & (t[:, 3] != 0)
     if not ran.any():
         return None
-    t0 = t[ran, 0].min()
+    t0 = t[t[:, 0] != 0, 0].min()  # the first warp's start, as in summarize
     done = (t[ran, 4] - t0).double() / 1e3
     cta, sm = slot[ran] // 8, t[ran, 6]  # the patch's slot is blockIdx.x * kWarps + warp
 
     def latest_mean(key: torch.Tensor) -> float:
-        keys, idx = torch.unique(key, return_inverse=True)
-        sums = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, idx, done)
-        counts = torch.zeros(len(keys), dtype=torch.float64).index_add_(0, idx, torch.ones_like(done))
-        return float((sums / counts).max())
+        _, idx = torch.unique(key, return_inverse=True)
+        sums = torch.zeros(int(idx.max()) + 1, dtype=torch.float64).index_add_(0, idx, done)
+        return float((sums / torch.bincount(idx)).max())
 
     return {"last_loop_done_us": float(done.max()), "latest_cta_mean_us": latest_mean(cta),
             "latest_sm_mean_us": latest_mean(sm), "grid_mean_us": float(done.mean())}
