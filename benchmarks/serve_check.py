@@ -62,9 +62,12 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 600) -> None:
 
 
 def start_server(ckpt: str, port: int, extra_args: list[str], log_path: str, max_model_len: int = 1024,
-                 gpu_memory_utilization: float = 0.5) -> tuple[subprocess.Popen, list[str], float]:
-    """``vllm serve ckpt`` on loopback, ready; returns the process, its command and startup time."""
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, "--quantization", "gqsa",
+                 gpu_memory_utilization: float = 0.5,
+                 quantization: str | None = "gqsa") -> tuple[subprocess.Popen, list[str], float]:
+    """``vllm serve ckpt`` on loopback, ready; returns the process, its command and startup time.
+    With ``quantization=None`` vLLM reads the method from the checkpoint's config.json."""
+    quant = ["--quantization", quantization] if quantization else []
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", ckpt, *quant,
            "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "gqsa",
            "--max-model-len", str(max_model_len), "--gpu-memory-utilization", str(gpu_memory_utilization),
            "--generation-config", "vllm", *extra_args]
