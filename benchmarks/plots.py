@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default="benchmarks/results/gpu")
     p.add_argument("--out", default="benchmarks/results/plots")
-    p.add_argument("--kernels", default="kernels_h200.json",
+    p.add_argument("--kernels", default="kernels_h200_448d7b1.json",
                    help="the kernel benchmark (in --results) whose summary is plotted")
     a = p.parse_args(argv)
     os.makedirs(a.out, exist_ok=True)
