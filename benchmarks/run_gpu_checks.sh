@@ -23,6 +23,10 @@ if [[ $part == all || $part == kernels ]]; then
   timeout 500 python3 benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | grep -E "layer sum|balance|grid"
 fi
 if [[ $part == all || $part == serve ]]; then
+  # vLLM end to end against transformers on a tiny converted Llama (the test suite's GPU tests;
+  # about 3 minutes: four engine starts).
+  timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_vllm_gpu.py > "$out/vllm_gpu_tests.txt" 2>&1
+  tail -1 "$out/vllm_gpu_tests.txt"
   # About 5 minutes per dtype with both modes: two server start-ups (torch.compile and CUDA-graph
   # capture for one of them), then the transformers reference.
   for dtype in float16 bfloat16; do
