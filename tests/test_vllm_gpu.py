@@ -165,12 +165,14 @@ def test_vllm_serve_openai_api(gpu_checkpoint, prompts, reference, tmp_path):
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from serve_check import start_server, stop_server
+    from vllm_cpu import free_port
 
-    proc, _, _ = start_server(gpu_checkpoint, 8331, ["--dtype", "float16", "--max-num-seqs", "16"],
+    port = free_port()
+    proc, _, _ = start_server(gpu_checkpoint, port, ["--dtype", "float16", "--max-num-seqs", "16"],
                               str(tmp_path / "serve.log"), max_model_len=256, gpu_memory_utilization=0.2,
                               quantization=None)
     try:
-        client = OpenAI(base_url="http://127.0.0.1:8331/v1", api_key="none")
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         served = []
         for p in prompts:
             r = client.completions.create(model="gqsa", prompt=p, max_tokens=NEW_TOKENS, temperature=0.0,
