@@ -146,7 +146,9 @@ def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference
                                               monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model runs here, on the model
     served = serve_in_process(gpu_checkpoint, dtype, enforce_eager, prompts)
-    assert served["kernels"] == [["kernel_format"]]  # every GQSA layer runs the kernel format
+    # Every GQSA layer runs the kernel format, which with the CUDA ops loaded in this process (the
+    # engine runs here) means the CUDA kernels.
+    assert served["kernels"] == [["kernel_format"]]
     model = reference(getattr(torch, dtype))
     for mode in ("alone", "together"):
         cmp = compare(model, prompts, served[mode])
