@@ -128,6 +128,30 @@ def query_server(ckpt: str, port: int, extra_args: list[str], log_path: str) -> 
 
 
 @torch.no_grad()
+def greedy(model, prompt_ids: list[int], n: int = NEW_TOKENS) -> tuple[list[int], list[float]]:
+    """``n`` greedy tokens after ``prompt_ids`` and each one's logprob, one full forward per token
+    (slow, simple and exact), on the model's device."""
+    seq = torch.tensor([prompt_ids], device=model.device)
+    tokens, logprobs = [], []
+    for _ in range(n):
+        logits = model(input_ids=seq).logits[0, -1].float()
+        nxt = int(logits.argmax())
+        tokens.append(nxt)
+        logprobs.append(float(torch.log_softmax(logits, -1)[nxt]))
+        seq = torch.cat([seq, torch.tensor([[nxt]], device=model.device)], 1)
+    return tokens, logprobs
+
+
+@torch.no_grad()
+def scored(model, prompt_ids: list[int], tokens: list[int]) -> list[float]:
+    """The model's logprob of each of ``tokens`` after ``prompt_ids`` and the tokens before it
+    (teacher forcing), so that served tokens can be compared even past a divergence."""
+    seq = torch.tensor([prompt_ids + tokens], device=model.device)
+    logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
+    return [float(logp[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(tokens)]
+
+
+@torch.no_grad()
 def transformers_reference(ckpt: str, dtype: torch.dtype):
     from transformers import AutoTokenizer
 
@@ -137,16 +161,9 @@ def transformers_reference(ckpt: str, dtype: torch.dtype):
     model = load_reference_model(ckpt, dtype=dtype, device="cuda")
     out = []
     for prompt in PROMPTS:
-        ids = tok(prompt, return_tensors="pt").input_ids.cuda()
-        seq = ids
-        chosen_logprobs = []
-        for _ in range(NEW_TOKENS):  # greedy, one full forward per token: simple and exact
-            logits = model(input_ids=seq).logits[0, -1].float()
-            nxt = int(logits.argmax())
-            chosen_logprobs.append(float(torch.log_softmax(logits, -1)[nxt]))
-            seq = torch.cat([seq, torch.tensor([[nxt]], device="cuda")], 1)
-        out.append({"token_ids": seq[0, ids.shape[1]:].tolist(), "logprobs": chosen_logprobs,
-                    "prompt_ids": ids})
+        ids = tok(prompt).input_ids
+        tokens, logprobs = greedy(model, ids)
+        out.append({"token_ids": tokens, "logprobs": logprobs, "prompt_ids": ids})
     return out, model
 
 
@@ -166,13 +183,7 @@ def compare(served: list[dict], ref: list[dict], model) -> dict:
     rows = []
     for s, r in zip(served, ref):
         agree = leading_agreement(s["token_ids"], r["token_ids"])
-        # Score the served tokens with the reference model (teacher forcing) to compare logprobs
-        # even past a divergence.
-        seq = torch.cat([r["prompt_ids"], torch.tensor([s["token_ids"]], device="cuda")], 1)
-        logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
-        n0 = r["prompt_ids"].shape[1]
-        ref_lp = [float(logp[n0 - 1 + i, t]) for i, t in enumerate(s["token_ids"])]
-        diffs = [abs(a - b) for a, b in zip(s["logprobs"], ref_lp)]
+        diffs = [abs(a - b) for a, b in zip(s["logprobs"], scored(model, r["prompt_ids"], s["token_ids"]))]
         rows.append({"prompt": s["prompt"], "agreeing_tokens": agree, "identical": agree == NEW_TOKENS,
                      "max_abs_logprob_diff": max(diffs), "mean_abs_logprob_diff": sum(diffs) / len(diffs)})
     return {"prompts_identical": sum(r["identical"] for r in rows), "prompts": len(rows), "per_prompt": rows}

@@ -138,3 +138,20 @@ def test_e2e_kernel_categories(name, category):
     import e2e
 
     assert e2e.kernel_category(name) == category
+
+
+def test_serve_check_greedy_and_scored_agree_with_transformers(tiny_models):
+    """benchmarks/serve_check.py: the greedy reference the serving checks and the vLLM GPU tests
+    compare against is transformers' own greedy generation, and scoring its tokens back gives the
+    logprobs it chose them with."""
+    import serve_check
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    prompt = [5, 17, 200, 33, 90, 7]
+    tokens, logprobs = serve_check.greedy(model, prompt, 8)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert tokens == out[0, len(prompt):].tolist()
+    assert serve_check.scored(model, prompt, tokens) == pytest.approx(logprobs, abs=1e-4)

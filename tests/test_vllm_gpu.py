@@ -26,6 +26,8 @@ pytest.importorskip("vllm")
 
 from vllm_gqsa.kernels import cuda as cuda_kernels  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # serve_check
+
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(not cuda_kernels.available()[0], reason=f"GQSA CUDA ops: {cuda_kernels.available()[1]}"),
@@ -83,30 +85,14 @@ def reference(gpu_checkpoint):
     torch.cuda.empty_cache()
 
 
-@torch.no_grad()
-def greedy(model, prompt: list[int]) -> list[int]:
-    """NEW_TOKENS greedy tokens, one full forward per token: slow, simple and exact."""
-    seq = torch.tensor([prompt], device="cuda")
-    for _ in range(NEW_TOKENS):
-        nxt = model(input_ids=seq).logits[0, -1].float().argmax()
-        seq = torch.cat([seq, nxt.view(1, 1)], 1)
-    return seq[0, len(prompt):].tolist()
-
-
-@torch.no_grad()
-def scored(model, prompt: list[int], tokens: list[int]) -> list[float]:
-    """The reference's logprob of each of ``tokens`` after ``prompt`` and the tokens before it."""
-    seq = torch.tensor([prompt + tokens], device="cuda")
-    logp = torch.log_softmax(model(input_ids=seq).logits[0].float(), -1)
-    return [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]
-
-
 def compare(model, prompts, served: list[tuple[list[int], list[float]]]) -> dict:
     """Prompts whose served tokens are the reference's greedy ones, and logprob differences."""
+    from serve_check import greedy, scored
+
     identical, diffs = 0, []
     for prompt, (tokens, logprobs) in zip(prompts, served):
         assert len(tokens) == NEW_TOKENS
-        identical += tokens == greedy(model, prompt)
+        identical += tokens == greedy(model, prompt, NEW_TOKENS)[0]
         diffs += [abs(a - b) for a, b in zip(logprobs, scored(model, prompt, tokens))]
     return {"identical": identical, "max_diff": max(diffs), "mean_diff": sum(diffs) / len(diffs)}
 
@@ -165,7 +151,6 @@ def test_vllm_serve_openai_api(gpu_checkpoint, prompts, reference, tmp_path):
     """Plain ``vllm serve CKPT`` (the method read from config.json) behind the OpenAI API."""
     from openai import OpenAI
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from serve_check import start_server, stop_server
     from vllm_cpu import free_port
 
