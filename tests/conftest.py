@@ -28,7 +28,7 @@ def random_layer(N, K, fmt=LayerFormat(), density=0.5, seed=0, empty_rows=(), fu
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: build_tiny_model(str(root / arch), arch=arch) for arch in ("llama", "qwen2")}
+    return {arch: build_tiny_model(str(root / arch), arch=arch) for arch in ("llama", "qwen2", "gemma3")}
 
 
 @pytest.fixture(scope="session")

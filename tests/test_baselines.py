@@ -59,8 +59,8 @@ def test_awq_keeps_the_block_function_and_beats_round_to_nearest(tiny_models):
 
     samples = torch.randint(0, 250, (4, 32), generator=torch.Generator().manual_seed(0))
     model = load()
-    inputs, kwargs = _block_inputs(model, samples, torch.device("cpu"))
-    block = model.model.layers[0]
+    inputs, block_kwargs = _block_inputs(model, samples, torch.device("cpu"))
+    block, kwargs = model.model.layers[0], block_kwargs[0]
     with torch.no_grad():
         ref = torch.cat(_run_block(block, inputs, kwargs, 4))
         linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]

@@ -17,7 +17,7 @@ from vllm_gqsa.format import GQSALayer
 from vllm_gqsa.reference import gqsa_linear
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_checkpoint_validates_and_logits_match_reference(arch, tiny_models, tiny_checkpoints):
     from transformers import AutoModelForCausalLM
 
@@ -44,7 +44,35 @@ def test_checkpoint_validates_and_logits_match_reference(arch, tiny_models, tiny
         torch.testing.assert_close(via_ops(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
         dense = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32)(ids).logits
     cos = torch.nn.functional.cosine_similarity(ref(ids).logits.flatten(), dense.flatten(), dim=0)
-    assert cos > 0.5  # half the groups are gone, but the model is still the same model
+    # Half the groups are gone, but the model is still the same model. Gemma's norms after each
+    # attention and MLP rescale the random branches to the size of the residual stream, so the
+    # pruning moves its logits more (0.98 at S0% W4, against 0.995 for the tiny Llama).
+    assert cos > (0.2 if arch == "gemma3" else 0.5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma3"])
+def test_blocks_replayed_with_their_recorded_inputs_give_the_models_output(arch, tmp_path):
+    """The converter runs the model block by block, each block with the arguments the model gives
+    it. Gemma 3's sliding and full attention layers get different masks and rotary tables (its
+    tiny model's window is shorter than the samples), so replaying every block with block 0's
+    arguments would not reproduce the model."""
+    from transformers import AutoModelForCausalLM
+
+    from converters.convert import _block_inputs, _run_block, _to
+    from converters.tiny import build_tiny_model
+
+    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path / arch), arch=arch, num_layers=3),
+                                                 dtype=torch.float32).eval()
+    ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        inputs, block_kwargs = _block_inputs(model, ids, "cpu")
+        block_kwargs = _to(block_kwargs, "cpu", torch.float32)
+        for block, kwargs in zip(model.model.layers, block_kwargs):
+            inputs = _run_block(block, inputs, kwargs, 2)
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+    torch.testing.assert_close(model.model.norm(torch.cat(inputs)), expected, rtol=1e-5, atol=1e-5)
+    if arch == "gemma3":
+        assert block_kwargs[0] is not block_kwargs[1] and block_kwargs[0] is block_kwargs[2]
 
 
 def test_w4_without_sparsity_stays_close_to_dense(tiny_models, tmp_path):

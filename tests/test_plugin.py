@@ -61,7 +61,7 @@ def test_model_config_picks_gqsa_from_checkpoint(tiny_checkpoints, flag):
     assert ModelConfig(model=tiny_checkpoints["llama"], quantization=flag).quantization == "gqsa"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
 def test_vllm_loader_builds_model_and_layers_match_reference(arch, tiny_checkpoints):
     ckpt = tiny_checkpoints[arch]
     model, _ = load_vllm_model(ckpt, port=free_port())

@@ -49,8 +49,8 @@ def test_bqpo_lowers_block_loss_and_keeps_the_pruning_pattern(tiny_models):
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
     samples = calibration_samples(AutoTokenizer.from_pretrained(tiny_models["llama"]), TEXT, 8, 48)
     with torch.no_grad():
-        inputs, kwargs = _block_inputs(model, samples, "cpu")
-        kwargs = _to(kwargs, "cpu", torch.float32)
+        inputs, block_kwargs = _block_inputs(model, samples, "cpu")
+        kwargs = _to(block_kwargs, "cpu", torch.float32)[0]
         block = model.model.layers[0]
         targets = _run_block(block, inputs, kwargs, 4)
         report, latents = [], {}

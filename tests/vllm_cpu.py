@@ -2,7 +2,8 @@
 """Building vLLM models with vLLM's real model loader on a machine with no GPU.
 
 vLLM's PyPI wheel carries no CPU kernels, so the CPU platform is selected by hand and the one
-kernel a Llama/Qwen2 needs at construction (``_C::silu_and_mul``) gets a plain-torch stand-in.
+kernels a model's gated MLP needs at construction (``_C::silu_and_mul``, Gemma's
+``_C::gelu_tanh_and_mul``) get plain-torch stand-ins.
 Newer vLLM releases (0.33) empty the accelerator's cache after loading, which a CPU-only torch
 refuses; with no accelerator there is no cache, so that call becomes a no-op. On CPUs with AMX
 they also send small bf16/fp16 weights to a C++ CPU kernel the wheel lacks; those take vLLM's own
@@ -50,16 +51,23 @@ def setup_cpu_vllm() -> None:
         CpuPlatform.check_and_update_config = classmethod(check_without_triton_cpu)
     if not torch.accelerator.is_available():
         torch.accelerator.empty_cache = lambda: None
-    if not hasattr(torch.ops._C, "silu_and_mul"):
-        lib = torch.library.Library("_C", "FRAGMENT")
-        lib.define("silu_and_mul(Tensor! result, Tensor input) -> ()")
+    # The gated activations of the supported models (Llama, Qwen, Mistral: SiLU; Gemma 3: GELU
+    # with tanh), as vLLM's own torch fallbacks compute them.
+    acts = {"silu_and_mul": torch.nn.functional.silu,
+            "gelu_tanh_and_mul": lambda x: torch.nn.functional.gelu(x, approximate="tanh")}
+    lib = None
+    for name, act in acts.items():
+        if hasattr(torch.ops._C, name):
+            continue
+        lib = lib or torch.library.Library("_C", "FRAGMENT")
+        lib.define(f"{name}(Tensor! result, Tensor input) -> ()")
 
-        def silu_and_mul(out, x):
+        def gated(out, x, act=act):
             d = x.shape[-1] // 2
-            out.copy_(torch.nn.functional.silu(x[..., :d]) * x[..., d:])
+            out.copy_(act(x[..., :d]) * x[..., d:])
 
-        lib.impl("silu_and_mul", silu_and_mul, "CPU")
-        setup_cpu_vllm.lib = lib  # keep the library alive
+        lib.impl(name, gated, "CPU")
+    setup_cpu_vllm.lib = lib  # keep the library alive
     # On a CPU with AMX tiles, newer vLLM (0.33) packs small bf16/fp16 weights, such as a tiny
     # model's embedding, for a kernel of its C++ CPU build (convert_weight_packed), with no switch
     # to turn that off. That build is not here, so such layers take vLLM's plain torch path, which
