@@ -263,9 +263,11 @@ def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tens
     recorders = [_Recorder(layers[i], i == 0, i == n - 1) for i in range(n)]
     for i, r in enumerate(recorders):
         layers[i] = r
-    model.model.embed_tokens.to(device)
-    if hasattr(model.model, "rotary_emb"):
-        model.model.rotary_emb.to(device)
+    # What runs before the blocks (the embedding, the rotary tables: one module or one per
+    # attention type, depending on the transformers release) goes to the device for this pass.
+    outer = [m for name, m in model.model.named_children() if name != "layers"]
+    for m in outer:
+        m.to(device)
     try:
         for s in samples:
             try:
@@ -275,7 +277,8 @@ def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tens
     finally:
         for i, r in enumerate(recorders):
             layers[i] = r.layer
-        model.model.embed_tokens.to("cpu")
+        for m in outer:
+            m.to("cpu")
     shared: dict[tuple, dict] = {}
     kwargs = []
     for r in recorders:
