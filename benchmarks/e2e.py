@@ -34,7 +34,16 @@ SHAPES = {
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
+    # Five sliding-window layers (1024 tokens) to one full-attention layer, heads of 256, and a
+    # 262,144-token output layer tied to the embedding (1.9 GiB in bf16, read every step at any
+    # quantization of the linear layers). vLLM serves Gemma 3 in bf16 only.
+    "gemma3-12b": dict(hidden_size=3840, intermediate_size=15360, num_hidden_layers=48,
+                       num_attention_heads=16, num_key_value_heads=8, head_dim=256, vocab_size=262144,
+                       sliding_window=1024, query_pre_attn_scalar=256),
 }
+# Shapes of another architecture than Llama, and the transformers config class that writes them
+# (it fills in that release's layout of the fields, e.g. Gemma 3's per-layer attention types).
+ARCHITECTURES = {"gemma3-12b": ("Gemma3TextConfig", "Gemma3ForCausalLM")}
 # With dummy weights there is no safetensors header for vLLM to read the quantized layers from,
 # so GPTQ must name them, or it silently serves every layer in fp16.
 GPTQ = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True,
@@ -161,12 +170,19 @@ def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "floa
     from converters.tiny import byte_tokenizer
 
     os.makedirs(root, exist_ok=True)
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
-           "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
-           "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
-           **SHAPES[shape]}
-    if layers:
-        cfg["num_hidden_layers"] = layers
+    dims = {**SHAPES[shape], **({"num_hidden_layers": layers} if layers else {})}
+    if shape in ARCHITECTURES:
+        import transformers
+
+        config_cls, arch = ARCHITECTURES[shape]
+        cfg = getattr(transformers, config_cls)(max_position_embeddings=16384, bos_token_id=1, eos_token_id=2,
+                                                pad_token_id=0, **dims).to_dict()
+        cfg.update(architectures=[arch], dtype=dtype)
+    else:
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "dtype": dtype,
+               "max_position_embeddings": 16384, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+               "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2,
+               **dims}
     if quant:
         cfg["quantization_config"] = quant
     with open(os.path.join(root, "config.json"), "w") as f:
@@ -257,6 +273,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.shape.startswith("gemma") and a.dtype != "bfloat16":
+        p.error(f"vLLM serves {a.shape} in bfloat16 only: pass --dtype bfloat16")
     batches = [int(b) for b in a.batches.split(",")]
     ttft_prompts = [int(n) for n in a.ttft_prompts.split(",") if n]
     profile_batches = tuple(int(b) for b in a.profile_batches.split(",") if b)

@@ -100,6 +100,24 @@ def test_e2e_model_dtype(tmp_path, dtype):
     assert cfg.num_hidden_layers == 32
 
 
+def test_e2e_gemma3_shape(tmp_path):
+    """benchmarks/e2e.py --shape gemma3-12b: a Gemma 3 folder with its sliding and full attention
+    layers in that pattern (also when --layers cuts it short), refused in fp16 as vLLM would."""
+    import e2e
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(e2e.make_model_dir(str(tmp_path / "a"), "gemma3-12b",
+                                                        e2e.CONFIGS["gptq-marlin"][0], "bfloat16"))
+    assert cfg.architectures == ["Gemma3ForCausalLM"] and cfg.model_type == "gemma3_text"
+    assert (cfg.num_hidden_layers, cfg.head_dim, cfg.sliding_window, cfg.tie_word_embeddings) == (48, 256, 1024, True)
+    assert cfg.layer_types.count("full_attention") == 8 and cfg.layer_types[5] == "full_attention"
+    assert cfg.quantization_config["quant_method"] == "gptq"
+    cfg = AutoConfig.from_pretrained(e2e.make_model_dir(str(tmp_path / "b"), "gemma3-12b", None, "bfloat16", 6))
+    assert len(cfg.layer_types) == 6
+    with pytest.raises(SystemExit):
+        e2e.main(["--shape", "gemma3-12b", "--out", str(tmp_path / "x.json")])
+
+
 def test_e2e_layers(tmp_path):
     """benchmarks/e2e.py --layers: the shape's layers, fewer of them (the engine-overhead probe)."""
     import e2e
