@@ -47,8 +47,8 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
     extra = dict(tie_word_embeddings=False)
     if arch == "gemma3":
         # Sliding and full attention in turn, with a window shorter than the tests' samples, so
-        # that the two kinds of layer see different masks and rotary tables. vLLM always ties
-        # Gemma's output layer to its embedding.
+        # that the two kinds of layer see different masks and rotary tables; the output layer
+        # tied to the embedding, as in the released Gemma 3 models.
         head_dim = hidden_size // num_heads
         extra = dict(tie_word_embeddings=True, head_dim=head_dim, query_pre_attn_scalar=head_dim,
                      sliding_window=16, pad_token_id=tokenizer.pad_token_id,
