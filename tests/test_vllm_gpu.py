@@ -3,9 +3,9 @@
 torch.compile, eager, and ``vllm serve`` behind the OpenAI API) against transformers running the
 same dequantized weights. Skipped without a CUDA GPU and the package's CUDA kernels.
 
-The model is a tiny random Llama (and one of each other supported family) whose ``lm_head`` is
-scaled by 10: random weights give nearly
-flat logits, whose greedy argmax would flip on rounding noise alone. Each prompt is decoded
+The model is a tiny random Llama (and one of each other supported family) whose logits are
+scaled by 10: random weights give nearly flat logits, whose greedy argmax would flip on rounding
+noise alone. Each prompt is decoded
 alone (one token per step: the GEMV) and all together (ten per step: the tensor-core kernel);
 the long prompt's prefill (over 64 tokens) goes through dequantize + cuBLAS. Greedy outputs are
 compared token for token, and the served tokens' logprobs against the reference's logprobs of
