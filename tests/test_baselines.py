@@ -85,6 +85,18 @@ def test_awq_keeps_the_block_function_and_beats_round_to_nearest(tiny_models):
     assert awq_err < rtn_err
 
 
+def test_awq_refuses_gemma_blocks(tiny_models):
+    """AWQ folds its scales into the norm before each layer group, which Gemma's (1 + w) norms
+    and its separate pre-MLP norm do not allow: it says so instead of changing the block."""
+    from transformers import AutoModelForCausalLM
+
+    from baselines import awq_scale_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["gemma3"], dtype=torch.float32)
+    with pytest.raises(ValueError, match="Gemma3DecoderLayer normalizes differently"):
+        awq_scale_groups(model.model.layers[0])
+
+
 def test_no_eval_run_records_time_and_peak_memory(tiny_models, tmp_path):
     """One method per process gives that method's own peak; --no-eval skips the perplexity."""
     import json

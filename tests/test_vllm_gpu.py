@@ -88,8 +88,9 @@ def references():
 
     def get(ckpt: str, dtype: torch.dtype):
         if (ckpt, dtype) not in models:
-            models.clear()  # one at a time: the engine under test needs the memory more
+            models.clear()  # one at a time: the next engine under test needs the memory more
             gc.collect()
+            torch.cuda.empty_cache()
             models[ckpt, dtype] = load_reference_model(ckpt, dtype=dtype, device="cuda")
         return models[ckpt, dtype]
 

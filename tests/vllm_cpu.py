@@ -67,7 +67,8 @@ def setup_cpu_vllm() -> None:
             out.copy_(act(x[..., :d]) * x[..., d:])
 
         lib.impl(name, gated, "CPU")
-    setup_cpu_vllm.lib = lib  # keep the library alive
+    if lib is not None:
+        setup_cpu_vllm.lib = lib  # keep the library alive
     # On a CPU with AMX tiles, newer vLLM (0.33) packs small bf16/fp16 weights, such as a tiny
     # model's embedding, for a kernel of its C++ CPU build (convert_weight_packed), with no switch
     # to turn that off. That build is not here, so such layers take vLLM's plain torch path, which
