@@ -46,7 +46,7 @@ def test_checkpoint_validates_and_logits_match_reference(arch, tiny_models, tiny
     cos = torch.nn.functional.cosine_similarity(ref(ids).logits.flatten(), dense.flatten(), dim=0)
     # Half the groups are gone, but the model is still the same model. Gemma's norms after each
     # attention and MLP rescale the random branches to the size of the residual stream, so the
-    # pruning moves its logits more (0.98 at S0% W4, against 0.995 for the tiny Llama).
+    # pruning moves a random Gemma's logits more than a random Llama's.
     assert cos > (0.2 if arch == "gemma3" else 0.5)
 
 
