@@ -72,6 +72,15 @@ CONFIGS = {
     "gqsa-s50-g32": ({"quant_method": "gqsa", "bits": 4, "group_size": 32, "sparsity": 0.5}, {}),
     # Row blocks of 16 and 64 rows sharing their pruning pattern (--block-rows), served by the same
     # kernels after the load-time repacking into single rows.
+    # The output layer converted too (gqsa-convert --quantize-output-layer; dummy weights fill it
+    # unpruned, that option's default), against GPTQ with its output layer quantized (GPTQ's
+    # "lm_head": true, vLLM's lm_head_quantized, served by the same Marlin kernel).
+    "gqsa-s50-head": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5,
+                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                          "down_proj", "lm_head"]}, {}),
+    "gptq-marlin-head": ({**GPTQ, "lm_head": True,
+                          "modules_in_block_to_quantize": [*GPTQ["modules_in_block_to_quantize"], ["lm_head"]]},
+                         {"linear_backend": "marlin"}),
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
 }

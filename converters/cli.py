@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip", action="append", default=[], metavar="MODULE",
                    help="full name of a layer to leave dense (repeatable), "
                         "e.g. model.layers.0.mlp.down_proj")
+    p.add_argument("--quantize-output-layer", action="store_true",
+                   help="convert the output layer (lm_head) too, untied from the embedding if the model "
+                        "ties them; it is left dense by default (accuracy first). Worth it for large "
+                        "vocabularies, where it is a large share of each decoded token's bytes")
+    p.add_argument("--output-layer-sparsity", type=float, default=0.0,
+                   help="fraction of the output layer's groups pruned, with --quantize-output-layer "
+                        "(default 0: quantized, not pruned)")
     d = ConvertOptions()
     t = p.add_argument_group(
         "training stages",
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         block_rows=args.block_rows, calib_data=args.calib_data, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, device=args.device, batch_size=args.batch_size,
         true_sequential=args.true_sequential, clip_search=args.clip_search,
-        skip_modules=tuple(args.skip), bqpo_epochs=args.bqpo_epochs, bqpo_lr_weight=args.bqpo_lr_weight,
+        skip_modules=tuple(args.skip), quantize_output_layer=args.quantize_output_layer,
+        output_layer_sparsity=args.output_layer_sparsity, bqpo_epochs=args.bqpo_epochs, bqpo_lr_weight=args.bqpo_lr_weight,
         bqpo_lr_quant=args.bqpo_lr_quant, bqpo_batch_size=args.bqpo_batch_size,
         e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_batch_size=args.e2e_batch_size,
         val_samples=args.val_samples, overwrite=args.overwrite, resume=args.resume)

@@ -7,6 +7,12 @@ quantized with the quantized outputs of the blocks before them as inputs (GPTQ's
 order), and inside a block sub-layer by sub-layer ("true sequential"): q/k/v, then
 o, then gate/up, then down.
 
+With ``quantize_output_layer`` the output layer (``lm_head``) is converted too, after the
+blocks, on the final norm of the last block's quantized outputs; a tied output layer is untied
+(the embedding, a lookup table, stays dense) and the checkpoint says ``tie_word_embeddings:
+false``. It is off by default: the output layer is a large share of a step's bytes only in
+models with large vocabularies, and its accuracy cost is the model's own to measure.
+
 Two optional training stages recover accuracy (GQSA's BQPO and E2E-OQP): after the
 solver, each block is trained to reproduce the dense block (:mod:`.bqpo`), and after all
 blocks, the scales are trained on the model's LM loss (:mod:`.e2e`).
@@ -27,7 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vllm_gqsa.format import TENSOR_NAMES, GQSALayer, GQSAQuantConfig
+from vllm_gqsa.format import DEFAULT_TARGET_MODULES, TENSOR_NAMES, GQSALayer, GQSAQuantConfig
 from vllm_gqsa.reference import dequantize
 from .bqpo import BlockTraining, train_block
 from .calibration import calibration_samples
@@ -46,6 +52,7 @@ SEQUENTIAL_GROUPS = (
     ("mlp.gate_proj", "mlp.up_proj"),
     ("mlp.down_proj",),
 )
+OUTPUT_LAYER = "lm_head"  # the output layer's module name in every supported architecture
 SHARD_BYTES = 2 << 30  # safetensors shard size
 # Files of the input folder copied as they are (tokenizer, chat template, generation config).
 COPIED_SUFFIXES = (".json", ".model", ".txt", ".jinja", ".tiktoken")
@@ -76,6 +83,8 @@ class ConvertOptions:
     true_sequential: bool = True
     clip_search: bool = True
     skip_modules: tuple[str, ...] = field(default_factory=tuple)
+    quantize_output_layer: bool = False
+    output_layer_sparsity: float = 0.0
     # Training stages; 0 epochs turns a stage off. See the CLI help for why these defaults.
     bqpo_epochs: int = 2
     bqpo_lr_weight: float = 0.05
@@ -100,6 +109,9 @@ class ConvertOptions:
         if not self.trains:
             d.pop("val_samples")
         d["skip_modules"] = list(d["skip_modules"])
+        if not self.quantize_output_layer:  # as recorded before the option existed
+            d.pop("quantize_output_layer")
+            d.pop("output_layer_sparsity")
         return d
 
     @property
@@ -118,8 +130,10 @@ class ConvertOptions:
         return ScaleTraining(self.e2e_epochs, self.e2e_lr, self.e2e_batch_size, seed=self.seed)
 
     def quant_config(self) -> GQSAQuantConfig:
+        targets = DEFAULT_TARGET_MODULES + ((OUTPUT_LAYER,) if self.quantize_output_layer else ())
         return GQSAQuantConfig(bits=self.bits, group_size=self.group_size, block_rows=self.block_rows,
-                               sparsity=self.sparsity, modules_to_not_convert=tuple(self.skip_modules))
+                               sparsity=self.sparsity, target_modules=targets,
+                               modules_to_not_convert=tuple(self.skip_modules))
 
 
 def read_config(model_dir: str) -> dict:
@@ -152,7 +166,10 @@ def check_shapes(config: dict, qcfg: GQSAQuantConfig) -> None:
             raise ConvertError(f"{what} = {k} is not a multiple of --group-size {qcfg.group_size}; "
                                f"choose a group size that divides it")
     kv = config.get("num_key_value_heads", heads) * head_dim
-    for what, n in {**sizes, "num_key_value_heads * head_dim": kv}.items():
+    rows = {**sizes, "num_key_value_heads * head_dim": kv}
+    if OUTPUT_LAYER in qcfg.target_modules:
+        rows["vocab_size (the output layer's rows)"] = config["vocab_size"]
+    for what, n in rows.items():
         if n % qcfg.block_rows:
             raise ConvertError(f"{what} = {n} is not a multiple of --block-rows {qcfg.block_rows}")
 
@@ -331,6 +348,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     check_shapes(config, qcfg)
     if not 0 < opts.n_samples or not 0 < opts.seq_len:
         raise ConvertError("--n-samples and --seq-len must be positive")
+    if not 0.0 <= opts.output_layer_sparsity < 1.0:
+        raise ConvertError(f"--output-layer-sparsity {opts.output_layer_sparsity} must be in [0, 1)")
     if min(opts.bqpo_epochs, opts.e2e_epochs) < 0:
         raise ConvertError("--bqpo-epochs and --e2e-epochs must be 0 (stage off) or more")
     if opts.trains and (opts.held_out() < 1 or min(opts.bqpo_batch_size, opts.e2e_batch_size) < 1):
@@ -384,6 +403,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
             blocks[b] = block.to("cpu", save_dtype)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        if opts.quantize_output_layer:
+            tensors.update(_convert_output_layer(model, inputs, qcfg, opts, device, layers_report))
         del inputs, dense_inputs
 
     quantized = {r["name"] for r in layers_report}
@@ -404,7 +425,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     if opts.e2e_epochs:
         # After every block and in the partial folder: an interrupted run leaves no checkpoint,
         # and --resume restores the blocks and runs this stage again.
-        layers = _block_layers(tensors, layers_report, "model.", fmt)
+        layers = _block_layers(tensors, layers_report, "", fmt)  # the output layer's scales too
         trained, e2e_report = train_scales(model, layers, samples, opts.held_out(), opts.scale_training(),
                                            device)
         for name, layer in trained.items():
@@ -447,6 +468,35 @@ def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
                     "loss": res.loss})
                 bar.set_postfix(layer=n, loss=f"{res.loss:.3g}")
     return out
+
+
+def _convert_output_layer(model, inputs, qcfg, opts, device, layers_report) -> dict[str, torch.Tensor]:
+    """Prune and quantize the output layer in place, calibrated on what it reads: the final norm
+    of the last block's (quantized) outputs. Returns its GQSA tensors."""
+    head = model.get_output_embeddings()
+    if head is None or head is not getattr(model, OUTPUT_LAYER, None):
+        raise ConvertError(f"{type(model).__name__} has no {OUTPUT_LAYER} output layer to quantize")
+    if head.weight is model.get_input_embeddings().weight:
+        # Tied: the embedding keeps the dense weights, the output layer gets its own copy.
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+        model.config.tie_word_embeddings = False
+    N, K = head.weight.shape
+    logger.info("converting the output layer %s [%d x %d] at sparsity %g", OUTPUT_LAYER, N, K,
+                opts.output_layer_sparsity)
+    norm = model.model.norm
+    norm_dtype = next(norm.parameters()).dtype
+    norm.to(device, torch.float32)
+    H, count = None, 0
+    for i in range(0, len(inputs), opts.batch_size):
+        H, count = accumulate_hessian(H, norm(torch.cat(inputs[i:i + opts.batch_size])), count)
+    norm.to("cpu", norm_dtype)
+    res = solve_layer(head.weight.to(device), H, qcfg.layer_format(), opts.output_layer_sparsity,
+                      opts.clip_search)
+    head.weight.data = res.weight.to("cpu", head.weight.dtype)
+    layers_report.append({
+        "name": OUTPUT_LAYER, "shape": [N, K], "kept_groups": res.layer.nnz,
+        "bits_per_weight": round(res.layer.bits_per_weight(), 4), "loss": res.loss})
+    return {f"{OUTPUT_LAYER}.{t}": v.contiguous() for t, v in res.layer.tensors().items()}
 
 
 def _block_layers(tensors, layers_report, prefix, fmt) -> dict[str, GQSALayer]:
@@ -539,6 +589,8 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
             shutil.copy2(src, os.path.join(tmp, fname))
     out_config = dict(config)
     out_config["quantization_config"] = qcfg.to_dict()
+    if OUTPUT_LAYER in qcfg.target_modules:
+        out_config["tie_word_embeddings"] = False  # the embedding stays dense; the output layer is GQSA
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(out_config, f, indent=2)
 

@@ -44,6 +44,22 @@ def tiny_checkpoints(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def head_checkpoints(tiny_models, tmp_path_factory):
+    """Tiny models converted with their output layer: Llama's (untied) with half its groups
+    pruned, Gemma 3's (tied to the embedding) quantized only."""
+    from converters.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("head")
+    out = {}
+    for arch, sparsity in (("llama", 0.5), ("gemma3", 0.0)):
+        out[arch] = str(root / arch)
+        convert(tiny_models[arch], out[arch], ConvertOptions(n_samples=8, seq_len=64, batch_size=4,
+                                                             quantize_output_layer=True,
+                                                             output_layer_sparsity=sparsity))
+    return out
+
+
 def pytest_report_header(config):
     return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, cpus: {os.cpu_count()}"
 

@@ -88,6 +88,56 @@ def test_w4_without_sparsity_stays_close_to_dense(tiny_models, tmp_path):
     assert torch.nn.functional.cosine_similarity(q.flatten(), d.flatten(), dim=0) > 0.99
 
 
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_output_layer_converted_and_untied_from_a_dense_embedding(arch, tiny_models, head_checkpoints):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from vllm_gqsa.reference import dequantize
+
+    ckpt = head_checkpoints[arch]
+    with open(os.path.join(ckpt, "config.json")) as f:
+        config = json.load(f)
+    assert config["tie_word_embeddings"] is False
+    assert "lm_head" in config["quantization_config"]["target_modules"]
+    qcfg = read_quant_config(ckpt)
+    layers, dense = split_gqsa_tensors(dict(iter_tensors(ckpt)), qcfg)
+    assert "lm_head" in layers and "lm_head.weight" not in dense
+    original = load_file(os.path.join(tiny_models[arch], "model.safetensors"))
+    # The embedding is a lookup table: it stays as it was, also where the head was tied to it.
+    torch.testing.assert_close(dense["model.embed_tokens.weight"], original["model.embed_tokens.weight"],
+                               rtol=0, atol=0)
+    with open(os.path.join(ckpt, COMPLETE_MARKER)) as f:
+        entry = [r for r in json.load(f)["layers"] if r["name"] == "lm_head"]
+    assert len(entry) == 1 and entry[0]["shape"] == [258, 128]
+    kept = {"llama": 0.5, "gemma3": 1.0}[arch]  # --output-layer-sparsity 0.5 and 0
+    assert entry[0]["kept_groups"] / (258 * 128 // 16) == pytest.approx(kept, abs=0.01)
+
+    ref = load_reference_model(ckpt, torch.float32)
+    head = GQSALayer.from_tensors(layers["lm_head"], 258, 128, qcfg.layer_format(), "lm_head")
+    torch.testing.assert_close(ref.lm_head.weight, dequantize(head, torch.float32))
+    dense_head = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).lm_head.weight
+    assert not torch.equal(ref.model.embed_tokens.weight, ref.lm_head.weight)
+    # On the same hidden states, the quantized head's logits against the dense head's: quantized
+    # only (Gemma), nearly the same; half pruned (Llama), the same model still.
+    h = ref.model(torch.randint(0, 258, (2, 40))).last_hidden_state.detach()
+    cos = torch.nn.functional.cosine_similarity((h @ ref.lm_head.weight.T).flatten(),
+                                                (h @ dense_head.T).flatten(), dim=0)
+    assert cos > {"llama": 0.7, "gemma3": 0.99}[arch]
+
+
+def test_output_layer_options_are_checked(tiny_models, tmp_path):
+    with pytest.raises(ConvertError, match="--output-layer-sparsity"):
+        convert(tiny_models["llama"], str(tmp_path / "a"),
+                ConvertOptions(quantize_output_layer=True, output_layer_sparsity=1.0))
+    with pytest.raises(ConvertError, match="vocab_size.*258.*--block-rows 4"):
+        convert(tiny_models["llama"], str(tmp_path / "b"), ConvertOptions(quantize_output_layer=True,
+                                                                          block_rows=4))
+    # Without the option nothing changes, and partial folders of earlier releases still resume.
+    assert "quantize_output_layer" not in ConvertOptions().fingerprint()
+    assert "lm_head" not in ConvertOptions().quant_config().target_modules
+
+
 def test_report_counts_bits_per_weight(tiny_checkpoints):
     with open(os.path.join(tiny_checkpoints["llama"], COMPLETE_MARKER)) as f:
         report = json.load(f)

@@ -2,6 +2,7 @@
 """The vLLM plugin on the CPU: registration, vLLM's real loader, tensor parallelism over gloo,
 torch.compile, and broken checkpoints."""
 
+import json
 import os
 import shutil
 
@@ -127,6 +128,69 @@ def test_tensor_parallel_shards_combine_to_the_unsharded_output(world_size, tiny
             continue
         got = combine_column_shards(name, outs, ckpt)
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def head_reference(ckpt: str) -> torch.Tensor:
+    qcfg = read_quant_config(ckpt)
+    parts = split_gqsa_tensors(dict(iter_tensors(ckpt)), qcfg)[0]["lm_head"]
+    return dequantize(GQSALayer.from_tensors(parts, 258, 128, qcfg.layer_format(), "lm_head"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, head_checkpoints):
+    from vllm_gqsa.quantization import GQSALinearMethod
+
+    ckpt = head_checkpoints[arch]
+    model, _ = load_vllm_model(ckpt, port=free_port())
+    head = model.lm_head
+    assert isinstance(head.quant_method, GQSALinearMethod) and head is not model.model.embed_tokens
+    w = head_reference(ckpt)
+    emb = dict(iter_tensors(ckpt))["model.embed_tokens.weight"]
+    torch.testing.assert_close(model.model.embed_tokens.weight[:258], emb, rtol=0, atol=0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for M in (1, 4, 19):
+            x = torch.randn(M, 128)
+            # vLLM pads the vocabulary (258 -> 320 rows); the padding rows hold no groups.
+            y = head.quant_method.apply(head, x)
+            assert y.shape == (M, 320) and not y[:, 258:].any()
+            torch.testing.assert_close(model.compute_logits(x), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_tied_config_with_a_gqsa_output_layer_is_refused(head_checkpoints, tmp_path):
+    ckpt = str(tmp_path / "tied")
+    shutil.copytree(head_checkpoints["llama"], ckpt)
+    cfg_path = os.path.join(ckpt, "config.json")
+    cfg = json.load(open(cfg_path))
+    cfg["tie_word_embeddings"] = True
+    json.dump(cfg, open(cfg_path, "w"))
+    with pytest.raises(GQSAFormatError, match="tie_word_embeddings"):
+        load_vllm_model(ckpt, port=free_port())
+
+
+def test_dummy_weights_fill_a_gqsa_output_layer_unpruned(head_checkpoints, tmp_path):
+    """``--load-format dummy`` (the speed benchmarks) fills the output layer as gqsa-convert
+    --quantize-output-layer does by default, unpruned, and the decoder layers at the sparsity."""
+    ckpt = str(tmp_path / "config-only")
+    shutil.copytree(head_checkpoints["llama"], ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+    model, _ = load_vllm_model(ckpt, port=free_port(), load_format="dummy")
+    assert model.lm_head.gqsa_nnz == 258 * 128 // 16  # every group of the vocabulary's rows
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.gqsa_nnz == pytest.approx(256 * 128 // 16 * 0.5, rel=0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tensor_parallel_output_layer_ranks_combine_to_the_logits(world_size, head_checkpoints, tmp_path):
+    ckpt = head_checkpoints["llama"]
+    x = torch.randn(3, 128)
+    ranks = run_tp(ckpt, world_size, tmp_path, {"lm_head": x})
+    outs = [r["lm_head"] for r in ranks]
+    # Each rank computes its share of the 320 padded rows; the vocabulary is their first 258.
+    assert all(o.shape == (3, 320 // world_size) for o in outs)
+    got = torch.cat(outs, -1)
+    torch.testing.assert_close(got[:, :258], x @ head_reference(ckpt).T, rtol=1e-4, atol=1e-4)
+    assert not got[:, 258:].any()
 
 
 @pytest.mark.slow

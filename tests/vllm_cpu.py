@@ -84,7 +84,7 @@ def setup_cpu_vllm() -> None:
 
 
 def load_vllm_model(ckpt: str, rank: int = 0, world_size: int = 1, port: int = 29600,
-                    dtype: str = "float32", quantization: str | None = None):
+                    dtype: str = "float32", quantization: str | None = None, load_format: str = "auto"):
     """The model vLLM builds from ``ckpt``, as tensor-parallel rank ``rank`` of ``world_size``."""
     setup_cpu_vllm()
     from vllm.config import DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig
@@ -94,7 +94,7 @@ def load_vllm_model(ckpt: str, rank: int = 0, world_size: int = 1, port: int = 2
     from vllm.model_executor.model_loader import get_model_loader
 
     model_config = ModelConfig(model=ckpt, dtype=dtype, enforce_eager=True, quantization=quantization)
-    load_config = LoadConfig()
+    load_config = LoadConfig(load_format=load_format)
     config = VllmConfig(model_config=model_config, load_config=load_config,
                         device_config=DeviceConfig(device="cpu"),
                         parallel_config=ParallelConfig(tensor_parallel_size=world_size))
@@ -122,12 +122,17 @@ def tp_worker(rank: int, world_size: int, ckpt: str, port: int, inputs: dict, ou
         outputs = {}
         with torch.no_grad():
             for name, layer in linear_layers(model).items():
+                if name not in inputs:
+                    continue
                 x = inputs[name]
                 k = layer.input_size_per_partition
                 if k != x.shape[-1]:
                     x = x[:, rank * k:(rank + 1) * k]
                 y = layer(x)
                 outputs[name] = y[0] if isinstance(y, tuple) else y
+            if "lm_head" in inputs:  # a GQSA output layer: this rank's vocabulary rows
+                head = model.lm_head
+                outputs["lm_head"] = head.quant_method.apply(head, inputs["lm_head"])
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:

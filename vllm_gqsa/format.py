@@ -43,7 +43,9 @@ The index width follows K, so the index costs no more than it must:
 ``quant_method = "gqsa"``, ``format_version``, ``bits``, ``group_size``,
 ``block_rows``, ``sparsity`` (the fraction of groups pruned, as converted),
 ``target_modules`` (the last name component of the linear layers that are
-converted, e.g. ``q_proj``) and ``modules_to_not_convert`` (full names of
+converted, e.g. ``q_proj``; ``lm_head`` when the output layer is converted, which
+the checkpoint then stores untied from a dense embedding,
+``tie_word_embeddings: false``) and ``modules_to_not_convert`` (full names of
 target layers left dense). Every other weight of the model is stored as usual.
 
 Everything here is pure torch and runs on the CPU: packing, unpacking,
@@ -403,6 +405,17 @@ class GQSALayer:
             qweight=scatter(self.qweight).unsqueeze(1), scales=scatter(self.scales).unsqueeze(1),
             qzeros=pack_flat(scatter(self.zeros()), fmt.bits),
             out_features=self.out_features, in_features=self.in_features, fmt=fmt)
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, fmt: LayerFormat) -> "GQSALayer":
+        """A layer with no kept groups: all weights zero (padding rows)."""
+        fmt.check_shape(out_features, in_features, "empty layer")
+        R, KG = fmt.block_rows, in_features // fmt.group_size
+        return cls(row_ptr=torch.zeros(out_features // R + 1, dtype=torch.int32),
+                   col_idx=torch.zeros(0, dtype=index_dtype(KG)),
+                   qweight=torch.zeros(0, R, fmt.code_bytes, dtype=torch.uint8),
+                   scales=torch.zeros(0, R, dtype=SCALE_DTYPE), qzeros=torch.zeros(0, dtype=torch.uint8),
+                   out_features=out_features, in_features=in_features, fmt=fmt)
 
     @staticmethod
     def concat_rows(layers: list["GQSALayer"]) -> "GQSALayer":

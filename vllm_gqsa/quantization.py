@@ -11,6 +11,11 @@ fixed-shape parameter classes cannot shard them. Instead (the pattern GGUF used)
    so host memory holds one rank's slice, not the whole layer;
 3. ``process_weights_after_loading`` fuses the shards in vLLM's output order, repacks them
    into the kernel format once, and replaces the placeholders with the final tensors.
+
+The output layer (``lm_head``, when the checkpoint lists it in ``target_modules``) is a
+``ParallelLMHead``, which vLLM shards by vocabulary rows and pads per rank; it goes through the
+same method, and the padding rows are empty (no kept groups), so their logits are 0 and vLLM
+cuts them off.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from vllm.model_executor.layers.linear import (LinearBase, LinearMethodBase,
                                                UnquantizedLinearMethod)
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
 from . import ops  # noqa: F401  (registers torch.ops.vllm_gqsa.*)
 from .format import (QUANT_METHOD, TENSOR_NAMES, GQSAFormatError, GQSALayer, GQSAQuantConfig,
@@ -93,6 +99,11 @@ class GQSAConfig(QuantizationConfig):
         return [f"{parent}.{p}" if parent else p for p in parts]
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if isinstance(layer, ParallelLMHead):
+            if not self.quant.is_quantized(prefix):
+                return None  # vLLM's dense output layer
+            layer.prefix = prefix  # LinearBase keeps its prefix; the output layer does not
+            return GQSALinearMethod(self, [prefix])
         if not isinstance(layer, LinearBase):
             return None
         names = self.checkpoint_names(prefix)
@@ -113,6 +124,8 @@ def _shard_order(layer) -> tuple:
 
 def _full_shard_shape(layer, shard_id) -> tuple[int, int]:
     """Rows and columns of one shard as stored in the checkpoint (before tensor parallelism)."""
+    if isinstance(layer, ParallelLMHead):
+        return layer.org_vocab_size, layer.embedding_dim
     if shard_id is None:
         return layer.output_size, layer.input_size
     if shard_id in QKV_SHARDS:
@@ -122,8 +135,21 @@ def _full_shard_shape(layer, shard_id) -> tuple[int, int]:
     return layer.output_sizes[shard_id], layer.input_size
 
 
+def _partition_shape(layer) -> tuple[int, int]:
+    """Rows and columns this rank computes."""
+    if isinstance(layer, ParallelLMHead):
+        return layer.num_embeddings_per_partition, layer.embedding_dim
+    return layer.output_size_per_partition, layer.input_size_per_partition
+
+
 def shard_for_rank(layer, shard_id, full: GQSALayer) -> GQSALayer:
     """The part of one checkpoint shard this tensor-parallel rank computes."""
+    if isinstance(layer, ParallelLMHead):
+        # This rank's vocabulary rows, then empty rows up to vLLM's padded size per rank.
+        s = layer.shard_indices
+        rows = full.select_rows(s.org_vocab_start_index, s.org_vocab_end_index)
+        pad = layer.num_embeddings_per_partition - rows.out_features
+        return GQSALayer.concat_rows([rows, GQSALayer.empty(pad, full.in_features, full.fmt)]) if pad else rows
     order = _shard_order(layer)
     rows = layer.output_partition_sizes[order.index(shard_id)]
     if rows != full.out_features:  # column-parallel: this rank's output rows
@@ -207,7 +233,7 @@ class GQSALinearMethod(LinearMethodBase):
         merged = GQSALayer.concat_rows([layer.gqsa_shards[s] for s in order])
         del layer.gqsa_shards, layer.gqsa_pending
         N, K = merged.out_features, merged.in_features
-        assert (N, K) == (layer.output_size_per_partition, layer.input_size_per_partition)
+        assert (N, K) == _partition_shape(layer)
         for t_name in TENSOR_NAMES:
             delattr(layer, t_name)
 
@@ -239,11 +265,18 @@ class GQSALinearMethod(LinearMethodBase):
         """Random kept groups at the configured sparsity, for ``--load-format dummy`` benchmarks."""
         from .random_layers import random_gqsa_layer
 
+        # An output layer is filled unpruned: gqsa-convert --quantize-output-layer's default.
+        sparsity = 0.0 if isinstance(layer, ParallelLMHead) else self.config.quant.sparsity
         for i, shard_id in enumerate(order):
             N, K = _full_shard_shape(layer, shard_id)
-            full = random_gqsa_layer(N, K, self.fmt, 1 - self.config.quant.sparsity, seed=i,
-                                     device=device)
+            full = random_gqsa_layer(N, K, self.fmt, 1 - sparsity, seed=i, device=device)
             layer.gqsa_shards[shard_id] = shard_for_rank(layer, shard_id, full)
+
+    def tie_weights(self, layer, embed_tokens):
+        raise GQSAFormatError(
+            f"{layer.prefix} is a GQSA layer but the model ties it to the embedding "
+            "(tie_word_embeddings); a quantized output layer needs tie_word_embeddings false and a "
+            "dense embedding, as gqsa-convert --quantize-output-layer writes them")
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
               ) -> torch.Tensor:
