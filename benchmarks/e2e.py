@@ -194,6 +194,10 @@ def make_model_dir(root: str, shape: str, quant: dict | None, dtype: str = "floa
                **dims}
     if quant:
         cfg["quantization_config"] = quant
+        if quant.get("lm_head") or "lm_head" in quant.get("target_modules", ()):
+            # A quantized output layer is stored apart from the (dense) embedding, as
+            # gqsa-convert --quantize-output-layer writes it; Gemma 3 ties them otherwise.
+            cfg["tie_word_embeddings"] = False
     with open(os.path.join(root, "config.json"), "w") as f:
         json.dump(cfg, f)
     byte_tokenizer().save_pretrained(root)

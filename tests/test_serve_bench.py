@@ -114,6 +114,11 @@ def test_e2e_gemma3_shape(tmp_path):
     assert cfg.quantization_config["quant_method"] == "gptq"
     cfg = AutoConfig.from_pretrained(e2e.make_model_dir(str(tmp_path / "b"), "gemma3-12b", None, "bfloat16", 6))
     assert len(cfg.layer_types) == 6
+    # With a quantized output layer the model is untied from its embedding.
+    for i, name in enumerate(("gqsa-s50-head", "gptq-marlin-head")):
+        cfg = AutoConfig.from_pretrained(e2e.make_model_dir(str(tmp_path / f"h{i}"), "gemma3-12b",
+                                                            e2e.CONFIGS[name][0], "bfloat16", 6))
+        assert cfg.tie_word_embeddings is False
     with pytest.raises(SystemExit):
         e2e.main(["--shape", "gemma3-12b", "--out", str(tmp_path / "x.json")])
 
