@@ -179,6 +179,21 @@ def test_dummy_weights_fill_a_gqsa_output_layer_unpruned(head_checkpoints, tmp_p
     assert qkv.gqsa_nnz == pytest.approx(256 * 128 // 16 * 0.5, rel=0.1)
 
 
+def test_dense_output_layer_under_a_gqsa_name_is_refused(head_checkpoints, tmp_path):
+    """config.json says the output layer is GQSA, the weights hold a dense one: loading stops and
+    names it (vLLM's loader finds no parameter for ``lm_head.weight``)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = str(tmp_path / "dense-head")
+    shutil.copytree(head_checkpoints["llama"], ckpt)
+    path = os.path.join(ckpt, "model.safetensors")
+    sd = {k: v for k, v in load_file(path).items() if not k.startswith("lm_head.")}
+    sd["lm_head.weight"] = torch.zeros(258, 128)
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lm_head.weight"):
+        load_vllm_model(ckpt, port=free_port())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tensor_parallel_output_layer_ranks_combine_to_the_logits(world_size, head_checkpoints, tmp_path):
