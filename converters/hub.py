@@ -73,6 +73,11 @@ def model_card(report: dict, source: str) -> str:
     """README.md for a converted checkpoint: what it is, how it was made, how to serve it."""
     q, c = report["quantization_config"], report["calibration"]
     mib = 1 / 2**20
+    head = next((r for r in report.get("layers", []) if r["name"] == "lm_head"), None)
+    head_text = "" if head is None else (
+        f"The output layer (`lm_head`) is converted too, with "
+        f"{100 * head['kept_groups'] * q['group_size'] * q['block_rows'] / (head['shape'][0] * head['shape'][1]):.0f}% "
+        f"of its groups kept; it is stored apart from the embedding, which stays dense.\n")
     return f"""---
 tags: [gqsa, quantized, sparse, vllm]
 library_name: vllm
@@ -80,10 +85,10 @@ library_name: vllm
 # {os.path.basename(os.path.normpath(source))}: GQSA W{q['bits']} S{q['sparsity'] * 100:.0f}% g{q['group_size']}
 
 GQSA (group quantization and sparsity) checkpoint made by `gqsa-convert` (vllm-gqsa) from `{source}`:
-{q['sparsity'] * 100:.0f}% of the groups of {q['group_size']} consecutive input weights pruned, the rest
+{q['sparsity'] * 100:.0f}% of the groups of {q['group_size']} consecutive input weights of the decoder layers pruned, the rest
 quantized to {q['bits']} bits with a scale and zero point per group, in the GQSA format version
 {q['format_version']}.
-
+{head_text}
 | | |
 |---|---|
 | converted layers | {report['quantized_layers']} ({', '.join(q['target_modules'])}) |

@@ -110,6 +110,8 @@ def test_output_layer_converted_and_untied_from_a_dense_embedding(arch, tiny_mod
     with open(os.path.join(ckpt, COMPLETE_MARKER)) as f:
         entry = [r for r in json.load(f)["layers"] if r["name"] == "lm_head"]
     assert len(entry) == 1 and entry[0]["shape"] == [258, 128]
+    with open(os.path.join(ckpt, "README.md")) as f:
+        assert "The output layer (`lm_head`) is converted too" in f.read()
     kept = {"llama": 0.5, "gemma3": 1.0}[arch]  # --output-layer-sparsity 0.5 and 0
     assert entry[0]["kept_groups"] / (258 * 128 // 16) == pytest.approx(kept, abs=0.01)
 
