@@ -38,8 +38,11 @@ def byte_tokenizer():
 
 def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
                      intermediate_size: int = 256, num_layers: int = 2, num_heads: int = 4,
-                     num_kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0) -> str:
-    """Write a random-weight model folder (config, safetensors, tokenizer) and return its path."""
+                     num_kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     tie_word_embeddings: bool | None = None) -> str:
+    """Write a random-weight model folder (config, safetensors, tokenizer) and return its path.
+    The output layer is tied to the embedding in Gemma 3 and untied otherwise, unless
+    ``tie_word_embeddings`` says."""
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in ARCHITECTURES[arch])
@@ -53,6 +56,8 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
         extra = dict(tie_word_embeddings=True, head_dim=head_dim, query_pre_attn_scalar=head_dim,
                      sliding_window=16, pad_token_id=tokenizer.pad_token_id,
                      layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)])
+    if tie_word_embeddings is not None:
+        extra["tie_word_embeddings"] = tie_word_embeddings
     config = config_cls(
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,

@@ -136,7 +136,7 @@ def head_reference(ckpt: str) -> torch.Tensor:
     return dequantize(GQSALayer.from_tensors(parts, 258, 128, qcfg.layer_format(), "lm_head"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-tied"])
 def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, head_checkpoints):
     from vllm_gqsa.quantization import GQSALinearMethod
 
