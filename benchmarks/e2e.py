@@ -29,6 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from vllm_gqsa.format import DEFAULT_TARGET_MODULES  # noqa: E402
+
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
@@ -76,8 +78,7 @@ CONFIGS = {
     # unpruned, that option's default), against GPTQ with its output layer quantized (GPTQ's
     # "lm_head": true, vLLM's lm_head_quantized, served by the same Marlin kernel).
     "gqsa-s50-head": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5,
-                       "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                          "down_proj", "lm_head"]}, {}),
+                       "target_modules": [*DEFAULT_TARGET_MODULES, "lm_head"]}, {}),
     "gptq-marlin-head": ({**GPTQ, "lm_head": True,
                           "modules_in_block_to_quantize": [*GPTQ["modules_in_block_to_quantize"], ["lm_head"]]},
                          {"linear_backend": "marlin"}),

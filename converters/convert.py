@@ -462,12 +462,16 @@ def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
                 name = f"model.layers.{b}.{n}"
                 for t_name, t in res.layer.tensors().items():
                     out[f"{name}.{t_name}"] = t.contiguous()
-                layers_report.append({
-                    "name": name, "shape": [res.layer.out_features, res.layer.in_features],
-                    "kept_groups": res.layer.nnz, "bits_per_weight": round(res.layer.bits_per_weight(), 4),
-                    "loss": res.loss})
+                layers_report.append(_layer_record(name, res))
                 bar.set_postfix(layer=n, loss=f"{res.loss:.3g}")
     return out
+
+
+def _layer_record(name: str, res) -> dict:
+    """A converted layer's line in the report."""
+    return {"name": name, "shape": [res.layer.out_features, res.layer.in_features],
+            "kept_groups": res.layer.nnz, "bits_per_weight": round(res.layer.bits_per_weight(), 4),
+            "loss": res.loss}
 
 
 def _convert_output_layer(model, inputs, qcfg, opts, device, layers_report) -> dict[str, torch.Tensor]:
@@ -493,9 +497,7 @@ def _convert_output_layer(model, inputs, qcfg, opts, device, layers_report) -> d
     res = solve_layer(head.weight.to(device), H, qcfg.layer_format(), opts.output_layer_sparsity,
                       opts.clip_search)
     head.weight.data = res.weight.to("cpu", head.weight.dtype)
-    layers_report.append({
-        "name": OUTPUT_LAYER, "shape": [N, K], "kept_groups": res.layer.nnz,
-        "bits_per_weight": round(res.layer.bits_per_weight(), 4), "loss": res.loss})
+    layers_report.append(_layer_record(OUTPUT_LAYER, res))
     return {f"{OUTPUT_LAYER}.{t}": v.contiguous() for t, v in res.layer.tensors().items()}
 
 
