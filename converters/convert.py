@@ -7,6 +7,10 @@ quantized with the quantized outputs of the blocks before them as inputs (GPTQ's
 order), and inside a block sub-layer by sub-layer ("true sequential"): q/k/v, then
 o, then gate/up, then down.
 
+An image-text model (Gemma 3 of 4B and more) is converted the same way, through its text
+decoder; its image parts stay dense, and every tensor keeps the name the model's own checkpoint
+gives it (:mod:`.layout`).
+
 With ``quantize_output_layer`` the output layer (``lm_head``) is converted too, after the
 blocks, on the final norm of the last block's quantized outputs; a tied output layer is untied
 (the embedding, a lookup table, stays dense) and the checkpoint says ``tie_word_embeddings:
@@ -20,6 +24,7 @@ blocks, the scales are trained on the model's LM loss (:mod:`.e2e`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -39,12 +44,14 @@ from .bqpo import BlockTraining, train_block
 from .calibration import calibration_samples
 from .e2e import ScaleTraining, train_scales
 from .hub import model_card, peak_text
+from .layout import (IMAGE_TEXT_ARCHITECTURES, checkpoint_module, checkpoint_names, decoder, dense_parts,
+                     rename, text_config)
 from .solver import accumulate_hessian, solve_layer
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
-                           "Qwen3ForCausalLM", "Gemma3ForCausalLM")
+                           "Qwen3ForCausalLM", "Gemma3ForCausalLM") + IMAGE_TEXT_ARCHITECTURES
 # Sub-layers quantized together because they read the same input, in forward order.
 SEQUENTIAL_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -156,6 +163,7 @@ def read_config(model_dir: str) -> dict:
 
 def check_shapes(config: dict, qcfg: GQSAQuantConfig) -> None:
     """Fail before loading anything if a layer's sizes do not fit the group size."""
+    config = text_config(config)
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or hidden // heads
@@ -275,14 +283,15 @@ class _Recorder(torch.nn.Module):
 def _block_inputs(model, samples: torch.Tensor, device) -> tuple[list[torch.Tensor], list[dict]]:
     """Block 0's input for every sample, and each block's keyword arguments (blocks of the same
     attention type share one dict)."""
-    layers = model.model.layers
+    _, dec = decoder(model)
+    layers = dec.layers
     n = len(layers)
     recorders = [_Recorder(layers[i], i == 0, i == n - 1) for i in range(n)]
     for i, r in enumerate(recorders):
         layers[i] = r
     # What runs before the blocks (the embedding, the rotary tables: one module or one per
     # attention type, depending on the transformers release) goes to the device for this pass.
-    outer = [m for name, m in model.model.named_children() if name != "layers"]
+    outer = [m for name, m in dec.named_children() if name != "layers"]
     for m in outer:
         m.to(device)
     try:
@@ -367,7 +376,13 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     save_dtype = next(model.parameters()).dtype
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
-                                  vocab_size=config.get("vocab_size"))
+                                  vocab_size=text_config(config).get("vocab_size"))
+    names = checkpoint_names(model)
+    towers = dense_parts(model, names)
+    if towers:  # an image-text model: its image parts stay dense
+        logger.info("converting the text decoder; %s stay dense", ", ".join(towers))
+        qcfg = dataclasses.replace(qcfg, modules_to_not_convert=qcfg.modules_to_not_convert + towers)
+    dec_prefix, dec = decoder(model)
 
     fmt = qcfg.layer_format()
     tensors: dict[str, torch.Tensor] = {}
@@ -378,7 +393,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         block_kwargs = _to(block_kwargs, device, torch.float32)
         # BQPO's targets: the dense blocks fed the dense model's own stream.
         dense_inputs = list(inputs) if opts.bqpo_epochs else None
-        blocks = model.model.layers
+        blocks = dec.layers
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
         for b in bar:
             block, kwargs = blocks[b].to(device, torch.float32), block_kwargs[b]
@@ -386,14 +401,16 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
             if dense_inputs is not None:
                 dense_inputs = _run_block(block, dense_inputs, kwargs, opts.batch_size)
             if b < progress["blocks_done"]:
-                block_tensors = _restore_block(block, b, block_file, layers_report, fmt)
+                block_tensors = _restore_block(block, f"{dec_prefix}.layers.{b}.", block_file,
+                                               layers_report, fmt)
             else:
                 latents = {} if dense_inputs is not None else None
-                block_tensors = _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
-                                               latents)
+                block_tensors = _convert_block(block, f"{dec_prefix}.layers.{b}.", names, inputs, kwargs,
+                                               qcfg, opts, layers_report, bar, latents)
                 if dense_inputs is not None:
-                    block_tensors = _train_block(block, b, block_tensors, latents, inputs, dense_inputs,
-                                                 kwargs, layers_report, opts, fmt, bqpo_report, bar)
+                    block_tensors = _train_block(block, b, f"{dec_prefix}.layers.{b}.", block_tensors,
+                                                 latents, inputs, dense_inputs, kwargs, layers_report,
+                                                 opts, fmt, bqpo_report, bar)
                 del latents
                 save_file(block_tensors, block_file)
                 _write_progress(tmp, model_dir, opts, b + 1, layers_report, bqpo_report)
@@ -432,6 +449,9 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
             tensors[f"{name}.scales"] = layer.scales.contiguous()
         training["e2e"] = {"epochs": opts.e2e_epochs, "lr": opts.e2e_lr, "batch_size": opts.e2e_batch_size,
                            "held_out_samples": opts.held_out(), **e2e_report}
+    # Stored under the names of the model's own checkpoints, which vLLM reads.
+    tensors = {rename(names, n): t for n, t in tensors.items()}
+    layers_report = [{**r, "name": checkpoint_module(names, r["name"])} for r in layers_report]
     report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
                                time.time() - t_start, training)
     shutil.rmtree(os.path.join(tmp, BLOCKS_DIR))
@@ -440,13 +460,16 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     return report
 
 
-def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
+def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_report, bar,
                    latents: dict | None = None) -> dict[str, torch.Tensor]:
-    """Prune and quantize the target layers of block ``b`` in place; return their GQSA tensors.
-    ``latents``, if given, receives the solver's unrounded weights by layer name (for BQPO)."""
+    """Prune and quantize the target layers of the block named ``prefix`` in place; return their
+    GQSA tensors. ``names`` maps the model's weight names to the checkpoint's, which
+    ``modules_to_not_convert`` uses. ``latents``, if given, receives the solver's unrounded weights
+    by layer name (for BQPO)."""
     fmt = qcfg.layer_format()
     out = {}
-    groups = [[n for n in g if qcfg.is_quantized(f"model.layers.{b}.{n}")] for g in SEQUENTIAL_GROUPS]
+    groups = [[n for n in g if qcfg.is_quantized(checkpoint_module(names, prefix + n))]
+              for g in SEQUENTIAL_GROUPS]
     groups = [g for g in groups if g]
     # True sequential: one calibration pass per group, so each group sees the outputs of the
     # groups quantized before it. Otherwise one pass for all.
@@ -459,7 +482,7 @@ def _convert_block(block, b, inputs, kwargs, qcfg, opts, layers_report, bar,
                 m.weight.data = res.weight.to(m.weight.dtype)
                 if latents is not None:
                     latents[n] = res.latent
-                name = f"model.layers.{b}.{n}"
+                name = prefix + n
                 for t_name, t in res.layer.tensors().items():
                     out[f"{name}.{t_name}"] = t.contiguous()
                 layers_report.append(_layer_record(name, res))
@@ -484,10 +507,12 @@ def _convert_output_layer(model, inputs, qcfg, opts, device, layers_report) -> d
         # Tied: the embedding keeps the dense weights, the output layer gets its own copy.
         head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
         model.config.tie_word_embeddings = False
+        if hasattr(model.config, "text_config"):
+            model.config.text_config.tie_word_embeddings = False
     N, K = head.weight.shape
     logger.info("converting the output layer %s [%d x %d] at sparsity %g", OUTPUT_LAYER, N, K,
                 opts.output_layer_sparsity)
-    norm = model.model.norm
+    norm = decoder(model)[1].norm
     norm_dtype = next(norm.parameters()).dtype
     norm.to(device, torch.float32)
     H, count = None, 0
@@ -511,30 +536,31 @@ def _block_layers(tensors, layers_report, prefix, fmt) -> dict[str, GQSALayer]:
     return layers
 
 
-def _load_layers(block, b, layers: dict[str, GQSALayer]) -> None:
-    """Make the block compute with the stored layers (the next block's inputs come from it)."""
+def _load_layers(block, prefix, layers: dict[str, GQSALayer]) -> None:
+    """Make the block named ``prefix`` compute with the stored layers (the next block's inputs come
+    from it)."""
     for name, layer in layers.items():
-        m = _module(block, name.split(f"model.layers.{b}.", 1)[1])
+        m = _module(block, name[len(prefix):])
         m.weight.data = dequantize(layer).to(m.weight.device, m.weight.dtype)
 
 
-def _restore_block(block, b, block_file, layers_report, fmt) -> dict[str, torch.Tensor]:
+def _restore_block(block, prefix, block_file, layers_report, fmt) -> dict[str, torch.Tensor]:
     """Put a block converted by an interrupted run back in place, from its saved tensors."""
     tensors = load_file(block_file)
-    _load_layers(block, b, _block_layers(tensors, layers_report, f"model.layers.{b}.", fmt))
+    _load_layers(block, prefix, _block_layers(tensors, layers_report, prefix, fmt))
     return tensors
 
 
-def _train_block(block, b, block_tensors, latents, inputs, targets, kwargs, layers_report, opts, fmt,
-                 bqpo_report, bar) -> dict[str, torch.Tensor]:
-    """BQPO on block ``b`` after the solver; returns the block's tensors to store."""
-    prefix = f"model.layers.{b}."
+def _train_block(block, b, prefix, block_tensors, latents, inputs, targets, kwargs, layers_report, opts,
+                 fmt, bqpo_report, bar) -> dict[str, torch.Tensor]:
+    """BQPO on block ``b`` (module name ``prefix``) after the solver; returns the block's tensors to
+    store."""
     layers = _block_layers(block_tensors, layers_report, prefix, fmt)
     local = {n[len(prefix):]: layer for n, layer in layers.items()}
     trained, record = train_block(block, local, inputs, targets, kwargs, opts.held_out(),
                                   opts.block_training(b), latents, opts.batch_size, desc=f"BQPO block {b}")
     trained = {prefix + n: layer for n, layer in trained.items()}
-    _load_layers(block, b, trained)
+    _load_layers(block, prefix, trained)
     bqpo_report.append({"block": b, **record})
     bar.set_postfix(bqpo=f"{record['val_loss_start']:.3g}->{record['val_loss_best']:.3g}")
     out = dict(block_tensors)
@@ -592,7 +618,11 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
     out_config = dict(config)
     out_config["quantization_config"] = qcfg.to_dict()
     if OUTPUT_LAYER in qcfg.target_modules:
-        out_config["tie_word_embeddings"] = False  # the embedding stays dense; the output layer is GQSA
+        # The embedding stays dense; the output layer is GQSA (an image-text model's decoder
+        # reads its own text_config).
+        out_config["tie_word_embeddings"] = False
+        if "text_config" in out_config:
+            out_config["text_config"] = {**out_config["text_config"], "tie_word_embeddings": False}
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(out_config, f, indent=2)
 

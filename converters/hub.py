@@ -78,6 +78,8 @@ def model_card(report: dict, source: str) -> str:
         f"The output layer (`lm_head`) is converted too, with "
         f"{100 * head['kept_groups'] * q['group_size'] * q['block_rows'] / (head['shape'][0] * head['shape'][1]):.0f}% "
         f"of its groups kept; it is stored apart from the embedding, which stays dense.\n")
+    if q.get("modules_to_not_convert"):
+        head_text += f"Left dense: {', '.join(q['modules_to_not_convert'])}.\n"
     return f"""---
 tags: [gqsa, quantized, sparse, vllm]
 library_name: vllm

@@ -14,14 +14,20 @@ ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    # Gemma 3 of 4B and more: the gemma3 decoder with a SigLIP vision tower, which reads images.
+    "gemma3_mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
 }
+# Gemma 3's image tokens, and the newline runs its vLLM processor looks up by text.
+IMAGE_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+NEWLINES = ["\n", "\n\n", "\n\n\n", "\n\n\n\n"]
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def byte_tokenizer():
-    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus BOS/EOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+def byte_tokenizer(image_tokens: bool = False):
+    """A byte-level BPE tokenizer with no merges: 256 byte tokens plus BOS/EOS (and, with
+    ``image_tokens``, newline runs and Gemma 3's image tokens after them)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -30,8 +36,13 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
+    extra = {}
+    if image_tokens:
+        tok.add_tokens([AddedToken(t, normalized=False) for t in NEWLINES])
+        tok.add_special_tokens([AddedToken(t, normalized=False) for t in IMAGE_TOKENS.values()])
+        extra["extra_special_tokens"] = IMAGE_TOKENS
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+                                   pad_token="</s>", **extra)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -46,9 +57,10 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in ARCHITECTURES[arch])
-    tokenizer = byte_tokenizer()
+    image_text = arch == "gemma3_mm"
+    tokenizer = byte_tokenizer(image_tokens=image_text)
     extra = dict(tie_word_embeddings=False)
-    if arch == "gemma3":
+    if arch.startswith("gemma3"):
         # Sliding and full attention in turn, with a window shorter than the tests' samples, so
         # that the two kinds of layer see different masks and rotary tables; the output layer
         # tied to the embedding, as in the released Gemma 3 models.
@@ -63,9 +75,47 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=2048, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **extra)
+    if image_text:
+        config = _image_text_config(config, tokenizer)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    if image_text:
+        _save_image_parts(out_dir, tokenizer)
     return out_dir
+
+
+def _image_text_config(text, tokenizer):
+    """Gemma 3's image-text config around the decoder's: a 2-layer SigLIP tower on 64x64 images
+    of 16x16 patches, pooled to 4 tokens per image."""
+    from transformers import Gemma3Config, SiglipVisionConfig
+
+    vision = SiglipVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                                image_size=64, patch_size=16, vision_use_head=False)
+    ids = {k: tokenizer.convert_tokens_to_ids(t) for k, t in IMAGE_TOKENS.items()}
+    return Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                        boi_token_index=ids["boi_token"], eoi_token_index=ids["eoi_token"],
+                        image_token_index=ids["image_token"], tie_word_embeddings=text.tie_word_embeddings)
+
+
+def _save_image_parts(out_dir: str, tokenizer) -> None:
+    """The image processor, and the vision tower's weights under the names of the released
+    checkpoints (``vision_tower.vision_model.*``, which this transformers saves without
+    ``vision_model``)."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Gemma3Processor
+
+    try:  # transformers 5: the torchvision-free image processor
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil as processor_cls
+    except ImportError:  # transformers 4's own is torchvision-free
+        from transformers import Gemma3ImageProcessor as processor_cls
+
+    Gemma3Processor(image_processor=processor_cls(size={"height": 64, "width": 64}),
+                    tokenizer=tokenizer, image_seq_length=4).save_pretrained(out_dir)
+    path = os.path.join(out_dir, "model.safetensors")
+    tower = "vision_tower."
+    sd = {(f"{tower}vision_model.{k[len(tower):]}" if k.startswith(tower) and ".vision_model." not in k else k): v
+          for k, v in load_file(path).items()}
+    save_file(sd, path, metadata={"format": "pt"})

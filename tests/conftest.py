@@ -63,6 +63,21 @@ def head_checkpoints(tiny_models, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def image_text_checkpoints(tmp_path_factory):
+    """A tiny Gemma 3 image-text model (a SigLIP tower and the gemma3 decoder) and it converted
+    twice: its decoder only, and its decoder and output layer (quantized only)."""
+    from converters.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("image_text")
+    out = {"dense": build_tiny_model(str(root / "dense"), arch="gemma3_mm")}
+    for name, head in (("decoder", False), ("head", True)):
+        out[name] = str(root / name)
+        convert(out["dense"], out[name], ConvertOptions(n_samples=8, seq_len=64, batch_size=4,
+                                                        quantize_output_layer=head))
+    return out
+
+
 def pytest_report_header(config):
     return f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}, cpus: {os.cpu_count()}"
 

@@ -50,28 +50,30 @@ def test_checkpoint_validates_and_logits_match_reference(arch, tiny_models, tiny
     assert cos > (0.2 if arch == "gemma3" else 0.5)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3", "gemma3", "gemma3_mm"])
 def test_blocks_replayed_with_their_recorded_inputs_give_the_models_output(arch, tmp_path):
     """The converter runs the model block by block, each block with the arguments the model gives
     it. Gemma 3's sliding and full attention layers get different masks and rotary tables (its
     tiny model's window is shorter than the samples), so replaying every block with block 0's
-    arguments would not reproduce the model."""
+    arguments would not reproduce the model. The image-text Gemma 3 runs its decoder on text."""
     from transformers import AutoModelForCausalLM
 
     from converters.convert import _block_inputs, _run_block, _to
+    from converters.layout import decoder
     from converters.tiny import build_tiny_model
 
     model = AutoModelForCausalLM.from_pretrained(build_tiny_model(str(tmp_path / arch), arch=arch, num_layers=3),
                                                  dtype=torch.float32).eval()
+    _, dec = decoder(model)
     ids = torch.randint(0, 256, (3, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         inputs, block_kwargs = _block_inputs(model, ids, "cpu")
         block_kwargs = _to(block_kwargs, "cpu", torch.float32)
-        for block, kwargs in zip(model.model.layers, block_kwargs):
+        for block, kwargs in zip(dec.layers, block_kwargs):
             inputs = _run_block(block, inputs, kwargs, 2)
         expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-    torch.testing.assert_close(model.model.norm(torch.cat(inputs)), expected, rtol=1e-5, atol=1e-5)
-    if arch == "gemma3":
+    torch.testing.assert_close(dec.norm(torch.cat(inputs)), expected, rtol=1e-5, atol=1e-5)
+    if arch.startswith("gemma3"):
         assert block_kwargs[0] is not block_kwargs[1] and block_kwargs[0] is block_kwargs[2]
 
 
@@ -126,6 +128,82 @@ def test_output_layer_converted_and_untied_from_a_dense_embedding(arch, tiny_mod
     cos = torch.nn.functional.cosine_similarity((h @ ref.lm_head.weight.T).flatten(),
                                                 (h @ dense_head.T).flatten(), dim=0)
     assert cos > {"llama": 0.7, "gemma3": 0.99}[arch]
+
+
+@pytest.mark.parametrize("variant", ["decoder", "head"])
+def test_image_text_model_converts_its_decoder_and_keeps_its_image_parts(variant, image_text_checkpoints):
+    """Gemma 3 of 4B and more reads images: gqsa-convert converts its text decoder (and, if asked,
+    its output layer), keeps the vision tower and projector as they were, and writes every tensor
+    under the model's own checkpoint names, which vLLM reads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    dense_dir, ckpt = image_text_checkpoints["dense"], image_text_checkpoints[variant]
+    with open(os.path.join(ckpt, "config.json")) as f:
+        config = json.load(f)
+    assert config["architectures"] == ["Gemma3ForConditionalGeneration"]
+    q = config["quantization_config"]
+    assert q["modules_to_not_convert"] == ["multi_modal_projector", "vision_tower"]
+    head = variant == "head"
+    assert ("lm_head" in q["target_modules"]) == head
+    assert config["tie_word_embeddings"] is not head and config["text_config"]["tie_word_embeddings"] is not head
+    for f in ("processor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert os.path.isfile(os.path.join(ckpt, f)), f
+
+    qcfg = read_quant_config(ckpt)
+    layers, dense = split_gqsa_tensors(dict(iter_tensors(ckpt)), qcfg)
+    source = load_file(os.path.join(dense_dir, "model.safetensors"))
+    decoder_layers = {f"language_model.model.layers.{b}.{m}" for b in range(2)
+                      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert set(layers) == decoder_layers | ({"lm_head"} if head else set())
+    # Every dense tensor under its source name, unchanged: the image parts, the embedding, the norms.
+    assert set(dense) == {n for n in source if n.rsplit(".", 1)[0] not in layers and n != "lm_head.weight"}
+    for name, t in dense.items():
+        assert torch.equal(t, source[name]), name
+    assert any(n.startswith("vision_tower.vision_model.") for n in dense)
+    with open(os.path.join(ckpt, "README.md")) as f:
+        assert "multi_modal_projector, vision_tower" in f.read()
+
+    ref = load_reference_model(ckpt, torch.float32)
+    ids = torch.randint(0, 258, (2, 40))
+    with torch.no_grad():
+        quantized = ref(input_ids=ids).logits
+        original = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)(input_ids=ids).logits
+        pixels = torch.randn(1, 3, 64, 64)
+        torch.testing.assert_close(ref.model.get_image_features(pixel_values=pixels).pooler_output,
+                                   AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+                                   .model.get_image_features(pixel_values=pixels).pooler_output, rtol=0, atol=0)
+    cos = torch.nn.functional.cosine_similarity(quantized.flatten(), original.flatten(), dim=0)
+    assert cos > 0.2  # the same model still; a random Gemma moves most under pruning (see above)
+
+
+def test_image_text_decoder_converts_exactly_as_the_same_decoder_alone(image_text_checkpoints, tmp_path):
+    """The image-text model's decoder, taken out as a Gemma 3 text model, converts to the same
+    bits: calibration, solver, BQPO and E2E-OQP see the same decoder through either model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dense = image_text_checkpoints["dense"]
+    text = tmp_path / "text"
+    text.mkdir()
+    with open(os.path.join(dense, "config.json")) as f:
+        config = json.load(f)
+    with open(text / "config.json", "w") as f:
+        json.dump({**config["text_config"], "architectures": ["Gemma3ForCausalLM"], "dtype": config["dtype"]}, f)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(dense, name), text)
+    lm = "language_model."
+    source = load_file(os.path.join(dense, "model.safetensors"))
+    save_file({k[len(lm):]: v for k, v in source.items() if k.startswith(lm)}, str(text / "model.safetensors"),
+              metadata={"format": "pt"})
+    convert(str(text), str(tmp_path / "text-gqsa"), ConvertOptions(n_samples=8, seq_len=64, batch_size=4))
+    alone = load_file(str(tmp_path / "text-gqsa" / "model.safetensors"))
+    inside = load_file(os.path.join(image_text_checkpoints["decoder"], "model.safetensors"))
+    assert any(k.endswith(".qweight") for k in alone)
+    for name, t in alone.items():
+        assert torch.equal(inside[lm + name], t), name
 
 
 def test_output_layer_options_are_checked(tiny_models, tmp_path):

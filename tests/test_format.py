@@ -194,6 +194,15 @@ def test_quant_config_round_trip():
     assert not c.is_quantized("a.b") and not c.is_quantized("lm_head")
 
 
+def test_modules_to_not_convert_names_layers_or_whole_parts():
+    c = GQSAQuantConfig(modules_to_not_convert=("vision_tower", "model.layers.1.mlp.down_proj"))
+    assert not c.is_quantized("vision_tower.vision_model.encoder.layers.0.self_attn.q_proj")
+    assert not c.is_quantized("model.layers.1.mlp.down_proj")
+    # A module's name, not any string it starts with.
+    assert c.is_quantized("model.layers.11.mlp.down_proj")
+    assert c.is_quantized("vision_tower_2.q_proj")
+
+
 def test_layer_with_no_kept_groups():
     fmt = LayerFormat(4, 16, 1)
     keep = torch.zeros(8, 4, dtype=torch.bool)

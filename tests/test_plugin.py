@@ -157,6 +157,53 @@ def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, head_checkpoints):
             torch.testing.assert_close(model.compute_logits(x), x @ w.T, rtol=1e-4, atol=1e-4)
 
 
+def test_image_text_checkpoint_maps_onto_vllms_layers(image_text_checkpoints):
+    """vLLM's Gemma 3 image-text model renames the checkpoint's weights (its hf_to_vllm_mapper)
+    and asks the quantization config about each linear layer under its own name: every GQSA
+    layer of the checkpoint must be one the config calls GQSA there, and every layer of the
+    vision tower must stay dense. vLLM's module for that model imports torchvision, whose CPU
+    build is not on PyPI; without it this takes vLLM 0.26's mapper, as written there. (vLLM's
+    engine serves these checkpoints in the GPU tests.)"""
+    setup_cpu_vllm()
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    from vllm_gqsa.quantization import GQSAConfig
+
+    try:
+        from vllm.model_executor.models.gemma3_mm import Gemma3ForConditionalGeneration as model_cls
+
+        mapper, packed = model_cls.hf_to_vllm_mapper, model_cls.packed_modules_mapping
+    except ImportError:
+        mapper = WeightsMapper(orig_to_new_prefix={
+            "model.language_model.": "language_model.model.", "model.vision_tower.": "vision_tower.",
+            "model.multi_modal_projector.": "multi_modal_projector.", "lm_head.": "language_model.lm_head."})
+        packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+    def in_vllm(name: str) -> str:
+        return mapper.apply_list([name])[0].rsplit(".", 1)[0]
+
+    for variant in ("decoder", "head"):
+        ckpt = image_text_checkpoints[variant]
+        with open(os.path.join(ckpt, "config.json")) as f:
+            cfg = GQSAConfig.from_config(json.load(f)["quantization_config"])
+        cfg.packed_modules_mapping = dict(packed)
+        cfg.apply_vllm_mapper(mapper)
+        layers, dense = split_gqsa_tensors(dict(iter_tensors(ckpt)), read_quant_config(ckpt))
+        assert len(layers) == 14 + (variant == "head")
+        for name in layers:
+            assert cfg.quant.is_quantized(in_vllm(f"{name}.qweight")), name
+        vision = [n for n in dense if n.startswith("vision_tower.") and n.endswith("proj.weight")]
+        assert len(vision) == 2 * 4  # q, k, v and out of both tower layers
+        for name in vision:
+            assert not cfg.quant.is_quantized(in_vllm(name)), name
+        # vLLM's fused layers, by the names vLLM gives them.
+        tower_qkv = cfg.checkpoint_names("vision_tower.vision_model.encoder.layers.0.self_attn.qkv_proj")
+        decoder_qkv = cfg.checkpoint_names("language_model.model.layers.0.self_attn.qkv_proj")
+        assert not any(cfg.quant.is_quantized(n) for n in tower_qkv)
+        assert all(cfg.quant.is_quantized(n) for n in decoder_qkv)
+        assert cfg.quant.is_quantized("language_model.lm_head") == (variant == "head")
+
+
 def test_tied_config_with_a_gqsa_output_layer_is_refused(head_checkpoints, tmp_path):
     ckpt = str(tmp_path / "tied")
     shutil.copytree(head_checkpoints["llama"], ckpt)

@@ -19,6 +19,7 @@ from converters.convert import (ConvertError, ConvertOptions, _block_inputs, _bl
                                 _load_layers, _run_block, _to, convert)
 from converters.cli import main as cli_main
 from converters.e2e_checkpoint import train_checkpoint_scales
+from converters.layout import checkpoint_names
 from converters.reference_model import load_reference_model
 
 # Calibration text that does not change with the docs (the README did, and moved the losses).
@@ -35,7 +36,7 @@ def tensors_of(path):
 def held_out_mse(block, layers, b, inputs, targets, kwargs):
     """The block's loss computed afresh through the reference dequantization of ``layers``."""
     block = copy.deepcopy(block)
-    _load_layers(block, b, layers)
+    _load_layers(block, f"model.layers.{b}.", layers)
     with torch.no_grad():
         out = _run_block(block, inputs, kwargs, 4)
     return float(sum(((o - t).double() ** 2).sum() for o, t in zip(out, targets))
@@ -54,8 +55,8 @@ def test_bqpo_lowers_block_loss_and_keeps_the_pruning_pattern(tiny_models):
         block = model.model.layers[0]
         targets = _run_block(block, inputs, kwargs, 4)
         report, latents = [], {}
-        solved = _convert_block(block, 0, inputs, kwargs, opts.quant_config(), opts, report,
-                                tqdm(disable=True), latents)
+        solved = _convert_block(block, "model.layers.0.", checkpoint_names(model), inputs, kwargs,
+                                opts.quant_config(), opts, report, tqdm(disable=True), latents)
     fmt = opts.quant_config().layer_format()
     layers = _block_layers(solved, report, "model.layers.0.", fmt)
     local = {n.split("model.layers.0.")[1]: layer for n, layer in layers.items()}

@@ -44,7 +44,8 @@ PROMPT_LENGTHS = [5, 9, 12, 16, 20, 24, 31, 40, 57, 120]
 def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer: bool = False) -> str:
     """A tiny random model of ``arch`` (hidden 512, 8 heads, 4 KV heads, 4 layers) whose logits are
     scaled by 10, converted one-shot to W4 S50% g16 (and its output layer to W4 g16 if
-    ``output_layer``)."""
+    ``output_layer``). ``gemma3_mm`` is Gemma 3's image-text model (a SigLIP tower around the
+    gemma3 decoder), whose decoder is stored under ``language_model.``."""
     from safetensors.torch import load_file, save_file
 
     from converters.convert import ConvertOptions, convert
@@ -54,14 +55,16 @@ def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer:
                              num_layers=4, num_heads=8, num_kv_heads=4, dtype=dtype, seed=1)
     path = os.path.join(dense, "model.safetensors")
     sd = load_file(path)
+    lm = "language_model." if arch == "gemma3_mm" else ""
     if "lm_head.weight" in sd:
         sd["lm_head.weight"] = (sd["lm_head.weight"].float() * 10).to(dtype)
     else:
         # Gemma ties its output layer to the embedding. A random embedding as large as the
         # branches makes every step echo the last token (its own logit wins): shrink it tenfold
         # and scale the logits by 100 through the final norm's (1 + w) instead.
-        sd["model.embed_tokens.weight"] = (sd["model.embed_tokens.weight"].float() / 10).to(dtype)
-        sd["model.norm.weight"] = ((1 + sd["model.norm.weight"].float()) * 100 - 1).to(dtype)
+        emb, norm = f"{lm}model.embed_tokens.weight", f"{lm}model.norm.weight"
+        sd[emb] = (sd[emb].float() / 10).to(dtype)
+        sd[norm] = ((1 + sd[norm].float()) * 100 - 1).to(dtype)
     save_file(sd, path, metadata={"format": "pt"})
     ckpt = str(root / f"{arch}-w4s50{'-head' if output_layer else ''}")
     convert(dense, ckpt, ConvertOptions(n_samples=16, seq_len=128, bqpo_epochs=0, e2e_epochs=0,
@@ -120,9 +123,15 @@ def compare(model, prompts, served: list[tuple[list[int], list[float]]]) -> dict
     return {"identical": identical, "max_diff": max(diffs), "mean_diff": sum(diffs) / len(diffs)}
 
 
-def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts) -> dict:
+def lm_head(model):
+    """vLLM's output layer (under ``language_model`` in an image-text model)."""
+    return model.lm_head if hasattr(model, "lm_head") else model.language_model.lm_head
+
+
+def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images: list | None = None) -> dict:
     """vLLM's engine in this process: the kernels its GQSA layers use, and greedy outputs of each
-    prompt alone and of all prompts in one call."""
+    prompt alone and of all prompts in one call (and, for an image-text model, of one prompt with
+    each of ``images``)."""
     from vllm import LLM, SamplingParams
     from vllm.distributed import cleanup_dist_env_and_memory
 
@@ -130,7 +139,7 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts) -> dic
               gpu_memory_utilization=0.2, seed=0, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]})
     try:
         kernels = llm.apply_model(lambda m: sorted({getattr(x, "gqsa_kernel", "") for x in m.modules()} - {""}))
-        head = llm.apply_model(lambda m: type(m.lm_head.quant_method).__name__)[0]
+        head = llm.apply_model(lambda m: type(lm_head(m).quant_method).__name__)[0]
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
 
         def outputs(requests):
@@ -143,7 +152,12 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts) -> dic
 
         alone = [outputs([p])[0] for p in prompts]
         together = outputs(prompts)
-        return {"kernels": kernels, "head": head, "alone": alone, "together": together}
+        with_images = []
+        for image in images or []:
+            out = llm.generate({"prompt": "<start_of_image>What is this?", "multi_modal_data": {"image": image}},
+                               params, use_tqdm=False)[0]
+            with_images.append((list(out.prompt_token_ids), list(out.outputs[0].token_ids)))
+        return {"kernels": kernels, "head": head, "alone": alone, "together": together, "images": with_images}
     finally:
         del llm
         gc.collect()
@@ -209,6 +223,47 @@ def test_vllm_engine_with_a_gqsa_output_layer(arch, dtype, prompts, references, 
         # mean difference of 0.032 (the dense output layer's: 6/10 and 0.030).
         assert cmp["identical"] >= (8 if dtype == "float16" else 3), cmp
         assert cmp["mean_diff"] < (0.01 if dtype == "float16" else 0.05), cmp
+
+
+# Gemma 3 of 4B and more reads images: its decoder converted (and its output layer, untied), its
+# SigLIP tower and projector dense, all through vLLM's Gemma3ForConditionalGeneration.
+@pytest.mark.parametrize("output_layer", [False, True], ids=["decoder", "decoder-and-output-layer"])
+def test_vllm_engine_serves_an_image_text_model(output_layer, prompts, references, tmp_path_factory, monkeypatch):
+    import numpy as np
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp("gemma3-mm"), "gemma3_mm", torch.bfloat16,
+                               output_layer=output_layer)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    served = serve_in_process(ckpt, "bfloat16", False, prompts, images)
+    assert served["kernels"] == [["kernel_format"]]
+    assert (served["head"] == "GQSALinearMethod") == output_layer, served["head"]
+    model = references(ckpt, torch.bfloat16)
+    for mode in ("alone", "together"):
+        cmp = compare(model, prompts, served[mode])
+        print("gemma3 image-text", "output layer" if output_layer else "", mode, cmp)
+        assert cmp["identical"] >= 3, cmp  # bf16, as for Gemma 3's text model above
+        assert cmp["mean_diff"] < 0.05, cmp
+    # The image reaches the decoder through the dense tower: two images, two continuations.
+    (ids_a, out_a), (ids_b, out_b) = served["images"]
+    image_token = model.config.image_token_index
+    assert ids_a == ids_b and ids_a.count(image_token) == model.config.mm_tokens_per_image
+    assert out_a != out_b
+    # transformers on the same prompt tokens and pixels, for the record (vLLM and transformers
+    # may attend over an image's tokens differently, so this is printed, not asserted).
+    processor = AutoProcessor.from_pretrained(ckpt)
+    for image, ids, out in ((images[0], ids_a, out_a), (images[1], ids_b, out_b)):
+        pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"].to("cuda", torch.bfloat16)
+        x = torch.tensor([ids], device="cuda")
+        with torch.no_grad():
+            ref = model.generate(input_ids=x, pixel_values=pixels, token_type_ids=(x == image_token).long(),
+                                 attention_mask=torch.ones_like(x), max_new_tokens=NEW_TOKENS, do_sample=False)
+        ref = ref[0, len(ids):].tolist()
+        same = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(out))
+        print("gemma3 image-text with an image: vLLM and transformers agree on", same, "of", len(out), "tokens")
 
 
 def test_vllm_serve_openai_api(gpu_checkpoint, prompts, reference, tmp_path):

@@ -46,7 +46,9 @@ The index width follows K, so the index costs no more than it must:
 converted, e.g. ``q_proj``; ``lm_head`` when the output layer is converted, which
 the checkpoint then stores untied from a dense embedding,
 ``tie_word_embeddings: false``) and ``modules_to_not_convert`` (full names of
-target layers left dense). Every other weight of the model is stored as usual.
+target layers left dense, or of whole parts of the model whose layers all stay dense,
+such as an image-text model's ``vision_tower``). Every other weight of the model is
+stored as usual, under the names of the model's own checkpoints.
 
 Everything here is pure torch and runs on the CPU: packing, unpacking,
 validation and the row/column slicing used by tensor parallelism.
@@ -149,9 +151,12 @@ class GQSAQuantConfig:
         return cls(**kwargs)
 
     def is_quantized(self, module_name: str) -> bool:
-        """Whether the linear layer with this Hugging Face module name is stored as GQSA."""
+        """Whether the linear layer with this Hugging Face module name is stored as GQSA. An entry
+        of ``modules_to_not_convert`` names one layer or a whole part of the model (such as an
+        image-text model's ``vision_tower``): every module under it stays dense."""
         return (module_name.rsplit(".", 1)[-1] in self.target_modules
-                and module_name not in self.modules_to_not_convert)
+                and not any(module_name == m or module_name.startswith(m + ".")
+                            for m in self.modules_to_not_convert))
 
     def layer_format(self) -> "LayerFormat":
         return LayerFormat(self.bits, self.group_size, self.block_rows)

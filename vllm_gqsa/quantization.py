@@ -87,7 +87,11 @@ class GQSAConfig(QuantizationConfig):
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
         if self.quant.modules_to_not_convert:
-            mapped = tuple(hf_to_vllm_mapper.apply_list(list(self.quant.modules_to_not_convert)))
+            # An entry names a module (one layer or a whole part of the model), so it is mapped as
+            # the prefix of its weights: an image-text model's "model.vision_tower" follows the
+            # mapper's "model.vision_tower." -> "vision_tower." like the tower's own weights.
+            names = [f"{m}." for m in self.quant.modules_to_not_convert]
+            mapped = tuple(m[:-1] for m in hf_to_vllm_mapper.apply_list(names))
             self.quant = GQSAQuantConfig(**{**self.quant.__dict__, "modules_to_not_convert": mapped})
 
     def checkpoint_names(self, prefix: str) -> list[str]:
