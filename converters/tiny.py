@@ -79,6 +79,10 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
         config = _image_text_config(config, tokenizer)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype).eval()
+    if image_text:
+        # transformers starts the projector from zeros, which would make every image look the same.
+        with torch.no_grad():
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -170,10 +170,12 @@ def test_image_text_model_converts_its_decoder_and_keeps_its_image_parts(variant
     with torch.no_grad():
         quantized = ref(input_ids=ids).logits
         original = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)(input_ids=ids).logits
-        pixels = torch.randn(1, 3, 64, 64)
-        torch.testing.assert_close(ref.model.get_image_features(pixel_values=pixels).pooler_output,
-                                   AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+        # The image features (after the tower and projector) are the dense model's, bit for bit.
+        pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+        features = ref.model.get_image_features(pixel_values=pixels).pooler_output
+        torch.testing.assert_close(features, AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
                                    .model.get_image_features(pixel_values=pixels).pooler_output, rtol=0, atol=0)
+        assert not torch.allclose(features[0], features[1], atol=1e-3)  # and they see the image
     cos = torch.nn.functional.cosine_similarity(quantized.flatten(), original.flatten(), dim=0)
     assert cos > 0.2  # the same model still; a random Gemma moves most under pruning (see above)
 

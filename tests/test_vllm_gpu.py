@@ -236,8 +236,10 @@ def test_vllm_engine_serves_an_image_text_model(output_layer, prompts, reference
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp("gemma3-mm"), "gemma3_mm", torch.bfloat16,
                                output_layer=output_layer)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(2)]
+    # Two images far apart.
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    images = [Image.fromarray(np.stack([np.tile(ramp, (64, 1))] * 3, axis=-1)),
+              Image.fromarray(np.stack([np.tile(ramp[::-1, None], (1, 64))] * 3, axis=-1))]
     served = serve_in_process(ckpt, "bfloat16", False, prompts, images)
     assert served["kernels"] == [["kernel_format"]]
     assert (served["head"] == "GQSALinearMethod") == output_layer, served["head"]
@@ -251,7 +253,6 @@ def test_vllm_engine_serves_an_image_text_model(output_layer, prompts, reference
     (ids_a, out_a), (ids_b, out_b) = served["images"]
     image_token = model.config.image_token_index
     assert ids_a == ids_b and ids_a.count(image_token) == model.config.mm_tokens_per_image
-    assert out_a != out_b
     # transformers on the same prompt tokens and pixels, for the record (vLLM and transformers
     # may attend over an image's tokens differently, so this is printed, not asserted).
     processor = AutoProcessor.from_pretrained(ckpt)
@@ -264,6 +265,7 @@ def test_vllm_engine_serves_an_image_text_model(output_layer, prompts, reference
         ref = ref[0, len(ids):].tolist()
         same = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), len(out))
         print("gemma3 image-text with an image: vLLM and transformers agree on", same, "of", len(out), "tokens")
+    assert out_a != out_b, (out_a, out_b)
 
 
 def test_vllm_serve_openai_api(gpu_checkpoint, prompts, reference, tmp_path):
