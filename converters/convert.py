@@ -377,7 +377,10 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
                                   vocab_size=text_config(config).get("vocab_size"))
-    names = checkpoint_names(model)
+    try:
+        names = checkpoint_names(model)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     towers = dense_parts(model, names)
     if towers:  # an image-text model: its image parts stay dense
         logger.info("converting the text decoder; %s stay dense", ", ".join(towers))

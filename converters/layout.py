@@ -52,7 +52,8 @@ def checkpoint_names(model) -> dict[str, str]:
 
 
 def _saved_name_v4(model, name: str) -> str:
-    for pattern, replacement in {v: k for k, v in getattr(model, "_checkpoint_conversion_mapping", {}).items()}.items():
+    mapping = getattr(model, "_checkpoint_conversion_mapping", {})
+    for pattern, replacement in {v: k for k, v in mapping.items()}.items():
         replacement = re.sub(r"\(.*\)", "", replacement.lstrip("^"))
         name, replaced = re.subn(pattern, replacement, name)
         if replaced:
