@@ -400,20 +400,19 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
         for b in bar:
             block, kwargs = blocks[b].to(device, torch.float32), block_kwargs[b]
+            prefix = f"{dec_prefix}.layers.{b}."  # the block's module name
             block_file = os.path.join(tmp, BLOCKS_DIR, f"block_{b:05d}.safetensors")
             if dense_inputs is not None:
                 dense_inputs = _run_block(block, dense_inputs, kwargs, opts.batch_size)
             if b < progress["blocks_done"]:
-                block_tensors = _restore_block(block, f"{dec_prefix}.layers.{b}.", block_file,
-                                               layers_report, fmt)
+                block_tensors = _restore_block(block, prefix, block_file, layers_report, fmt)
             else:
                 latents = {} if dense_inputs is not None else None
-                block_tensors = _convert_block(block, f"{dec_prefix}.layers.{b}.", names, inputs, kwargs,
-                                               qcfg, opts, layers_report, bar, latents)
+                block_tensors = _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_report,
+                                               bar, latents)
                 if dense_inputs is not None:
-                    block_tensors = _train_block(block, b, f"{dec_prefix}.layers.{b}.", block_tensors,
-                                                 latents, inputs, dense_inputs, kwargs, layers_report,
-                                                 opts, fmt, bqpo_report, bar)
+                    block_tensors = _train_block(block, b, prefix, block_tensors, latents, inputs, dense_inputs,
+                                                 kwargs, layers_report, opts, fmt, bqpo_report, bar)
                 del latents
                 save_file(block_tensors, block_file)
                 _write_progress(tmp, model_dir, opts, b + 1, layers_report, bqpo_report)

@@ -19,7 +19,8 @@ def load_reference_model(ckpt_dir: str, dtype: torch.dtype | None = None, device
 
     qcfg = read_quant_config(ckpt_dir)
     # Read (and validate) the GQSA layers first: a folder of pickle files is refused here, unread.
-    layers, _ = split_gqsa_tensors(dict(iter_tensors(ckpt_dir)), qcfg)
+    # The dense weights are transformers' to read, once.
+    layers, _ = split_gqsa_tensors(dict(iter_tensors(ckpt_dir, gqsa_only=True)), qcfg)
     config = AutoConfig.from_pretrained(ckpt_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

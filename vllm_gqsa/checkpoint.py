@@ -40,12 +40,15 @@ def safetensors_files(ckpt_dir: str) -> list[str]:
     return files
 
 
-def iter_tensors(ckpt_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(ckpt_dir: str, gqsa_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors by name; with ``gqsa_only``, only those named like a GQSA layer's
+    (the others are never read)."""
     for path in safetensors_files(ckpt_dir):
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name)
+                    if not gqsa_only or name.rpartition(".")[2] in TENSOR_NAMES:
+                        yield name, f.get_tensor(name)
         except GQSAFormatError:
             raise
         except Exception as e:  # safetensors raises its own error types for corrupt files
