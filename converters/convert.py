@@ -50,8 +50,15 @@ from .solver import accumulate_hessian, solve_layer
 
 logger = logging.getLogger(__name__)
 
+# Decoders whose blocks have self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj, each served by
+# vLLM's own model class for it (tests/test_plugin.py loads each on the CPU, tests/test_vllm_gpu.py
+# serves each on a GPU).
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
-                           "Qwen3ForCausalLM", "Gemma3ForCausalLM") + IMAGE_TEXT_ARCHITECTURES
+                           "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
+                           "GraniteForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM",
+                           "SeedOssForCausalLM", "Ernie4_5ForCausalLM") + IMAGE_TEXT_ARCHITECTURES
+# vLLM's model class for these requires the output layer tied to the embedding, so it stays dense.
+TIED_OUTPUT_LAYER = ("Gemma2ForCausalLM",)
 # Sub-layers quantized together because they read the same input, in forward order.
 SEQUENTIAL_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
@@ -355,6 +362,9 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     qcfg = opts.quant_config()
     config = read_config(model_dir)
     check_shapes(config, qcfg)
+    if opts.quantize_output_layer and config["architectures"][0] in TIED_OUTPUT_LAYER:
+        raise ConvertError(f"--quantize-output-layer: vLLM serves {config['architectures'][0]} only with its "
+                           f"output layer tied to the embedding, which stays dense")
     if not 0 < opts.n_samples or not 0 < opts.seq_len:
         raise ConvertError("--n-samples and --seq-len must be positive")
     if not 0.0 <= opts.output_layer_sparsity < 1.0:

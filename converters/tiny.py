@@ -14,6 +14,12 @@ ARCHITECTURES = {
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "granite": ("GraniteConfig", "GraniteForCausalLM"),
+    "olmo3": ("Olmo3Config", "Olmo3ForCausalLM"),
+    "exaone4": ("Exaone4Config", "Exaone4ForCausalLM"),
+    "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM"),
+    "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
     # Gemma 3 of 4B and more: the gemma3 decoder with a SigLIP vision tower, which reads images.
     "gemma3_mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
 }
@@ -52,7 +58,7 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
                      num_kv_heads: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0,
                      tie_word_embeddings: bool | None = None) -> str:
     """Write a random-weight model folder (config, safetensors, tokenizer) and return its path.
-    The output layer is tied to the embedding in Gemma 3 and untied otherwise, unless
+    The output layer is tied to the embedding in Gemma 2 and 3 and untied otherwise, unless
     ``tie_word_embeddings`` says."""
     import transformers
 
@@ -60,14 +66,20 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
     image_text = arch == "gemma3_mm"
     tokenizer = byte_tokenizer(image_tokens=image_text)
     extra = dict(tie_word_embeddings=False)
-    if arch.startswith("gemma3"):
+    if arch.startswith("gemma"):
         # Sliding and full attention in turn, with a window shorter than the tests' samples, so
         # that the two kinds of layer see different masks and rotary tables; the output layer
-        # tied to the embedding, as in the released Gemma 3 models.
+        # tied to the embedding, as in the released Gemma 2 and 3 models.
         head_dim = hidden_size // num_heads
         extra = dict(tie_word_embeddings=True, head_dim=head_dim, query_pre_attn_scalar=head_dim,
                      sliding_window=16, pad_token_id=tokenizer.pad_token_id,
                      layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)])
+    if arch == "granite":
+        # Granite scales the embedding, the residual branches and attention by its own factors.
+        # Granite 3's (12, 0.22) would let the embedding drown this random model's branches, so
+        # these keep them about as large as a Llama's; the logits' divisor stays 1.
+        extra.update(embedding_multiplier=0.5, residual_multiplier=0.5,
+                     attention_multiplier=1.0 / (hidden_size // num_heads))
     if tie_word_embeddings is not None:
         extra["tie_word_embeddings"] = tie_word_embeddings
     config = config_cls(

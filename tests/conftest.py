@@ -44,6 +44,36 @@ def tiny_checkpoints(tiny_models, tmp_path_factory):
     return out
 
 
+# The families beyond the three above: each converted only where a test asks for it.
+OTHER_FAMILIES = ("gemma2", "granite", "olmo3", "exaone4", "seed_oss", "ernie4_5")
+
+
+@pytest.fixture(scope="session")
+def other_families(tmp_path_factory):
+    """``get(arch)``: the tiny model of one of ``OTHER_FAMILIES`` and it converted like
+    ``tiny_checkpoints``, as (dense, checkpoint) folders, built on first use."""
+    from converters.convert import ConvertOptions, convert
+
+    root = tmp_path_factory.mktemp("families")
+    made = {}
+
+    def get(arch: str) -> tuple[str, str]:
+        if arch not in made:
+            dense = build_tiny_model(str(root / f"{arch}-dense"), arch=arch)
+            convert(dense, str(root / arch), ConvertOptions(n_samples=8, seq_len=64, batch_size=4))
+            made[arch] = dense, str(root / arch)
+        return made[arch]
+
+    return get
+
+
+def tiny_model_and_checkpoint(request, arch: str) -> tuple[str, str]:
+    """(dense, checkpoint) folders of any family's tiny model, from the fixtures above."""
+    if arch in OTHER_FAMILIES:
+        return request.getfixturevalue("other_families")(arch)
+    return request.getfixturevalue("tiny_models")[arch], request.getfixturevalue("tiny_checkpoints")[arch]
+
+
 @pytest.fixture(scope="session")
 def head_checkpoints(tiny_models, tmp_path_factory):
     """Tiny models converted with their output layer: Llama's (untied) with half its groups

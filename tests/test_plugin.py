@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("vllm")
 
+from conftest import OTHER_FAMILIES, tiny_model_and_checkpoint  # noqa: E402
 from vllm_cpu import (combine_column_shards, free_port, linear_layers, load_vllm_model, run_tp,  # noqa: E402
                       setup_cpu_vllm)
 from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors  # noqa: E402
@@ -62,9 +63,9 @@ def test_model_config_picks_gqsa_from_checkpoint(tiny_checkpoints, flag):
     assert ModelConfig(model=tiny_checkpoints["llama"], quantization=flag).quantization == "gqsa"
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
-def test_vllm_loader_builds_model_and_layers_match_reference(arch, tiny_checkpoints):
-    ckpt = tiny_checkpoints[arch]
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", *OTHER_FAMILIES])
+def test_vllm_loader_builds_model_and_layers_match_reference(arch, request):
+    _, ckpt = tiny_model_and_checkpoint(request, arch)
     model, _ = load_vllm_model(ckpt, port=free_port())
     refs = reference_weights(ckpt, model)
     assert set(refs) == {f"model.layers.{i}.{n}" for i in range(2) for n in

@@ -16,6 +16,7 @@ logprobs comparable.
 from __future__ import annotations
 
 import gc
+import json
 import os
 import shutil
 import sys
@@ -67,6 +68,14 @@ def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer:
         sd[emb] = (sd[emb].float() / 10).to(dtype)
         sd[norm] = ((1 + sd[norm].float()) * 100 - 1).to(dtype)
     save_file(sd, path, metadata={"format": "pt"})
+    if arch == "gemma2":
+        # Gemma 2 caps its logits at 30 (tanh), which would squash these large ones into near ties.
+        cfg_path = os.path.join(dense, "config.json")
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+        cfg["final_logit_softcapping"] = None
+        with open(cfg_path, "w") as f:
+            json.dump(cfg, f, indent=2)
     ckpt = str(root / f"{arch}-w4s50{'-head' if output_layer else ''}")
     convert(dense, ckpt, ConvertOptions(n_samples=16, seq_len=128, bqpo_epochs=0, e2e_epochs=0,
                                         quantize_output_layer=output_layer))
@@ -207,10 +216,14 @@ def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference
 
 # The other families gqsa-convert supports, each through vLLM's own model class for it: Qwen2's
 # q/k/v biases, Qwen3's q/k norms, Mistral (vLLM's Llama code), and Gemma 3's tied output layer,
-# GELU MLP and sliding-window layers (the tiny model's window of 16 is shorter than most prompts).
-# vLLM refuses fp16 for Gemma 3, so it runs in bf16.
+# GELU MLP and sliding-window layers (the tiny model's window of 16 is shorter than most prompts);
+# Gemma 2 (tied, sliding windows, attention logits capped), Granite (its multipliers), OLMo 3 and
+# EXAONE 4 (norms after attention and MLP, q/k norms), Seed-OSS (q/k/v biases) and ERNIE 4.5.
+# vLLM refuses fp16 for Gemma 2 and 3, so they run in bf16.
 @pytest.mark.parametrize("arch, dtype", [("qwen2", "float16"), ("qwen3", "float16"), ("mistral", "float16"),
-                                         ("gemma3", "bfloat16")])
+                                         ("gemma3", "bfloat16"), ("gemma2", "bfloat16"), ("granite", "float16"),
+                                         ("olmo3", "float16"), ("exaone4", "float16"), ("seed_oss", "float16"),
+                                         ("ernie4_5", "float16")])
 def test_vllm_engine_serves_each_family(arch, dtype, prompts, references, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp(arch), arch, getattr(torch, dtype))
