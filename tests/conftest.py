@@ -50,19 +50,23 @@ OTHER_FAMILIES = ("gemma2", "granite", "olmo3", "exaone4", "seed_oss", "ernie4_5
 
 @pytest.fixture(scope="session")
 def other_families(tmp_path_factory):
-    """``get(arch)``: the tiny model of one of ``OTHER_FAMILIES`` and it converted like
-    ``tiny_checkpoints``, as (dense, checkpoint) folders, built on first use."""
+    """``get(arch, output_layer=False)``: the tiny model of one of ``OTHER_FAMILIES`` and it
+    converted like ``tiny_checkpoints`` (with ``output_layer``, its output layer quantized too), as
+    (dense, checkpoint) folders, built on first use."""
     from converters.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("families")
     made = {}
 
-    def get(arch: str) -> tuple[str, str]:
-        if arch not in made:
-            dense = build_tiny_model(str(root / f"{arch}-dense"), arch=arch)
-            convert(dense, str(root / arch), ConvertOptions(n_samples=8, seq_len=64, batch_size=4))
-            made[arch] = dense, str(root / arch)
-        return made[arch]
+    def get(arch: str, output_layer: bool = False) -> tuple[str, str]:
+        dense, ckpt = root / f"{arch}-dense", root / f"{arch}{'-head' if output_layer else ''}"
+        if not dense.exists():
+            build_tiny_model(str(dense), arch=arch)
+        if ckpt not in made:
+            convert(str(dense), str(ckpt), ConvertOptions(n_samples=8, seq_len=64, batch_size=4,
+                                                          quantize_output_layer=output_layer))
+            made[ckpt] = str(dense), str(ckpt)
+        return made[ckpt]
 
     return get
 

@@ -137,11 +137,15 @@ def head_reference(ckpt: str) -> torch.Tensor:
     return dequantize(GQSALayer.from_tensors(parts, 258, 128, qcfg.layer_format(), "lm_head"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-tied"])
-def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, head_checkpoints):
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-tied",
+                                  *(a for a in OTHER_FAMILIES if a != "gemma2")])  # vLLM's Gemma 2 is tied
+def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, request):
     from vllm_gqsa.quantization import GQSALinearMethod
 
-    ckpt = head_checkpoints[arch]
+    if arch in OTHER_FAMILIES:
+        _, ckpt = request.getfixturevalue("other_families")(arch, output_layer=True)
+    else:
+        ckpt = request.getfixturevalue("head_checkpoints")[arch]
     model, _ = load_vllm_model(ckpt, port=free_port())
     head = model.lm_head
     assert isinstance(head.quant_method, GQSALinearMethod) and head is not model.model.embed_tokens

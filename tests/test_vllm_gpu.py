@@ -134,8 +134,11 @@ def compare(model, prompts, served: list[tuple[list[int], list[float]]]) -> dict
 
 
 def lm_head(model):
-    """vLLM's output layer (under ``language_model`` in an image-text model)."""
-    return model.lm_head if hasattr(model, "lm_head") else model.language_model.lm_head
+    """vLLM's output layer (under ``language_model`` in an image-text model; Gemma 2's is its
+    embedding)."""
+    if hasattr(model, "language_model"):
+        model = model.language_model
+    return model.lm_head if hasattr(model, "lm_head") else model.model.embed_tokens
 
 
 IMAGE_PROMPT = "<start_of_image>What is this?"
