@@ -59,14 +59,17 @@ def other_families(tmp_path_factory):
     made = {}
 
     def get(arch: str, output_layer: bool = False) -> tuple[str, str]:
-        dense, ckpt = root / f"{arch}-dense", root / f"{arch}{'-head' if output_layer else ''}"
-        if not dense.exists():
-            build_tiny_model(str(dense), arch=arch)
-        if ckpt not in made:
-            convert(str(dense), str(ckpt), ConvertOptions(n_samples=8, seq_len=64, batch_size=4,
-                                                          quantize_output_layer=output_layer))
-            made[ckpt] = str(dense), str(ckpt)
-        return made[ckpt]
+        # Both conversions at once, before any test serves the family: once vLLM's Transformers
+        # backend (vLLM 0.3x, OLMo 3 and Seed-OSS) has built a model in this process, transformers
+        # builds that model with vLLM's layers, which need vLLM's config.
+        if arch not in made:
+            dense = str(root / f"{arch}-dense")
+            build_tiny_model(dense, arch=arch)
+            for head in ((False, True) if arch != "gemma2" else (False,)):  # vLLM's Gemma 2 is tied
+                convert(dense, str(root / f"{arch}{'-head' * head}"),
+                        ConvertOptions(n_samples=8, seq_len=64, batch_size=4, quantize_output_layer=head))
+            made[arch] = dense
+        return made[arch], str(root / f"{arch}{'-head' * output_layer}")
 
     return get
 
