@@ -38,7 +38,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from vllm_gqsa.format import DEFAULT_TARGET_MODULES, TENSOR_NAMES, GQSALayer, GQSAQuantConfig
+from vllm_gqsa.format import DEFAULT_TARGET_MODULES, FUSED_TARGET_MODULES, TENSOR_NAMES, GQSALayer, GQSAQuantConfig
 from vllm_gqsa.reference import dequantize
 from .bqpo import BlockTraining, train_block
 from .calibration import calibration_samples
@@ -56,14 +56,20 @@ logger = logging.getLogger(__name__)
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
                            "Qwen3ForCausalLM", "Gemma3ForCausalLM", "Gemma2ForCausalLM",
                            "GraniteForCausalLM", "Olmo3ForCausalLM", "Exaone4ForCausalLM",
-                           "SeedOssForCausalLM", "Ernie4_5ForCausalLM") + IMAGE_TEXT_ARCHITECTURES
+                           "SeedOssForCausalLM", "Ernie4_5ForCausalLM",
+                           "Phi3ForCausalLM") + IMAGE_TEXT_ARCHITECTURES
+# Their q/k/v and gate/up are one layer each in the checkpoint, converted as such (and split into
+# vLLM's shards by the plugin).
+FUSED_ARCHITECTURES = ("Phi3ForCausalLM",)
 # vLLM's model class for these requires the output layer tied to the embedding, so it stays dense.
 TIED_OUTPUT_LAYER = ("Gemma2ForCausalLM",)
 # Sub-layers quantized together because they read the same input, in forward order.
 SEQUENTIAL_GROUPS = (
     ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("self_attn.qkv_proj",),
     ("self_attn.o_proj",),
     ("mlp.gate_proj", "mlp.up_proj"),
+    ("mlp.gate_up_proj",),
     ("mlp.down_proj",),
 )
 OUTPUT_LAYER = "lm_head"  # the output layer's module name in every supported architecture
@@ -143,8 +149,10 @@ class ConvertOptions:
     def scale_training(self) -> ScaleTraining:
         return ScaleTraining(self.e2e_epochs, self.e2e_lr, self.e2e_batch_size, seed=self.seed)
 
-    def quant_config(self) -> GQSAQuantConfig:
-        targets = DEFAULT_TARGET_MODULES + ((OUTPUT_LAYER,) if self.quantize_output_layer else ())
+    def quant_config(self, fused: bool = False) -> GQSAQuantConfig:
+        """The checkpoint's config; ``fused`` for a model whose q/k/v and gate/up are one layer each."""
+        targets = ((FUSED_TARGET_MODULES if fused else DEFAULT_TARGET_MODULES)
+                   + ((OUTPUT_LAYER,) if self.quantize_output_layer else ()))
         return GQSAQuantConfig(bits=self.bits, group_size=self.group_size, block_rows=self.block_rows,
                                sparsity=self.sparsity, target_modules=targets,
                                modules_to_not_convert=tuple(self.skip_modules))
@@ -359,8 +367,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.time()
-    qcfg = opts.quant_config()
     config = read_config(model_dir)
+    qcfg = opts.quant_config(fused=config["architectures"][0] in FUSED_ARCHITECTURES)
     check_shapes(config, qcfg)
     if opts.quantize_output_layer and config["architectures"][0] in TIED_OUTPUT_LAYER:
         raise ConvertError(f"--quantize-output-layer: vLLM serves {config['architectures'][0]} only with its "
@@ -480,7 +488,8 @@ def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_repo
     by layer name (for BQPO)."""
     fmt = qcfg.layer_format()
     out = {}
-    groups = [[n for n in g if qcfg.is_quantized(checkpoint_module(names, prefix + n))]
+    groups = [[n for n in g if f"{prefix}{n}.weight" in names  # the model's own layers
+               and qcfg.is_quantized(checkpoint_module(names, prefix + n))]
               for g in SEQUENTIAL_GROUPS]
     groups = [g for g in groups if g]
     # True sequential: one calibration pass per group, so each group sees the outputs of the

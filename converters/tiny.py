@@ -20,6 +20,8 @@ ARCHITECTURES = {
     "exaone4": ("Exaone4Config", "Exaone4ForCausalLM"),
     "seed_oss": ("SeedOssConfig", "SeedOssForCausalLM"),
     "ernie4_5": ("Ernie4_5Config", "Ernie4_5ForCausalLM"),
+    # Phi-3 and Phi-4: q/k/v and gate/up fused into one layer each.
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     # Gemma 3 of 4B and more: the gemma3 decoder with a SigLIP vision tower, which reads images.
     "gemma3_mm": ("Gemma3TextConfig", "Gemma3ForConditionalGeneration"),
 }
@@ -80,6 +82,8 @@ def build_tiny_model(out_dir: str, arch: str = "llama", hidden_size: int = 128,
         # these keep them about as large as a Llama's; the logits' divisor stays 1.
         extra.update(embedding_multiplier=0.5, residual_multiplier=0.5,
                      attention_multiplier=1.0 / (hidden_size // num_heads))
+    if arch == "phi3":
+        extra["pad_token_id"] = tokenizer.pad_token_id  # its default (32000) is past this vocabulary
     if tie_word_embeddings is not None:
         extra["tie_word_embeddings"] = tie_word_embeddings
     config = config_cls(

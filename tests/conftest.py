@@ -45,7 +45,7 @@ def tiny_checkpoints(tiny_models, tmp_path_factory):
 
 
 # The families beyond the three above: each converted only where a test asks for it.
-OTHER_FAMILIES = ("gemma2", "granite", "olmo3", "exaone4", "seed_oss", "ernie4_5")
+OTHER_FAMILIES = ("gemma2", "granite", "olmo3", "exaone4", "seed_oss", "ernie4_5", "phi3")
 
 
 @pytest.fixture(scope="session")

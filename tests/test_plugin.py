@@ -69,11 +69,11 @@ def test_vllm_loader_builds_model_and_layers_match_reference(arch, request):
     model, _ = load_vllm_model(ckpt, port=free_port())
     refs = reference_weights(ckpt, model)
     # Every GQSA layer of the checkpoint is served, once: vLLM's own model classes stack q/k/v and
-    # gate/up into one layer each; its Transformers backend (which serves OLMo 3 and Seed-OSS from
-    # vLLM 0.3x on) keeps them apart.
+    # gate/up into one layer each (Phi-3's checkpoint has them stacked already); its Transformers
+    # backend (which serves OLMo 3 and Seed-OSS from vLLM 0.3x on) keeps them apart.
     layers, _ = split_gqsa_tensors(dict(iter_tensors(ckpt, gqsa_only=True)), read_quant_config(ckpt))
     served = [n for layer in linear_layers(model).values() for n in layer.quant_method.checkpoint_names]
-    assert sorted(served) == sorted(layers) and len(layers) == 2 * 7
+    assert sorted(served) == sorted(layers) and len(layers) == 2 * (4 if arch == "phi3" else 7)
     if type(model).__name__ != "TransformersForCausalLM":
         assert set(refs) == {f"model.layers.{i}.{n}" for i in range(2) for n in
                              ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
@@ -118,8 +118,11 @@ def test_ops_pass_opcheck(tiny_checkpoints):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_tensor_parallel_shards_combine_to_the_unsharded_output(world_size, tiny_checkpoints, tmp_path):
-    ckpt = tiny_checkpoints["qwen2"]  # q/k/v biases, and at TP=4 replicated KV heads
+@pytest.mark.parametrize("arch", ["qwen2", "phi3"])
+def test_tensor_parallel_shards_combine_to_the_unsharded_output(arch, world_size, request, tmp_path):
+    # Qwen2: q/k/v biases, and at TP=4 replicated KV heads. Phi-3: q/k/v and gate/up fused in the
+    # checkpoint, split into vLLM's shards and then per rank.
+    _, ckpt = tiny_model_and_checkpoint(request, arch)
     full, _ = load_vllm_model(ckpt, port=free_port())
     layers = linear_layers(full)
     torch.manual_seed(1)

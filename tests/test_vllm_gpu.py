@@ -221,12 +221,13 @@ def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference
 # q/k/v biases, Qwen3's q/k norms, Mistral (vLLM's Llama code), and Gemma 3's tied output layer,
 # GELU MLP and sliding-window layers (the tiny model's window of 16 is shorter than most prompts);
 # Gemma 2 (tied, sliding windows, attention logits capped), Granite (its multipliers), OLMo 3 and
-# EXAONE 4 (norms after attention and MLP, q/k norms), Seed-OSS (q/k/v biases) and ERNIE 4.5.
+# EXAONE 4 (norms after attention and MLP, q/k norms), Seed-OSS (q/k/v biases), ERNIE 4.5 and
+# Phi-3 (q/k/v and gate/up fused in the checkpoint).
 # vLLM refuses fp16 for Gemma 2 and 3, so they run in bf16.
 @pytest.mark.parametrize("arch, dtype", [("qwen2", "float16"), ("qwen3", "float16"), ("mistral", "float16"),
                                          ("gemma3", "bfloat16"), ("gemma2", "bfloat16"), ("granite", "float16"),
                                          ("olmo3", "float16"), ("exaone4", "float16"), ("seed_oss", "float16"),
-                                         ("ernie4_5", "float16")])
+                                         ("ernie4_5", "float16"), ("phi3", "float16")])
 def test_vllm_engine_serves_each_family(arch, dtype, prompts, references, tmp_path_factory, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp(arch), arch, getattr(torch, dtype))

@@ -68,6 +68,8 @@ SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
+# The same layers in models whose checkpoints fuse q/k/v and gate/up (Phi-3).
+FUSED_TARGET_MODULES = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 TENSOR_NAMES = ("row_ptr", "col_idx", "qweight", "scales", "qzeros")
 SCALE_DTYPE = torch.float16
 

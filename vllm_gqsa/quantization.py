@@ -8,7 +8,8 @@ fixed-shape parameter classes cannot shard them. Instead (the pattern GGUF used)
    that stashes what arrives;
 2. as soon as the five tensors of one shard (q, k, v, gate, up, or the whole layer) are in,
    they are validated against the shard's full shape and sliced for this tensor-parallel rank,
-   so host memory holds one rank's slice, not the whole layer;
+   so host memory holds one rank's slice, not the whole layer (a checkpoint layer that holds
+   several shards, such as Phi-3's ``qkv_proj``, is first split into them by rows);
 3. ``process_weights_after_loading`` fuses the shards in vLLM's output order, repacks them
    into the kernel format once, and replaces the placeholders with the final tensors.
 
@@ -209,18 +210,31 @@ class GQSALinearMethod(LinearMethodBase):
         return self.checkpoint_names[order.index(shard_id)]
 
     def _load(self, layer, t_name: str, param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if shard_id not in _shard_order(layer):
+        order = _shard_order(layer)
+        # A fused layer whose checkpoint holds all its shards as one GQSA layer (Phi-3's qkv_proj
+        # and gate_up_proj) comes without a shard id; it is split into its shards once complete.
+        fused = shard_id is None and order != (None,)
+        if shard_id not in order and not fused:
             raise GQSAFormatError(f"{layer.prefix}: unexpected shard {shard_id!r} for {t_name}")
         parts = layer.gqsa_pending.setdefault(shard_id, {})
         name = self._shard_name(layer, shard_id)
-        if t_name in parts or shard_id in layer.gqsa_shards:
+        if t_name in parts or any(s in layer.gqsa_shards for s in (order if fused else (shard_id,))):
             raise GQSAFormatError(f"{name}.{t_name} appears twice in the checkpoint")
         parts[t_name] = loaded.detach().to("cpu")
-        if len(parts) == len(TENSOR_NAMES):
+        if len(parts) != len(TENSOR_NAMES):
+            return
+        del layer.gqsa_pending[shard_id]
+        if not fused:
             out_features, in_features = _full_shard_shape(layer, shard_id)
             full = GQSALayer.from_tensors(parts, out_features, in_features, self.fmt, name)
             layer.gqsa_shards[shard_id] = shard_for_rank(layer, shard_id, full)
-            del layer.gqsa_pending[shard_id]
+            return
+        rows = [_full_shard_shape(layer, s)[0] for s in order]
+        full = GQSALayer.from_tensors(parts, sum(rows), layer.input_size, self.fmt, name)
+        start = 0
+        for s, n in zip(order, rows):
+            layer.gqsa_shards[s] = shard_for_rank(layer, s, full.select_rows(start, start + n))
+            start += n
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         order = _shard_order(layer)
@@ -229,6 +243,8 @@ class GQSALinearMethod(LinearMethodBase):
             self._fill_dummy(layer, order, device)
         for shard_id in order:
             if shard_id not in layer.gqsa_shards:
+                if None in layer.gqsa_pending:  # a fused checkpoint layer, incomplete
+                    shard_id = None
                 name = self._shard_name(layer, shard_id)
                 have = sorted(layer.gqsa_pending.get(shard_id, {}))
                 missing = [t for t in TENSOR_NAMES if t not in have]
