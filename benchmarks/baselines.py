@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from converters.calibration import calibration_samples  # noqa: E402
-from converters.convert import (SEQUENTIAL_GROUPS, _block_inputs, _collect_hessians,  # noqa: E402
-                                _module, _run_block, _to, peak_memory)
+from converters.convert import (_block_inputs, _collect_hessians,  # noqa: E402
+                                _module, _run_block, _to, peak_memory, sequential_groups)
 from converters.perplexity import perplexity  # noqa: E402
 from converters.solver import inverse_hessian_factor, solve_layer  # noqa: E402
 from vllm_gqsa.format import LayerFormat  # noqa: E402
@@ -218,7 +218,7 @@ def compress(model, samples, method, device, batch_size=8):
     blocks = model.model.layers
     for b in tqdm(range(len(blocks)), desc=method, unit="block"):
         block, kwargs = blocks[b].to(device, torch.float32), block_kwargs[b]
-        for group in SEQUENTIAL_GROUPS:  # true sequential, as the converter
+        for group in sequential_groups(block):  # true sequential, as the converter
             (H,) = _collect_hessians(block, [list(group)], inputs, kwargs, batch_size)
             for n in group:
                 m = _module(block, n)

@@ -356,6 +356,12 @@ def _run_block(block, inputs: list[torch.Tensor], kwargs: dict, batch_size: int)
     return outputs
 
 
+def sequential_groups(block) -> list[tuple[str, ...]]:
+    """The ``SEQUENTIAL_GROUPS`` this block has (Phi-3's fused layers or the separate ones)."""
+    modules = dict(block.named_modules())
+    return [g for g in SEQUENTIAL_GROUPS if all(n in modules for n in g)]
+
+
 def _module(block, path: str):
     for part in path.split("."):
         block = getattr(block, part)
@@ -488,9 +494,8 @@ def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_repo
     by layer name (for BQPO)."""
     fmt = qcfg.layer_format()
     out = {}
-    groups = [[n for n in g if f"{prefix}{n}.weight" in names  # the model's own layers
-               and qcfg.is_quantized(checkpoint_module(names, prefix + n))]
-              for g in SEQUENTIAL_GROUPS]
+    groups = [[n for n in g if qcfg.is_quantized(checkpoint_module(names, prefix + n))]
+              for g in sequential_groups(block)]
     groups = [g for g in groups if g]
     # True sequential: one calibration pass per group, so each group sees the outputs of the
     # groups quantized before it. Otherwise one pass for all.
