@@ -10,7 +10,7 @@ install --no-build-isolation -e .`` on the GPU machine), then::
 
     python benchmarks/gemv_timeline.py --out benchmarks/results/gpu/gemv_timeline_h200.json
 
-Each shape is timed as ``benchmarks/kernels.py`` times it (random layers at 50% density, enough
+Each shape is timed as ``benchmarks/kernel_speed.py`` times it (random layers at 50% density, enough
 copies to rotate past L2, one CUDA graph calling each once); the timeline is that of the graph's
 last call, whose predecessor is the same kernel on another copy, and of one call alone after an
 L2 flush. ``loop_done_tail`` says how much of each call's tail dynamic work shares could save at
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import capture_graph, copies_for, gqsa_bytes, make_gqsa, replay_us  # noqa: E402
+from kernel_speed import capture_graph, copies_for, gqsa_bytes, make_gqsa, replay_us  # noqa: E402
 
 from vllm_gqsa.kernels import cuda  # noqa: E402
 

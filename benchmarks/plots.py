@@ -8,7 +8,7 @@
   ``<that name>_<more>.json`` from the same device and shape is a later run of more configurations:
   they join its plots as dashed lines, labelled with what their file name adds ("_awq"), one
   colour per configuration.
-- one ``kernels_*.json`` (benchmarks/kernels.py; ``--kernels``, default the H200 run): one decoder
+- one ``kernels_*.json`` (benchmarks/kernel_speed.py; ``--kernels``, default the H200 run): one decoder
   layer's GQSA time against each baseline's, as a speed-up, against the number of tokens M. GQSA's
   time at each M is its fastest kernel measured there (GEMV, tensor cores or dequantize + cuBLAS):
   the plugin's dispatch defaults are these crossovers, whatever the run itself dispatched.

@@ -5,7 +5,7 @@
 
 PATH is gemv, gemv_bank (the GEMV on groups in ``cuda_format.bank_order``), tc (tensor cores) or
 marlin (vLLM's Marlin on a GPTQ 4-bit g128 layer of the same shape, for comparison: ``-k
-regex:Marlin``); the GQSA layer is N x K at 50% density, made as benchmarks/kernels.py makes its
+regex:Marlin``); the GQSA layer is N x K at 50% density, made as benchmarks/kernel_speed.py makes its
 layers; x is M random fp16 tokens. ``-s 2 -c 1`` profiles the third call. The ``ncu_stalls_*.txt`` files in
 benchmarks/results/gpu/ hold the command lines they came from."""
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import make_gqsa, vllm_gptq_baselines  # noqa: E402
+from kernel_speed import make_gqsa, vllm_gptq_baselines  # noqa: E402
 
 from vllm_gqsa.kernels import cuda, cuda_format  # noqa: E402
 

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import time_graph  # noqa: E402
+from kernel_speed import time_graph  # noqa: E402
 
 
 @triton.jit

@@ -20,7 +20,7 @@ if [[ $part == all || $part == kernels ]]; then
     python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_sparse24.py \
     2>&1 | tail -5 | tee "$out/cuda_kernel_tests_memcheck.txt"
   # About 3.5 minutes on an H200 with vLLM installed (Marlin and Machete in the same run).
-  timeout 500 python3 benchmarks/kernels.py --out "$out/kernels.json" 2>&1 | grep -E "layer sum|balance|grid"
+  timeout 500 python3 benchmarks/kernel_speed.py --out "$out/kernels.json" 2>&1 | grep -E "layer sum|balance|grid"
 fi
 if [[ $part == all || $part == serve ]]; then
   # vLLM end to end against transformers on a tiny converted Llama (the test suite's GPU tests;

@@ -5,7 +5,7 @@ SM, and how much of a call is the kernel itself.
     python benchmarks/tc_anatomy.py --tokens 16 --out tc_anatomy.json
 
 For each (N, K, K splits) it times, with x of M random fp16 tokens and W4 S50% g16 layers made as
-benchmarks/kernels.py makes them:
+benchmarks/kernel_speed.py makes them:
   * ``graph_us``: a CUDA graph calling the op once per weight copy (rotated past L2), per call;
   * ``graph_same_weights_us``: the same graph on one copy (weights warm in L2);
   * ``kernels``: median duration of each GPU kernel of a call (profiler): the tensor-core kernel
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import copies_for, gqsa_bytes, make_gqsa, time_graph  # noqa: E402
+from kernel_speed import copies_for, gqsa_bytes, make_gqsa, time_graph  # noqa: E402
 
 from vllm_gqsa.kernels import cuda  # noqa: E402
 

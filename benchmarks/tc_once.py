@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels import DENSITY, make_gqsa  # noqa: E402
+from kernel_speed import DENSITY, make_gqsa  # noqa: E402
 
 from vllm_gqsa.kernels import cuda  # noqa: E402
 

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""benchmarks/kernels.py's balance test compares like with like (the runs themselves need a GPU)."""
+"""benchmarks/kernel_speed.py's balance test compares like with like (the runs themselves need a GPU)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 @pytest.mark.parametrize("N", [4096, 4000, 11008])
 def test_balance_matrices_hold_the_same_groups(N):
-    from kernels import BALANCE_DENSITY, row_densities
+    from kernel_speed import BALANCE_DENSITY, row_densities
 
     uniform = row_densities(N, BALANCE_DENSITY)
     heavy = row_densities(N, BALANCE_DENSITY, heavy_block=True)
@@ -28,7 +28,7 @@ def test_balance_matrices_hold_the_same_groups(N):
 
 
 def test_heavy_block_is_capped_at_full_rows():
-    from kernels import row_densities
+    from kernel_speed import row_densities
 
     # At 50% density a 4x block cannot exist: it is capped at 1 and the totals still match.
     heavy = row_densities(4096, 0.5, heavy_block=True)
@@ -71,7 +71,7 @@ def test_baselines_option():
     """--baselines: all, none or a subset; a misspelt name is refused with the valid ones listed."""
     import argparse
 
-    from kernels import BASELINES, parse_baselines
+    from kernel_speed import BASELINES, parse_baselines
 
     assert parse_baselines("all") == frozenset(BASELINES)
     assert parse_baselines("none") == frozenset()

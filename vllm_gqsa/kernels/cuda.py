@@ -35,7 +35,7 @@ from .cuda_format import MAX_GEMV_TOKENS
 CTAS_PER_SM = 2
 # Batches of up to GEMV_MAX_TOKENS tokens run the GEMV (one launch per MAX_GEMV_TOKENS tokens),
 # up to TC_MAX_TOKENS the tensor-core kernel (one launch per 64 tokens), larger ones dequantize +
-# cuBLAS. The defaults are the crossovers measured by benchmarks/kernels.py on the H200
+# cuBLAS. The defaults are the crossovers measured by benchmarks/kernel_speed.py on the H200
 # (benchmarks/results/gpu/kernels_h200.json, one decoder layer): at 4 tokens the tensor-core
 # kernel beats the GEMV on all three models (91.5 against 95.4 us for Llama-2-7B, 97.6 against
 # 109.6 for Llama-3-8B, 109.0 against 114.5 for Qwen2.5-7B; in vLLM, batch 4 of the Llama-2-7B

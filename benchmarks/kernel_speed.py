@@ -23,7 +23,7 @@ each row's groups reordered so that a warp's x reads meet fewer bank conflicts
 (``cuda_format.bank_order``, ``gqsa_gemv_bank_order_us``). The
 summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
-    python benchmarks/kernels.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
+    python benchmarks/kernel_speed.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
                                  [--baselines all|none|marlin,...]
                                  [--out benchmarks/results/kernels.json]
 
