@@ -374,11 +374,12 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
 
     t_start = time.time()
     config = read_config(model_dir)
-    qcfg = opts.quant_config(fused=config["architectures"][0] in FUSED_ARCHITECTURES)
+    arch = config["architectures"][0]
+    qcfg = opts.quant_config(fused=arch in FUSED_ARCHITECTURES)
     check_shapes(config, qcfg)
-    if opts.quantize_output_layer and config["architectures"][0] in TIED_OUTPUT_LAYER:
-        raise ConvertError(f"--quantize-output-layer: vLLM serves {config['architectures'][0]} only with its "
-                           f"output layer tied to the embedding, which stays dense")
+    if opts.quantize_output_layer and arch in TIED_OUTPUT_LAYER:
+        raise ConvertError(f"--quantize-output-layer: vLLM serves {arch} only with its output layer tied "
+                           f"to the embedding, which stays dense")
     if not 0 < opts.n_samples or not 0 < opts.seq_len:
         raise ConvertError("--n-samples and --seq-len must be positive")
     if not 0.0 <= opts.output_layer_sparsity < 1.0:

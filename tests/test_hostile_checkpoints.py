@@ -84,6 +84,18 @@ def test_extra_tensor_is_refused(tiny_checkpoints, tmp_path):
         load_vllm_model(ckpt, port=free_port())
 
 
+def test_layer_both_whole_and_in_shards_is_refused(tiny_checkpoints, tmp_path):
+    """q/k/v stored separately, plus part of the same layer stored whole (as Phi-3 stores it)."""
+    qkv = "model.layers.1.self_attn.qkv_proj"
+
+    def add(t):
+        t[f"{qkv}.qweight"] = t["model.layers.1.self_attn.q_proj.qweight"].clone()
+
+    ckpt = broken_copy(tiny_checkpoints["llama"], tmp_path / "bad", add)
+    with pytest.raises(GQSAFormatError, match=f"{qkv}.*both whole \\(qweight\\) and in shards"):
+        load_vllm_model(ckpt, port=free_port())
+
+
 def test_truncated_safetensors_fails_cleanly(tiny_checkpoints, tmp_path):
     ckpt = tmp_path / "bad"
     shutil.copytree(tiny_checkpoints["llama"], ckpt)

@@ -205,8 +205,10 @@ class GQSALinearMethod(LinearMethodBase):
 
     def _shard_name(self, layer, shard_id) -> str:
         order = _shard_order(layer)
-        if shard_id is None or len(self.checkpoint_names) != len(order):
-            return self.checkpoint_names[0] if shard_id is None else f"{layer.prefix}[{shard_id}]"
+        if shard_id is None:  # the layer as one (a fused layer's own name: vLLM's and Phi-3's)
+            return self.checkpoint_names[0] if len(self.checkpoint_names) == 1 else layer.prefix
+        if len(self.checkpoint_names) != len(order):
+            return f"{layer.prefix}[{shard_id}]"
         return self.checkpoint_names[order.index(shard_id)]
 
     def _load(self, layer, t_name: str, param: Parameter, loaded: torch.Tensor, shard_id=None) -> None:
@@ -218,8 +220,10 @@ class GQSALinearMethod(LinearMethodBase):
             raise GQSAFormatError(f"{layer.prefix}: unexpected shard {shard_id!r} for {t_name}")
         parts = layer.gqsa_pending.setdefault(shard_id, {})
         name = self._shard_name(layer, shard_id)
-        if t_name in parts or any(s in layer.gqsa_shards for s in (order if fused else (shard_id,))):
+        if t_name in parts or shard_id in layer.gqsa_shards:
             raise GQSAFormatError(f"{name}.{t_name} appears twice in the checkpoint")
+        if fused and layer.gqsa_shards:
+            raise GQSAFormatError(f"{name}: the checkpoint holds this layer both whole ({t_name}) and in shards")
         parts[t_name] = loaded.detach().to("cpu")
         if len(parts) != len(TENSOR_NAMES):
             return
@@ -250,6 +254,9 @@ class GQSALinearMethod(LinearMethodBase):
                 missing = [t for t in TENSOR_NAMES if t not in have]
                 raise GQSAFormatError(f"{name}: the checkpoint lacks {', '.join(missing)} "
                                       f"for this GQSA layer")
+        if layer.gqsa_pending:  # every shard is complete, and more tensors of the layer remain
+            raise GQSAFormatError(f"{self._shard_name(layer, None)}: the checkpoint holds this layer both "
+                                  f"whole and in shards")
         merged = GQSALayer.concat_rows([layer.gqsa_shards[s] for s in order])
         del layer.gqsa_shards, layer.gqsa_pending
         N, K = merged.out_features, merged.in_features
