@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The vLLM plugin on the CPU: registration, vLLM's real loader, tensor parallelism over gloo,
-torch.compile, and broken checkpoints."""
+"""The vLLM plugin on the CPU: registration, vLLM's real loader, tensor and pipeline parallelism
+over gloo, torch.compile, and broken checkpoints."""
 
 import json
 import os
@@ -268,6 +268,39 @@ def test_tensor_parallel_output_layer_ranks_combine_to_the_logits(world_size, he
     got = torch.cat(outs, -1)
     torch.testing.assert_close(got[:, :258], x @ head_reference(ckpt).T, rtol=1e-4, atol=1e-4)
     assert not got[:, 258:].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stages, world_size", [(2, 2), (2, 4)], ids=["pp2", "pp2-tp2"])
+def test_pipeline_stages_serve_each_layer_once(stages, world_size, head_checkpoints, tmp_path):
+    """Pipeline parallelism: each stage loads and serves only its own decoder layers (the last
+    one the GQSA output layer too), which together are the whole model's, with its outputs."""
+    ckpt = head_checkpoints["llama"]
+    full, _ = load_vllm_model(ckpt, port=free_port())
+    layers = linear_layers(full)
+    torch.manual_seed(2)
+    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
+    inputs["lm_head"] = torch.randn(3, 128)
+    with torch.no_grad():
+        expected = {n: l(inputs[n])[0] for n, l in layers.items()}
+    expected["lm_head"] = inputs["lm_head"] @ head_reference(ckpt).T
+    ranks = run_tp(ckpt, world_size, tmp_path, inputs, pipeline_stages=stages)
+    per_stage = world_size // stages
+    held = [set(r) for r in ranks[::per_stage]]  # the first rank of each stage
+    assert all(set(r) == held[i // per_stage] for i, r in enumerate(ranks))  # the same in a stage
+    assert not held[0] & held[1] and held[0] | held[1] == set(expected)
+    assert "lm_head" in held[-1] and "model.layers.0.self_attn.qkv_proj" in held[0]
+    for stage in range(stages):
+        outs = ranks[stage * per_stage:(stage + 1) * per_stage]
+        for name in held[stage]:
+            parts = [o[name] for o in outs]
+            if name == "lm_head":
+                got = torch.cat(parts, -1)[:, :258]
+            elif name.endswith(("o_proj", "down_proj")) or per_stage == 1:
+                got = parts[0]
+            else:
+                got = combine_column_shards(name, parts, ckpt)
+            torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow

@@ -84,8 +84,10 @@ def setup_cpu_vllm() -> None:
 
 
 def load_vllm_model(ckpt: str, rank: int = 0, world_size: int = 1, port: int = 29600,
-                    dtype: str = "float32", quantization: str | None = None, load_format: str = "auto"):
-    """The model vLLM builds from ``ckpt``, as tensor-parallel rank ``rank`` of ``world_size``."""
+                    dtype: str = "float32", quantization: str | None = None, load_format: str = "auto",
+                    pipeline_stages: int = 1):
+    """The model vLLM builds from ``ckpt``, as rank ``rank`` of ``world_size``: tensor parallelism
+    over ``world_size / pipeline_stages`` ranks within each of ``pipeline_stages`` stages."""
     setup_cpu_vllm()
     from vllm.config import DeviceConfig, LoadConfig, ModelConfig, ParallelConfig, VllmConfig
     from vllm.config import set_current_vllm_config
@@ -97,13 +99,14 @@ def load_vllm_model(ckpt: str, rank: int = 0, world_size: int = 1, port: int = 2
     load_config = LoadConfig(load_format=load_format)
     config = VllmConfig(model_config=model_config, load_config=load_config,
                         device_config=DeviceConfig(device="cpu"),
-                        parallel_config=ParallelConfig(tensor_parallel_size=world_size))
+                        parallel_config=ParallelConfig(tensor_parallel_size=world_size // pipeline_stages,
+                                                       pipeline_parallel_size=pipeline_stages))
     with set_current_vllm_config(config):
         if not model_parallel_is_initialized():  # once per process, as in a vLLM worker
             init_distributed_environment(world_size=world_size, rank=rank, local_rank=rank,
                                          distributed_init_method=f"tcp://127.0.0.1:{port}",
                                          backend="gloo")
-            initialize_model_parallel(world_size)
+            initialize_model_parallel(world_size // pipeline_stages, pipeline_stages)
         model = get_model_loader(load_config).load_model(vllm_config=config, model_config=model_config)
     return model, config
 
@@ -114,11 +117,12 @@ def linear_layers(model) -> dict[str, torch.nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LinearBase)}
 
 
-def tp_worker(rank: int, world_size: int, ckpt: str, port: int, inputs: dict, out_dir: str) -> None:
-    """One tensor-parallel rank: load the model and save each linear layer's output for the
-    shared inputs (row-parallel layers get this rank's slice of the input)."""
+def tp_worker(rank: int, world_size: int, ckpt: str, port: int, inputs: dict, out_dir: str,
+              pipeline_stages: int = 1) -> None:
+    """One rank: load the model and save the output of each linear layer it holds for the shared
+    inputs (row-parallel layers get this rank's slice of the input)."""
     try:
-        model, _ = load_vllm_model(ckpt, rank, world_size, port)
+        model, _ = load_vllm_model(ckpt, rank, world_size, port, pipeline_stages=pipeline_stages)
         outputs = {}
         with torch.no_grad():
             for name, layer in linear_layers(model).items():
@@ -127,11 +131,12 @@ def tp_worker(rank: int, world_size: int, ckpt: str, port: int, inputs: dict, ou
                 x = inputs[name]
                 k = layer.input_size_per_partition
                 if k != x.shape[-1]:
-                    x = x[:, rank * k:(rank + 1) * k]
+                    x = x[:, layer.tp_rank * k:(layer.tp_rank + 1) * k]
                 y = layer(x)
                 outputs[name] = y[0] if isinstance(y, tuple) else y
-            if "lm_head" in inputs:  # a GQSA output layer: this rank's vocabulary rows
-                head = model.lm_head
+            head = getattr(model, "lm_head", None)
+            if "lm_head" in inputs and hasattr(head, "quant_method"):
+                # A GQSA output layer (on the last pipeline stage only): this rank's vocabulary rows.
                 outputs["lm_head"] = head.quant_method.apply(head, inputs["lm_head"])
         torch.save(outputs, os.path.join(out_dir, f"rank{rank}.pt"))
     except BaseException:
@@ -145,13 +150,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_tp(ckpt: str, world_size: int, tmp_path, inputs: dict, port: int | None = None) -> list[dict]:
+def run_tp(ckpt: str, world_size: int, tmp_path, inputs: dict, port: int | None = None,
+           pipeline_stages: int = 1) -> list[dict]:
     """``tp_worker`` on ``world_size`` spawned processes (gloo); each rank's layer outputs."""
     import torch.multiprocessing as mp
 
     port = port or free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=tp_worker, args=(r, world_size, ckpt, port, inputs, str(tmp_path)))
+    procs = [ctx.Process(target=tp_worker, args=(r, world_size, ckpt, port, inputs, str(tmp_path), pipeline_stages))
              for r in range(world_size)]
     for p in procs:
         p.start()
