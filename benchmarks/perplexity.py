@@ -65,6 +65,9 @@ def evaluate_vllm(path: str, text: str, seq_len: int, max_windows: int | None, d
     from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
     from vllm.inputs import TokensPrompt
 
+    # An engine process forked after this process had run torch on the CPU (writing a dequantized
+    # copy) hung as it started on the H200; a spawned one starts clean.
+    os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     kind = "gqsa" if config.get("quantization_config", {}).get("quant_method") == "gqsa" else "dense"
@@ -120,10 +123,6 @@ def main(argv=None) -> int:
         if a.engine == "vllm":
             if a.as_dequantized:
                 import tempfile
-
-                # The copy is made here with transformers on the CPU; an engine process forked
-                # after that work hung on the H200, so the engine starts its process fresh.
-                os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
                 with tempfile.TemporaryDirectory() as tmp:
                     r, _ = evaluate_vllm(dequantized_copy(path, tmp), text, a.seq_len, a.max_windows, a.dtype,
