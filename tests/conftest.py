@@ -84,15 +84,16 @@ def tiny_model_and_checkpoint(request, arch: str) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def head_checkpoints(tiny_models, tmp_path_factory):
     """Tiny models converted with their output layer: Llama's (untied) with half its groups
-    pruned, Gemma 3's and a Qwen2 tied to its embedding (as the small Qwen2.5 models are)
-    quantized only."""
+    pruned, Gemma 3's, and a Qwen2 and a Phi-3 tied to their embeddings (as the small Qwen2.5
+    models and Phi-4-mini are) quantized only."""
     from converters.convert import ConvertOptions, convert
 
     root = tmp_path_factory.mktemp("head")
     models = {**tiny_models,
-              "qwen2-tied": build_tiny_model(str(root / "qwen2-tied-dense"), "qwen2", tie_word_embeddings=True)}
+              **{f"{arch}-tied": build_tiny_model(str(root / f"{arch}-tied-dense"), arch, tie_word_embeddings=True)
+                 for arch in ("qwen2", "phi3")}}
     out = {}
-    for arch, sparsity in (("llama", 0.5), ("gemma3", 0.0), ("qwen2-tied", 0.0)):
+    for arch, sparsity in (("llama", 0.5), ("gemma3", 0.0), ("qwen2-tied", 0.0), ("phi3-tied", 0.0)):
         out[arch] = str(root / arch)
         convert(models[arch], out[arch], ConvertOptions(n_samples=8, seq_len=64, batch_size=4,
                                                         quantize_output_layer=True,

@@ -147,7 +147,7 @@ def head_reference(ckpt: str) -> torch.Tensor:
     return dequantize(GQSALayer.from_tensors(parts, 258, 128, qcfg.layer_format(), "lm_head"))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-tied",
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-tied", "phi3-tied",
                                   *(a for a in OTHER_FAMILIES if a != "gemma2")])  # vLLM's Gemma 2 is tied
 def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, request):
     from vllm_gqsa.quantization import GQSALinearMethod
