@@ -2,7 +2,7 @@
 # The GPU checks behind benchmarks/results/gpu/, in the order they were run. Needs a CUDA GPU,
 # vLLM and this package installed; CKPT is a converted SmolLM2-135M (W4 S50% g16; the default
 # conversion with BQPO + E2E-OQP: a one-shot checkpoint's near ties make greedy comparisons fragile).
-#   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|tp|e2e|bench|load]
+#   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|tp|e2e|bench|load|perplexity]
 # Each part but `load` fits in under ten minutes on an H100; `load` needs about 12 minutes alone on
 # its GPU (a vLLM server sharing the GPU with another that starts at the same time finds no memory
 # for its KV cache).
@@ -71,4 +71,24 @@ if [[ $part == all || $part == bench ]]; then
 fi
 if [[ $part == all || $part == load ]]; then
   timeout 900 python3 benchmarks/load_test.py "$ckpt" --minutes 10.5 --out "$out/load_test.json" 2>&1 | tail -6
+fi
+if [[ $part == all || $part == perplexity ]]; then
+  # WikiText-2 perplexity of CKPT served by vLLM, one engine start per run (1-2 minutes each): the
+  # step budget picks the kernel that scores the prompts (2048: dequantize + cuBLAS, 16: the
+  # tensor-core kernel, 3: the GEMV), and the same budget with the weights saved as a dense model
+  # tells the kernels' share of any difference from the dtype's. TEXT is WikiText-2's test.txt.
+  if [[ -z ${TEXT:-} ]]; then
+    echo "perplexity: skipped, set TEXT to WikiText-2's test.txt"
+  else
+    # At 3 tokens a step the 40 windows take about 27,000 steps: the GEMV scores the first 10 (the
+    # results hold every window's loss, to compare window by window).
+    ppl="python3 benchmarks/perplexity.py --engine vllm --dtype float16 --text $TEXT --seq-len 2048"
+    for run in "2048 40" "16 40" "3 10"; do
+      set -- $run
+      timeout 300 $ppl --max-num-batched-tokens $1 --max-windows $2 --out "$out/perplexity_vllm_b$1.json" "$ckpt" \
+        2>&1 | tail -1
+    done
+    timeout 300 $ppl --max-num-batched-tokens 2048 --max-windows 40 --as-dequantized \
+      --out "$out/perplexity_vllm_dense_copy_b2048.json" "$ckpt" 2>&1 | tail -1
+  fi
 fi
