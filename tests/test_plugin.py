@@ -141,10 +141,10 @@ def test_tensor_parallel_shards_combine_to_the_unsharded_output(arch, world_size
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
 
 
-def head_reference(ckpt: str) -> torch.Tensor:
+def head_reference(ckpt: str, vocab: int = 258, hidden: int = 128) -> torch.Tensor:
     qcfg = read_quant_config(ckpt)
     parts = split_gqsa_tensors(dict(iter_tensors(ckpt)), qcfg)[0]["lm_head"]
-    return dequantize(GQSALayer.from_tensors(parts, 258, 128, qcfg.layer_format(), "lm_head"))
+    return dequantize(GQSALayer.from_tensors(parts, vocab, hidden, qcfg.layer_format(), "lm_head"))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3", "qwen2-tied", "phi3-tied",
@@ -170,6 +170,28 @@ def test_vllm_computes_logits_with_a_gqsa_output_layer(arch, request):
             y = head.quant_method.apply(head, x)
             assert y.shape == (M, 320) and not y[:, 258:].any()
             torch.testing.assert_close(model.compute_logits(x), x @ w.T, rtol=1e-4, atol=1e-4)
+
+
+def test_output_layer_in_row_blocks_that_vllms_padding_cuts(tmp_path):
+    """vLLM pads the vocabulary to a multiple of 64 rows per rank (258 -> 320): 3-row blocks do
+    not divide that, so the output layer loads as single rows (the same weights); the decoder
+    layers keep their blocks."""
+    from converters.convert import ConvertOptions, convert
+    from converters.tiny import build_tiny_model
+
+    dense = build_tiny_model(str(tmp_path / "dense"), hidden_size=96, intermediate_size=192, num_heads=3,
+                             num_kv_heads=3)
+    ckpt = str(tmp_path / "r3-head")
+    convert(dense, ckpt, ConvertOptions(block_rows=3, quantize_output_layer=True, n_samples=4, seq_len=32,
+                                        batch_size=4))
+    model, _ = load_vllm_model(ckpt, port=free_port())
+    assert model.lm_head.gqsa_block_rows == 1
+    assert model.model.layers[0].mlp.gate_up_proj.gqsa_block_rows == 3
+    torch.manual_seed(0)
+    x = torch.randn(5, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(model.compute_logits(x), x @ head_reference(ckpt, 258, 96).T,
+                                   rtol=1e-4, atol=1e-4)
 
 
 def test_image_text_checkpoint_maps_onto_vllms_layers(image_text_checkpoints):
@@ -301,6 +323,28 @@ def test_pipeline_stages_serve_each_layer_once(stages, world_size, head_checkpoi
             else:
                 got = combine_column_shards(name, parts, ckpt)
             torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_tensor_parallel_cuts_row_blocks_into_single_rows(tiny_models, tmp_path):
+    """With 64-row blocks, two ranks get 32 of k_proj's and v_proj's 64 rows each: those shards
+    are cut into single rows, and the rank's fused qkv_proj (q keeps its blocks) with them."""
+    from converters.convert import ConvertOptions, convert
+
+    ckpt = str(tmp_path / "r64")
+    convert(tiny_models["llama"], ckpt, ConvertOptions(block_rows=64, n_samples=2, seq_len=16))
+    full, _ = load_vllm_model(ckpt, port=free_port())
+    layers = linear_layers(full)
+    assert full.model.layers[0].self_attn.qkv_proj.gqsa_block_rows == 64
+    torch.manual_seed(3)
+    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
+    with torch.no_grad():
+        expected = {n: l(inputs[n])[0] for n, l in layers.items()}
+    ranks = run_tp(ckpt, 2, tmp_path, inputs)
+    for name, exp in expected.items():
+        outs = [r[name] for r in ranks]
+        got = outs[0] if name.endswith(("o_proj", "down_proj")) else combine_column_shards(name, outs, ckpt)
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow

@@ -147,21 +147,35 @@ def _partition_shape(layer) -> tuple[int, int]:
     return layer.output_size_per_partition, layer.input_size_per_partition
 
 
+def select_rows(full: GQSALayer, start: int, end: int) -> GQSALayer:
+    """Rows ``start .. end-1`` of ``full``. Where the range cuts through row blocks (a rank's
+    share, or vLLM's padded vocabulary, that is no multiple of ``block_rows``), the layer is first
+    rewritten as single rows: the same weights, and what the kernels run anyway."""
+    R = full.fmt.block_rows
+    if start % R or end % R:
+        full = full.single_rows()
+    return full.select_rows(start, end)
+
+
 def shard_for_rank(layer, shard_id, full: GQSALayer) -> GQSALayer:
     """The part of one checkpoint shard this tensor-parallel rank computes."""
     if isinstance(layer, ParallelLMHead):
         # This rank's vocabulary rows, then empty rows up to vLLM's padded size per rank.
         s = layer.shard_indices
-        rows = full.select_rows(s.org_vocab_start_index, s.org_vocab_end_index)
+        rows = select_rows(full, s.org_vocab_start_index, s.org_vocab_end_index)
         pad = layer.num_embeddings_per_partition - rows.out_features
-        return GQSALayer.concat_rows([rows, GQSALayer.empty(pad, full.in_features, full.fmt)]) if pad else rows
+        if not pad:
+            return rows
+        if pad % rows.fmt.block_rows:
+            rows = rows.single_rows()
+        return GQSALayer.concat_rows([rows, GQSALayer.empty(pad, full.in_features, rows.fmt)])
     order = _shard_order(layer)
     rows = layer.output_partition_sizes[order.index(shard_id)]
     if rows != full.out_features:  # column-parallel: this rank's output rows
         rank = layer.tp_rank
         if shard_id in ("k", "v"):
             rank //= layer.num_kv_head_replicas
-        full = full.select_rows(rank * rows, (rank + 1) * rows)
+        full = select_rows(full, rank * rows, (rank + 1) * rows)
     k = layer.input_size_per_partition
     if k != full.in_features:  # row-parallel: this rank's input channels
         full = full.select_input(layer.tp_rank * k, (layer.tp_rank + 1) * k)
@@ -179,18 +193,13 @@ class GQSALinearMethod(LinearMethodBase):
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int,
                        output_partition_sizes: list[int], input_size: int, output_size: int,
                        params_dtype: torch.dtype, **extra_weight_attrs) -> None:
-        G, R = self.fmt.group_size, self.fmt.block_rows
+        G = self.fmt.group_size
         name = getattr(layer, "prefix", "") or "linear"
         if input_size_per_partition % G:
             raise ValueError(
                 f"{name}: input size per rank {input_size_per_partition} (of {input_size}) is not a "
                 f"multiple of the GQSA group size {G}; reduce tensor_parallel_size or convert the "
                 f"model with a smaller --group-size")
-        for rows in output_partition_sizes:
-            if rows % R:
-                raise ValueError(
-                    f"{name}: {rows} output rows per rank are not a multiple of block_rows {R}; "
-                    f"reduce tensor_parallel_size")
         layer.gqsa_shards = {}  # shard id -> GQSALayer for this rank
         layer.gqsa_pending = {}  # shard id -> {tensor name: tensor} until all five are in
         for t_name in TENSOR_NAMES:
@@ -237,7 +246,7 @@ class GQSALinearMethod(LinearMethodBase):
         full = GQSALayer.from_tensors(parts, sum(rows), layer.input_size, self.fmt, name)
         start = 0
         for s, n in zip(order, rows):
-            layer.gqsa_shards[s] = shard_for_rank(layer, s, full.select_rows(start, start + n))
+            layer.gqsa_shards[s] = shard_for_rank(layer, s, select_rows(full, start, start + n))
             start += n
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
@@ -257,7 +266,10 @@ class GQSALinearMethod(LinearMethodBase):
         if layer.gqsa_pending:  # every shard is complete, and more tensors of the layer remain
             raise GQSAFormatError(f"{self._shard_name(layer, None)}: the checkpoint holds this layer both "
                                   f"whole and in shards")
-        merged = GQSALayer.concat_rows([layer.gqsa_shards[s] for s in order])
+        shards = [layer.gqsa_shards[s] for s in order]
+        if len({s.fmt for s in shards}) > 1:  # some shards were cut into single rows
+            shards = [s.single_rows() for s in shards]
+        merged = GQSALayer.concat_rows(shards)
         del layer.gqsa_shards, layer.gqsa_pending
         N, K = merged.out_features, merged.in_features
         assert (N, K) == _partition_shape(layer)
@@ -273,7 +285,7 @@ class GQSALinearMethod(LinearMethodBase):
             layer.gqsa_kernel = "reference"
         for t_name, t in tensors.items():
             layer.register_parameter(t_name, Parameter(t.to(device), requires_grad=False))
-        layer.gqsa_n_out, layer.gqsa_nnz = N, merged.nnz
+        layer.gqsa_n_out, layer.gqsa_nnz, layer.gqsa_block_rows = N, merged.nnz, merged.fmt.block_rows
         if not ok:
             label = f"torch reference matmul ({reason})"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
@@ -315,7 +327,7 @@ class GQSALinearMethod(LinearMethodBase):
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
                 x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,
-                layer.gqsa_n_out, self.fmt.bits, self.fmt.group_size, self.fmt.block_rows)
+                layer.gqsa_n_out, self.fmt.bits, self.fmt.group_size, layer.gqsa_block_rows)
         y = y.reshape(*x.shape[:-1], layer.gqsa_n_out)
         return y if bias is None else y + bias
 
