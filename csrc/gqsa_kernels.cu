@@ -41,6 +41,9 @@
 
 #include "gqsa_kernels.h"
 
+#include <algorithm>
+#include <atomic>
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -1189,6 +1192,7 @@ struct GemvArgs {
   void* y;
   int N, K, nnz;
   bool shared_x;
+  int max_shared_x;  // max_shared_x_bytes() of the device
   cudaStream_t stream;
 };
 
@@ -1198,9 +1202,10 @@ cudaError_t launch_gemv_kernel(const GemvArgs& a) {
   size_t smem = 0;
   if constexpr (kSharedX) {
     // Dynamic shared memory above 48 KB must be allowed per kernel and device (a host-side
-    // attribute, so this is also fine during graph capture).
-    const cudaError_t allowed = cudaFuncSetAttribute(
-        kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kMaxSharedXBytes));
+    // attribute, so this is also fine during graph capture). Asking for more than the device
+    // allows fails the launch, so the request is the device's limit, not kMaxSharedXBytes.
+    const cudaError_t allowed =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, a.max_shared_x);
     if (allowed != cudaSuccess) return allowed;
     smem = shared_x_bytes(M, a.K);
   }
@@ -1334,17 +1339,40 @@ bool shape_ok(int N, int K, int group_size) {
 
 }  // namespace
 
+cudaError_t max_shared_x_bytes(int* bytes) {
+  // Asked once per device: the answer cannot change while the process runs.
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices] = {};
+  int device = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err != cudaSuccess) return err;
+  if (device < kDevices && known[device].load(std::memory_order_relaxed) > 0) {
+    *bytes = known[device].load(std::memory_order_relaxed);
+    return cudaSuccess;
+  }
+  int optin = 0;
+  err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (err != cudaSuccess) return err;
+  const int limit = std::min(kMaxSharedXBytes, optin - kGemvStaticSharedBytes);
+  *bytes = limit > 0 ? limit : 0;
+  if (device < kDevices) known[device].store(*bytes, std::memory_order_relaxed);
+  return cudaSuccess;
+}
+
 cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
                  const int32_t* meta, const int32_t* schedule, int num_ctas, void* y, int M,
                  int N, int K, int group_size, int nnz, cudaStream_t stream, XStaging x_staging) {
   if (!shape_ok(N, K, group_size) || M < 0 || num_ctas < 0 || nnz < 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0 || num_ctas == 0) return cudaSuccess;
+  int max_shared_x = 0;
+  const cudaError_t queried = max_shared_x_bytes(&max_shared_x);
+  if (queried != cudaSuccess) return queried;
   // One launch per kMaxGemvTokens tokens: rows m0.. of x and y are contiguous, so a slice of
   // tokens is just an offset.
   const size_t elem = 2;  // fp16 and bf16
   for (int m0 = 0; m0 < M; m0 += kMaxGemvTokens) {
     const int m = M - m0 < kMaxGemvTokens ? M - m0 : kMaxGemvTokens;
-    const bool fits = shared_x_bytes(m, K) <= static_cast<size_t>(kMaxSharedXBytes);
+    const bool fits = shared_x_bytes(m, K) <= static_cast<size_t>(max_shared_x);
     bool shared_x = fits;
     switch (x_staging) {
       case XStaging::kAuto: break;
@@ -1356,7 +1384,7 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
     }
     const GemvArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta,
                      schedule, num_ctas, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem,
-                     N, K, nnz, shared_x, stream};
+                     N, K, nnz, shared_x, max_shared_x, stream};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
       case Dtype::kFloat16: err = gemv_for_group<__half>(a, m, group_size); break;

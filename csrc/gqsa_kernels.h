@@ -43,10 +43,16 @@ constexpr int kGemvThreads = kGemvWarps * 32;
 // whenever M tokens of K activations fit in kMaxSharedXBytes) or global memory through L1.
 // The explicit choices exist for benchmarks and tests.
 enum class XStaging : int { kAuto = -1, kGlobal = 0, kShared = 1 };
-// Small enough for two CTAs per SM, the persistent grid's default, on Ampere and Hopper.
+// Small enough for two CTAs per SM, the persistent grid's default, on Hopper.
 constexpr int kMaxSharedXBytes = 100 * 1024;
+// An upper bound on the GEMV kernels' static shared memory (ptxas: 144 to 592 bytes).
+constexpr int kGemvStaticSharedBytes = 1024;
 // Shared memory of the x copy: M rows of K 2-byte activations, each padded to 128 bytes.
 constexpr size_t shared_x_bytes(int M, int K) { return static_cast<size_t>(M) * ((K + 63) / 64) * 128; }
+// The largest x copy the GEMV stages in shared memory on the current device: kMaxSharedXBytes,
+// or less where a block may not have that much (99 KB in all on sm_86 and sm_89, against 163 KB
+// on sm_80 and 227 KB on sm_90). Writes it to *bytes; returns the CUDA error of the query.
+cudaError_t max_shared_x_bytes(int* bytes);
 
 // y[M, N] = x[M, K] @ W.T, with W given by (row_ptr, codes, meta). x and y are row-major in
 // `dtype`; x must be 16-byte aligned. num_ctas = (rows of schedule - 1) / kGemvWarps.

@@ -113,15 +113,19 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
               "gqsa_gemv: x must be 16-byte aligned");
   TORCH_CHECK(x_staging >= -1 && x_staging <= 1, "gqsa_gemv: x_staging must be -1, 0 or 1, got ",
               num(x_staging));
-  const int64_t launch_tokens = M < gqsa::kMaxGemvTokens ? M : gqsa::kMaxGemvTokens;
-  TORCH_CHECK(x_staging != 1 || gqsa::shared_x_bytes(static_cast<int>(launch_tokens), static_cast<int>(K)) <=
-                                    static_cast<size_t>(gqsa::kMaxSharedXBytes),
-              "gqsa_gemv: x_staging=1 but ", num(launch_tokens), " tokens of x [", num(M), ", ", num(K),
-              "] do not fit in ", num(gqsa::kMaxSharedXBytes), " bytes of shared memory");
 
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
+  if (x_staging == 1) {
+    int max_shared_x = 0;
+    check_launch(gqsa::max_shared_x_bytes(&max_shared_x), "gqsa_gemv (shared memory query)");
+    const int64_t launch_tokens = M < gqsa::kMaxGemvTokens ? M : gqsa::kMaxGemvTokens;
+    TORCH_CHECK(gqsa::shared_x_bytes(static_cast<int>(launch_tokens), static_cast<int>(K)) <=
+                    static_cast<size_t>(max_shared_x),
+                "gqsa_gemv: x_staging=1 but ", num(launch_tokens), " tokens of x [", num(M), ", ", num(K),
+                "] do not fit in the ", num(max_shared_x), " bytes of shared memory this GPU gives them");
+  }
   check_launch(gqsa::gemv(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
                           meta.data_ptr<int32_t>(), schedule.data_ptr<int32_t>(),
                           static_cast<int>((schedule.size(0) - 1) / gqsa::kGemvWarps), y.data_ptr(), static_cast<int>(M),
