@@ -178,13 +178,21 @@ def test_slicing_rejects_split_inside_a_group(layer):
     ({"bits": 3}, "bits=3"), ({"group_size": 24}, "group_size=24"), ({"sparsity": 1.0}, "sparsity"),
     ({"format_version": 2}, "format_version 2"), ({"bits": "4"}, "must be a number"),
     ({"target_modules": "q_proj"}, "list of strings"), ({"quant_method": "awq"}, "not 'gqsa'"),
-    ({"block_rows": 0}, "block_rows"),
+    ({"block_rows": 0}, "block_rows"), ({"bits": float("nan")}, "bits must be a number"),
+    ({"group_size": float("inf")}, "group_size must be a number"), ({"sparsity": float("nan")}, "sparsity"),
+    ({"modules_to_not_convert": [1]}, "list of strings"),
 ])
 def test_quant_config_rejects_impossible_values(bad, match):
     d = GQSAQuantConfig().to_dict()
     d.update(bad)
     with pytest.raises(GQSAFormatError, match=match):
         GQSAQuantConfig.from_dict(d)
+
+
+def test_quant_config_reads_null_modules_to_not_convert_as_none():
+    d = GQSAQuantConfig().to_dict()
+    d["modules_to_not_convert"] = None
+    assert GQSAQuantConfig.from_dict(d) == GQSAQuantConfig()
 
 
 def test_quant_config_round_trip():

@@ -47,7 +47,8 @@ converted, e.g. ``q_proj``; ``lm_head`` when the output layer is converted, whic
 the checkpoint then stores untied from a dense embedding,
 ``tie_word_embeddings: false``) and ``modules_to_not_convert`` (full names of
 target layers left dense, or of whole parts of the model whose layers all stay dense,
-such as an image-text model's ``vision_tower``). Every other weight of the model is
+such as an image-text model's ``vision_tower``; ``null`` reads as none). A field that is
+absent takes :class:`GQSAQuantConfig`'s default. Every other weight of the model is
 stored as usual, under the names of the model's own checkpoints.
 
 Everything here is pure torch and runs on the CPU: packing, unpacking,
@@ -140,13 +141,16 @@ class GQSAQuantConfig:
                           ("block_rows", int), ("sparsity", float)):
             if key in d:
                 value = d[key]
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                # json reads NaN and Infinity too, which int() cannot take.
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
                         kind is int and value != int(value)):
                     raise GQSAFormatError(f"quantization_config.{key} must be a number, got {value!r}")
                 kwargs[key] = kind(value)
         for key in ("target_modules", "modules_to_not_convert"):
             if key in d:
                 value = d[key]
+                if value is None and key == "modules_to_not_convert":
+                    value = []  # what other quantization configs write for "none"
                 if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
                     raise GQSAFormatError(f"quantization_config.{key} must be a list of strings")
                 kwargs[key] = tuple(value)
