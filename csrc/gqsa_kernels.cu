@@ -174,8 +174,10 @@ __device__ __forceinline__ void dequant_pairs(uint32_t word, ZeroPair zp, __half
 // takes 8 of a group's 16 products) and 16 for larger groups (a unit is a 32-weight slice), and
 // |q - z| <= 15, so n * 15 * 65504 * 2^-s <= 65504 for s = 7 (n = 8) and s = 8 (n = 16): no partial
 // sum overflows for any finite fp16 activation. Subnormal fp16 keeps the scaled copy's absolute
-// error at 2^-24 * 2^s (1e-5 or less), far under the output's own rounding. bf16 activations
-// beyond 65504 * 2^s (over 8e6) would turn into infinities.
+// error at 2^-24 * 2^s (1e-5 or less), far under the output's own rounding. bf16 activations are
+// not bounded by 65504: a partial sum stays finite while n * 15 * |x| * 2^-s <= 65504, i.e. |x| up
+// to 65504 * 2^s / (15 n), about 70,000, when all n activations of a sum are that large (one
+// alone: 65504 * 2^s / 15, over 5e5); the scaled copy itself overflows beyond 65504 * 2^s (8e6).
 template <int G>
 constexpr int kXScaleLog2 = G == 16 ? 7 : 8;
 
