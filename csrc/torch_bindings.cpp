@@ -80,6 +80,11 @@ int64_t check_layer(const at::Tensor& row_ptr, const at::Tensor& codes, const at
   TORCH_CHECK(meta.numel() == codes.size(0), "gqsa: meta has ", num(meta.numel()),
               " entries but codes has ", num(codes.size(0)), " kept groups");
   TORCH_CHECK(codes.size(0) < INT32_MAX, "gqsa: too many kept groups (", num(codes.size(0)), ")");
+  // The kernels read codes 16 bytes and meta 8 bytes at a time (a view that starts inside a
+  // tensor's storage may not be aligned so).
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(meta.data_ptr()) % 8 == 0,
+              "gqsa: codes must be 16-byte and meta 8-byte aligned");
   return group_size;
 }
 

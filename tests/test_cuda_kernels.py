@@ -569,6 +569,12 @@ def test_bad_inputs_raise():
         op(torch.randn(32, 2, device="cuda", dtype=torch.float16).T, *args, 20)
     with pytest.raises(RuntimeError, match="expected cuda"):
         op(x, t["row_ptr"].cpu(), t["codes"], t["meta"], t["schedule"], 20)
+    # Contiguous views that start one group into their storage: 8 and 4 bytes off alignment.
+    codes_view = torch.cat([t["codes"][:1], t["codes"]])[1:]
+    meta_view = torch.cat([t["meta"][:1], t["meta"]])[1:]
+    for codes, meta in ((codes_view, t["meta"]), (t["codes"], meta_view)):
+        with pytest.raises(RuntimeError, match="codes must be 16-byte and meta 8-byte aligned"):
+            op(x, t["row_ptr"], codes, meta, t["schedule"], 20)
     with pytest.raises(RuntimeError, match="group_size=32"):
         torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 20, 32, 32, torch.float16)
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
