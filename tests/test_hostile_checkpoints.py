@@ -109,7 +109,7 @@ def test_truncated_safetensors_fails_cleanly(tiny_checkpoints, tmp_path):
 
 @pytest.mark.parametrize("field,value,fault", [
     ("bits", 3, "bits=3"), ("group_size", 12, "group_size=12"), ("format_version", 99, "format_version 99"),
-    ("sparsity", 1.5, "sparsity"), ("block_rows", -1, "block_rows"),
+    ("sparsity", 1.5, "sparsity"), ("block_rows", -1, "block_rows"), ("bits", float("nan"), "bits must be a number"),
 ])
 def test_impossible_quantization_config_is_refused(field, value, fault, tiny_checkpoints, tmp_path):
     ckpt = tmp_path / "bad"
@@ -119,6 +119,21 @@ def test_impossible_quantization_config_is_refused(field, value, fault, tiny_che
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(Exception, match=fault):
         load_vllm_model(str(ckpt), port=free_port())
+
+
+def test_tensor_in_two_files_is_refused(tiny_checkpoints, tmp_path):
+    """vLLM's loader refuses a tensor stored twice; so does the reader behind the reference
+    model and the benchmarks, instead of taking either copy."""
+    from safetensors.torch import load_file, save_file
+
+    from vllm_gqsa.checkpoint import iter_tensors
+
+    ckpt = tmp_path / "dup"
+    shutil.copytree(tiny_checkpoints["llama"], ckpt)
+    scales = load_file(str(ckpt / "model.safetensors"))[f"{LAYER}.scales"]
+    save_file({f"{LAYER}.scales": scales}, str(ckpt / "extra.safetensors"))
+    with pytest.raises(GQSAFormatError, match=f"{LAYER}.scales is in both extra.safetensors and model.safetensors"):
+        dict(iter_tensors(str(ckpt)))
 
 
 class _Exploit:

@@ -42,11 +42,16 @@ def safetensors_files(ckpt_dir: str) -> list[str]:
 
 def iter_tensors(ckpt_dir: str, gqsa_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The checkpoint's tensors by name; with ``gqsa_only``, only those named like a GQSA layer's
-    (the others are never read)."""
+    (the others are never read). A name in two files is refused, as vLLM's loader refuses it."""
+    seen: dict[str, str] = {}
     for path in safetensors_files(ckpt_dir):
         try:
             with safe_open(path, framework="pt") as f:
                 for name in f.keys():
+                    if name in seen:
+                        raise GQSAFormatError(f"{name} is in both {seen[name]} and "
+                                              f"{os.path.basename(path)}")
+                    seen[name] = os.path.basename(path)
                     if not gqsa_only or name.rpartition(".")[2] in TENSOR_NAMES:
                         yield name, f.get_tensor(name)
         except GQSAFormatError:
