@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vllm_gqsa.format import GQSALayer
+from . import show_progress
 from .fake_quant import FakeQuantLinear
 
 MIN_LR_FACTOR = 20  # cosine decay down to lr / 20, as EfficientQAT
@@ -106,7 +107,8 @@ def train_block(block, layers: dict[str, GQSALayer], inputs: list[torch.Tensor],
         ], weight_decay=0.0)
         schedule = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch)
         g = torch.Generator().manual_seed(cfg.seed)
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False)
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", leave=False,
+                   disable=not show_progress())  # off with gqsa-convert -q
         with torch.enable_grad():
             for epoch in range(1, cfg.epochs + 1):
                 order = torch.randperm(n_train, generator=g).tolist()

@@ -15,7 +15,12 @@ from .convert import ConvertError, ConvertOptions, convert, describe
 from .hub import HubError, check_can_push, push, resolve_model
 
 
+# --demo's calibration, where the options are not given: a tiny model converts in seconds.
+DEMO_SAMPLING = {"n_samples": 16, "seq_len": 128}
+
+
 def build_parser() -> argparse.ArgumentParser:
+    d = ConvertOptions()
     p = argparse.ArgumentParser(
         prog="gqsa-convert",
         description="Prune groups of weights and quantize the rest into a GQSA checkpoint that "
@@ -37,8 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "tensor-core kernel skip pruned columns (faster batched decode, lower accuracy)")
     p.add_argument("--calib-data", help="text file (or folder of .txt) to calibrate on, "
                                         "e.g. WikiText-2 validation; random tokens if omitted")
-    p.add_argument("--n-samples", type=int, default=128, help="calibration sequences (default 128)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence (512)")
+    # None: not given, so that --demo can pick its own (DEMO_SAMPLING) and still honour a given value.
+    p.add_argument("--n-samples", type=int, help=f"calibration sequences (default {d.n_samples}, "
+                                                 f"{DEMO_SAMPLING['n_samples']} with --demo)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per calibration sequence (default {d.seq_len}, "
+                                               f"{DEMO_SAMPLING['seq_len']} with --demo)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cuda, cpu or auto (default: GPU when present)")
     p.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward")
@@ -56,7 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-layer-sparsity", type=float, default=0.0,
                    help="fraction of the output layer's groups pruned, with --quantize-output-layer "
                         "(default 0: quantized, not pruned)")
-    d = ConvertOptions()
     t = p.add_argument_group(
         "training stages",
         "BQPO trains each block, after the solver, to reproduce the dense block (kept weights, "
@@ -91,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted conversion from its last finished block "
                         "(same model and options)")
     p.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the checkpoint to this Hub repository")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only, no progress bars")
     return p
 
 
@@ -99,6 +106,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Also where logging was configured before (basicConfig then does nothing); the converter's
+    # progress bars are off where this logger is above INFO (converters.show_progress).
+    logging.getLogger("converters").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    if args.quiet:  # transformers' and the Hub's bars
+        from transformers.utils.logging import disable_progress_bar
+        disable_progress_bar()
+    sampling = DEMO_SAMPLING if args.demo else {"n_samples": ConvertOptions.n_samples,
+                                                "seq_len": ConvertOptions.seq_len}
+    for k, default in sampling.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     opts = ConvertOptions(
         bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
         block_rows=args.block_rows, calib_data=args.calib_data, n_samples=args.n_samples,
@@ -114,8 +132,6 @@ def main(argv: list[str] | None = None) -> int:
             from .tiny import build_tiny_model
             output = args.output or args.model or "gqsa-demo"
             model = build_tiny_model(os.path.join(tempfile.mkdtemp(prefix="gqsa-demo-"), "tiny-llama"))
-            if args.n_samples == 128:
-                opts.n_samples, opts.seq_len = 16, 128
         else:
             if not args.model or not args.output:
                 build_parser().error("MODEL and OUTPUT are required (or use --demo)")

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from vllm_gqsa.format import DEFAULT_TARGET_MODULES, FUSED_TARGET_MODULES, TENSOR_NAMES, GQSALayer, GQSAQuantConfig
 from vllm_gqsa.reference import dequantize
+from . import show_progress
 from .bqpo import BlockTraining, train_block
 from .calibration import calibration_samples
 from .e2e import ScaleTraining, train_scales
@@ -221,6 +222,34 @@ def prepare_output(out_dir: str, overwrite: bool, resume: bool, estimated_bytes:
     return tmp
 
 
+def check_output_location(model_dir: str, out_dir: str, may_replace_input: bool = False) -> None:
+    """Refuse an output folder that is the input or holds it: replacing it (``--overwrite``)
+    would delete the model being converted. An output inside the input is harmless, and so is
+    replacing the input where it was read whole before anything is written (``may_replace_input``)."""
+    src, out = os.path.realpath(model_dir), os.path.realpath(out_dir)
+    if (src == out and not may_replace_input) or src.startswith(out.rstrip(os.sep) + os.sep):
+        raise ConvertError(f"output {out_dir} {'is' if src == out else 'contains'} the input model {model_dir}; "
+                           f"choose another output folder")
+
+
+def check_skip_modules(skip: tuple[str, ...], names: dict[str, str]) -> None:
+    """Refuse a --skip entry that names no module: it would leave nothing dense, silently. Entries
+    are checkpoint names (``names``' values), as ``modules_to_not_convert``, which vLLM reads."""
+    saved = list(names.values())
+    for m in skip:
+        if any(n.startswith(m + ".") for n in saved):
+            continue
+        # An image-text model's modules are named otherwise in memory than in its checkpoint.
+        in_memory = next((k for k in names if k.startswith(m + ".")), None)
+        rest = in_memory[len(m):] if in_memory else None
+        hint = (f" (transformers' name in memory; the checkpoint's is {names[in_memory][:-len(rest)]})"
+                if rest and names[in_memory].endswith(rest) else "")
+        example = next((n.rsplit(".", 1)[0] for n in saved if n.endswith("mlp.down_proj.weight")), None)
+        raise ConvertError(f"--skip {m}: the model has no module of that name{hint}; give a layer or "
+                           f"part of the model by its name in the checkpoint"
+                           + (f", such as {example}" if example else ""))
+
+
 def estimate_checkpoint_bytes(model_dir: str, qcfg: GQSAQuantConfig) -> int:
     """An upper bound of the output size: the input's weight files at the GQSA bit rate of
     unpruned groups (most of a model's bytes are in the converted layers)."""
@@ -265,7 +294,16 @@ def peak_memory(device: torch.device) -> dict:
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        raise ConvertError(f"unknown --device {name!r}; use cuda, cuda:N, cpu or auto")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConvertError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                           f"use --device cpu, or auto")
+    return device
 
 
 class _StopForward(Exception):
@@ -384,27 +422,45 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         raise ConvertError("--n-samples and --seq-len must be positive")
     if not 0.0 <= opts.output_layer_sparsity < 1.0:
         raise ConvertError(f"--output-layer-sparsity {opts.output_layer_sparsity} must be in [0, 1)")
+    if opts.output_layer_sparsity and not opts.quantize_output_layer:
+        raise ConvertError("--output-layer-sparsity applies only with --quantize-output-layer (the output "
+                           "layer stays dense without it); pass both or neither")
+    if opts.quantize_output_layer and not qcfg.is_quantized(OUTPUT_LAYER):
+        # The checkpoint would hold GQSA tensors for a layer its config lists as dense.
+        raise ConvertError(f"--quantize-output-layer and --skip {OUTPUT_LAYER} contradict each other; "
+                           f"pass one of them")
+    if opts.batch_size < 1:
+        raise ConvertError(f"--batch-size {opts.batch_size} must be 1 or more")
     if min(opts.bqpo_epochs, opts.e2e_epochs) < 0:
         raise ConvertError("--bqpo-epochs and --e2e-epochs must be 0 (stage off) or more")
     if opts.trains and (opts.held_out() < 1 or min(opts.bqpo_batch_size, opts.e2e_batch_size) < 1):
         raise ConvertError("the training stages need --n-samples 2 or more, --val-samples 1 or more "
                            "and positive batch sizes; or turn them off with --bqpo-epochs 0 "
                            "--e2e-epochs 0")
+    device = pick_device(opts.device)
+    check_output_location(model_dir, out_dir)
     tmp = prepare_output(out_dir, opts.overwrite, opts.resume, estimate_checkpoint_bytes(model_dir, qcfg))
     progress = _read_progress(tmp, model_dir, opts) if opts.resume else dict(NO_PROGRESS)
-    device = pick_device(opts.device)
+    if opts.resume and os.path.exists(os.path.join(tmp, COMPLETE_MARKER)):
+        return _publish_finished(tmp, model_dir, out_dir)
     torch.manual_seed(opts.seed)
 
     logger.info("loading %s", model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
     model.config.use_cache = False
     save_dtype = next(model.parameters()).dtype
+    # Tied as loaded, not as config.json says: the file may leave tie_word_embeddings out and mean
+    # the class's default (True for Gemma 3); a tied output layer is not stored.
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
-                                  vocab_size=text_config(config).get("vocab_size"))
     try:
+        samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
+                                      vocab_size=text_config(config).get("vocab_size"))
         names = checkpoint_names(model)
-    except ValueError as e:
+        check_skip_modules(opts.skip_modules, names)
+    except (ValueError, ConvertError, FileNotFoundError) as e:
+        if not opts.resume:  # nothing done yet: leave no partial folder behind
+            shutil.rmtree(tmp, ignore_errors=True)
         raise ConvertError(str(e)) from None
     towers = dense_parts(model, names)
     if towers:  # an image-text model: its image parts stay dense
@@ -422,7 +478,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         # BQPO's targets: the dense blocks fed the dense model's own stream.
         dense_inputs = list(inputs) if opts.bqpo_epochs else None
         blocks = dec.layers
-        bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block")
+        bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block",
+                   disable=not show_progress())  # off with gqsa-convert -q
         for b in bar:
             block, kwargs = blocks[b].to(device, torch.float32), block_kwargs[b]
             prefix = f"{dec_prefix}.layers.{b}."  # the block's module name
@@ -435,7 +492,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                 latents = {} if dense_inputs is not None else None
                 block_tensors = _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_report,
                                                bar, latents)
-                if dense_inputs is not None:
+                if dense_inputs is not None and block_tensors:  # a block left dense has nothing to train
                     block_tensors = _train_block(block, b, prefix, block_tensors, latents, inputs, dense_inputs,
                                                  kwargs, layers_report, opts, fmt, bqpo_report, bar)
                 del latents
@@ -456,7 +513,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         module = name.rsplit(".", 1)[0]
         if module in quantized and name.endswith(".weight"):
             continue
-        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+        if name == f"{OUTPUT_LAYER}.weight" and tied:
             continue
         tensors[name] = t.detach().to("cpu").contiguous()
     training = {}
@@ -466,7 +523,9 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                             "held_out_samples": opts.held_out(),
                             "blocks_improved": sum(r["kept_trained"] for r in bqpo_report),
                             "blocks": bqpo_report}
-    if opts.e2e_epochs:
+    if opts.e2e_epochs and not layers_report:
+        logger.info("E2E-OQP skipped: every layer was left dense (--skip)")
+    elif opts.e2e_epochs:
         # After every block and in the partial folder: an interrupted run leaves no checkpoint,
         # and --resume restores the blocks and runs this stage again.
         layers = _block_layers(tensors, layers_report, "", fmt)  # the output layer's scales too
@@ -480,10 +539,31 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     tensors = {rename(names, n): t for n, t in tensors.items()}
     layers_report = [{**r, "name": checkpoint_module(names, r["name"])} for r in layers_report]
     report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
-                               time.time() - t_start, training)
-    shutil.rmtree(os.path.join(tmp, BLOCKS_DIR))
-    os.remove(os.path.join(tmp, PROGRESS))
+                               time.time() - t_start, training, tied)
+    _clean_up_and_publish(tmp, out_dir)
+    return report
+
+
+def _clean_up_and_publish(tmp: str, out_dir: str) -> None:
+    """Drop the resume state from a finished partial folder and move it into place. A run killed
+    in here leaves the checkpoint finished (its marker written), which --resume publishes; the
+    progress file goes last, so that --resume can check the options against it until then."""
+    shutil.rmtree(os.path.join(tmp, BLOCKS_DIR), ignore_errors=True)
+    if os.path.exists(os.path.join(tmp, PROGRESS)):
+        os.remove(os.path.join(tmp, PROGRESS))
     _publish(tmp, out_dir)
+
+
+def _publish_finished(tmp: str, model_dir: str, out_dir: str) -> dict:
+    """--resume of a run killed after its checkpoint was finished: publish it as it is (its
+    progress.json, if still there, was checked against the options already)."""
+    with open(os.path.join(tmp, COMPLETE_MARKER)) as f:
+        report = json.load(f)
+    if report.get("source") != os.path.abspath(model_dir):
+        raise ConvertError(f"cannot resume from {tmp}: it holds a checkpoint of {report.get('source')}; "
+                           "run without --resume to start over")
+    logger.info("resuming: the checkpoint was already finished; moving it into place")
+    _clean_up_and_publish(tmp, out_dir)
     return report
 
 
@@ -616,7 +696,8 @@ def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Te
 
 
 def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model, seconds,
-                      training) -> dict:
+                      training, tied: bool) -> dict:
+    """``tied``: the dense model's output layer shares the embedding's weight (counted once)."""
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -658,15 +739,16 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
                   for r in layers_report for t in ("row_ptr", "col_idx", "qweight", "scales", "qzeros"))
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dense_bytes = sum(p.numel() * p.element_size() for n, p in model.state_dict().items()
-                      if not (n == "lm_head.weight" and config.get("tie_word_embeddings")))
+                      if not (n == f"{OUTPUT_LAYER}.weight" and tied))
     kept = sum(r["kept_groups"] for r in layers_report)
     total_groups = q_weights // (qcfg.group_size * qcfg.block_rows)  # a kept group spans R rows
     device = pick_device(opts.device)
     report = {
         "source": os.path.abspath(model_dir),
         "quantization_config": qcfg.to_dict(),
-        "calibration": {"data": opts.calib_data or "random tokens", "n_samples": opts.n_samples,
-                        "seq_len": opts.seq_len, "seed": opts.seed},
+        # Absolute: e2e_checkpoint reads the same text again, maybe from another folder.
+        "calibration": {"data": os.path.abspath(opts.calib_data) if opts.calib_data else "random tokens",
+                        "n_samples": opts.n_samples, "seq_len": opts.seq_len, "seed": opts.seed},
         "quantized_layers": len(layers_report),
         "quantized_weights": q_weights,
         "kept_group_fraction": kept / max(total_groups, 1),

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from vllm_gqsa.format import GQSALayer
 from .bqpo import _set_module, cosine_schedule
+from . import show_progress
 from .fake_quant import ScaleOnlyLinear
 
 MAX_GRAD_NORM = 0.3  # EfficientQAT E2E-QP's gradient clipping
@@ -86,7 +87,8 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
         schedule = cosine_schedule(optimizer, cfg.epochs * steps_per_epoch)
         g = torch.Generator().manual_seed(cfg.seed)
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="E2E-OQP", unit="step")
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, desc="E2E-OQP", unit="step",
+                   disable=not show_progress())  # off with gqsa-convert -q
         with torch.enable_grad():
             for epoch in range(1, cfg.epochs + 1):
                 order = torch.randperm(n_train, generator=g)

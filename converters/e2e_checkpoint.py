@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -26,8 +27,8 @@ from safetensors.torch import load_file, save_file
 from vllm_gqsa.checkpoint import read_quant_config, safetensors_files, split_gqsa_tensors
 from vllm_gqsa.format import GQSALayer
 from .calibration import calibration_samples
-from .convert import (BLOCKS_DIR, COMPLETE_MARKER, ConvertError, ConvertOptions, _publish, describe,
-                      peak_memory, pick_device, prepare_output)
+from .convert import (BLOCKS_DIR, COMPLETE_MARKER, ConvertError, ConvertOptions, _publish, check_output_location,
+                      describe, peak_memory, pick_device, prepare_output)
 from .e2e import train_scales
 from .hub import model_card
 from .reference_model import load_reference_model
@@ -47,12 +48,22 @@ def train_checkpoint_scales(ckpt_dir: str, out_dir: str, opts: ConvertOptions) -
         raise ConvertError(f"{ckpt_dir} already went through E2E-OQP")
     qcfg = read_quant_config(ckpt_dir)
     files = safetensors_files(ckpt_dir)
-    tmp = prepare_output(out_dir, opts.overwrite, False, sum(os.path.getsize(p) for p in files))
     cal = report["calibration"]
     opts.calib_data = None if cal["data"] == "random tokens" else cal["data"]
     opts.n_samples, opts.seq_len, opts.seed = cal["n_samples"], cal["seq_len"], cal["seed"]
     if opts.held_out() < 1 or opts.e2e_epochs < 1:
         raise ConvertError("E2E-OQP needs --e2e-epochs 1 or more and 2 or more calibration samples")
+    if opts.calib_data and not os.path.exists(opts.calib_data):
+        raise ConvertError(f"the calibration data of {ckpt_dir}, {opts.calib_data} (from its "
+                           f"{COMPLETE_MARKER}), does not exist; E2E-OQP calibrates on the same text")
+    if opts.e2e_batch_size < 1:
+        raise ConvertError(f"--e2e-batch-size {opts.e2e_batch_size} must be 1 or more")
+    device = pick_device(opts.device)
+    # The checkpoint is read whole before the output replaces it: it may be its own output, not
+    # inside it.
+    check_output_location(ckpt_dir, out_dir, may_replace_input=True)
+    # The checks above first: a refused run leaves no partial folder.
+    tmp = prepare_output(out_dir, opts.overwrite, False, sum(os.path.getsize(p) for p in files))
 
     torch.manual_seed(opts.seed)
     model = load_reference_model(ckpt_dir)
@@ -66,8 +77,7 @@ def train_checkpoint_scales(ckpt_dir: str, out_dir: str, opts: ConvertOptions) -
     modules = dict(model.named_modules())
     layers = {name: GQSALayer.from_tensors(p, *modules[name].weight.shape, qcfg.layer_format(), name)
               for name, p in parts.items()}
-    trained, record = train_scales(model, layers, samples, opts.held_out(), opts.scale_training(),
-                                   pick_device(opts.device))
+    trained, record = train_scales(model, layers, samples, opts.held_out(), opts.scale_training(), device)
 
     for path, shard in zip(files, shards):
         for name in list(shard):
@@ -83,7 +93,7 @@ def train_checkpoint_scales(ckpt_dir: str, out_dir: str, opts: ConvertOptions) -
     report.setdefault("training", {})["e2e"] = {
         "epochs": opts.e2e_epochs, "lr": opts.e2e_lr, "batch_size": opts.e2e_batch_size,
         "held_out_samples": opts.held_out(), **record,
-        "peak_memory": peak_memory(pick_device(opts.device))}
+        "peak_memory": peak_memory(device)}
     # The checkpoint took two processes; a user provisions for the larger peak of the two.
     earlier = report.get("peak_memory", {})
     report["peak_memory"] = {k: max(v, earlier.get(k, 0))
@@ -111,11 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--overwrite", action="store_true")
     a = p.parse_args(argv)
+    # As gqsa-convert: INFO messages and the progress bars.
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     opts = ConvertOptions(e2e_epochs=a.e2e_epochs, e2e_lr=a.e2e_lr, e2e_batch_size=a.e2e_batch_size,
                           val_samples=a.val_samples, device=a.device, overwrite=a.overwrite)
     try:
         report = train_checkpoint_scales(a.checkpoint, a.output, opts)
-    except ConvertError as e:
+    except (ConvertError, FileNotFoundError, ValueError) as e:  # ValueError: GQSAFormatError too
         print(f"e2e_checkpoint: error: {e}", file=sys.stderr)
         return 2
     e2e = report["training"]["e2e"]

@@ -388,3 +388,183 @@ def test_hub_model_id_from_the_offline_cache(tiny_models, tmp_path, monkeypatch,
     assert "cannot get 'acme/not-cached'" in capsys.readouterr().err
     assert cli_main(["acme/tiny-llama", str(tmp_path / "o3"), "--push-to-hub", "acme/x"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
+
+
+# Fast settings for tests about what the converter refuses or writes, not about accuracy.
+QUICK = dict(n_samples=4, seq_len=16, bqpo_epochs=0, e2e_epochs=0)
+QUICK_ARGS = ["--n-samples", "4", "--seq-len", "16", "--bqpo-epochs", "0", "--e2e-epochs", "0"]
+
+
+def tensor_names(folder) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "gemma3_mm"])
+def test_output_layer_tied_by_default_is_not_stored(arch, tmp_path):
+    """Gemma 3 ties its output layer where config.json does not say (the class's default): the
+    checkpoint leaves it out, as for an explicit tie (it crashed in safetensors, "Some tensors
+    share memory", at the very end)."""
+    import shutil
+
+    src = tmp_path / "dense"
+    shutil.copytree(build_tiny_model(str(tmp_path / "tied"), arch=arch), src)
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["tie_word_embeddings"]  # the image-text model's text_config keeps its own
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "ckpt"
+    report = convert(str(src), str(out), ConvertOptions(**QUICK))
+    names = tensor_names(out)
+    assert any(n.endswith("embed_tokens.weight") for n in names)
+    assert not any(n.startswith("lm_head.") for n in names)
+    # The dense model's output layer is its embedding: counted once, as in its own file.
+    assert report["dense_bytes"] <= os.path.getsize(src / "model.safetensors")
+    load_reference_model(str(out))
+
+
+def test_output_layer_quantized_and_skipped_is_refused(tiny_models, tmp_path):
+    out = tmp_path / "o"
+    with pytest.raises(ConvertError, match="--quantize-output-layer and --skip lm_head"):
+        convert(tiny_models["llama"], str(out), ConvertOptions(**QUICK, quantize_output_layer=True,
+                                                               skip_modules=("lm_head",)))
+    with pytest.raises(ConvertError, match="--output-layer-sparsity applies only with --quantize-output-layer"):
+        convert(tiny_models["llama"], str(out), ConvertOptions(**QUICK, output_layer_sparsity=0.5))
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_training_skips_what_is_left_dense(tiny_models, tmp_path):
+    """BQPO passes over a block left dense whole, and E2E-OQP over a model left dense whole."""
+    opts = dict(n_samples=4, seq_len=16, val_samples=2)
+    report = convert(tiny_models["llama"], str(tmp_path / "block"),
+                     ConvertOptions(**opts, skip_modules=("model.layers.0",), bqpo_epochs=1, e2e_epochs=1))
+    assert [r["block"] for r in report["training"]["bqpo"]["blocks"]] == [1]
+    assert "e2e" in report["training"]
+    assert not any(r["name"].startswith("model.layers.0.") for r in report["layers"])
+    report = convert(tiny_models["llama"], str(tmp_path / "all"),
+                     ConvertOptions(**opts, skip_modules=("model",), bqpo_epochs=1, e2e_epochs=1))
+    assert report["quantized_layers"] == 0 and "e2e" not in report["training"]
+    assert report["training"]["bqpo"]["blocks"] == []
+    load_reference_model(str(tmp_path / "all"))
+
+
+def test_cli_refuses_bad_input_without_a_traceback(tiny_models, tmp_path, capsys):
+    """Each bad input is one `error:` line and exit status 2, and leaves no partial folder."""
+    empty, short, binary = tmp_path / "empty.txt", tmp_path / "short.txt", tmp_path / "binary.txt"
+    empty.write_text("")
+    short.write_text("hello")
+    binary.write_bytes(b"\xff\xfe\x00text")
+    out = tmp_path / "out"
+    for args, message in [
+        (["--calib-data", str(empty)], "has 0 tokens, fewer than one sample of 16"),
+        (["--calib-data", str(short)], "has 5 tokens, fewer than one sample of 16"),
+        (["--calib-data", str(binary)], "is not UTF-8 text"),
+        (["--batch-size", "0"], "--batch-size 0 must be 1 or more"),
+        (["--device", "cuda:99"], "--device cuda:99: this machine has"),
+        (["--device", "foo"], "unknown --device 'foo'"),
+    ]:
+        assert cli_main([tiny_models["llama"], str(out), *QUICK_ARGS, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert "gqsa-convert: error: " in err and message in err and "Traceback" not in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "empty.txt", "short.txt"], args
+    if not torch.cuda.is_available():
+        assert cli_main([tiny_models["llama"], str(out), "--device", "cuda"]) == 2
+        assert "--device cuda: this machine has 0 CUDA GPU(s)" in capsys.readouterr().err
+
+
+def test_resume_publishes_a_checkpoint_finished_before_a_kill(tiny_models, tmp_path, monkeypatch):
+    """A run killed while cleaning up after writing its checkpoint (the blocks removed, not yet
+    progress.json) leaves a finished partial folder: --resume moves it into place, converting
+    nothing."""
+    real_remove, out = os.remove, tmp_path / "ckpt"
+
+    def killed_remove(path, *args, **kwargs):
+        if str(path).endswith("progress.json"):
+            raise KeyboardInterrupt
+        return real_remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(convert_mod.os, "remove", killed_remove)
+    with pytest.raises(KeyboardInterrupt):
+        convert(tiny_models["llama"], str(out), ConvertOptions(**QUICK))
+    monkeypatch.setattr(convert_mod.os, "remove", real_remove)
+    partial = tmp_path / ".ckpt.partial"
+    assert not out.exists() and (partial / COMPLETE_MARKER).exists() and not (partial / "blocks").exists()
+    with pytest.raises(ConvertError, match="cannot resume"):  # progress.json still checks the options
+        convert(tiny_models["llama"], str(out), ConvertOptions(**QUICK, sparsity=0.4, resume=True))
+    calls = interrupt_solver(monkeypatch, convert_mod, 1)  # nothing is converted again
+    report = convert(tiny_models["llama"], str(out), ConvertOptions(**QUICK, resume=True))
+    assert not calls and not partial.exists()
+    assert report == json.loads((out / COMPLETE_MARKER).read_text())
+    assert not (out / "progress.json").exists() and not (out / "blocks").exists()
+    load_reference_model(str(out))
+
+
+def test_output_that_is_or_holds_the_input_is_refused(tiny_models, tmp_path):
+    import shutil
+
+    src = tmp_path / "wrap" / "llama"
+    shutil.copytree(tiny_models["llama"], src)
+    for out, what in ((tmp_path / "wrap", "contains"), (src, "is")):
+        with pytest.raises(ConvertError, match=f"output .* {what} the input model"):
+            convert(str(src), str(out), ConvertOptions(**QUICK, overwrite=True))
+        assert (src / "model.safetensors").exists()
+    # An output inside the input deletes nothing.
+    convert(str(src), str(src / "gqsa"), ConvertOptions(**QUICK))
+    load_reference_model(str(src / "gqsa"))
+    assert (src / "model.safetensors").exists()
+
+
+def test_e2e_checkpoint_from_another_folder(tiny_models, tmp_path, monkeypatch, capsys):
+    """The report holds the calibration text's absolute path, so E2E-OQP on the checkpoint finds
+    it from any folder; its errors are one line, and leave no partial folder."""
+    from converters.e2e_checkpoint import main as e2e_main
+
+    (tmp_path / "calib.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    monkeypatch.chdir(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    convert(tiny_models["llama"], str(ckpt), ConvertOptions(**QUICK, calib_data="calib.txt"))
+    report = json.loads((ckpt / COMPLETE_MARKER).read_text())
+    assert report["calibration"]["data"] == str(tmp_path / "calib.txt")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert e2e_main([str(ckpt), str(tmp_path / "bad"), "--device", "foo"]) == 2
+    assert "e2e_checkpoint: error: unknown --device 'foo'" in capsys.readouterr().err
+    assert e2e_main([str(tmp_path / "nope"), str(tmp_path / "bad")]) == 2
+    assert "not a finished GQSA checkpoint" in capsys.readouterr().err
+    assert e2e_main([str(ckpt), str(tmp_path), "--overwrite"]) == 2  # would delete the checkpoint
+    assert "contains the input model" in capsys.readouterr().err and ckpt.exists()
+    assert not any(p.name.startswith((".bad", "bad")) for p in tmp_path.iterdir())
+    assert e2e_main([str(ckpt), str(tmp_path / "e2e"), "--e2e-epochs", "1", "--val-samples", "2"]) == 0
+    assert json.loads((tmp_path / "e2e" / COMPLETE_MARKER).read_text())["training"]["e2e"]["epochs"] == 1
+
+
+def test_cli_options_are_honoured_or_refused(tiny_models, image_text_checkpoints, tmp_path, capsys, caplog):
+    import logging
+
+    # --demo's own calibration sizes fill in only what is not given.
+    out = tmp_path / "demo"
+    assert cli_main(["--demo", str(out), "--seq-len", "16", "--bqpo-epochs", "0", "--e2e-epochs", "0",
+                     "-q"]) == 0
+    assert json.loads((out / COMPLETE_MARKER).read_text())["calibration"]["seq_len"] == 16
+    assert json.loads((out / COMPLETE_MARKER).read_text())["calibration"]["n_samples"] == 16
+    # -q: no progress bars, even where logging was set up before (as pytest does).
+    caplog.set_level(logging.INFO)
+    capsys.readouterr()
+    assert cli_main([tiny_models["llama"], str(tmp_path / "quiet"), *QUICK_ARGS, "-q"]) == 0
+    assert "GQSA blocks" not in capsys.readouterr().err
+    # A --skip entry that names nothing is refused, naming it.
+    assert cli_main([tiny_models["llama"], str(tmp_path / "typo"), *QUICK_ARGS, "-q",
+                     "--skip", "model.layers.0.mlp.down_prj"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --skip model.layers.0.mlp.down_prj: the model has no module" in err
+    assert "such as model.layers.0.mlp.down_proj" in err
+    # An image-text model's --skip takes the checkpoint's names, not those in memory.
+    with pytest.raises(ConvertError, match="the checkpoint's is language_model.model.layers.0"):
+        convert(image_text_checkpoints["dense"], str(tmp_path / "mm"),
+                ConvertOptions(**QUICK, skip_modules=("model.language_model.layers.0",)))
+    report = convert(image_text_checkpoints["dense"], str(tmp_path / "mm"),
+                     ConvertOptions(**QUICK, skip_modules=("language_model.model.layers.0",)))
+    assert report["layers"] and not any(".layers.0." in r["name"] for r in report["layers"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "mm", "quiet"]
+    logging.getLogger("converters").setLevel(logging.NOTSET)  # as before -q set it
