@@ -776,14 +776,12 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
 def _publish(tmp: str, out_dir: str) -> None:
     """Move the finished folder into place in one rename, so no half-written checkpoint is visible."""
     out_dir = os.path.abspath(out_dir)
-    old = None
+    old = out_dir + ".old"  # the folder replaced (--overwrite); also one left by a run killed here
+    shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(out_dir):
-        old = out_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
         os.rename(out_dir, old)
     os.rename(tmp, out_dir)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def describe(report: dict) -> str:

@@ -24,8 +24,8 @@ def resolve_model(model: str) -> str:
     try:
         return snapshot_download(model, allow_patterns=HUB_PATTERNS)
     except Exception as e:  # offline and not cached, unknown repository, network failure
-        raise HubError(f"cannot get {model!r} from the Hugging Face Hub or its local cache "
-                       f"({type(e).__name__}: {e})") from e
+        raise HubError(f"{model!r} is no local folder, and cannot get it from the Hugging Face Hub or its "
+                       f"local cache ({type(e).__name__}: {e})") from e
 
 
 def check_can_push() -> None:

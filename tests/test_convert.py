@@ -385,7 +385,7 @@ def test_hub_model_id_from_the_offline_cache(tiny_models, tmp_path, monkeypatch,
     card = (out / "README.md").read_text()
     assert "GQSA W4 S50% g16" in card and "bits per weight" in card
     assert cli_main(["acme/not-cached", str(tmp_path / "o2")]) == 2
-    assert "cannot get 'acme/not-cached'" in capsys.readouterr().err
+    assert "'acme/not-cached' is no local folder, and cannot get it" in capsys.readouterr().err
     assert cli_main(["acme/tiny-llama", str(tmp_path / "o3"), "--push-to-hub", "acme/x"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
@@ -568,3 +568,11 @@ def test_cli_options_are_honoured_or_refused(tiny_models, image_text_checkpoints
     assert report["layers"] and not any(".layers.0." in r["name"] for r in report["layers"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo", "mm", "quiet"]
     logging.getLogger("converters").setLevel(logging.NOTSET)  # as before -q set it
+
+
+def test_publishing_clears_a_folder_left_by_a_run_killed_while_publishing(tiny_models, tmp_path):
+    """Publishing renames an existing output to OUT.old, then the new one to OUT: a run killed
+    between the two leaves OUT.old, which the next publication removes."""
+    (tmp_path / "ckpt.old").mkdir()
+    convert(tiny_models["llama"], str(tmp_path / "ckpt"), ConvertOptions(**QUICK))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
