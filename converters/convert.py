@@ -453,6 +453,10 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     # the class's default (True for Gemma 3); a tied output layer is not stored.
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    max_positions = text_config(config).get("max_position_embeddings")
+    if max_positions and opts.seq_len > max_positions:
+        logger.warning("--seq-len %d is longer than the model's %d positions: it is calibrated on "
+                       "sequences it was not trained for", opts.seq_len, max_positions)
     try:
         samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
                                       vocab_size=text_config(config).get("vocab_size"))

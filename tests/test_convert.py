@@ -576,3 +576,9 @@ def test_publishing_clears_a_folder_left_by_a_run_killed_while_publishing(tiny_m
     (tmp_path / "ckpt.old").mkdir()
     convert(tiny_models["llama"], str(tmp_path / "ckpt"), ConvertOptions(**QUICK))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_calibration_longer_than_the_model_warns(tiny_models, tmp_path, caplog):
+    max_positions = json.loads(open(os.path.join(tiny_models["llama"], "config.json")).read())["max_position_embeddings"]
+    convert(tiny_models["llama"], str(tmp_path / "long"), ConvertOptions(**{**QUICK, "seq_len": max_positions + 16}))
+    assert f"--seq-len {max_positions + 16} is longer than the model's {max_positions} positions" in caplog.text
