@@ -16,17 +16,25 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,ecc.mode.current --form
 python3 -c "from vllm_gqsa.kernels import cuda; print('GQSA CUDA kernels:', cuda.available())"
 
 if [[ $part == all || $part == kernels ]]; then
-  timeout 300 compute-sanitizer --tool memcheck --error-exitcode 99 \
+  # The kernels' tests under memcheck (about 1,500; the sparse24 test that loads vLLM on its
+  # CPU platform is a CPU test).
+  timeout 500 compute-sanitizer --tool memcheck --error-exitcode 99 \
     python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernels.py tests/test_sparse24.py \
-    2>&1 | tail -5 | tee "$out/cuda_kernel_tests_memcheck.txt"
+    -k "not vllm_loads" 2>&1 | tail -5 | tee "$out/cuda_kernel_tests_memcheck.txt"
   # About 3.5 minutes on an H200 with vLLM installed (Marlin and Machete in the same run).
   timeout 500 python3 benchmarks/kernel_speed.py --out "$out/kernels.json" 2>&1 | grep -E "layer sum|balance|grid"
 fi
 if [[ $part == all || $part == serve ]]; then
-  # vLLM end to end against transformers on a tiny converted Llama (the test suite's GPU tests;
-  # about 3 minutes: four engine starts).
-  timeout 400 python3 -m pytest -q -s -p no:cacheprovider tests/test_vllm_gpu.py > "$out/vllm_gpu_tests.txt" 2>&1
-  tail -1 "$out/vllm_gpu_tests.txt"
+  # vLLM end to end against transformers on tiny converted models of every family (the test
+  # suite's GPU tests): about 21 engine starts, 20-25 minutes in all. One pytest call per test,
+  # so that a hung engine costs one test; TESTS=<-k expression> picks a subset.
+  : > "$out/vllm_gpu_tests.txt"
+  python3 -m pytest -q --collect-only -p no:cacheprovider tests/test_vllm_gpu.py ${TESTS:+-k "$TESTS"} \
+    | grep "::" | while read -r test; do
+    echo "== $test" >> "$out/vllm_gpu_tests.txt"
+    timeout 300 python3 -m pytest -q -s -p no:cacheprovider "$test" < /dev/null >> "$out/vllm_gpu_tests.txt" 2>&1
+    tail -1 "$out/vllm_gpu_tests.txt"
+  done
   # About 5 minutes per dtype with both modes: two server start-ups (torch.compile and CUDA-graph
   # capture for one of them), then the transformers reference.
   for dtype in float16 bfloat16; do
@@ -73,7 +81,8 @@ if [[ $part == all || $part == load ]]; then
   timeout 900 python3 benchmarks/load_test.py "$ckpt" --minutes 10.5 --out "$out/load_test.json" 2>&1 | tail -6
 fi
 if [[ $part == all || $part == perplexity ]]; then
-  # WikiText-2 perplexity of CKPT served by vLLM, one engine start per run (1-2 minutes each): the
+  # WikiText-2 perplexity of CKPT served by vLLM, one engine start per run (about 2 minutes
+  # each, 10-11 in all; RUNS="2048 16" picks runs, "dense" being the dense-copy control): the
   # step budget picks the kernel that scores the prompts (2048: dequantize + cuBLAS, 16: the
   # tensor-core kernel, 3: the GEMV), and the same budget with the weights saved as a dense model
   # tells the kernels' share of any difference from the dtype's. TEXT is WikiText-2's test.txt.
@@ -83,12 +92,13 @@ if [[ $part == all || $part == perplexity ]]; then
     # At 3 tokens a step the 40 windows take about 27,000 steps: the GEMV scores the first 10 (the
     # results hold every window's loss, to compare window by window).
     ppl="python3 benchmarks/perplexity.py --engine vllm --dtype float16 --text $TEXT --seq-len 2048"
-    for run in "2048 40" "16 40" "3 10"; do
-      set -- $run
-      timeout 300 $ppl --max-num-batched-tokens $1 --max-windows $2 --out "$out/perplexity_vllm_b$1.json" "$ckpt" \
-        2>&1 | tail -1
+    for run in ${RUNS:-2048 16 3 dense}; do
+      case $run in
+        dense) flags=(--max-num-batched-tokens 2048 --max-windows 40 --as-dequantized) name=dense_copy_b2048 ;;
+        3) flags=(--max-num-batched-tokens 3 --max-windows 10) name=b3 ;;
+        *) flags=(--max-num-batched-tokens "$run" --max-windows 40) name=b$run ;;
+      esac
+      timeout 300 $ppl "${flags[@]}" --out "$out/perplexity_vllm_$name.json" "$ckpt" 2>&1 | tail -1
     done
-    timeout 300 $ppl --max-num-batched-tokens 2048 --max-windows 40 --as-dequantized \
-      --out "$out/perplexity_vllm_dense_copy_b2048.json" "$ckpt" 2>&1 | tail -1
   fi
 fi
