@@ -14,9 +14,12 @@ from setuptools.command.build_py import build_py
 
 CSRC_SUFFIXES = (".cu", ".h", ".cpp")
 
-# Ampere and Hopper. (The JIT build in vllm_gqsa/kernels/cuda.py compiles for the GPU it runs on,
-# with the same compiler flags otherwise.)
-ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+# Ampere and Hopper, plus the Ampere code as PTX, which the driver compiles for newer GPUs.
+# TORCH_CUDA_ARCH_LIST (torch's own variable, e.g. "8.0;9.0a;10.0+PTX") replaces this list: torch
+# reads it only where the flags name no architecture. (The JIT build in vllm_gqsa/kernels/cuda.py
+# compiles for the GPU it runs on, with the same compiler flags otherwise.)
+ARCH_FLAGS = ["-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a",
+              "-gencode=arch=compute_80,code=compute_80"]
 
 
 def cuda_extension():
@@ -32,7 +35,8 @@ def cuda_extension():
     ext = CUDAExtension(
         "vllm_gqsa._C", ["csrc/gqsa_kernels.cu", "csrc/torch_bindings.cpp"],
         extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", *ARCH_FLAGS]})
+                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr",
+                                     *([] if os.environ.get("TORCH_CUDA_ARCH_LIST") else ARCH_FLAGS)]})
     return [ext], {"build_ext": BuildExtension}, None
 
 

@@ -13,12 +13,15 @@ and :func:`log_install` says so once at plugin registration when no prebuilt ops
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import importlib.util
 import logging
 import os
+import re
 import shutil
+import subprocess
 import threading
-import time
 from pathlib import Path
 
 import torch
@@ -53,9 +56,6 @@ TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "64"))
 COMPACT_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_GEMV_MAX_TOKENS", "2"))
 COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "64"))
 JIT_NAME = "vllm_gqsa_C"
-# torch's JIT build holds a `lock` file in the build folder and waits for as long as one exists;
-# a build takes minutes, so a lock this old was left by a build that was killed.
-STALE_LOCK_SECONDS = 30 * 60
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CSRC_DIR = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("torch_bindings.cpp", "gqsa_kernels.cu")
@@ -69,7 +69,8 @@ _install_logged = False
 
 
 def _cache_dir() -> Path:
-    root = Path(os.environ.get("VLLM_GQSA_CACHE", Path.home() / ".cache" / "vllm_gqsa"))
+    # Path.home() only when needed: it raises for a user with no home (an arbitrary container UID).
+    root = Path(os.environ.get("VLLM_GQSA_CACHE") or Path.home() / ".cache" / "vllm_gqsa")
     tag = f"torch{torch.__version__}-cuda{torch.version.cuda}".replace("+", "_")
     return root / "torch_extensions" / tag
 
@@ -82,12 +83,29 @@ def _jit_blocker() -> str | None:
     from torch.utils.cpp_extension import CUDA_HOME
 
     nvcc = Path(CUDA_HOME or "", "bin", "nvcc")
-    if not nvcc.exists() and shutil.which("nvcc") is None:
-        return "nvcc was not found (set CUDA_HOME) to JIT-build the GQSA CUDA ops"
+    if not nvcc.exists():
+        nvcc = shutil.which("nvcc")
+        if nvcc is None:
+            return "nvcc was not found (set CUDA_HOME) to JIT-build the GQSA CUDA ops"
+    nvcc_cuda = _nvcc_release(str(nvcc))
+    if nvcc_cuda and nvcc_cuda.split(".")[0] != torch.version.cuda.split(".")[0]:
+        return (f"nvcc {nvcc} is CUDA {nvcc_cuda} but torch was built with CUDA {torch.version.cuda}; "
+                f"point CUDA_HOME at a CUDA {torch.version.cuda.split('.')[0]} toolkit to JIT-build the GQSA CUDA ops")
     missing = [str(CSRC_DIR / s) for s in SOURCES if not (CSRC_DIR / s).exists()]
     if missing:
         return f"the CUDA sources are missing: {', '.join(missing)}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_release(nvcc: str) -> str | None:
+    """The CUDA release nvcc says it is ("13.0"), or None if it does not say."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"release (\d+\.\d+)", out)
+    return match.group(1) if match else None
 
 
 def _jit_build() -> tuple[bool, str]:
@@ -99,17 +117,23 @@ def _jit_build() -> tuple[bool, str]:
     from torch.utils.cpp_extension import load
 
     sources = [CSRC_DIR / s for s in SOURCES]
-    build_dir = _cache_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    lock = build_dir / "lock"
-    if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_SECONDS:
-        logger.warning("removing %s, left by an interrupted JIT build of the GQSA CUDA ops", lock)
-        lock.unlink(missing_ok=True)
     flags = ["-O3", "-std=c++17"]
     try:
-        load(name=JIT_NAME, sources=[str(s) for s in sources], extra_cflags=flags,
-             extra_cuda_cflags=flags + ["--expt-relaxed-constexpr"],
-             build_directory=str(build_dir), is_python_module=False, verbose=False)
+        build_dir = _cache_dir()
+        build_dir.mkdir(parents=True, exist_ok=True)
+        # One build at a time (vLLM starts a process per GPU), under an OS lock that dies with its
+        # holder. torch's own `lock` file, which its builds wait on for as long as it exists, is
+        # left behind by a build that was killed: whoever holds the OS lock knows no build is
+        # running, so such a file is stale.
+        with open(build_dir / "build.flock", "w") as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            stale = build_dir / "lock"
+            if stale.exists():
+                logger.warning("removing %s, left by an interrupted JIT build of the GQSA CUDA ops", stale)
+                stale.unlink(missing_ok=True)
+            load(name=JIT_NAME, sources=[str(s) for s in sources], extra_cflags=flags,
+                 extra_cuda_cflags=flags + ["--expt-relaxed-constexpr"],
+                 build_directory=str(build_dir), is_python_module=False, verbose=False)
     except Exception as e:  # a failed build must not break importers: report it instead
         return False, f"JIT build of the GQSA CUDA ops failed: {type(e).__name__}: {e}"
     return True, f"JIT-built into {build_dir}"
@@ -131,6 +155,22 @@ def _register_fakes() -> None:
         return row_ptr.new_empty((n_out, k_in), dtype=dtype)
 
 
+def _runs_here() -> str | None:
+    """Why the loaded ops cannot run on this GPU, or None: one tiny launch, which fails where the
+    build holds no code for the GPU (e.g. a prebuilt _C for sm_80 and sm_90a on a newer GPU
+    without PTX to fall back on)."""
+    if not torch.cuda.is_available() or torch.cuda.is_current_stream_capturing():
+        return None  # nothing to launch on (the ops refuse CPU tensors anyway), or not now
+    try:  # a launch without code for the GPU fails at once (the launchers check every launch)
+        z = torch.zeros(2, dtype=torch.int32, device="cuda")
+        torch.ops.vllm_gqsa.gqsa_dequant(z, z.new_zeros((0, 2)), z.new_zeros(0), 1, 16, 16, torch.float16)
+    except RuntimeError as e:
+        major, minor = torch.cuda.get_device_capability()
+        return (f"the GQSA CUDA ops do not run on this GPU (sm_{major}{minor}): {e}; rebuild them for it, "
+                f"e.g. TORCH_CUDA_ARCH_LIST={major}.{minor} pip install --no-build-isolation vllm-gqsa")
+    return None
+
+
 def _load() -> tuple[bool, str]:
     try:
         import vllm_gqsa._C  # noqa: F401  (importing it registers the ops)
@@ -138,6 +178,9 @@ def _load() -> tuple[bool, str]:
     except ImportError:
         status = _jit_build()
     if status[0]:
+        reason = _runs_here()
+        if reason is not None:
+            return False, reason
         _register_fakes()
     return status
 
