@@ -90,3 +90,18 @@ def test_nvcc_release_is_read_from_its_version_text(tmp_path):
     nvcc.chmod(0o755)
     assert cuda._nvcc_release(str(nvcc)) == "13.0"
     assert cuda._nvcc_release(str(tmp_path / "missing")) is None
+
+
+def test_a_prebuilt_extension_that_does_not_load_is_named(monkeypatch):
+    """A _C built against another torch fails to import (undefined symbols): the reason says so,
+    not only why the JIT build could not replace it."""
+    import importlib.util
+    import sys
+
+    monkeypatch.setattr(cuda, "_jit_build", lambda: (False, "nvcc was not found"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "vllm_gqsa._C" else real_find_spec(name, *a))
+    monkeypatch.setitem(sys.modules, "vllm_gqsa._C", None)  # import raises ImportError
+    ok, reason = cuda._load()
+    assert not ok and reason.startswith("the prebuilt vllm_gqsa._C does not load") and "nvcc was not found" in reason

@@ -175,8 +175,11 @@ def _load() -> tuple[bool, str]:
     try:
         import vllm_gqsa._C  # noqa: F401  (importing it registers the ops)
         status = (True, "prebuilt vllm_gqsa._C")
-    except ImportError:
+    except ImportError as e:
         status = _jit_build()
+        if not status[0] and importlib.util.find_spec("vllm_gqsa._C") is not None:
+            # Installed but unloadable: typically built against another torch.
+            status = (False, f"the prebuilt vllm_gqsa._C does not load ({e}), and {status[1]}")
     if status[0]:
         reason = _runs_here()
         if reason is not None:
