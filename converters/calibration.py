@@ -20,14 +20,12 @@ def read_text(path: str) -> str:
         return "\n".join(read_text(os.path.join(path, n)) for n in names)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"calibration data {path} does not exist")
-    from .convert import ConvertError  # here: convert imports this module
-
     try:
         with open(path, encoding="utf-8") as f:
             return f.read()
-    except UnicodeDecodeError as e:
-        raise ConvertError(f"calibration data {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                           f"pass a plain text file") from None
+    except UnicodeDecodeError as e:  # its own message names no file
+        raise ValueError(f"calibration data {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
+                         f"pass a plain text file") from None
 
 
 def calibration_samples(tokenizer, path: str | None, n_samples: int, seq_len: int, seed: int = 0,
@@ -43,11 +41,9 @@ def calibration_samples(tokenizer, path: str | None, n_samples: int, seq_len: in
                        "(e.g. WikiText-2 validation) for a model worth serving")
         high = vocab_size or tokenizer.vocab_size
         return torch.randint(0, high, (n_samples, seq_len), generator=g)
-    from .convert import ConvertError  # here: convert imports this module
-
     ids = tokenizer(read_text(path), return_tensors="pt").input_ids[0]
     if ids.numel() <= seq_len:  # an empty file too
-        raise ConvertError(f"calibration text {path} has {ids.numel()} tokens, fewer than one "
-                           f"sample of {seq_len}; use a longer text or a smaller --seq-len")
+        raise ValueError(f"calibration text {path} has {ids.numel()} tokens, fewer than one "
+                         f"sample of {seq_len}; use a longer text or a smaller --seq-len")
     starts = torch.randint(0, ids.numel() - seq_len, (n_samples,), generator=g)
     return torch.stack([ids[s:s + seq_len] for s in starts.tolist()])
