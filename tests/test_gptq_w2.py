@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("vllm")
 
-from vllm_cpu import combine_column_shards, free_port, linear_layers, load_vllm_model, run_tp, setup_cpu_vllm  # noqa: E402
+from vllm_cpu import check_tensor_parallel, free_port, linear_layers, load_vllm_model, setup_cpu_vllm  # noqa: E402
 from vllm_gqsa.gptq_w2 import GPTQW2Config, dequantize, pack  # noqa: E402
 
 GROUP = 32
@@ -133,21 +133,7 @@ def test_vllm_loads_a_2bit_gptq_model(tiny_models, tmp_path):
 @pytest.mark.slow
 def test_tensor_parallel_shards_combine_to_the_unsharded_output(tiny_models, tmp_path):
     ckpt = make_w2_checkpoint(tiny_models["llama"], tmp_path / "w2")
-    full, _ = load_vllm_model(ckpt, port=free_port())
-    layers = linear_layers(full)
-    torch.manual_seed(1)
-    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
-    with torch.no_grad():
-        expected = {n: l(inputs[n])[0] for n, l in layers.items()}
-    ranks = run_tp(ckpt, 2, tmp_path, inputs)
-    for name, exp in expected.items():
-        outs = [r[name] for r in ranks]
-        if name.endswith(("o_proj", "down_proj")):  # row-parallel: all-reduced on every rank
-            for o in outs:
-                torch.testing.assert_close(o, exp, rtol=1e-4, atol=1e-4, msg=name)
-        else:
-            torch.testing.assert_close(combine_column_shards(name, outs, ckpt), exp, rtol=1e-4, atol=1e-4,
-                                       msg=name)
+    check_tensor_parallel(ckpt, 2, tmp_path)
 
 
 def _served_layer(t: dict, n: int, group_size: int = GROUP) -> torch.nn.Module:

@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("vllm")
 
 from conftest import OTHER_FAMILIES, tiny_model_and_checkpoint  # noqa: E402
-from vllm_cpu import (combine_column_shards, free_port, linear_layers, load_vllm_model, run_tp,  # noqa: E402
+from vllm_cpu import (check_tensor_parallel, combine_column_shards, free_port, linear_layers, load_vllm_model, run_tp,  # noqa: E402
                       setup_cpu_vllm)
 from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors  # noqa: E402
 from vllm_gqsa.format import GQSAFormatError, GQSALayer  # noqa: E402
@@ -123,22 +123,7 @@ def test_tensor_parallel_shards_combine_to_the_unsharded_output(arch, world_size
     # Qwen2: q/k/v biases, and at TP=4 replicated KV heads. Phi-3: q/k/v and gate/up fused in the
     # checkpoint, split into vLLM's shards and then per rank.
     _, ckpt = tiny_model_and_checkpoint(request, arch)
-    full, _ = load_vllm_model(ckpt, port=free_port())
-    layers = linear_layers(full)
-    torch.manual_seed(1)
-    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
-    with torch.no_grad():
-        expected = {n: (l(inputs[n])[0] if isinstance(l(inputs[n]), tuple) else l(inputs[n]))
-                    for n, l in layers.items()}
-    ranks = run_tp(ckpt, world_size, tmp_path, inputs)
-    for name, exp in expected.items():
-        outs = [r[name] for r in ranks]
-        if name.endswith(("o_proj", "down_proj")):  # row-parallel: all-reduced on every rank
-            for o in outs:
-                torch.testing.assert_close(o, exp, rtol=1e-4, atol=1e-4, msg=name)
-            continue
-        got = combine_column_shards(name, outs, ckpt)
-        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
+    check_tensor_parallel(ckpt, world_size, tmp_path)
 
 
 def head_reference(ckpt: str, vocab: int = 258, hidden: int = 128) -> torch.Tensor:
@@ -333,18 +318,8 @@ def test_tensor_parallel_cuts_row_blocks_into_single_rows(tiny_models, tmp_path)
 
     ckpt = str(tmp_path / "r64")
     convert(tiny_models["llama"], ckpt, ConvertOptions(block_rows=64, n_samples=2, seq_len=16))
-    full, _ = load_vllm_model(ckpt, port=free_port())
-    layers = linear_layers(full)
+    full = check_tensor_parallel(ckpt, 2, tmp_path, seed=3)
     assert full.model.layers[0].self_attn.qkv_proj.gqsa_block_rows == 64
-    torch.manual_seed(3)
-    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
-    with torch.no_grad():
-        expected = {n: l(inputs[n])[0] for n, l in layers.items()}
-    ranks = run_tp(ckpt, 2, tmp_path, inputs)
-    for name, exp in expected.items():
-        outs = [r[name] for r in ranks]
-        got = outs[0] if name.endswith(("o_proj", "down_proj")) else combine_column_shards(name, outs, ckpt)
-        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-4, msg=name)
 
 
 @pytest.mark.slow

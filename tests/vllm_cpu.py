@@ -187,3 +187,28 @@ def combine_column_shards(name: str, outs: list[torch.Tensor], ckpt: str) -> tor
     half = outs[0].shape[-1] // 2  # gate_up: [gate_r | up_r] on each rank
     return torch.cat([torch.cat([o[:, :half] for o in outs], -1),
                       torch.cat([o[:, half:] for o in outs], -1)], -1)
+
+
+def check_tensor_parallel(ckpt: str, world_size: int, tmp_path, seed: int = 1):
+    """Serves ``ckpt`` whole and on ``world_size`` gloo ranks, and asserts that every linear layer
+    gives the same output: a row-parallel one (o_proj, down_proj; all-reduced) on every rank, a
+    column-parallel one once its ranks' shards are put together. Returns the whole model."""
+    full, _ = load_vllm_model(ckpt, port=free_port())
+    layers = linear_layers(full)
+    torch.manual_seed(seed)
+    inputs = {n: torch.randn(3, l.input_size) for n, l in layers.items()}
+    expected = {}
+    with torch.no_grad():
+        for n, l in layers.items():
+            y = l(inputs[n])
+            expected[n] = y[0] if isinstance(y, tuple) else y
+    ranks = run_tp(ckpt, world_size, tmp_path, inputs)
+    for name, exp in expected.items():
+        outs = [r[name] for r in ranks]
+        if name.endswith(("o_proj", "down_proj")):
+            for o in outs:
+                torch.testing.assert_close(o, exp, rtol=1e-4, atol=1e-4, msg=name)
+        else:
+            torch.testing.assert_close(combine_column_shards(name, outs, ckpt), exp, rtol=1e-4, atol=1e-4,
+                                       msg=name)
+    return full
