@@ -3,6 +3,8 @@
 # vLLM and this package installed; CKPT is a converted SmolLM2-135M (W4 S50% g16; the default
 # conversion with BQPO + E2E-OQP: a one-shot checkpoint's near ties make greedy comparisons fragile).
 #   bash benchmarks/run_gpu_checks.sh CKPT RESULTS_DIR [all|kernels|serve|tp|e2e|bench|load|perplexity]
+# Environment: TESTS (a -k expression: which vLLM GPU tests `serve` runs), TEXT (WikiText-2's
+# test.txt, for `perplexity`), RUNS (which perplexity runs: any of 2048 16 3 dense).
 # Each part but `load` fits in under ten minutes on an H100; `load` needs about 12 minutes alone on
 # its GPU (a vLLM server sharing the GPU with another that starts at the same time finds no memory
 # for its KV cache).
