@@ -28,7 +28,7 @@ from vllm_gqsa.checkpoint import read_quant_config, safetensors_files, split_gqs
 from vllm_gqsa.format import GQSALayer
 from .calibration import calibration_samples
 from .convert import (BLOCKS_DIR, COMPLETE_MARKER, ConvertError, ConvertOptions, _publish, check_output_location,
-                      describe, peak_memory, pick_device, prepare_output)
+                      describe, environment, peak_memory, pick_device, prepare_output)
 from .e2e import train_scales
 from .hub import model_card
 from .reference_model import load_reference_model
@@ -93,7 +93,7 @@ def train_checkpoint_scales(ckpt_dir: str, out_dir: str, opts: ConvertOptions) -
     report.setdefault("training", {})["e2e"] = {
         "epochs": opts.e2e_epochs, "lr": opts.e2e_lr, "batch_size": opts.e2e_batch_size,
         "held_out_samples": opts.held_out(), **record,
-        "peak_memory": peak_memory(device)}
+        "peak_memory": peak_memory(device), "environment": environment(device)}
     # The checkpoint took two processes; a user provisions for the larger peak of the two.
     earlier = report.get("peak_memory", {})
     report["peak_memory"] = {k: max(v, earlier.get(k, 0))

@@ -69,6 +69,15 @@ def peak_text(peak: dict) -> str:
     return text
 
 
+def environment_text(env: dict) -> str:
+    """``environment`` of a conversion report, for people (the same command elsewhere gives a
+    slightly different checkpoint)."""
+    if not env:  # reports written before the field existed
+        return "not recorded"
+    text = f"torch {env['torch']}, transformers {env['transformers']}, {env['cpu']} ({env['cpu_threads']} threads)"
+    return text + (f", {env['gpu']}" if "gpu" in env else "")
+
+
 def model_card(report: dict, source: str) -> str:
     """README.md for a converted checkpoint: what it is, how it was made, how to serve it."""
     q, c = report["quantization_config"], report["calibration"]
@@ -100,6 +109,7 @@ quantized to {q['bits']} bits with a scale and zero point per group, in the GQSA
 | calibration | {c['n_samples']} x {c['seq_len']} tokens of {c['data']}, seed {c['seed']} |
 | training | {training_summary(report.get("training") or {})} |
 | conversion | {report['seconds']:.0f} s on {report['device']}, peak memory {peak_text(report.get('peak_memory', {}))} |
+| environment | {environment_text(report.get('environment', {}))} |
 
 Serve it with vLLM and the vllm-gqsa plugin installed:
 

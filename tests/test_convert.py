@@ -235,9 +235,12 @@ def test_report_counts_bits_per_weight(tiny_checkpoints):
     assert report["checkpoint_bytes"] < report["dense_bytes"]
     # The process held at least the dense model while converting it.
     assert report["peak_memory"]["host_bytes"] > report["dense_bytes"]
-    assert report["cpu_threads"] == torch.get_num_threads()
+    env = report["environment"]
+    assert env["torch"] == torch.__version__ and env["cpu_threads"] == torch.get_num_threads()
+    assert env["transformers"] and env["cpu"] and "gpu" not in env
     with open(os.path.join(tiny_checkpoints["llama"], "README.md")) as f:
-        assert "GiB host" in f.read()
+        card = f.read()
+    assert "GiB host" in card and f"torch {torch.__version__}, transformers" in card
 
 
 @pytest.mark.parametrize("group_size,block_rows", [(32, 1), (64, 2), (128, 1)])

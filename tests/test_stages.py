@@ -112,7 +112,8 @@ def test_e2e_changes_only_scales_also_on_a_finished_checkpoint(tiny_models, tmp_
     later = train_checkpoint_scales(str(tmp_path / "off"), str(tmp_path / "later"),
                                     ConvertOptions(val_samples=FAST["val_samples"], **stage))
     later_e2e = dict(later["training"]["e2e"])
-    peak = later_e2e.pop("peak_memory")  # the second process's own peak
+    peak = later_e2e.pop("peak_memory")  # the second process's own peak and environment
+    assert later_e2e.pop("environment") == later["environment"]  # the same machine here
     assert later_e2e == e2e
     assert later["peak_memory"]["host_bytes"] >= peak["host_bytes"] > 0
     c = tensors_of(tmp_path / "later")
