@@ -235,6 +235,8 @@ at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, cons
 }  // namespace
 
 TORCH_LIBRARY(vllm_gqsa, m) {
+  // gqsa_tc's counters are working memory that every call leaves all zero, as it found them, so
+  // the schema does not mark them as written (vLLM's marlin_gemm treats its workspace the same way).
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
         "int x_staging=-1) -> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
