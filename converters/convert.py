@@ -296,7 +296,7 @@ def environment(device: torch.device) -> dict:
     """What the checkpoint depends on besides the command. The solver's sums depend on the thread
     count, the CPU or GPU and the libraries, and the pruning choices amplify small differences in
     them: the same command in another environment gives a slightly different checkpoint (1.2% of
-    perplexity apart on SmolLM2-135M between two CPU machines)."""
+    perplexity apart on SmolLM2-135M between two CPU environments)."""
     import transformers
 
     env = {"torch": torch.__version__, "transformers": transformers.__version__,
