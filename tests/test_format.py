@@ -169,6 +169,19 @@ def test_slicing_rows_and_inputs_matches_dense(layer):
     assert torch.equal(dequantize(fused), w)
 
 
+def test_concat_rows_of_different_row_blocks():
+    # Tensor parallelism or vLLM's vocabulary padding may cut one shard into single rows and leave
+    # another in row blocks: stacked, they become single rows with the same weights.
+    blocks = random_layer(16, 64, LayerFormat(4, 16, 4), seed=3)
+    single = random_layer(6, 64, LayerFormat(4, 16, 1), seed=4)
+    fused = GQSALayer.concat_rows([blocks, single])
+    fused.validate()
+    assert fused.fmt.block_rows == 1
+    assert torch.equal(dequantize(fused), torch.cat([dequantize(blocks), dequantize(single)]))
+    with pytest.raises(GQSAFormatError, match="different input sizes or formats"):
+        GQSALayer.concat_rows([blocks, random_layer(4, 64, LayerFormat(2, 16, 1))])
+
+
 def test_slicing_rejects_split_inside_a_group(layer):
     with pytest.raises(GQSAFormatError, match="multiples of group_size 16"):
         layer.select_input(8, 160)

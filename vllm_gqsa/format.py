@@ -430,7 +430,11 @@ class GQSALayer:
 
     @staticmethod
     def concat_rows(layers: list["GQSALayer"]) -> "GQSALayer":
-        """Stack layers with equal input size along the output dimension (fused QKV, gate/up)."""
+        """Stack layers with equal input size along the output dimension (fused QKV, gate/up).
+        Layers whose row blocks differ (some cut into single rows by tensor parallelism or vLLM's
+        vocabulary padding) are stacked as single rows."""
+        if len({l.fmt.block_rows for l in layers}) > 1:
+            layers = [l.single_rows() for l in layers]
         first = layers[0]
         if any(l.in_features != first.in_features or l.fmt != first.fmt for l in layers):
             raise GQSAFormatError("cannot fuse GQSA layers with different input sizes or formats")

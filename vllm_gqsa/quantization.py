@@ -21,6 +21,7 @@ cuts them off.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -166,9 +167,8 @@ def shard_for_rank(layer, shard_id, full: GQSALayer) -> GQSALayer:
         pad = layer.num_embeddings_per_partition - rows.out_features
         if not pad:
             return rows
-        if pad % rows.fmt.block_rows:
-            rows = rows.single_rows()
-        return GQSALayer.concat_rows([rows, GQSALayer.empty(pad, full.in_features, rows.fmt)])
+        fmt = rows.fmt if pad % rows.fmt.block_rows == 0 else dataclasses.replace(rows.fmt, block_rows=1)
+        return GQSALayer.concat_rows([rows, GQSALayer.empty(pad, full.in_features, fmt)])
     order = _shard_order(layer)
     rows = layer.output_partition_sizes[order.index(shard_id)]
     if rows != full.out_features:  # column-parallel: this rank's output rows
@@ -266,10 +266,7 @@ class GQSALinearMethod(LinearMethodBase):
         if layer.gqsa_pending:  # every shard is complete, and more tensors of the layer remain
             raise GQSAFormatError(f"{self._shard_name(layer, None)}: the checkpoint holds this layer both "
                                   f"whole and in shards")
-        shards = [layer.gqsa_shards[s] for s in order]
-        if len({s.fmt for s in shards}) > 1:  # some shards were cut into single rows
-            shards = [s.single_rows() for s in shards]
-        merged = GQSALayer.concat_rows(shards)
+        merged = GQSALayer.concat_rows([layer.gqsa_shards[s] for s in order])
         del layer.gqsa_shards, layer.gqsa_pending
         N, K = merged.out_features, merged.in_features
         assert (N, K) == _partition_shape(layer)
