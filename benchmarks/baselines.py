@@ -267,8 +267,8 @@ def main(argv=None) -> int:
         seconds = time.time() - t0
         # The process's peak so far: a method's own peak when it is the first (or only) one run.
         peak = peak_memory(torch.device(a.device))
-        r = {} if a.no_eval else perplexity(model, tok, text, a.eval_seq_len, a.max_windows, a.device,
-                                            desc=method)
+        r = {} if a.no_eval else perplexity(model.to(a.device), tok, text, a.eval_seq_len, a.max_windows,
+                                            a.device, desc=method)
         r.update({"seconds": round(seconds, 1), "peak_memory": peak,
                   "bits_per_weight": BITS_PER_WEIGHT[method]})
         print(method, json.dumps(r), flush=True)

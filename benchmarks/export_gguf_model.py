@@ -11,6 +11,9 @@ variant is compared with.
     python benchmarks/export_gguf_model.py smollm2 /path/to/SmolLM2-135M
     python benchmarks/export_gguf_model.py qwen2.5-coder-1.5b /path/to/Qwen2.5-Coder-1.5B --dtype float16
     python benchmarks/export_gguf_model.py gemma3-270m /path/to/Gemma-3-270M
+
+``--gguf FILE`` exports a GGUF file already joined elsewhere (on a machine without the packages,
+such as the GPU machine, which receives the file in pieces).
 """
 
 from __future__ import annotations
@@ -70,11 +73,11 @@ def gguf_path(name: str) -> str:
     return os.path.join(spec.submodule_search_locations[0], filename)
 
 
-def export(name: str, out_dir: str, dtype: torch.dtype = torch.bfloat16) -> str:
+def export(name: str, out_dir: str, dtype: torch.dtype = torch.bfloat16, gguf: str | None = None) -> str:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder, fname = os.path.split(gguf_path(name))
+    folder, fname = os.path.split(os.path.abspath(gguf) if gguf else gguf_path(name))
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32).eval()
     # transformers keeps the GGUF quantizer attached and then refuses to save; detach it.
@@ -92,5 +95,6 @@ if __name__ == "__main__":
     p.add_argument("model", choices=sorted(MODELS))
     p.add_argument("output")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--gguf", help="the model's GGUF file, instead of the one its packages hold")
     a = p.parse_args()
-    print(export(a.model, a.output, getattr(torch, a.dtype)))
+    print(export(a.model, a.output, getattr(torch, a.dtype), a.gguf))

@@ -143,6 +143,26 @@ def test_resume_with_stages_matches_an_uninterrupted_run(tiny_models, tmp_path, 
         assert torch.equal(a[k], b[k]), k
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_both_stages_train_on_the_gpu_as_on_the_cpu(tiny_models, tmp_path):
+    """The whole conversion, both training stages included, on a GPU: each stage lowers its
+    held-out loss there, and the run agrees with the same run on the CPU up to summation order
+    (which can flip a near-tie in the pruning choices, so the losses are compared, not the bytes)."""
+    opts = dict(FAST, bqpo_epochs=2, e2e_epochs=1)
+    runs = {d: convert(tiny_models["llama"], str(tmp_path / d), ConvertOptions(**opts, device=d))
+            for d in ("cpu", "cuda")}
+    gpu = runs["cuda"]
+    assert gpu["device"].startswith("cuda") and "gpu" in gpu["environment"]
+    assert gpu["peak_memory"]["cuda_bytes"] > 0
+    assert gpu["training"]["bqpo"]["blocks_improved"] >= 1
+    assert gpu["training"]["e2e"]["val_loss_best"] < gpu["training"]["e2e"]["val_loss_start"]
+    for key in ("val_loss_start", "val_loss_best"):
+        for b, (c, g) in enumerate(zip(runs["cpu"]["training"]["bqpo"]["blocks"], gpu["training"]["bqpo"]["blocks"])):
+            assert g[key] == pytest.approx(c[key], rel=0.05), (b, key)
+        assert gpu["training"]["e2e"][key] == pytest.approx(runs["cpu"]["training"]["e2e"][key], rel=0.05), key
+    load_reference_model(str(tmp_path / "cuda"))  # validates every layer
+
+
 def test_interrupted_e2e_leaves_no_checkpoint(tiny_models, tmp_path, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
