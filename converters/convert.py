@@ -83,7 +83,9 @@ COMPLETE_MARKER = "gqsa_report.json"  # written last: a folder without it is not
 PROGRESS = "progress.json"  # in the partial folder: finished blocks, for --resume
 BLOCKS_DIR = "blocks"  # in the partial folder: one safetensors file per finished block
 DISK_MARGIN = 1.2  # free space asked for, as a multiple of the estimated checkpoint size
-NO_PROGRESS = {"blocks_done": 0, "layers": [], "bqpo": []}
+# seconds: the time earlier runs spent up to their last finished block, so that a resumed
+# conversion reports the time of the whole conversion, not of its last run.
+NO_PROGRESS = {"blocks_done": 0, "layers": [], "bqpo": [], "seconds": 0.0}
 
 
 class ConvertError(Exception):
@@ -275,11 +277,11 @@ def _read_progress(tmp: str, model_dir: str, opts: ConvertOptions) -> dict:
 
 
 def _write_progress(tmp: str, model_dir: str, opts: ConvertOptions, blocks_done: int, layers: list,
-                    bqpo: list) -> None:
+                    bqpo: list, seconds: float) -> None:
     path = os.path.join(tmp, PROGRESS)
     with open(path + ".tmp", "w") as f:
         json.dump({"source": os.path.abspath(model_dir), "options": opts.fingerprint(),
-                   "blocks_done": blocks_done, "layers": layers, "bqpo": bqpo}, f)
+                   "blocks_done": blocks_done, "layers": layers, "bqpo": bqpo, "seconds": seconds}, f)
     os.replace(path + ".tmp", path)  # atomic: a kill leaves the old or the new file, never half
 
 
@@ -502,6 +504,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     tensors: dict[str, torch.Tensor] = {}
     layers_report = list(progress["layers"])
     bqpo_report = list(progress["bqpo"])
+    earlier_seconds = progress.get("seconds", 0.0)  # progress files of older releases lack it
     with torch.no_grad():
         inputs, block_kwargs = _block_inputs(model, samples, device)
         block_kwargs = _to(block_kwargs, device, torch.float32)
@@ -527,7 +530,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                                                  kwargs, layers_report, opts, fmt, bqpo_report, bar)
                 del latents
                 save_file(block_tensors, block_file)
-                _write_progress(tmp, model_dir, opts, b + 1, layers_report, bqpo_report)
+                _write_progress(tmp, model_dir, opts, b + 1, layers_report, bqpo_report,
+                                earlier_seconds + time.time() - t_start)
             tensors.update(block_tensors)
             # The next block is calibrated on this block's quantized outputs.
             inputs = _run_block(block, inputs, kwargs, opts.batch_size)
@@ -569,7 +573,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     tensors = {rename(names, n): t for n, t in tensors.items()}
     layers_report = [{**r, "name": checkpoint_module(names, r["name"])} for r in layers_report]
     report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
-                               time.time() - t_start, training, tied)
+                               earlier_seconds + time.time() - t_start, training, tied)
     _clean_up_and_publish(tmp, out_dir)
     return report
 
