@@ -37,24 +37,22 @@ def group_params(w: torch.Tensor, bits: int, search: bool = True) -> tuple[torch
 
     Returns fp16-representable scales and integer zero points, both ``[rows]``. With
     ``search``, the range is shrunk by the factor in ``CLIP_GRID`` that gives the
-    least squared error (clipping a few outliers often pays off at 4 bits).
+    least squared error (clipping a few outliers often pays off at 4 bits; the first
+    factor wins a tie). All factors are tried in one batch: on a GPU the solver's
+    time is mostly kernel launches, and one batch is a tenth of the launches.
     """
     maxq = (1 << bits) - 1
     # The integer zero point must lie in [0, maxq], so the range must contain 0.
     lo, hi = w.min(1).values.clamp(max=0), w.max(1).values.clamp(min=0)
-    best_err = torch.full_like(lo, float("inf"))
-    best_s, best_z = torch.ones_like(lo), torch.zeros_like(lo)
-    for shrink in (CLIP_GRID if search else [1.0]):
-        l, h = lo * shrink, hi * shrink
-        s = ((h - l) / maxq).to(SCALE_DTYPE).float()
-        s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: any scale is exact
-        z = torch.round(-l / s).clamp(0, maxq)
-        q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, maxq)
-        err = ((s[:, None] * (q - z[:, None]) - w) ** 2).sum(1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
-    return best_s, best_z
+    shrink = torch.tensor(CLIP_GRID if search else [1.0], dtype=w.dtype, device=w.device).unsqueeze(1)
+    l, h = lo * shrink, hi * shrink  # [factors, rows]
+    s = ((h - l) / maxq).to(SCALE_DTYPE).float()
+    s = torch.where(s > 0, s, torch.ones_like(s))  # an all-zero group: any scale is exact
+    z = torch.round(-l / s).clamp(0, maxq)
+    q = torch.clamp(torch.round(w / s.unsqueeze(2)) + z.unsqueeze(2), 0, maxq)
+    err = ((s.unsqueeze(2) * (q - z.unsqueeze(2)) - w) ** 2).sum(2)
+    best = err.argmin(0, keepdim=True)  # the first of equal minima, as the factors' order gives
+    return s.gather(0, best)[0], z.gather(0, best)[0]
 
 
 @dataclass
