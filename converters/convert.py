@@ -319,6 +319,16 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def check_finite(model) -> None:
+    """Refuse weights that hold NaN or infinity. The solver would turn them into a checkpoint that
+    validates and loads, and computes garbage."""
+    for name, p in model.named_parameters():
+        bad = ~torch.isfinite(p)
+        if bad.any():
+            raise ConvertError(f"{name} holds {int(bad.sum())} non-finite value(s) (NaN or infinity): "
+                               "the model's weights are damaged; nothing was converted")
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -490,6 +500,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                                       vocab_size=text_config(config).get("vocab_size"))
         names = checkpoint_names(model)
         check_skip_modules(opts.skip_modules, names)
+        check_finite(model)
     except (ValueError, ConvertError, FileNotFoundError) as e:
         if not opts.resume:  # nothing done yet: leave no partial folder behind
             shutil.rmtree(tmp, ignore_errors=True)

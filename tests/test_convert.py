@@ -476,6 +476,23 @@ def test_cli_refuses_bad_input_without_a_traceback(tiny_models, tmp_path, capsys
         assert "--device cuda: this machine has 0 CUDA GPU(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_cli_refuses_weights_that_are_not_finite(value, tmp_path, capsys):
+    """A damaged model (a NaN or an infinity in one weight) is refused, naming the tensor, instead
+    of becoming a checkpoint that validates and computes garbage."""
+    from safetensors.torch import load_file, save_file
+
+    dense = build_tiny_model(str(tmp_path / "dense"), arch="llama")
+    weights = load_file(os.path.join(dense, "model.safetensors"))
+    weights["model.layers.1.mlp.down_proj.weight"][3, 5] = value
+    save_file(weights, os.path.join(dense, "model.safetensors"), metadata={"format": "pt"})
+    assert cli_main([dense, str(tmp_path / "out"), *QUICK_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert ("error: model.layers.1.mlp.down_proj.weight holds 1 non-finite value(s)" in err
+            and "Traceback" not in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]  # no output, no partial folder
+
+
 def test_resume_publishes_a_checkpoint_finished_before_a_kill(tiny_models, tmp_path, monkeypatch):
     """A run killed while cleaning up after writing its checkpoint (the blocks removed, not yet
     progress.json) leaves a finished partial folder: --resume moves it into place, converting
