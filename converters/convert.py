@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -168,8 +169,13 @@ def read_config(model_dir: str) -> dict:
         raise ConvertError(f"model folder {model_dir} does not exist")
     if not os.path.isfile(path):
         raise ConvertError(f"{model_dir} has no config.json: not a Hugging Face model folder")
-    with open(path) as f:
-        config = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConvertError(f"{path} holds a JSON {type(config).__name__}, not an object")
     archs = config.get("architectures") or []
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConvertError(f"unsupported architecture {archs[0] if archs else 'unknown'!r} in {path}; "
@@ -484,18 +490,17 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     torch.manual_seed(opts.seed)
 
     logger.info("loading %s", model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
-    model.config.use_cache = False
-    save_dtype = next(model.parameters()).dtype
-    # Tied as loaded, not as config.json says: the file may leave tie_word_embeddings out and mean
-    # the class's default (True for Gemma 3); a tied output layer is not stored.
-    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    max_positions = text_config(config).get("max_position_embeddings")
-    if max_positions and opts.seq_len > max_positions:
-        logger.warning("--seq-len %d is longer than the model's %d positions: it is calibrated on "
-                       "sequences it was not trained for", opts.seq_len, max_positions)
     try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
+            raise ConvertError(f"cannot load the model in {model_dir}: {e}") from None
+        model.config.use_cache = False
+        max_positions = text_config(config).get("max_position_embeddings")
+        if max_positions and opts.seq_len > max_positions:
+            logger.warning("--seq-len %d is longer than the model's %d positions: it is calibrated on "
+                           "sequences it was not trained for", opts.seq_len, max_positions)
         samples = calibration_samples(tokenizer, opts.calib_data, opts.n_samples, opts.seq_len, opts.seed,
                                       vocab_size=text_config(config).get("vocab_size"))
         names = checkpoint_names(model)
@@ -505,6 +510,10 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         if not opts.resume:  # nothing done yet: leave no partial folder behind
             shutil.rmtree(tmp, ignore_errors=True)
         raise ConvertError(str(e)) from None
+    save_dtype = next(model.parameters()).dtype
+    # Tied as loaded, not as config.json says: the file may leave tie_word_embeddings out and mean
+    # the class's default (True for Gemma 3); a tied output layer is not stored.
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     towers = dense_parts(model, names)
     if towers:  # an image-text model: its image parts stay dense
         logger.info("converting the text decoder; %s stay dense", ", ".join(towers))

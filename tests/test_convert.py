@@ -476,6 +476,32 @@ def test_cli_refuses_bad_input_without_a_traceback(tiny_models, tmp_path, capsys
         assert "--device cuda: this machine has 0 CUDA GPU(s)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("damage, message", [
+    ("truncated weights", "cannot load the model in"),
+    ("no weights", "cannot load the model in"),
+    ("config not JSON", "config.json is not valid JSON"),
+    ("config a list", "config.json holds a JSON list, not an object"),
+])
+def test_cli_refuses_a_damaged_model_folder(damage, message, tiny_models, tmp_path, capsys):
+    """Damaged input folders are one `error:` line, not a traceback, and leave nothing behind."""
+    import shutil
+
+    dense = str(tmp_path / "dense")
+    shutil.copytree(tiny_models["llama"], dense)
+    weights = os.path.join(dense, "model.safetensors")
+    if damage == "truncated weights":
+        os.truncate(weights, os.path.getsize(weights) // 2)
+    elif damage == "no weights":
+        os.remove(weights)
+    else:
+        with open(os.path.join(dense, "config.json"), "w") as f:
+            f.write("{" if damage == "config not JSON" else "[1]")
+    assert cli_main([dense, str(tmp_path / "out"), *QUICK_ARGS]) == 2
+    err = capsys.readouterr().err
+    assert "gqsa-convert: error: " in err and message in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense"]
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_cli_refuses_weights_that_are_not_finite(value, tmp_path, capsys):
     """A damaged model (a NaN or an infinity in one weight) is refused, naming the tensor, instead
