@@ -29,19 +29,30 @@ def resolve_model(model: str) -> str:
 
 
 def check_can_push() -> None:
-    from huggingface_hub import constants
+    """Before converting: the upload at the end needs the Hub and a token that it accepts, and a
+    conversion can take hours, so a missing login is reported now rather than after it."""
+    from huggingface_hub import HfApi, constants
 
     if constants.HF_HUB_OFFLINE:
         raise HubError("--push-to-hub needs the Hub, but HF_HUB_OFFLINE is set")
+    try:
+        HfApi().whoami()
+    except Exception as e:  # no token, a rejected token, no network
+        raise HubError(f"--push-to-hub: the Hugging Face Hub did not accept this machine's login "
+                       f"({type(e).__name__}: {e}); log in with `hf auth login` or set HF_TOKEN") from e
 
 
 def push(folder: str, repo_id: str, private: bool = True) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload GQSA checkpoint")
-    return f"https://huggingface.co/{repo_id}"
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(folder_path=folder, repo_id=repo_id, commit_message="Upload GQSA checkpoint")
+    except Exception as e:  # network, permissions, quota: the checkpoint itself is finished
+        raise HubError(f"the checkpoint is written to {folder}, but uploading it to {repo_id} failed "
+                       f"({type(e).__name__}: {e}); upload it later with `hf upload {repo_id} {folder}`") from e
+    return str(url)
 
 
 def training_summary(training: dict) -> str:

@@ -393,6 +393,28 @@ def test_hub_model_id_from_the_offline_cache(tiny_models, tmp_path, monkeypatch,
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
 
+def test_push_to_hub_failures_are_reported_without_a_traceback(tiny_models, tmp_path, monkeypatch, capsys):
+    """--push-to-hub checks the login before converting (a Hub it cannot reach here: nothing is
+    converted), and an upload that fails after the conversion names the finished checkpoint."""
+    from huggingface_hub import constants
+
+    from converters import cli
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    out = tmp_path / "ckpt"
+    assert cli_main([tiny_models["llama"], str(out), *QUICK_ARGS, "-q", "--push-to-hub", "acme/x"]) == 2
+    err = capsys.readouterr().err
+    assert "--push-to-hub: the Hugging Face Hub did not accept this machine's login" in err, err
+    assert "Traceback" not in err and not out.exists()
+    # A login that passed the check, and an upload that fails later.
+    monkeypatch.setattr(cli, "check_can_push", lambda: None)
+    assert cli_main([tiny_models["llama"], str(out), *QUICK_ARGS, "-q", "--push-to-hub", "acme/x"]) == 2
+    err = capsys.readouterr().err
+    assert f"the checkpoint is written to {out}, but uploading it to acme/x failed" in err, err
+    assert "Traceback" not in err and (out / "gqsa_report.json").exists()
+
+
 # Fast settings for tests about what the converter refuses or writes, not about accuracy.
 QUICK = dict(n_samples=4, seq_len=16, bqpo_epochs=0, e2e_epochs=0)
 QUICK_ARGS = ["--n-samples", "4", "--seq-len", "16", "--bqpo-epochs", "0", "--e2e-epochs", "0"]
