@@ -112,3 +112,36 @@ def test_no_eval_run_records_time_and_peak_memory(tiny_models, tmp_path):
     r = json.loads(out.read_text())["methods"]["wanda-2:4"]
     assert "perplexity" not in r
     assert r["peak_memory"]["host_bytes"] > 0 and r["seconds"] >= 0
+
+
+def test_gpu_accuracy_script_steps_on_the_cpu(tiny_models, tmp_path):
+    """benchmarks/gpu_accuracy.sh, whose steps gave the H200 accuracy results, run on the CPU on a
+    tiny model: each step writes its results, and a conversion stopped by its time limit says so
+    and is finished by running the step again."""
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = os.path.join(root, "LICENSE")  # more than one 2048-token window of the byte tokenizer
+    env = dict(os.environ, CALIB=text, TEXT=text, N_SAMPLES="4", SEQ_LEN="32", DEVICE="cpu",
+               MAX_WINDOWS="1", VLLM="0", LIMIT="0.5", PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
+    work, out = tmp_path / "work", tmp_path / "out"
+
+    def step(name):
+        r = subprocess.run(["bash", os.path.join(root, "benchmarks", "gpu_accuracy.sh"), name, tiny_models["llama"],
+                            str(work), str(out)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout
+
+    step("dense")
+    assert "run this step again" in step("gqsa")  # stopped after half a second
+    env["LIMIT"] = "500"
+    step("gqsa")
+    step("baselines")
+    report = json.loads((out / "gqsa_report.json").read_text())
+    assert report["device"] == "cpu" and report["training"]["bqpo"]["epochs"] == 2  # the defaults
+    for name in ("dense_reference", "gqsa_reference"):
+        assert json.loads((out / f"{name}.json").read_text())["results"][0]["windows"] == 1
+    methods = json.loads((out / "baselines.json").read_text())["methods"]
+    assert sorted(methods) == ["gptq-w2g128", "sparsegpt-2:4"]
