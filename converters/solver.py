@@ -112,6 +112,7 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
     keep = torch.ones(NB, KG, dtype=torch.bool, device=W.device)
     Wq = torch.zeros_like(W)
     latent = torch.zeros_like(W)
+    zero = torch.zeros(N, device=W.device)
     block = max(G, BLOCK_COLS // G * G)
 
     for i1 in range(0, K, block):
@@ -142,15 +143,16 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
             if i % G == 0:
                 s, z = group_params(W1[:, i:i + G], bits, clip_search)
                 scales[:, i1 // G + g], zeros[:, i1 // G + g] = s, z
+            # One small operation per line, each a kernel launch on a GPU, where they set the
+            # solver's time: results are written where they are kept instead of copied there.
             w, d = W1[:, i], U1[i, i]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            deq = torch.where(keep_rows[:, g], s * (q - z), torch.zeros_like(w))
-            codes[:, i1 + i] = q.to(torch.uint8)
+            deq = torch.where(keep_rows[:, g], s * (q - z), zero)
+            codes[:, i1 + i].copy_(q)  # integers in [0, maxq]: exact in uint8
             latent[:, i1 + i] = w
             Q1[:, i] = deq
-            err = (w - deq) / d
+            err = torch.div(w - deq, d, out=Err1[:, i])
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
         Wq[:, i1:i2] = Q1
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
