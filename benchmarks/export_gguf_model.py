@@ -12,8 +12,8 @@ variant is compared with.
     python benchmarks/export_gguf_model.py qwen2.5-coder-1.5b /path/to/Qwen2.5-Coder-1.5B --dtype float16
     python benchmarks/export_gguf_model.py gemma3-270m /path/to/Gemma-3-270M
 
-``--gguf FILE`` exports a GGUF file already joined elsewhere (on a machine without the packages,
-such as the GPU machine, which receives the file in pieces).
+``--gguf FILE`` exports a GGUF file joined elsewhere, for a machine where the packages are not
+installed (one without network access that received the file in pieces, for example).
 """
 
 from __future__ import annotations

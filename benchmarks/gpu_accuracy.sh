@@ -3,8 +3,9 @@
 # and at 4x the training epochs, and SparseGPT 2:4 and GPTQ W2 g128 from the same calibration
 # samples, all scored on the whole WikiText-2 test split (GQSA and dense in float32 through the
 # reference math, as the baselines are, and in float16 through vLLM and the GQSA kernels).
-# One step per call: each fits ten minutes on an H200 for a 1.5B model, and a conversion cut short
-# by its time limit continues where it stopped when the step is run again.
+# One step per run, so that each stays short (under ten minutes on an H200 for a 1.5B model); a
+# conversion cut short by its time limit (LIMIT) continues where it stopped when the step is run
+# again.
 #   bash benchmarks/gpu_accuracy.sh STEP DENSE WORK RESULTS
 #   STEP: dense | gqsa | gqsa-long | baselines
 # Environment: CALIB, TEXT (WikiText-2's valid.txt and test.txt); N_SAMPLES, SEQ_LEN (calibration,

@@ -143,8 +143,8 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
             if i % G == 0:
                 s, z = group_params(W1[:, i:i + G], bits, clip_search)
                 scales[:, i1 // G + g], zeros[:, i1 // G + g] = s, z
-            # One small operation per line, each a kernel launch on a GPU, where they set the
-            # solver's time: results are written where they are kept instead of copied there.
+            # Small operations, each a kernel launch on a GPU, where launches rather than arithmetic
+            # are the likely cost: results are written where they are kept, not copied there.
             w, d = W1[:, i], U1[i, i]
             q = torch.clamp(torch.round(w / s) + z, 0, maxq)
             deq = torch.where(keep_rows[:, g], s * (q - z), zero)
