@@ -10,7 +10,7 @@
 #   STEP: dense | gqsa | gqsa-long | baselines
 # Environment: CALIB, TEXT (WikiText-2's valid.txt and test.txt); N_SAMPLES, SEQ_LEN (calibration,
 # default 128 x 512, the converter's defaults); DEVICE (cuda); MAX_WINDOWS (all); VLLM (1: also
-# score in vLLM); LIMIT (seconds a conversion may run in this call, 500).
+# score in vLLM); LIMIT (seconds a conversion may run in this run of the step, 500).
 set -euo pipefail
 step=$1 dense=$2 work=$3 out=$4
 device=${DEVICE:-cuda}
@@ -34,7 +34,7 @@ case $step in
     epochs=(); [[ $step == gqsa-long ]] && epochs=(--bqpo-epochs 8 --e2e-epochs 4)
     ckpt=$work/$step
     if [[ ! -e $ckpt/gqsa_report.json ]]; then
-      # --resume continues an earlier call's blocks (and starts afresh when there are none).
+      # --resume continues an earlier run's blocks (and starts afresh when there are none).
       rc=0
       timeout --signal=INT "${LIMIT:-500}" python3 -m converters.cli "$dense" "$ckpt" "${calib[@]}" "${epochs[@]}" \
         --device "$device" --resume || rc=$?
@@ -47,6 +47,6 @@ case $step in
     score "$ckpt" "$step" ;;
   baselines)
     python3 benchmarks/baselines.py "$dense" --methods sparsegpt-2:4,gptq-w2g128 "${calib[@]}" \
-      --text "$TEXT" "${windows[@]}" --device "$device" --out "$out/baselines.json" | grep -v "^ " ;;
+      --text "$TEXT" "${windows[@]}" --device "$device" --out "$out/baselines.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac
