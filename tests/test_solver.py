@@ -71,3 +71,19 @@ def test_group_params_cover_zero_and_are_fp16_exact():
     q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, 15)
     deq = s[:, None] * (q - z[:, None])
     assert torch.all((deq - w).abs() <= s[:, None] / 2 + 1e-7)
+
+
+def test_solver_ops_benchmark_counts_and_times(tmp_path):
+    """benchmarks/solver_ops.py, behind benchmarks/results/solver_ops.json, on a small layer."""
+    import json
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from solver_ops import main
+
+    out = tmp_path / "ops.json"
+    assert main(["--shapes", "32x64", "--reps", "1", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["layers"]
+    # At least the per-column update of every column, and far fewer than a loop over clipping factors.
+    assert (r["N"], r["K"]) == (32, 64) and 10 < r["ops_per_column"] < 30 and r["cpu_seconds"] > 0
