@@ -1,0 +1,120 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Correctness and speed of the wgmma prefill experiment (wgmma_prefill_experiment*.cu, built as a
+shared library) against cuBLAS fp16 in the same run, on random GQSA W4 S50% g16 layers.
+
+    python wgmma_prefill_experiment.py LIB check            # max relative error against the reference
+    python wgmma_prefill_experiment.py LIB layers [OUT]     # one Llama-2-7B layer's four shapes, M = 512..2048
+    python wgmma_prefill_experiment.py LIB ablate V,V,...   # qkv and down at M = 512, 2048, per variant V
+
+V is the kernel's template variant (see the .cu files): 2 waits for each wgmma before the next k-step,
+0 keeps one in flight (wrong results, see csrc/README.md).
+"""
+import ctypes
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from vllm_gqsa.kernels.cuda_format import chunk_table, dequantize_kernel_format, pack_meta  # noqa: E402
+
+P = ctypes.c_void_p
+LAYERS = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
+
+
+def make(N, K, density=0.5, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    keep = torch.rand(N, K // 16, device="cuda", generator=g) < density
+    row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
+    row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
+    cols = torch.nonzero(keep)[:, 1]
+    nnz = cols.numel()
+    scales = (torch.rand(nnz, device="cuda", generator=g) * 0.02 + 0.01).half()
+    zeros = torch.randint(0, 16, (nnz,), device="cuda", generator=g)
+    codes = torch.randint(-2**31, 2**31 - 1, (nnz, 2), dtype=torch.int32, device="cuda", generator=g)
+    return {"row_ptr": row_ptr, "codes": codes, "meta": pack_meta(scales, zeros, cols),
+            "chunks": chunk_table(row_ptr, cols, K, 16)}
+
+
+def call(lib, t, x, y, M, N, K, bn, v):
+    err = lib.wg_gemm(P(x.data_ptr()), P(t["row_ptr"].data_ptr()), P(t["codes"].data_ptr()),
+                      P(t["meta"].data_ptr()), P(t["chunks"].data_ptr()), P(y.data_ptr()),
+                      M, N, K, bn, v, P(torch.cuda.current_stream().cuda_stream))
+    assert err == 0, err
+
+
+def bench(fn, reps=20, inner=10):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(inner):
+            fn()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3 / inner)
+    return statistics.median(times)
+
+
+def check(lib):
+    out = []
+    for v in (2, 0):
+        for bn in (64, 128):
+            for M, N, K in [(128, 256, 256), (1, 256, 512), (200, 600, 4096), (513, 4096, 11008)]:
+                t = make(N, K, seed=M + N)
+                x = torch.randn(M, K, device="cuda").half()
+                y = torch.full((M, N), float("nan"), device="cuda").half()
+                call(lib, t, x, y, M, N, K, bn, v)
+                torch.cuda.synchronize()
+                ref = x.float() @ dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, 16).T
+                err = ((y.float() - ref).abs().max() / ref.abs().max()).item()
+                out.append({"v": v, "bn": bn, "M": M, "N": N, "K": K, "rel_err": err})
+                print(out[-1], flush=True)
+    return out
+
+
+def timed(lib, shapes, tokens, variants):
+    out = []
+    for name, N, K in shapes:
+        for M in tokens:
+            ts = [make(N, K, seed=i) for i in range(2)]
+            ws = [dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, 16).half() for t in ts]
+            x = torch.randn(M, K, device="cuda").half()
+            y = torch.empty(M, N, device="cuda").half()
+            st = {"i": 0}
+
+            def cublas():
+                st["i"] ^= 1
+                torch.matmul(x, ws[st["i"]].T, out=y)
+            r = {"layer": name, "M": M, "cublas_us": round(bench(cublas), 1)}
+            for bn, v in variants:
+                def wg(bn=bn, v=v):
+                    st["i"] ^= 1
+                    call(lib, ts[st["i"]], x, y, M, N, K, bn, v)
+                r[f"bn{bn}_v{v}_us"] = round(bench(wg), 1)
+            print(r, flush=True)
+            out.append(r)
+    return out
+
+
+def main():
+    lib = ctypes.CDLL(str(Path(sys.argv[1]).resolve()))
+    mode = sys.argv[2]
+    if mode == "check":
+        res = check(lib)
+    elif mode == "layers":
+        res = timed(lib, LAYERS, (512, 1024, 2048), [(64, 2), (128, 2)])
+    else:
+        vs = [int(v) for v in sys.argv[3].split(",")]
+        res = timed(lib, [LAYERS[0], LAYERS[3]], (512, 2048), [(bn, v) for bn in (64, 128) for v in vs])
+    if len(sys.argv) > 3 and mode != "ablate":
+        json.dump(res, open(sys.argv[3], "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
