@@ -5,56 +5,13 @@
 // (the B operand, tokens) from shared memory in the no-swizzle K-major layout. 256 rows (4 warpgroups)
 // by 64 or 128 tokens per CTA, two cp.async stages. G = 16, fp16 x only.
 // Build: nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
-//          -o wg.so wgmma_prefill_experiment.cu
+//          -o wg.so wgmma_prefill_experiment.cu   (from this folder)
 // Results and what they mean: csrc/README.md, "A fused wgmma prefill kernel".
-#include <cstdint>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+// The helpers (cp.async, tc_a_pair, ...) are the package's own.
+#include "../../../csrc/gqsa_kernels.cu"
 
+namespace gqsa {
 namespace {
-
-constexpr int kWarpSize = 32;
-constexpr int kZeroShift = 16;
-constexpr uint32_t kNibbleMask = 0xFu;
-constexpr uint32_t kHalf2Magic = 0x64006400u;
-constexpr int kLutAndOr = (0xF0 & 0xCC) | 0xAA;
-
-template <int lut>
-__device__ __forceinline__ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, %4;" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(lut));
-  return d;
-}
-__device__ __forceinline__ __half2 as_half2(uint32_t v) { return *reinterpret_cast<__half2*>(&v); }
-__device__ __forceinline__ uint32_t half2_bits(__half2 h) { return *reinterpret_cast<uint32_t*>(&h); }
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void cp_async8(uint32_t smem, const void* gmem) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(smem), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async16_zfill(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async4_zfill(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 4 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::); }
-template <int n>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(n));
-}
-// As tc_a_pair in csrc/gqsa_kernels.cu.
-__device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, uint32_t& lo, uint32_t& hi) {
-  const uint32_t p = __byte_perm(w.x, w.y, sel);
-  const uint32_t z = (meta >> kZeroShift) & kNibbleMask;
-  const __half2 neg = as_half2(z * 0x100001u + 0xD400E400u);
-  const __half2 one_sixteenth = as_half2(0x2C003C00u);
-  const __half2 scale = __low2half2(as_half2(meta));
-  lo = half2_bits(__hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
-  hi = half2_bits(
-      __hmul2(__hfma2(as_half2(lop3<kLutAndOr>(p >> 8, 0x00F0000Fu, kHalf2Magic)), one_sixteenth, neg), scale));
-}
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
@@ -186,7 +143,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       const int count = __popc(entry & 0xFFFFu);
       if (cl < count) {
         const int group = first_of[p] + static_cast<int>(entry >> 16) + cl;
-        cp_async8(s0 + stage + L::kXBytes + r * 128 + 8 * (cl ^ (2 * (r & 7))), codes + 2 * static_cast<size_t>(group));
+        cp_async<8>(s0 + stage + L::kXBytes + r * 128 + 8 * (cl ^ (2 * (r & 7))), codes + 2 * static_cast<size_t>(group));
         cp_async4_zfill(s0 + stage + L::kXBytes + L::kCodeBytes + r * 64 + 4 * (cl ^ (2 * ((r >> 1) & 3))), meta + group, true);
       }
     }
@@ -318,6 +275,9 @@ int launch_v(int v, const void* x, const int32_t* row_ptr, const int32_t* codes,
 }
 
 }  // namespace
+}  // namespace gqsa
+
+using gqsa::launch_v;
 
 extern "C" int wg_gemm(const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
                        const int32_t* chunks, void* y, int M, int N, int K, int bn, int v, void* stream) {
