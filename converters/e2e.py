@@ -46,6 +46,21 @@ def _mean_loss(model, samples: torch.Tensor, batch_size: int) -> float:
     return total / len(samples)
 
 
+def _checkpointing(model, enable: bool) -> None:
+    """Turn transformers' activation checkpointing on (non-reentrant) or off: the
+    `activation_checkpointing_*` methods from transformers 5.25, the `gradient_checkpointing_*`
+    ones they replace before that (removed in 6)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if enable:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.activation_checkpointing_disable()
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_val: int,
                  cfg: ScaleTraining, device, eval_batch_size: int = 4) -> tuple[dict[str, GQSALayer], dict]:
     """Train the scales of the GQSA layers ``layers`` (full module names) of ``model`` on the LM
@@ -75,7 +90,7 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
     # than 24 GB on the CPU.
     checkpointing = getattr(model, "supports_gradient_checkpointing", False)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpointing(model, True)
     try:
         for n, m in trainable.items():
             _set_module(model, n, m)
@@ -115,7 +130,7 @@ def train_scales(model, layers: dict[str, GQSALayer], samples: torch.Tensor, n_v
         bar.close()
     finally:
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            _checkpointing(model, False)
         model.train(was_training)
         for n, m in originals.items():
             _set_module(model, n, m)

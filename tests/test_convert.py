@@ -44,7 +44,7 @@ def test_checkpoint_validates_and_logits_match_reference(arch, request):
     with torch.no_grad():
         torch.testing.assert_close(via_ops(ids).logits, ref(ids).logits, rtol=1e-4, atol=1e-4)
         dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)(ids).logits
-    cos = torch.nn.functional.cosine_similarity(ref(ids).logits.flatten(), dense.flatten(), dim=0)
+        cos = torch.nn.functional.cosine_similarity(ref(ids).logits.flatten(), dense.flatten(), dim=0)
     # Half the groups are gone, but the model is still the same model (an unrelated one would be
     # near 0). Norms after each attention and MLP rescale the random branches to the size of the
     # residual stream, so the pruning moves those random models' logits more than a random

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 
 import pytest
 from conftest import interrupt_solver
@@ -122,6 +123,30 @@ def test_e2e_changes_only_scales_also_on_a_finished_checkpoint(tiny_models, tmp_
     for k in b:
         assert torch.equal(b[k], c[k]), k
     load_reference_model(str(tmp_path / "later"))  # validates every layer
+
+
+def test_e2e_trains_with_checkpointed_layers_and_turns_it_off_after(tiny_models, tmp_path, monkeypatch):
+    """The stage recomputes each decoder layer in the backward pass (what keeps a 1.5B model's
+    training within a CPU's memory), through transformers' current API (no deprecation warning),
+    and leaves the model as it found it."""
+    def checkpointed(model):
+        return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+    seen, models = [], []
+    lm_loss = e2e_mod._lm_loss
+
+    def spy(model, ids):
+        seen.append((torch.is_grad_enabled(), checkpointed(model)))
+        models.append(model)
+        return lm_loss(model, ids)
+
+    monkeypatch.setattr(e2e_mod, "_lm_loss", spy)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*checkpointing.*", category=FutureWarning)
+        convert(tiny_models["llama"], str(tmp_path / "e2e"), ConvertOptions(**FAST, bqpo_epochs=0, e2e_epochs=1))
+    training = [c for grad, c in seen if grad]
+    assert training and all(training)
+    assert not checkpointed(models[-1])
 
 
 def test_resume_with_stages_matches_an_uninterrupted_run(tiny_models, tmp_path, monkeypatch):
