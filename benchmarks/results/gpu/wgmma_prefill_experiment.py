@@ -4,6 +4,7 @@ shared library) against cuBLAS fp16 in the same run, on random GQSA W4 S50% g16 
 
     python wgmma_prefill_experiment.py LIB check            # max relative error against the reference
     python wgmma_prefill_experiment.py LIB layers [OUT]     # one Llama-2-7B layer's four shapes, M = 512..2048
+    python wgmma_prefill_experiment.py LIB small [OUT]      # the same at M = 16, 32, 64
     python wgmma_prefill_experiment.py LIB ablate V,V,...   # qkv and down at M = 512, 2048, per variant V
 
 V is the kernel's template variant (see the .cu files): 2 waits for each wgmma before the next k-step,
@@ -109,6 +110,8 @@ def main():
         res = check(lib)
     elif mode == "layers":
         res = timed(lib, LAYERS, (512, 1024, 2048), [(64, 2), (128, 2)])
+    elif mode == "small":
+        res = timed(lib, LAYERS, (16, 32, 64), [(64, 2), (128, 2)])
     else:
         vs = [int(v) for v in sys.argv[3].split(",")]
         res = timed(lib, [LAYERS[0], LAYERS[3]], (512, 2048), [(bn, v) for bn in (64, 128) for v in vs])
