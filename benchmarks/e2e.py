@@ -82,6 +82,9 @@ CONFIGS = {
     "gptq-marlin-head": ({**GPTQ, "lm_head": True,
                           "modules_in_block_to_quantize": [*GPTQ["modules_in_block_to_quantize"], ["lm_head"]]},
                          {"linear_backend": "marlin"}),
+    # The pair pattern (gqsa-convert --pattern pairs: one group of each aligned pair kept per row),
+    # served by the sparse-tensor-core kernel from 3 to 64 tokens.
+    "gqsa-s50-pairs": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "pattern": "pairs"}, {}),
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
 }
@@ -266,7 +269,8 @@ def gqsa_dispatch() -> dict:
 
     return {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
             "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,
-            "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS}
+            "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS,
+            "pairs_gemv_max_tokens": cuda.PAIRS_GEMV_MAX_TOKENS, "pairs_sp_max_tokens": cuda.PAIRS_SP_MAX_TOKENS}
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,8 @@ TC_SPLITS = 0  # the tensor-core kernel's K splits; 0: the op's own choice (--tc
 BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups in bank order
 AFTER_KERNEL = False  # --after-kernel: each timed call follows a small kernel that writes x
 BLOCK_ROWS = 1  # --block-rows: rows that share one keep pattern
+PAIRS = False  # --pattern pairs: each row keeps one group of each aligned pair of group columns
+SP_TIMED_MAX_TOKENS = 256  # the sparse-tensor-core kernel, timed on pair-pattern layers up to here
 # What each shape is compared with (--baselines); the read floor counts as one.
 BASELINES = ("cublas_fp16", "sparse24", "marlin", "machete", "exllama_w2", "read_floor")
 SELECTED = frozenset(BASELINES)
@@ -115,7 +117,11 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
     more, its tiles are compact (``xcols``), as ``to_kernel_format`` makes them, and
     ``chunks_by_channel`` keeps the ordinary chunk table for comparison."""
     KG, R = K // GROUP_SIZE, BLOCK_ROWS
-    keep = torch.rand(N // R, KG, device="cuda") < row_densities(N // R, density, heavy_block, "cuda")
+    if PAIRS:  # one group of each pair, chosen at random: density 1/2 in every row
+        odd = torch.rand(N // R, KG // 2, device="cuda") < 0.5
+        keep = torch.stack([~odd, odd], dim=2).reshape(N // R, KG)
+    else:
+        keep = torch.rand(N // R, KG, device="cuda") < row_densities(N // R, density, heavy_block, "cuda")
     keep = keep.repeat_interleave(R, dim=0)
     row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
     row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
@@ -142,6 +148,7 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
 # kernel not the schedule.
 PATH_TENSORS = {"gemv": ("row_ptr", "codes", "meta", "schedule"),
                 "tc": ("row_ptr", "codes", "meta", "chunks", "xcols"),
+                "sp": ("row_ptr", "codes", "meta"),
                 "dequant_cublas": ("row_ptr", "codes", "meta")}
 
 
@@ -241,6 +248,8 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
     if path == "tc":
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
+    if path == "sp":
+        return [lambda t=t: cuda.sp(x, t, N, TC_SPLITS) for t in ts]
     if path == "tc_by_channel":  # compact tiles walked by channel chunks instead
         ts = [{**{k: v for k, v in t.items() if k != "xcols"}, "chunks": t["chunks_by_channel"]} for t in ts]
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
@@ -381,12 +390,15 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["gemv"] = timed(gqsa_calls(gq, x, N, K, "gemv"))
         if M <= TC_TIMED_MAX_TOKENS:
             paths["tc"] = timed(gqsa_calls(gq, x, N, K, "tc"))
+        if M <= SP_TIMED_MAX_TOKENS and PAIRS:
+            paths["sp"] = timed(gqsa_calls(gq, x, N, K, "sp"))
         if M <= TC_TIMED_MAX_TOKENS and compact:
             paths["tc_by_channel"] = timed(gqsa_calls(gq, x, N, K, "tc_by_channel"))
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = timed(gqsa_calls(gq, x, N, K, "dequant_cublas"))
-        gemv_max, tc_max = cuda.dispatch(compact)
-        kernel = "gemv" if M <= gemv_max else "tc" if M <= tc_max else "dequant_cublas"
+        gemv_max, tc_max = cuda.dispatch(compact, PAIRS)
+        middle = "sp" if PAIRS else "tc"
+        kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else "dequant_cublas"
         us = paths[kernel]
         nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
@@ -497,7 +509,7 @@ def summarize(results: list, read_bw: float) -> list:
 
 
 def main() -> None:
-    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE, PAIRS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes, four batch sizes (< 60 s)")
     p.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -516,6 +528,10 @@ def main() -> None:
     p.add_argument("--block-rows", type=int, default=1,
                    help="rows per block sharing one keep pattern, as in a --block-rows checkpoint "
                         "(default 1); every shape's N must be a multiple of it")
+    p.add_argument("--pattern", choices=["groups", "pairs"], default="groups",
+                   help="GQSA sparsity pattern: groups (default: each group kept at random, density "
+                        "0.5) or pairs (one group of each aligned pair of group columns, as gqsa-convert "
+                        "--pattern pairs writes; times the sparse-tensor-core kernel, gqsa_sp_us)")
     p.add_argument("--baselines", type=parse_baselines, default=frozenset(BASELINES),
                    help=f"what to compare with: all (default), none, or a comma-separated subset of "
                         f"{','.join(BASELINES)}")
@@ -531,6 +547,9 @@ def main() -> None:
         raise SystemExit(f"GQSA CUDA ops are not available: {reason}")
     start = time.time()
     BLOCK_ROWS = args.block_rows
+    PAIRS = args.pattern == "pairs"
+    if PAIRS and args.group_size != 16:
+        raise SystemExit("--pattern pairs runs at --group-size 16")
     DTYPE = getattr(torch, args.dtype)
     GROUP_SIZE = args.group_size
     # vLLM's ExLlama GPTQ kernel multiplies fp16 activations only (GPTQConfig serves fp16).
@@ -560,11 +579,13 @@ def main() -> None:
     balance = [] if args.skip_balance else bench_balance(4096, 4096, reps, read_bw, num_ctas)
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "vllm": _package_version("vllm"), "command": " ".join(sys.argv), "ops": reason,
-           "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "density": DENSITY, "activation_dtype": str(DTYPE),
+           "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "pattern": args.pattern, "density": DENSITY, "activation_dtype": str(DTYPE),
            "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "baselines": sorted(SELECTED),
            "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
                         "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,
-                        "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS},
+                        "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS,
+                        "pairs_gemv_max_tokens": cuda.PAIRS_GEMV_MAX_TOKENS,
+                        "pairs_sp_max_tokens": cuda.PAIRS_SP_MAX_TOKENS},
            "summary": summary, "results": results, "balance": balance,
            "seconds": time.time() - start}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

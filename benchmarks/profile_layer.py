@@ -3,8 +3,8 @@
 
     ncu -k regex:gemv_kernel -s 2 -c 1 --metrics ... python benchmarks/profile_layer.py gemv 22016 4096 1
 
-PATH is gemv, gemv_bank (the GEMV on groups in ``cuda_format.bank_order``), tc (tensor cores) or
-marlin (vLLM's Marlin on a GPTQ 4-bit g128 layer of the same shape, for comparison: ``-k
+PATH is gemv, gemv_bank (the GEMV on groups in ``cuda_format.bank_order``), tc (tensor cores), sp
+(sparse tensor cores, on a layer in the pair pattern) or marlin (vLLM's Marlin on a GPTQ 4-bit g128 layer of the same shape, for comparison: ``-k
 regex:Marlin``); the GQSA layer is N x K at 50% density, made as benchmarks/kernel_speed.py makes its
 layers; x is M random fp16 tokens. ``-s 2 -c 1`` profiles the third call. The ``ncu_stalls_*.txt`` files in
 benchmarks/results/gpu/ hold the command lines they came from."""
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_speed  # noqa: E402
 from kernel_speed import make_gqsa, vllm_gptq_baselines  # noqa: E402
 
 from vllm_gqsa.kernels import cuda, cuda_format  # noqa: E402
@@ -25,7 +26,7 @@ from vllm_gqsa.kernels import cuda, cuda_format  # noqa: E402
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("path", choices=("gemv", "gemv_bank", "tc", "marlin"))
+    p.add_argument("path", choices=("gemv", "gemv_bank", "tc", "sp", "marlin"))
     p.add_argument("N", type=int)
     p.add_argument("K", type=int)
     p.add_argument("M", type=int)
@@ -39,10 +40,12 @@ def main() -> None:
         fn, packs, _ = baselines["marlin"]
         call = lambda: fn(x, packs[0])  # noqa: E731
     else:
+        kernel_speed.PAIRS = a.path == "sp"
         t = make_gqsa(a.N, a.K, 0.5, cuda.default_num_ctas())
         if a.path == "gemv_bank":
             t = cuda_format.with_bank_order(t)
-        call = (lambda: cuda.tc(x, t, a.N)) if a.path == "tc" else (lambda: cuda.gemv(x, t, a.N))
+        op = {"tc": cuda.tc, "sp": cuda.sp}.get(a.path, cuda.gemv)
+        call = lambda: op(x, t, a.N)  # noqa: E731
     for _ in range(3):
         y = call()
     torch.cuda.synchronize()

@@ -36,6 +36,11 @@
 // builds the mma A fragments from them in registers and multiplies with mma.m16n8k16; splits of K
 // are summed deterministically.
 //
+// Batched decode (M = 3..64 tokens) of a layer in the pair pattern (each row keeps one group of each
+// aligned pair of group columns), see sp_kernel: the same tiles and splits, but only kept weights
+// reach the tensor cores, as the 2:4-sparse A operand of mma.sp once each pair's channels are
+// interleaved.
+//
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
 
@@ -46,6 +51,10 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <utility>
+
+// Which threads' bits of mma.sp's metadata word hold which rows (see sp_metadata).
 
 namespace gqsa {
 namespace {
@@ -800,6 +809,11 @@ __device__ __forceinline__ constexpr int stage_of(StageTag<S>) {
   return S;
 }
 __device__ __forceinline__ int stage_of(int s) { return s; }
+// f(StageTag<0>{}), f(StageTag<1>{}), ...: a loop body per stage, each with its stage known at compile time.
+template <typename F, int... S>
+__device__ __forceinline__ void for_each_stage(std::integer_sequence<int, S...>, F&& f) {
+  (f(StageTag<S>{}), ...);
+}
 
 // Keeps v in a register at this point: an empty asm that may change it, so the compiler can
 // neither recompute it nor move its computation past here (ptxas otherwise rematerializes
@@ -1182,6 +1196,288 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sparse-tensor-core kernel for layers in the pair pattern (M = 4..64 tokens per launch)
+//
+// A layer converted with --pattern pairs keeps, in every row, exactly one group of each aligned
+// pair of 16-channel group columns (2j, 2j + 1), so row r's j-th kept group is in pair j and lies
+// at row_ptr[r] + j. Reading the 32 channels of a pair in the order
+//   a0 a1 b0 b1 | a2 a3 b2 b3 | ... | a14 a15 b14 b15     (a = group 2j, b = group 2j + 1)
+// puts exactly two of a row's kept weights in every 4 channels, which is the 2:4 sparsity that
+// mma.sp multiplies at the cost of a dense mma of half the size: the A operand of
+// mma.sp.m16n8k32 is each row's kept group, its 16 codes in their own order (so tc_a_pair builds
+// it exactly as for the dense kernel), and the metadata says per row which half of each 4 it is
+// (indices 0, 1 for a kept a, 2, 3 for a kept b). Only kept weights are dequantized and fed to
+// the tensor cores, where the dense tensor-core kernel feeds every 16-weight slot of its tiles.
+// The reordering is done on x, shared by the CTA's 64 rows, as it is copied into shared memory.
+// The rest is tc_kernel's: 64 rows and a range of 256-channel chunks per CTA, two cp.async stages,
+// K splits summed in split order by the last CTA of a tile.
+
+// Shared memory of sp_kernel, per stage: x, then each row's 8 groups of the chunk (codes, meta).
+template <int MT>
+struct SpLayout {
+  static constexpr int kTokens = 8 * MT;
+  static constexpr int kPairs = kTcChunk / 32;  // pairs of group columns in a chunk (8)
+  // A lane reads its B fragment for one pair and 8 tokens as one 16-byte load: lane (g, q) 16
+  // bytes at token g, pair offset 16q. The 8 lanes of one phase read 64 bytes of two tokens, so
+  // a row pitch of 64 mod 128 bytes puts them in different banks.
+  static constexpr int kXRowBytes = kTcChunk * 2 + 64;
+  static constexpr int kXBytes = kTokens * kXRowBytes;
+  // A warp reads one group's 8 code bytes of 8 rows at once: 80 bytes apart, they fall in 8
+  // different 8-byte bank pairs (and rows stay 16-byte aligned for 16-byte copies). Meta: 16 bytes
+  // of 4 pairs per row, 48 bytes apart, also conflict-free over 8 rows.
+  static constexpr int kCodeRowBytes = kPairs * 8 + 16;
+  static constexpr int kCodeBytes = kTcRows * kCodeRowBytes;
+  static constexpr int kMetaRowBytes = kPairs * 4 + 16;
+  static constexpr int kMetaBytes = kTcRows * kMetaRowBytes;
+  static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes;
+  // A chunk's math is short here (8 k-steps of pairs, only kept weights), too short to cover a
+  // DRAM round trip, so copies go out kStages - 1 chunks ahead. One Llama-2-7B layer on the H200 at
+  // 4 / 8 / 16 / 32 / 64 tokens: 69.3 / 70.9 / 79.5 / 112.7 / 186.8 us with 2 stages, 59.4 / 60.6 /
+  // 76.2 / 109.2 with 4, 57.1 / 59.2 / 77.0 / 116.1 / 239.6 with 3 (64 tokens: one CTA per SM);
+  // benchmarks/results/gpu/kernels_pairs_h200_stages_{2,4,3}.json.
+  static constexpr int kStages = MT <= 4 ? 4 : 2;
+  static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
+  static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kBytes, "the half sums fit in shared memory");
+};
+
+// Where word o (channels 2o, 2o + 1) of a pair's 16 words goes in shared memory: lane q of a
+// quad reads words 4q .. 4q + 3, its B fragment b0..b7 of mma.m16n8k32 (rows k = 2q, 2q + 1,
+// + 8, + 16, + 24 of the reordered pair, i.e. channels 2(q >> 1) + {0, 1} + {0, 4, 8, 12} of group a
+// for even q and of group b for odd q).
+__host__ __device__ constexpr int sp_x_word(int o) { return 4 * ((o >> 3) | ((o & 1) << 1)) + ((o & 7) >> 1); }
+
+// d += a (16 x 32 with 2:4 sparsity, given as its 16 x 16 kept values and metadata e) * b (32 x 8).
+__device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint4& b, uint32_t e) {
+  asm volatile(
+      "mma.sp::ordered_metadata.sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+      "{%4, %5, %6, %7}, {%8, %9, %10, %11}, {%0, %1, %2, %3}, %12, 0x0;"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y), "r"(b.z), "r"(b.w), "r"(e));
+}
+
+// mma.sp metadata of rows g (meta_a) and g + 8 (meta_b) for one pair: per 4-channel chunk two
+// 2-bit indices, 0b0100 (indices 0, 1) when the row keeps group a (an even column) and 0b1110
+// (2, 3) when it keeps b. With sparsity selector 0, threads 0 and 1 of each quad supply it, row
+// g's chunks in bits 0-15 and row g + 8's in bits 16-31 (thread 0 for the pair's chunks 0-3,
+// thread 1 for 4-7); every chunk of a row says the same, so every lane computes the same word. (The
+// other reading, thread 0 holding row g's 8 chunks and thread 1 row g + 8's, gave relative errors
+// of 0.7 on the H200, this one 3e-4.)
+__device__ __forceinline__ uint32_t sp_metadata(uint32_t meta_a, uint32_t meta_b) {
+  return 0x44444444u + ((meta_a >> kColShift) & 1u) * 0xAAAAu + ((meta_b >> kColShift) & 1u) * 0xAAAA0000u;
+}
+
+// y[M, N] = x[M, K] @ W.T for M <= 8 * MT and a layer in the pair pattern (K % 32 == 0, G = 16):
+// CTA (tile, split) computes rows tile * kTcRows .. + kTcRows - 1 over its range of the
+// ceil(K / kTcChunk) chunks; splits as in tc_kernel.
+// kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
+// at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
+template <typename T, int MT, bool kXScaled, bool kFull>
+__global__ void __launch_bounds__(kTcThreads)
+    sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
+              const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
+              int32_t* __restrict__ counters, int M, int N, int K, int splits) {
+  using L = SpLayout<MT>;
+  constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
+  extern __shared__ __align__(16) unsigned char sp_smem[];
+  __shared__ int is_last_split;
+
+  const int tile = blockIdx.x;
+  const int split = blockIdx.y;
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int row_group = warp % kTcRowGroups;
+  const int half = warp / kTcRowGroups;
+  const int c_begin = split * num_chunks / splits;
+  const int n_local = (split + 1) * num_chunks / splits - c_begin;
+  const int pairs = K / 32;  // kept groups per row
+  const uint32_t stage0 = smem_addr(sp_smem);
+
+  // Codes: 4 threads per row, each copying groups 2 * part and 2 * part + 1 of the chunk. Meta: the
+  // same, or with kFull 2 threads per row (the first 128 threads), 4 groups each.
+  const int copy_row = threadIdx.x / 4;
+  const int copy_part = threadIdx.x % 4;
+  const int grow = tile * kTcRows + copy_row;
+  const bool row_ok = grow < N;
+  const int32_t* code_src = codes + 2 * static_cast<size_t>(row_ok ? __ldg(row_ptr + grow) + 2 * copy_part : 0);
+  uint32_t code_dst = stage0 + L::kXBytes + copy_row * L::kCodeRowBytes + 16 * copy_part;
+  const int meta_row = kFull ? threadIdx.x / 2 : copy_row;
+  const int meta_part = kFull ? threadIdx.x % 2 : copy_part;
+  constexpr int kMetaGroups = kFull ? 4 : 2;  // per copying thread
+  const bool meta_ok = kFull ? threadIdx.x < 2 * kTcRows && tile * kTcRows + meta_row < N : row_ok;
+  const int32_t* meta_src = meta + (meta_ok ? __ldg(row_ptr + tile * kTcRows + meta_row) + kMetaGroups * meta_part : 0);
+  uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + meta_row * L::kMetaRowBytes + 4 * kMetaGroups * meta_part;
+  const int first_pair = 2 * copy_part;  // of the chunk, this thread's first (non-kFull bounds)
+  // x: word w = threadIdx.x % 128 of the chunk's 128 words of token x_tok + 2j, stored reordered.
+  constexpr int kXWords = kTcChunk / 2;
+  constexpr int kXCopies = L::kTokens * kXWords / kTcThreads;
+  constexpr int kXTokenStep = kTcThreads / kXWords;
+  const int x_tok = threadIdx.x / kXWords;
+  const int x_w = threadIdx.x % kXWords;
+  uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 64 * (x_w / 16) + 4 * sp_x_word(x_w % 16);
+  const T* x_src = x + static_cast<size_t>(x_tok) * K + 2 * x_w;
+  uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
+#pragma unroll
+  for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
+
+  // Copies chunk c_begin + i into stage s; pairs past K get zero meta (scale 0) and no codes.
+  auto issue = [&](int i, int s) {
+    const uint32_t stage = static_cast<uint32_t>(s * L::kStageBytes);
+    const int c = c_begin + i;
+    if constexpr (kFull) {
+      cp_async16_zfill(code_dst + stage, row_ok ? code_src + 2 * L::kPairs * c : codes, row_ok);
+      if (threadIdx.x < 2 * kTcRows) cp_async16_zfill(meta_dst + stage, meta_ok ? meta_src + L::kPairs * c : meta, meta_ok);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const bool ok = row_ok && c * L::kPairs + first_pair + j < pairs;
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(code_dst + stage + 8 * j),
+                     "l"(ok ? code_src + 2 * (L::kPairs * c + j) : codes), "r"(ok ? 8 : 0));
+        cp_async4_zfill(meta_dst + stage + 4 * j, ok ? meta_src + L::kPairs * c + j : meta, ok);
+      }
+    }
+    const bool ch_ok = kFull || c * kTcChunk + 2 * x_w < K;
+    const T* src = x_src + c * kTcChunk;
+#pragma unroll
+    for (int j = 0; j < kXCopies; ++j) {
+      const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
+      cp_async4_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
+                      valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
+    }
+  };
+
+  for (int i = 0; i < L::kStages - 1; ++i) {
+    if (i < n_local) issue(i, i);
+    cp_async_commit();
+  }
+
+  const int g = lane / 4;
+  const int q = lane % 4;
+  const int row_a = row_group * 16 + g;
+  const uint32_t sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12;
+  // This warp's half of a chunk: pairs 4 * half .. 4 * half + 3.
+  constexpr int kHalfPairs = L::kPairs / kTcHalves;
+  const int code_off = row_a * L::kCodeRowBytes + 8 * kHalfPairs * half;
+  const int meta_off = row_a * L::kMetaRowBytes + 4 * kHalfPairs * half;
+  const int x_off = g * L::kXRowBytes + 64 * kHalfPairs * half + 16 * q;
+  float acc[MT][4];
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[t][j] = 0.f;
+  }
+
+  auto chunk = [&](int i, auto stage) {
+    const int s = stage_of(stage);
+    // Per-thread addresses stay in registers across chunks (see keep_in_register).
+    keep_in_register(code_dst);
+    keep_in_register(code_src);
+    keep_in_register(meta_dst);
+    keep_in_register(meta_src);
+    keep_in_register(x_dst);
+    keep_in_register(x_src);
+    cp_async_wait<L::kStages - 2>();  // this thread's copies of chunk i have landed
+    __syncthreads();                  // and everyone's; chunk i - 1's stage is free
+    unsigned char* xs_stage = sp_smem + s * L::kStageBytes;
+    if constexpr (kConvertX) {
+      for (int u = threadIdx.x; u < L::kTokens * (kTcChunk / 8); u += kTcThreads) {
+        uint4* v = reinterpret_cast<uint4*>(xs_stage + (u / (kTcChunk / 8)) * L::kXRowBytes) + u % (kTcChunk / 8);
+        *v = bf16_to_half_scaled<kTcXScaleLog2<T>>(*v);
+      }
+      __syncthreads();
+    }
+    const unsigned char* code_a = xs_stage + L::kXBytes + code_off;
+    const unsigned char* code_b = code_a + 8 * L::kCodeRowBytes;
+    const uint4 meta_a = *reinterpret_cast<const uint4*>(xs_stage + L::kXBytes + L::kCodeBytes + meta_off);
+    const uint4 meta_b =
+        *reinterpret_cast<const uint4*>(xs_stage + L::kXBytes + L::kCodeBytes + meta_off + 8 * L::kMetaRowBytes);
+    const uint32_t ma[4] = {meta_a.x, meta_a.y, meta_a.z, meta_a.w};
+    const uint32_t mb[4] = {meta_b.x, meta_b.y, meta_b.z, meta_b.w};
+    const unsigned char* xs = xs_stage + x_off;
+#pragma unroll
+    for (int p = 0; p < kHalfPairs; ++p) {
+      if (p == kHalfPairs / 2) {  // as in tc_kernel: halfway, the next chunk's copies
+        const int next = i + L::kStages - 1;
+        if (next < n_local) issue(next, (s + L::kStages - 1) % L::kStages);
+        cp_async_commit();
+      }
+      uint32_t a[4];
+      tc_a_pair(*reinterpret_cast<const uint2*>(code_a + 8 * p), ma[p], sel, a[0], a[2]);
+      tc_a_pair(*reinterpret_cast<const uint2*>(code_b + 8 * p), mb[p], sel, a[1], a[3]);
+      const uint32_t e = sp_metadata(ma[p], mb[p]);
+#pragma unroll
+      for (int t = 0; t < MT; ++t) {
+        const uint4 b = *reinterpret_cast<const uint4*>(xs + 64 * p + 8 * t * L::kXRowBytes);
+        mma_sp_16832(acc[t], a, b, e);
+      }
+    }
+  };
+  // kStages chunks per iteration, each with its stage as a compile-time constant.
+  for (int i = 0; i < n_local; i += L::kStages) {
+    for_each_stage(std::make_integer_sequence<int, L::kStages>{}, [&](auto stage) {
+      if (i + stage_of(stage) < n_local) chunk(i + stage_of(stage), stage);
+    });
+  }
+
+  // From here on as tc_kernel: the halves' sums, then y or the split's partial and the last
+  // split's sum.
+  cp_async_wait<0>();
+  __syncthreads();
+  float4* half_sums = reinterpret_cast<float4*>(sp_smem);  // (the pipeline is drained)
+  if (half == 1) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      half_sums[(row_group * MT + t) * kWarpSize + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    }
+  }
+  __syncthreads();
+  if (half == 1) return;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const float4 o = half_sums[(row_group * MT + t) * kWarpSize + lane];
+    acc[t][0] += o.x;
+    acc[t][1] += o.y;
+    acc[t][2] += o.z;
+    acc[t][3] += o.w;
+  }
+  const int row0 = tile * kTcRows + row_group * 16 + g;
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = row0 + 8 * (j / 2);
+      const int tok = 8 * t + 2 * q + j % 2;
+      if (row < N && tok < M) {
+        if (part == nullptr) {
+          y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(acc[t][j] * kOutScale);
+        } else {
+          part[static_cast<size_t>(tok) * N + row] = acc[t][j];
+        }
+      }
+    }
+  }
+  if (splits == 1) return;
+  constexpr int kThreadsLeft = kTcThreads / kTcHalves;
+  __threadfence();
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  if (!is_last_split) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < kTcRows * M; i += kThreadsLeft) {
+    const int tok = i / kTcRows;
+    const int row = tile * kTcRows + i % kTcRows;
+    if (row >= N) continue;
+    float sum = 0.f;
+    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + (static_cast<size_t>(sp) * M + tok) * N + row);
+    y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(sum * kOutScale);
+  }
+  if (threadIdx.x == 0) counters[tile] = 0;
+}
+
+// ---------------------------------------------------------------------------------------------
 // Dispatch
 
 struct GemvArgs {
@@ -1335,6 +1631,59 @@ cudaError_t tc_for_group(const TcArgs& a, int group_size) {
   }
 }
 
+// One launch of sp_kernel: at most kMaxTcTokens tokens (x_scratch as in TcArgs).
+struct SpArgs {
+  const void* x;
+  const int32_t* row_ptr;
+  const int32_t* codes;
+  const int32_t* meta;
+  void* y;
+  float* workspace;
+  int32_t* counters;
+  void* x_scratch;
+  int M, N, K, splits;
+  cudaStream_t stream;
+};
+
+template <typename T, int MT, bool kXScaled>
+cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
+  using L = SpLayout<MT>;
+  const auto kernel = a.K % kTcChunk == 0 ? sp_kernel<T, MT, kXScaled, true> : sp_kernel<T, MT, kXScaled, false>;
+  const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+  if (allowed != cudaSuccess) return allowed;
+  const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
+  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.row_ptr, a.codes, a.meta,
+                                                    (a.K + kTcChunk - 1) / kTcChunk, static_cast<T*>(a.y),
+                                                    a.workspace, a.counters, a.M, a.N, a.K, a.splits);
+  return cudaGetLastError();
+}
+
+template <typename T, int MT>
+cudaError_t launch_sp(const SpArgs& a) {
+  if constexpr (kTcXScaleLog2<T> != 0) {
+    if (a.x_scratch != nullptr) {
+      const int units = static_cast<int>(static_cast<size_t>(a.M) * a.K / 8);
+      if (units > 0) {
+        const int blocks = (units + kTcThreads - 1) / kTcThreads;
+        tc_scale_x_kernel<T><<<blocks, kTcThreads, 0, a.stream>>>(static_cast<const uint4*>(a.x),
+                                                                  static_cast<uint4*>(a.x_scratch), units);
+        const cudaError_t err = cudaGetLastError();
+        if (err != cudaSuccess) return err;
+      }
+      return launch_sp_kernel<T, MT, true>(a, a.x_scratch);
+    }
+  }
+  return launch_sp_kernel<T, MT, false>(a, a.x);
+}
+
+template <typename T>
+cudaError_t sp_for_tokens(const SpArgs& a) {
+  if (a.M <= 8) return launch_sp<T, 1>(a);
+  if (a.M <= 16) return launch_sp<T, 2>(a);
+  if (a.M <= 32) return launch_sp<T, 4>(a);
+  return launch_sp<T, 8>(a);
+}
+
 bool shape_ok(int N, int K, int group_size) {
   return N >= 0 && K >= 0 && group_size > 0 && K % group_size == 0 && K / group_size <= kMaxGroupCols;
 }
@@ -1438,6 +1787,29 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
     switch (dtype) {
       case Dtype::kFloat16: err = tc_for_group<__half>(a, group_size); break;
       case Dtype::kBFloat16: err = tc_for_group<__nv_bfloat16>(a, group_size); break;
+    }
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                    void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
+                    cudaStream_t stream) {
+  if (!shape_ok(N, K, 16) || K % 32 != 0 || M < 0 || splits < 1) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
+  const size_t elem = 2;  // fp16 and bf16
+  for (int m0 = 0; m0 < M; m0 += kMaxTcTokens) {
+    const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
+    void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
+    const SpArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta,
+                   static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
+                   m, N, K, splits, stream};
+    cudaError_t err = cudaErrorInvalidValue;
+    switch (dtype) {
+      case Dtype::kFloat16: err = sp_for_tokens<__half>(a); break;
+      case Dtype::kBFloat16: err = sp_for_tokens<__nv_bfloat16>(a); break;
     }
     if (err != cudaSuccess) return err;
   }

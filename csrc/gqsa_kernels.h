@@ -103,6 +103,15 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
 // Whether tc_gemm converts x once per launch of M tokens (and so needs x_scratch).
 bool tc_converts_x_once(Dtype dtype, int M);
 
+// y[M, N] = x[M, K] @ W.T on sparse tensor cores (mma.sp) for a layer in the pair pattern: G = 16,
+// K % 32 == 0, and every row keeps exactly one group of each aligned pair of group columns
+// (2j, 2j + 1), so that row n's groups are row_ptr[n] .. row_ptr[n] + K / 32 - 1, the j-th in pair j
+// (vllm_gqsa/kernels/cuda_format.py checks this at load time; the kernel trusts it). Grid,
+// splits, workspace, counters and x_scratch as for tc_gemm (num_chunks = ceil(K / kTcChunk)).
+cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
+                    void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
+                    cudaStream_t stream);
+
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,
                        const int32_t* meta, void* w, int N, int K, int group_size,

@@ -212,6 +212,57 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   return y;
 }
 
+at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
+                   int64_t n_out, int64_t splits, const std::optional<at::Tensor>& counters) {
+  const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(x.dim() == 2, "gqsa_sp: x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(x.is_contiguous(), "gqsa_sp: x must be contiguous");
+  const int64_t group_size = check_layer(row_ptr, codes, meta, n_out, x.device());
+  TORCH_CHECK(group_size == 16, "gqsa_sp: the pair pattern's kernel takes G = 16, got codes of shape ", shape(codes));
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M < INT32_MAX / 2, "gqsa_sp: M=", num(M), " is out of range");
+  check_input_size(K, group_size);
+  TORCH_CHECK(K % 32 == 0, "gqsa_sp: input size ", num(K), " is not a whole number of pairs of groups (32 channels)");
+  // The kernel reads row n's groups at row_ptr[n] + j for j < K / 32: the pair pattern's count.
+  TORCH_CHECK(codes.size(0) == n_out * (K / 32), "gqsa_sp: a layer in the pair pattern keeps K / 32 = ", num(K / 32),
+              " groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
+  const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
+  const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
+  if (counters.has_value()) {
+    check_int32(*counters, "counters", 1, x.device());
+    TORCH_CHECK(counters->numel() == tiles, "gqsa_sp: counters must have ", num(tiles),
+                " entries (one per 64-row tile) for n_out=", num(n_out), ", got ", shape(*counters));
+  }
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_sp: x must be 16-byte aligned");
+  TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), "gqsa_sp: splits must be 0 (choose) or 1..",
+              num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
+
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (num_chunks == 0) return y.zero_();
+  const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
+  const int s = splits > 0 ? static_cast<int>(splits)
+                           : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
+                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+  at::Tensor workspace, tile_counters;  // as in gqsa_tc
+  if (s > 1) {
+    workspace = at::empty({s, launch_tokens, n_out}, x.options().dtype(at::kFloat));
+    tile_counters = counters.has_value() ? *counters : at::zeros({tiles}, x.options().dtype(at::kInt));
+  }
+  at::Tensor x_scratch;
+  if (gqsa::tc_converts_x_once(dtype, static_cast<int>(launch_tokens))) {
+    x_scratch = at::empty({launch_tokens, K}, x.options().dtype(at::kHalf));
+  }
+  check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
+                             meta.data_ptr<int32_t>(), y.data_ptr(), s > 1 ? workspace.data_ptr<float>() : nullptr,
+                             s > 1 ? tile_counters.data_ptr<int32_t>() : nullptr,
+                             x_scratch.defined() ? x_scratch.data_ptr() : nullptr, static_cast<int>(M),
+                             static_cast<int>(n_out), static_cast<int>(K), s, at::cuda::getCurrentCUDAStream()),
+               "gqsa_sp");
+  return y;
+}
+
 at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
                         int64_t n_out, int64_t k_in, int64_t group_size, at::ScalarType dtype) {
   const gqsa::Dtype kdtype = kernel_dtype(dtype, "dtype");
@@ -241,6 +292,8 @@ TORCH_LIBRARY(vllm_gqsa, m) {
         "int x_staging=-1) -> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
         "int splits=0, Tensor? xcols=None, Tensor? counters=None) -> Tensor");
+  m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
+        "Tensor? counters=None) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype) -> Tensor");
 }
@@ -248,6 +301,7 @@ TORCH_LIBRARY(vllm_gqsa, m) {
 TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
   m.impl("gqsa_gemv", &gqsa_gemv);
   m.impl("gqsa_tc", &gqsa_tc);
+  m.impl("gqsa_sp", &gqsa_sp);
   m.impl("gqsa_dequant", &gqsa_dequant);
 }
 

@@ -12,8 +12,8 @@ from vllm_gqsa.kernels import cuda
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, TC_ROWS, WARPS_PER_CTA,
                                            can_implement, chunk_table, compact_chunk_table,
                                            cta_row_bounds, dequantize_kernel_format, make_schedule,
-                                           row_per_cta_schedule, to_kernel_format, unpack_meta,
-                                           with_bank_order)
+                                           pair_pattern, row_per_cta_schedule, to_kernel_format,
+                                           unpack_meta, with_bank_order)
 
 GROUP_SIZES = (16, 32, 64, 128)
 # Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
@@ -64,6 +64,20 @@ def tile_layer(N: int, K: int, G: int, density: float, seed: int = 0):
     scales = (torch.rand(N, KG, generator=g) + 0.5) * 0.02
     zeros = torch.randint(0, 16, (N, KG), generator=g)
     return pack_layer(codes, scales, zeros, keep, LayerFormat(4, G, 1))
+
+
+def pair_layer(N: int, K: int, seed: int = 0, G: int = 16, block_rows: int = 1):
+    """A random layer in the pair pattern: each row (row block) keeps one group of each aligned
+    pair of group columns, chosen at random."""
+    g = torch.Generator().manual_seed(seed)
+    KG, R = K // G, block_rows
+    odd = torch.rand(N // R, KG // 2, generator=g) < 0.5
+    keep = torch.stack([~odd, odd], dim=2).reshape(N // R, KG)
+    codes = torch.randint(0, 16, (N, K), generator=g)
+    scales = (torch.rand(N, KG, generator=g) + 0.5) * 0.02 * torch.where(
+        torch.rand(N, KG, generator=g) < 0.5, -1.0, 1.0)
+    zeros = torch.randint(0, 16, (N, KG), generator=g)
+    return pack_layer(codes, scales, zeros, keep, LayerFormat(4, G, R))
 
 
 def dense_reference(layer, dtype=torch.float32):
@@ -192,6 +206,22 @@ def test_kernel_format_tensors():
     assert tuple(t["meta"].shape) == (layer.nnz,)
     assert tuple(t["schedule"].shape) == (6 * WARPS_PER_CTA + 1, 2)
     assert t["chunks"].dtype == torch.int32 and tuple(t["chunks"].shape) == (40, 1)
+
+
+def test_pair_pattern():
+    """Only G = 16 layers whose every row keeps one group of each aligned pair qualify."""
+    layer = pair_layer(70, 16 * 42, seed=1)
+    assert pair_pattern(layer.row_ptr, layer.col_idx, layer.in_features, 16)
+    blocks = pair_layer(64, 16 * 8, seed=2, block_rows=4).single_rows()
+    assert pair_pattern(blocks.row_ptr, blocks.col_idx, 16 * 8, 16)
+    assert not pair_pattern(layer.row_ptr, layer.col_idx, layer.in_features, 32)  # G = 32
+    wide = pair_layer(70, 32 * 42, seed=1, G=32)
+    assert not pair_pattern(wide.row_ptr, wide.col_idx, wide.in_features, 32)
+    for pattern in ("uniform", "dense", "all_empty"):
+        other = make_layer(70, 16 * 42, 16, pattern)
+        assert not pair_pattern(other.row_ptr, other.col_idx, other.in_features, 16)
+    odd = make_layer(3, 16 * 3, 16, "dense")  # K = 48: one and a half pairs
+    assert not pair_pattern(odd.row_ptr, odd.col_idx, 48, 16)
 
 
 @pytest.mark.parametrize("G", GROUP_SIZES)
@@ -498,12 +528,95 @@ def test_dequant(dtype, G, pattern):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24), (cuda.tc, 64)], ids=["gemv", "tc", "tc_64"])
+@pytest.mark.parametrize("M", [1, 5, 8, 9, 16, 17, 32, 33, 64, 65, 130])
+def test_sp(dtype, M):
+    """The sparse-tensor-core kernel on a pair-pattern layer: N no multiple of its 64-row tiles,
+    K no multiple of its 256-channel chunks (21 pairs), every token count class."""
+    N, K = 301, 16 * 42
+    layer = pair_layer(N, K, seed=M).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, 8), M, dtype, op=cuda.sp)
+
+
+@needs_cuda
+@pytest.mark.parametrize("K", [32, 16 * 16, 16 * 18, 16 * 512])
+def test_sp_input_sizes(K):
+    """One pair; exactly one chunk; a chunk and one pair; 16 chunks."""
+    layer = pair_layer(130, K, seed=K).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, 8), 24, torch.float16, op=cuda.sp)
+
+
+@needs_cuda
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
+def test_sp_splits(splits):
+    """Any split of K over CTAs, deterministic from run to run, counters left at zero."""
+    layer = pair_layer(200, 16 * 256, seed=splits).to("cuda")
+    t = to_kernel_format(layer, 8)
+    op = lambda x, t, N: cuda.sp(x, t, N, splits)  # noqa: E731
+    check_gemv(layer, t, 24, torch.float16, op=op)
+    x = torch.randn(40, 16 * 256, device="cuda", dtype=torch.bfloat16)
+    y = op(x, t, 200)
+    assert torch.equal(y, op(x, t, 200)), "the split-K sum must not depend on CTA order"
+    assert not t["counters"].any(), "the last split of each tile sets its counter back to 0"
+
+
+@needs_cuda
+def test_sp_large_activations():
+    """bf16 activations beyond fp16's range: the kernel multiplies x * 2^-8 in fp16."""
+    layer = pair_layer(96, 16 * 40, seed=5).to("cuda")
+    t = to_kernel_format(layer, 8)
+    for M in (20, 64):  # x converted in the kernel, and once per launch
+        x = (torch.randn(M, 16 * 40, device="cuda") * 1e6).to(torch.bfloat16)
+        y = cuda.sp(x, t, 96)
+        ref = x.double() @ dense_reference(layer).cuda().double().T
+        assert torch.isfinite(y).all()
+        assert (y.double() - ref).norm() / ref.norm() < REL_TOL[torch.bfloat16]
+
+
+@needs_cuda
+def test_sp_refuses_other_layers():
+    """A layer that does not keep K / 32 groups per row in all is refused before any launch."""
+    sp = torch.ops.vllm_gqsa.gqsa_sp
+    layer = make_layer(70, 16 * 42, 16, "uniform").to("cuda")
+    t = to_kernel_format(layer, 8)
+    x = torch.randn(4, 16 * 42, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="pair pattern keeps"):
+        sp(x, t["row_ptr"], t["codes"], t["meta"], 70)
+    p = to_kernel_format(pair_layer(70, 16 * 42).to("cuda"), 8)
+    with pytest.raises(RuntimeError, match="whole number of pairs"):
+        sp(torch.randn(4, 16 * 41, device="cuda", dtype=torch.float16), p["row_ptr"], p["codes"], p["meta"], 70)
+    with pytest.raises(RuntimeError, match="splits must be"):
+        sp(x, p["row_ptr"], p["codes"], p["meta"], 70, 4)  # 3 chunks
+    with pytest.raises(RuntimeError, match="counters must have 2 entries"):
+        sp(x, p["row_ptr"], p["codes"], p["meta"], 70, 0, torch.zeros(3, dtype=torch.int32, device="cuda"))
+    w = to_kernel_format(pair_layer(70, 32 * 42, G=32).to("cuda"), 8)
+    with pytest.raises(RuntimeError, match="takes G = 16"):
+        sp(torch.randn(4, 32 * 42, device="cuda", dtype=torch.float16), w["row_ptr"], w["codes"], w["meta"], 70)
+
+
+@needs_cuda
+def test_plugin_op_runs_pairs_on_sparse_tensor_cores():
+    """gqsa_mm with pairs=True takes the sparse-tensor-core kernel between the GEMV and cuBLAS."""
+    import vllm_gqsa.ops  # noqa: F401  (registers gqsa_mm)
+
+    layer = pair_layer(130, 16 * 64, seed=3).to("cuda")
+    t = to_kernel_format(layer, 8)
+    x = torch.randn(24, 16 * 64, device="cuda", dtype=torch.float16)
+    args = (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 130, 16, None, t["counters"])
+    y = torch.ops.vllm_gqsa.gqsa_mm(*args, True)
+    assert torch.equal(y, cuda.sp(x, t, 130))
+    ref = torch.ops.vllm_gqsa.gqsa_mm(*args, False)  # the tensor-core kernel, same weights
+    assert (y.float() - ref.float()).norm() / ref.float().norm() < REL_TOL[torch.float16]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24), (cuda.tc, 64), (cuda.sp, 24), (cuda.sp, 64)],
+                         ids=["gemv", "tc", "tc_64", "sp", "sp_64"])
 def test_in_cuda_graph(op, M, dtype):
     """Deterministic and capturable; the tensor-core kernel's split counters (8 row tiles of 16
     chunks: split 4 ways on an H100 or H200) must be back at zero after every replay (and in bf16
     its x scratch, at the larger batches, is captured too)."""
-    layer = make_layer(512, 16 * 256, 16, "heavy_block").to("cuda")
+    layer = (pair_layer(512, 16 * 256) if op is cuda.sp else make_layer(512, 16 * 256, 16, "heavy_block")).to("cuda")
     t = to_kernel_format(layer, cuda.default_num_ctas())
     x = torch.randn(M, 16 * 256, device="cuda", dtype=dtype)
     eager = op(x, t, 512)
@@ -541,6 +654,11 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 48, device="cuda", dtype=torch.float16), s["row_ptr"],
                            s["codes"], s["meta"], s["chunks"], 70, 3, None, s["counters"]))
+    p = to_kernel_format(pair_layer(70, 16 * 48).to("cuda"), 9)
+    for M, dtype, splits in ((20, torch.float16, 0), (20, torch.bfloat16, 3), (64, torch.bfloat16, 0)):
+        torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sp,
+                              (torch.randn(M, 16 * 48, device="cuda", dtype=dtype), p["row_ptr"], p["codes"],
+                               p["meta"], 70, splits, p["counters"]))
     c = to_kernel_format(tile_layer(70, 16 * 40, 16, 0.3).to("cuda"), 9)
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 40, device="cuda", dtype=torch.float16), c["row_ptr"],

@@ -42,6 +42,10 @@ The index width follows K, so the index costs no more than it must:
 ``config.json`` carries ``quantization_config`` (see :class:`GQSAQuantConfig`):
 ``quant_method = "gqsa"``, ``format_version``, ``bits``, ``group_size``,
 ``block_rows``, ``sparsity`` (the fraction of groups pruned, as converted),
+``pattern`` (``"groups"``: any groups may be pruned; ``"pairs"``: every row block
+keeps exactly one group of each aligned pair of group columns ``(2j, 2j + 1)``, so
+its j-th kept group is in pair j and ``sparsity`` is 0.5; :func:`is_pair_pattern`
+checks a layer; the plugin decides by that check, layer by layer),
 ``target_modules`` (the last name component of the linear layers that are
 converted, e.g. ``q_proj``; ``lm_head`` when the output layer is converted, which
 the checkpoint then stores untied from a dense embedding,
@@ -66,6 +70,7 @@ FORMAT_VERSION = 1
 QUANT_METHOD = "gqsa"
 SUPPORTED_BITS = (2, 4, 8)
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
+PATTERNS = ("groups", "pairs")
 DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
@@ -96,6 +101,10 @@ class GQSAQuantConfig:
     group_size: int = 16
     block_rows: int = 1
     sparsity: float = 0.5
+    # "groups": any groups of a row may be pruned; "pairs": each row (row block) keeps exactly one
+    # group of each aligned pair of group columns (sparsity 0.5), which the sparse-tensor-core
+    # kernel runs (is_pair_pattern).
+    pattern: str = "groups"
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     modules_to_not_convert: tuple[str, ...] = field(default_factory=tuple)
     format_version: int = FORMAT_VERSION
@@ -114,6 +123,11 @@ class GQSAQuantConfig:
             raise GQSAFormatError(f"block_rows={self.block_rows} must be an integer in 1..64")
         if not (0.0 <= self.sparsity < 1.0):
             raise GQSAFormatError(f"sparsity={self.sparsity} must be in [0, 1)")
+        if self.pattern not in PATTERNS:
+            raise GQSAFormatError(f"pattern={self.pattern!r} is not supported; choose one of {PATTERNS}")
+        if self.pattern == "pairs" and self.sparsity != 0.5:
+            raise GQSAFormatError(f"pattern 'pairs' keeps one group of every two: sparsity must be 0.5, "
+                                  f"got {self.sparsity}")
         if not self.target_modules:
             raise GQSAFormatError("target_modules is empty: no layer would be quantized")
 
@@ -125,6 +139,7 @@ class GQSAQuantConfig:
             "group_size": self.group_size,
             "block_rows": self.block_rows,
             "sparsity": self.sparsity,
+            "pattern": self.pattern,
             "target_modules": list(self.target_modules),
             "modules_to_not_convert": list(self.modules_to_not_convert),
         }
@@ -146,6 +161,10 @@ class GQSAQuantConfig:
                         kind is int and value != int(value)):
                     raise GQSAFormatError(f"quantization_config.{key} must be a number, got {value!r}")
                 kwargs[key] = kind(value)
+        if "pattern" in d:  # checkpoints written before patterns existed have none: "groups"
+            if not isinstance(d["pattern"], str):
+                raise GQSAFormatError(f"quantization_config.pattern must be a string, got {d['pattern']!r}")
+            kwargs["pattern"] = d["pattern"]
         for key in ("target_modules", "modules_to_not_convert"):
             if key in d:
                 value = d[key]
@@ -451,6 +470,23 @@ class GQSALayer:
             qzeros=pack_flat(torch.cat([l.zeros().reshape(-1) for l in layers]), first.fmt.bits),
             out_features=sum(l.out_features for l in layers), in_features=first.in_features,
             fmt=first.fmt)
+
+
+def is_pair_pattern(row_ptr: torch.Tensor, cols: torch.Tensor, num_group_cols: int) -> bool:
+    """Whether every row (row block) keeps exactly one group of each aligned pair of group columns
+    (2j, 2j + 1): with ``cols`` in each row's column order, row r has ``num_group_cols / 2`` groups
+    and its j-th is in pair j. This is what ``gqsa-convert --pattern pairs`` writes, and what the
+    sparse-tensor-core kernel needs. Any device; never raises for a well-formed layer."""
+    if num_group_cols <= 0 or num_group_cols % 2:
+        return False
+    pairs = num_group_cols // 2
+    rows = row_ptr.numel() - 1
+    if rows < 0 or cols.numel() != rows * pairs:
+        return False
+    if not torch.equal(row_ptr.long(), torch.arange(rows + 1, device=row_ptr.device) * pairs):
+        return False
+    j = torch.arange(pairs, device=cols.device).repeat(rows)
+    return bool(torch.equal(cols.long() // 2, j))
 
 
 def pack_layer(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -40,7 +40,7 @@ from . import ops  # noqa: F401  (registers torch.ops.vllm_gqsa.*)
 from .format import (QUANT_METHOD, TENSOR_NAMES, GQSAFormatError, GQSALayer, GQSAQuantConfig,
                      LayerFormat)
 from .kernels import cuda as cuda_kernels
-from .kernels.cuda_format import can_implement, to_kernel_format
+from .kernels.cuda_format import can_implement, pair_pattern, to_kernel_format
 
 # Under "vllm." so that vLLM's logging configuration prints it.
 logger = logging.getLogger("vllm.gqsa")
@@ -274,12 +274,16 @@ class GQSALinearMethod(LinearMethodBase):
             delattr(layer, t_name)
 
         ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, N, K)
+        pairs = False
         if ok:
             tensors = to_kernel_format(merged, num_ctas=_num_ctas(device))
             layer.gqsa_kernel = "kernel_format"
+            single = merged.single_rows()
+            pairs = pair_pattern(single.row_ptr, single.col_idx, K, self.fmt.group_size)
         else:
             tensors = merged.tensors()
             layer.gqsa_kernel = "reference"
+        layer.gqsa_pairs = pairs
         for t_name, t in tensors.items():
             layer.register_parameter(t_name, Parameter(t.to(device), requires_grad=False))
         layer.gqsa_n_out, layer.gqsa_nnz, layer.gqsa_block_rows = N, merged.nnz, merged.fmt.block_rows
@@ -287,9 +291,11 @@ class GQSALinearMethod(LinearMethodBase):
             label = f"torch reference matmul ({reason})"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
             compact = "xcols" in tensors
-            gemv_max, tc_max = cuda_kernels.dispatch(compact)
-            label = (f"CUDA task-centric GEMV for <= {gemv_max} tokens, tensor-core kernel"
-                     f"{' on compact tiles' if compact else ''} for <= {tc_max}, dequantize + cuBLAS above")
+            gemv_max, tc_max = cuda_kernels.dispatch(compact, pairs)
+            middle = ("sparse-tensor-core kernel (pair pattern)" if pairs else
+                      f"tensor-core kernel{' on compact tiles' if compact else ''}")
+            label = (f"CUDA task-centric GEMV for <= {gemv_max} tokens, {middle} for <= {tc_max}, "
+                     f"dequantize + cuBLAS above")
         else:
             label = f"kernel format decoded in torch ({cuda_kernels.available()[1]})"
         # Every layer's choice at DEBUG; each distinct choice once at INFO.
@@ -302,10 +308,12 @@ class GQSALinearMethod(LinearMethodBase):
         from .random_layers import random_gqsa_layer
 
         # An output layer is filled unpruned: gqsa-convert --quantize-output-layer's default.
-        sparsity = 0.0 if isinstance(layer, ParallelLMHead) else self.config.quant.sparsity
+        head = isinstance(layer, ParallelLMHead)
+        sparsity = 0.0 if head else self.config.quant.sparsity
+        pairs = not head and getattr(self.config.quant, "pattern", "groups") == "pairs"
         for i, shard_id in enumerate(order):
             N, K = _full_shard_shape(layer, shard_id)
-            full = random_gqsa_layer(N, K, self.fmt, 1 - sparsity, seed=i, device=device)
+            full = random_gqsa_layer(N, K, self.fmt, 1 - sparsity, seed=i, device=device, pairs=pairs)
             layer.gqsa_shards[shard_id] = shard_for_rank(layer, shard_id, full)
 
     def tie_weights(self, layer, embed_tokens):
@@ -320,7 +328,7 @@ class GQSALinearMethod(LinearMethodBase):
         if layer.gqsa_kernel == "kernel_format":
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
                                             layer.chunks, layer.gqsa_n_out, self.fmt.group_size,
-                                            getattr(layer, "xcols", None), layer.counters)
+                                            getattr(layer, "xcols", None), layer.counters, layer.gqsa_pairs)
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
                 x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,

@@ -55,6 +55,13 @@ TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "64"))
 # kernels_llama2-7b_h200_tc_splits_r64.json).
 COMPACT_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_GEMV_MAX_TOKENS", "2"))
 COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "64"))
+# Layers in the pair pattern (cuda_format.pair_pattern) run the sparse-tensor-core kernel instead
+# of the tensor-core kernel between the GEMV and dequantize + cuBLAS. It beats the GEMV from 3 tokens
+# (58.9 against 70.0 us per Llama-2-7B layer, 68.2 against 95.6 Qwen2.5-7B) and dequantize + cuBLAS
+# up to 64 (188.5 against 270; 398.9 against 278.2 at 128, an earlier build);
+# benchmarks/results/gpu/kernels_pairs_h200_stages_4.json, kernels_pairs_h200_first.json.
+PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "2"))
+PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "64"))
 JIT_NAME = "vllm_gqsa_C"
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CSRC_DIR = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
@@ -150,6 +157,10 @@ def _register_fakes() -> None:
     def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None, counters=None):
         return x.new_empty((x.shape[0], n_out))
 
+    @torch.library.register_fake("vllm_gqsa::gqsa_sp")
+    def _sp_fake(x, row_ptr, codes, meta, n_out, splits=0, counters=None):
+        return x.new_empty((x.shape[0], n_out))
+
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
     def _dequant_fake(row_ptr, codes, meta, n_out, k_in, group_size, dtype):
         return row_ptr.new_empty((n_out, k_in), dtype=dtype)
@@ -223,9 +234,12 @@ def _require() -> None:
         raise RuntimeError(f"GQSA CUDA ops are not available: {reason}")
 
 
-def dispatch(compact: bool) -> tuple[int, int]:
-    """The most tokens the GEMV, then the tensor-core kernel, serve for a layer (with compact
-    tiles or not); dequantize + cuBLAS serves larger batches."""
+def dispatch(compact: bool, pairs: bool = False) -> tuple[int, int]:
+    """The most tokens the GEMV, then the tensor-core kernel (the sparse-tensor-core kernel for a
+    layer in the pair pattern), serve for a layer (with compact tiles or not); dequantize + cuBLAS
+    serves larger batches."""
+    if pairs:
+        return PAIRS_GEMV_MAX_TOKENS, PAIRS_SP_MAX_TOKENS
     if compact:
         return COMPACT_GEMV_MAX_TOKENS, COMPACT_TC_MAX_TOKENS
     return GEMV_MAX_TOKENS, TC_MAX_TOKENS
@@ -259,6 +273,16 @@ def tc(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.vllm_gqsa.gqsa_tc(x2, t["row_ptr"], t["codes"], t["meta"], t["chunks"], n_out, splits,
                                     t.get("xcols"), t.get("counters"))
+    return y.reshape(*lead, n_out)
+
+
+def sp(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0) -> torch.Tensor:
+    """``x @ W.T`` for x ``[..., K]`` on sparse tensor cores, for a layer in the pair pattern
+    (``cuda_format.pair_pattern``); t from ``to_kernel_format``. As :func:`tc` otherwise."""
+    _require()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.vllm_gqsa.gqsa_sp(x2, t["row_ptr"], t["codes"], t["meta"], n_out, splits, t.get("counters"))
     return y.reshape(*lead, n_out)
 
 

@@ -70,6 +70,13 @@ entry ``[n, c]`` = the mask of the slots of chunk c that hold a column and, in b
 columns are kept by some row in a one-shot SmolLM2-135M at S50% (``benchmarks/tile_columns.py``),
 so only such checkpoints have compact tiles.
 
+The pair pattern. When G = 16 and every row keeps exactly one group of each aligned pair of group
+columns (2j, 2j + 1), as a checkpoint converted with ``--pattern pairs`` does, row n's j-th kept
+group is the one of pair j, at ``row_ptr[n] + j``. Such a layer is 2:4-sparse once the 32 channels
+of each pair are read interleaved, and the sparse-tensor-core kernel (``gqsa_sp``) multiplies only
+its kept weights; it needs no tensor beyond the ones above (:func:`pair_pattern` says whether a
+layer qualifies).
+
 ``counters`` are working memory that lives with the layer, as Marlin's workspace does, so that a
 call need not zero fresh ones with one more kernel. Calls that share them must be ordered (one CUDA
 stream), which is how a model calls a layer.
@@ -84,7 +91,7 @@ from __future__ import annotations
 
 import torch
 
-from ..format import GQSALayer
+from ..format import GQSALayer, is_pair_pattern
 
 SUPPORTED_BITS = 4
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
@@ -255,6 +262,15 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
         t["chunks"], t["xcols"] = compact
     t["counters"] = split_counters(layer.out_features, layer.row_ptr.device)
     return t
+
+
+def pair_pattern(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, group_size: int) -> bool:
+    """Whether single rows (``row_ptr``, ``col_idx`` in each row's column order) are in the pair
+    pattern the sparse-tensor-core kernel runs: G = 16 and each row keeps exactly one group of
+    each aligned pair of group columns (so row n's j-th group is in pair j)."""
+    if group_size != 16 or K % 32 != 0 or K == 0:
+        return False
+    return is_pair_pattern(row_ptr, col_idx, K // group_size)
 
 
 def split_counters(N: int, device: torch.device | str) -> torch.Tensor:

@@ -5,13 +5,19 @@ shared library) against cuBLAS fp16 in the same run, on random GQSA W4 S50% g16 
     python wgmma_prefill_experiment.py LIB check            # max relative error against the reference
     python wgmma_prefill_experiment.py LIB layers [OUT]     # one Llama-2-7B layer's four shapes, M = 512..2048
     python wgmma_prefill_experiment.py LIB small [OUT]      # the same at M = 16, 32, 64
+    python wgmma_prefill_experiment.py LIB tokens M,M,.. [OUT]  # the same at the M given
     python wgmma_prefill_experiment.py LIB ablate V,V,...   # qkv and down at M = 512, 2048, per variant V
+
+WG_ROTATE_MB=B in the environment gives each kernel enough weight copies (at least two) to read B MB
+per rotation, as benchmarks/kernel_speed.py does past the L2 cache; by default two copies alternate.
 
 V is the kernel's template variant (see the .cu files): 2 waits for each wgmma before the next k-step,
 0 keeps one in flight (wrong results, see csrc/README.md).
 """
 import ctypes
 import json
+import math
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -83,19 +89,25 @@ def timed(lib, shapes, tokens, variants):
     out = []
     for name, N, K in shapes:
         for M in tokens:
-            ts = [make(N, K, seed=i) for i in range(2)]
-            ws = [dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, 16).half() for t in ts]
+            rotate = float(os.environ.get("WG_ROTATE_MB", "0")) * 1e6
+            t0 = make(N, K, seed=0)
+            nbytes = sum(v.numel() * v.element_size() for v in t0.values())
+            n_gqsa = max(2, math.ceil(rotate / nbytes))
+            n_dense = max(2, math.ceil(rotate / (N * K * 2)))
+            ts = [t0] + [make(N, K, seed=i) for i in range(1, max(n_gqsa, n_dense))]
+            ws = [dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, 16).half() for t in ts[:n_dense]]
+            ts = ts[:n_gqsa]
             x = torch.randn(M, K, device="cuda").half()
             y = torch.empty(M, N, device="cuda").half()
             st = {"i": 0}
 
             def cublas():
-                st["i"] ^= 1
+                st["i"] = (st["i"] + 1) % n_dense
                 torch.matmul(x, ws[st["i"]].T, out=y)
-            r = {"layer": name, "M": M, "cublas_us": round(bench(cublas), 1)}
+            r = {"layer": name, "M": M, "copies": [n_gqsa, n_dense], "cublas_us": round(bench(cublas), 1)}
             for bn, v in variants:
                 def wg(bn=bn, v=v):
-                    st["i"] ^= 1
+                    st["i"] = (st["i"] + 1) % n_gqsa
                     call(lib, ts[st["i"]], x, y, M, N, K, bn, v)
                 r[f"bn{bn}_v{v}_us"] = round(bench(wg), 1)
             print(r, flush=True)
@@ -112,6 +124,9 @@ def main():
         res = timed(lib, LAYERS, (512, 1024, 2048), [(64, 2), (128, 2)])
     elif mode == "small":
         res = timed(lib, LAYERS, (16, 32, 64), [(64, 2), (128, 2)])
+    elif mode == "tokens":
+        res = timed(lib, LAYERS, [int(m) for m in sys.argv[3].split(",")], [(64, 2), (128, 2)])
+        sys.argv.pop(3)
     else:
         vs = [int(v) for v in sys.argv[3].split(",")]
         res = timed(lib, [LAYERS[0], LAYERS[3]], (512, 2048), [(bn, v) for bn in (64, 128) for v in vs])
