@@ -374,6 +374,24 @@ def test_bf16_model_stays_bf16(tiny_checkpoints):
             torch.testing.assert_close(y.float(), x.float() @ w.T, rtol=0.02, atol=0.02, msg=name)
 
 
+def test_dummy_weights_in_the_pair_pattern_take_the_sparse_tensor_core_path(tiny_checkpoints, tmp_path):
+    """A config with ``pattern: pairs`` gets dummy layers in the pair pattern, which the loader
+    detects for the sparse-tensor-core kernel; a groups config does not."""
+    for pattern in ("pairs", "groups"):
+        ckpt = str(tmp_path / pattern)
+        shutil.copytree(tiny_checkpoints["llama"], ckpt, ignore=shutil.ignore_patterns("*.safetensors"))
+        with open(os.path.join(ckpt, "config.json")) as f:
+            config = json.load(f)
+        config["quantization_config"].update(pattern=pattern, sparsity=0.5)
+        with open(os.path.join(ckpt, "config.json"), "w") as f:
+            json.dump(config, f)
+        model, _ = load_vllm_model(ckpt, port=free_port(), load_format="dummy")
+        for name, layer in linear_layers(model).items():
+            assert layer.gqsa_pairs == (pattern == "pairs"), name
+            if pattern == "pairs":
+                assert layer.gqsa_nnz == layer.gqsa_n_out * layer.input_size // 32, name
+
+
 @pytest.mark.parametrize("bits,block_rows,path", [(2, 2, "reference"), (4, 2, "kernel_format"),
                                                   (4, 64, "kernel_format")])
 def test_other_formats_load_and_match_the_reference(tiny_models, tmp_path, bits, block_rows, path):
