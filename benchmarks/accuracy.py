@@ -56,7 +56,8 @@ def weight_stats(path: str, kind: str) -> dict:
             bits += 8 * layer.storage_bytes()
             weights += n_out * k_in
         return {"bits_per_weight": bits / weights, "converted_weights": weights, "disk_bytes": disk,
-                "format": f"GQSA W{qcfg.bits} S{qcfg.sparsity * 100:.0f}% g{qcfg.group_size}"}
+                "format": f"GQSA W{qcfg.bits} S{qcfg.sparsity * 100:.0f}% g{qcfg.group_size}"
+                          + (" pairs" if qcfg.pattern == "pairs" else "")}
     targets = [t for n, t in tensors.items()
                if n.endswith(".weight") and n.rsplit(".", 2)[-2] in DEFAULT_TARGET_MODULES]
     bits = sum(8 * t.numel() * t.element_size() for t in targets)

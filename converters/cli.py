@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 
-from vllm_gqsa.format import GQSAFormatError
+from vllm_gqsa.format import PATTERNS, GQSAFormatError
 
 from .convert import ConvertError, ConvertOptions, convert, describe
 from .hub import HubError, check_can_push, push, resolve_model
@@ -32,8 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="build a tiny random Llama and convert it (no model or data needed); "
                         "OUTPUT defaults to ./gqsa-demo")
     p.add_argument("--bits", type=int, default=4, help="bits per kept weight (2, 4 or 8; default 4)")
-    p.add_argument("--sparsity", type=float, default=0.5,
+    # None: not given, so that --pattern pairs can tell a contradicting value from none.
+    p.add_argument("--sparsity", type=float,
                    help="fraction of weight groups pruned, in [0, 1) (default 0.5)")
+    p.add_argument("--pattern", choices=PATTERNS, default=d.pattern,
+                   help="which groups may be pruned: 'groups' (default) the least salient ones, any "
+                        "number in a row; 'pairs' the less salient group of each aligned pair of groups "
+                        "in every row (row block), so exactly 50%% sparsity, which the GPU's sparse "
+                        "tensor cores (2:4) can run; it needs the input sizes to be multiples of "
+                        "2 * --group-size")
     p.add_argument("--group-size", type=int, default=16,
                    help="consecutive input channels per group: 16, 32, 64 or 128 (default 16); 32 "
                         "stores less metadata (smaller, faster one-token decode, lower accuracy)")
@@ -117,9 +124,16 @@ def main(argv: list[str] | None = None) -> int:
     for k, default in sampling.items():
         if getattr(args, k) is None:
             setattr(args, k, default)
+    if args.pattern == "pairs" and args.sparsity not in (None, 0.5):
+        print(f"gqsa-convert: error: --pattern pairs prunes exactly one group of every two (sparsity "
+              f"0.5), not --sparsity {args.sparsity}; leave --sparsity out or use --pattern groups",
+              file=sys.stderr)
+        return 2
+    if args.sparsity is None:
+        args.sparsity = ConvertOptions.sparsity
     opts = ConvertOptions(
         bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
-        block_rows=args.block_rows, calib_data=args.calib_data, n_samples=args.n_samples,
+        block_rows=args.block_rows, pattern=args.pattern, calib_data=args.calib_data, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, device=args.device, batch_size=args.batch_size,
         true_sequential=args.true_sequential, clip_search=args.clip_search,
         skip_modules=tuple(args.skip), quantize_output_layer=args.quantize_output_layer,

@@ -99,6 +99,9 @@ class ConvertOptions:
     group_size: int = 16
     sparsity: float = 0.5
     block_rows: int = 1
+    # "pairs": one group of each aligned pair kept per row block (sparsity 0.5), for the sparse
+    # tensor cores; "groups": any groups, by saliency.
+    pattern: str = "groups"
     calib_data: str | None = None
     n_samples: int = 128
     seq_len: int = 512
@@ -137,6 +140,8 @@ class ConvertOptions:
         if not self.quantize_output_layer:  # as recorded before the option existed
             d.pop("quantize_output_layer")
             d.pop("output_layer_sparsity")
+        if self.pattern == "groups":  # likewise
+            d.pop("pattern")
         return d
 
     @property
@@ -159,7 +164,7 @@ class ConvertOptions:
         targets = ((FUSED_TARGET_MODULES if fused else DEFAULT_TARGET_MODULES)
                    + ((OUTPUT_LAYER,) if self.quantize_output_layer else ()))
         return GQSAQuantConfig(bits=self.bits, group_size=self.group_size, block_rows=self.block_rows,
-                               sparsity=self.sparsity, target_modules=targets,
+                               sparsity=self.sparsity, pattern=self.pattern, target_modules=targets,
                                modules_to_not_convert=tuple(self.skip_modules))
 
 
@@ -198,6 +203,11 @@ def check_shapes(config: dict, qcfg: GQSAQuantConfig) -> None:
         if k % qcfg.group_size:
             raise ConvertError(f"{what} = {k} is not a multiple of --group-size {qcfg.group_size}; "
                                f"choose a group size that divides it")
+        if qcfg.pattern == "pairs" and k % (2 * qcfg.group_size):
+            # Every converted layer reads one of these sizes, and must hold whole pairs of groups.
+            raise ConvertError(f"{what} = {k} (the input size of some layers) is not a multiple of "
+                               f"2 * --group-size = {2 * qcfg.group_size}, which --pattern pairs needs; "
+                               f"use --pattern groups or a group size that divides {k // 2}")
     kv = config.get("num_key_value_heads", heads) * head_dim
     rows = {**sizes, "num_key_value_heads * head_dim": kv}
     if OUTPUT_LAYER in qcfg.target_modules:
@@ -639,7 +649,7 @@ def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_repo
         for H, group in zip(hessians, stage):
             for n in group:
                 m = _module(block, n)
-                res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search)
+                res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search, qcfg.pattern)
                 m.weight.data = res.weight.to(m.weight.dtype)
                 if latents is not None:
                     latents[n] = res.latent
@@ -671,6 +681,8 @@ def _convert_output_layer(model, inputs, qcfg, opts, device, layers_report) -> d
         if hasattr(model.config, "text_config"):
             model.config.text_config.tie_word_embeddings = False
     N, K = head.weight.shape
+    # At its own sparsity, so in the free pattern whatever --pattern says (which, like --sparsity,
+    # is the decoder layers'); the plugin finds the pattern of each layer from its index.
     logger.info("converting the output layer %s [%d x %d] at sparsity %g", OUTPUT_LAYER, N, K,
                 opts.output_layer_sparsity)
     norm = decoder(model)[1].norm
@@ -842,7 +854,8 @@ def describe(report: dict) -> str:
     mb = 1 / 2**20
     return "\n".join([
         f"GQSA W{q['bits']} S{q['sparsity'] * 100:.0f}% g{q['group_size']} "
-        f"(block_rows {q['block_rows']}): {report['quantized_layers']} layers converted "
+        f"(block_rows {q['block_rows']}{', pattern pairs' if q.get('pattern') == 'pairs' else ''}): "
+        f"{report['quantized_layers']} layers converted "
         f"in {report['seconds']:.0f} s on {report['device']}",
         f"  kept groups            {report['kept_group_fraction'] * 100:.1f}%",
         f"  quantized layers       {report['quantized_bytes'] * mb:.1f} MiB, "

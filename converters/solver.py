@@ -11,6 +11,14 @@ granularity of GQSA groups:
   columns not processed yet. The ``sparsity`` fraction of groups with the lowest
   saliency in the block is pruned. Rows therefore keep different numbers of
   groups, which the task-centric kernels balance.
+* With the ``pairs`` pattern, each row block instead keeps the more salient group
+  of every aligned pair of group columns (2j, 2j + 1): exactly half the groups, one
+  per pair, which the sparse tensor cores run as 2:4 sparsity once the pair's
+  channels are interleaved (``vllm_gqsa.format.is_pair_pattern``). A pair is chosen
+  when its first column is reached, as SparseGPT chooses its N:M groups, from the
+  weights as the errors of the columns before it left them (on SmolLM2-135M, one-shot,
+  perplexity 578 where choosing at the start of the block gave 814:
+  benchmarks/results/smollm2_pair_pattern.md).
 * Every column is then quantized (kept groups) or zeroed (pruned groups) and the
   error is spread over the columns not processed yet, as GPTQ does.
 * A kept group's scale and zero point come from its weights at the moment its
@@ -25,9 +33,9 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_gqsa.format import GQSALayer, LayerFormat, SCALE_DTYPE, pack_layer
+from vllm_gqsa.format import PATTERNS, GQSAFormatError, GQSALayer, LayerFormat, SCALE_DTYPE, pack_layer
 
-BLOCK_COLS = 128  # columns per lazy-update block, as GPTQ; rounded to a multiple of G
+BLOCK_COLS = 128  # columns per lazy-update block, as GPTQ; rounded to a multiple of G (2G for pairs)
 DAMPING = 0.01  # fraction of the mean Hessian diagonal added for stability
 CLIP_GRID = torch.linspace(1.0, 0.80, 11).tolist()  # shrink factors tried for each group's range
 
@@ -79,6 +87,37 @@ def accumulate_hessian(H: torch.Tensor | None, x: torch.Tensor, count: int) -> t
     return H, count + n
 
 
+def check_pattern(pattern: str, sparsity: float, fmt: LayerFormat, in_features: int) -> None:
+    """Refuse a pruning pattern that this layer or sparsity cannot have."""
+    if pattern not in PATTERNS:
+        raise GQSAFormatError(f"pattern={pattern!r} is not supported; choose one of {PATTERNS}")
+    if pattern == "pairs":
+        if sparsity != 0.5:
+            raise GQSAFormatError(f"pattern 'pairs' prunes one group of every two: sparsity must be 0.5, "
+                                  f"got {sparsity}")
+        if in_features % (2 * fmt.group_size):
+            raise GQSAFormatError(f"pattern 'pairs': input size {in_features} is not a multiple of "
+                                  f"2 * group_size = {2 * fmt.group_size}")
+
+
+def group_saliency(W1: torch.Tensor, U1: torch.Tensor, start: int, c0: int, G: int) -> torch.Tensor:
+    """Saliency ``w_g^T [(H_rem^-1)_gg]^-1 w_g`` of the group at columns ``c0 .. c0+G-1`` of the
+    column block ``W1`` (``U1`` its part of U), every row; ``H_rem`` is the Hessian of the columns
+    from ``start`` on."""
+    Ug = U1[start:c0 + G, c0:c0 + G]  # U is upper triangular: rows past the group are zero here
+    M = torch.linalg.inv(Ug.T @ Ug)
+    wg = W1[:, c0:c0 + G]
+    return torch.einsum("ng,gh,nh->n", wg, M, wg)
+
+
+def keep_one_of_each_pair(saliency: torch.Tensor) -> torch.Tensor:
+    """The kept groups of the ``pairs`` pattern: for ``saliency`` [rows, 2P], the more salient
+    group of each pair of columns (2j, 2j + 1), the even one on a tie. Bool [rows, 2P]."""
+    s = saliency.reshape(saliency.shape[0], -1, 2)
+    odd = s[..., 1] > s[..., 0]
+    return torch.stack([~odd, odd], dim=2).reshape(saliency.shape)
+
+
 def inverse_hessian_factor(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1, as GPTQ and SparseGPT use it: row i of U gives the update
     for column i, and U[i1:, i1:]^T U[i1:, i1:] is the inverse Hessian of the columns from i1 on.
@@ -93,13 +132,15 @@ def inverse_hessian_factor(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 
 
 def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsity: float,
-                clip_search: bool = True) -> SolveResult:
-    """Prune a ``sparsity`` fraction of the groups of ``weight`` [N, K] and quantize the rest."""
+                clip_search: bool = True, pattern: str = "groups") -> SolveResult:
+    """Prune a ``sparsity`` fraction of the groups of ``weight`` [N, K] and quantize the rest;
+    ``pattern`` ``"pairs"`` prunes one group of each aligned pair (``sparsity`` 0.5)."""
     G, R, bits = fmt.group_size, fmt.block_rows, fmt.bits
     maxq = (1 << bits) - 1
     W = weight.detach().float().clone()
     N, K = W.shape
     fmt.check_shape(N, K)
+    check_pattern(pattern, sparsity, fmt, K)
     NB, KG = N // R, K // G
     H = H.detach().float().clone()
     W0 = W.clone()
@@ -113,7 +154,9 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
     Wq = torch.zeros_like(W)
     latent = torch.zeros_like(W)
     zero = torch.zeros(N, device=W.device)
-    block = max(G, BLOCK_COLS // G * G)
+    # A pair's two groups must be in the same block, where its columns' updates are known.
+    unit = 2 * G if pattern == "pairs" else G
+    block = max(unit, BLOCK_COLS // unit * unit)
 
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
@@ -121,14 +164,10 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
 
-        if sparsity > 0:
+        if sparsity > 0 and pattern == "groups":
             saliency = torch.empty(N, ng, device=W.device)
             for g in range(ng):
-                c0, c1 = g * G, (g + 1) * G
-                Ug = U1[:c1, c0:c1]  # only rows i1 .. end of the group are non-zero
-                M = torch.linalg.inv(Ug.T @ Ug)
-                wg = W1[:, c0:c1]
-                saliency[:, g] = torch.einsum("ng,gh,nh->n", wg, M, wg)
+                saliency[:, g] = group_saliency(W1, U1, 0, g * G, G)
             saliency = saliency.reshape(NB, R, ng).sum(1)
             n_prune = int(round(sparsity * NB * ng))
             if n_prune:
@@ -140,6 +179,11 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
 
         for i in range(i2 - i1):
             g = i // G
+            if pattern == "pairs" and i % (2 * G) == 0:
+                saliency = torch.stack([group_saliency(W1, U1, i, c0, G) for c0 in (i, i + G)], 1)
+                pair_keep = keep_one_of_each_pair(saliency.reshape(NB, R, 2).sum(1))
+                keep[:, i1 // G + g:i1 // G + g + 2] = pair_keep
+                keep_rows[:, g:g + 2] = pair_keep.repeat_interleave(R, 0)
             if i % G == 0:
                 s, z = group_params(W1[:, i:i + G], bits, clip_search)
                 scales[:, i1 // G + g], zeros[:, i1 // G + g] = s, z
@@ -162,17 +206,21 @@ def solve_layer(weight: torch.Tensor, H: torch.Tensor, fmt: LayerFormat, sparsit
     return SolveResult(layer=layer, weight=Wq, loss=loss, latent=latent)
 
 
-def rtn_layer(weight: torch.Tensor, fmt: LayerFormat, sparsity: float = 0.0) -> GQSALayer:
+def rtn_layer(weight: torch.Tensor, fmt: LayerFormat, sparsity: float = 0.0,
+              pattern: str = "groups") -> GQSALayer:
     """Round-to-nearest GQSA with magnitude pruning: no calibration. For tests and quick checks."""
     G, R, bits = fmt.group_size, fmt.block_rows, fmt.bits
     W = weight.detach().float()
     N, K = W.shape
     fmt.check_shape(N, K)
+    check_pattern(pattern, sparsity, fmt, K)
     NB, KG = N // R, K // G
     norms = W.reshape(NB, R, KG, G).pow(2).sum((1, 3))  # [NB, KG]
     keep = torch.ones(NB, KG, dtype=torch.bool)
     n_prune = int(round(sparsity * NB * KG))
-    if n_prune:
+    if pattern == "pairs":
+        keep = keep_one_of_each_pair(norms)
+    elif n_prune:
         keep.view(-1)[torch.topk(norms.flatten(), n_prune, largest=False).indices] = False
     s, z = group_params(W.reshape(-1, G), bits, search=False)
     q = torch.clamp(torch.round(W.reshape(-1, G) / s[:, None]) + z[:, None], 0, (1 << bits) - 1)

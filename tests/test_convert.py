@@ -14,7 +14,7 @@ from converters.convert import COMPLETE_MARKER, ConvertError, ConvertOptions, co
 from converters.reference_model import load_reference_model
 from converters.tiny import build_tiny_model
 from vllm_gqsa.checkpoint import iter_tensors, read_quant_config, split_gqsa_tensors
-from vllm_gqsa.format import GQSALayer
+from vllm_gqsa.format import GQSALayer, is_pair_pattern
 from vllm_gqsa.reference import gqsa_linear
 
 
@@ -280,6 +280,57 @@ def test_group_size_must_divide_hidden(tmp_path):
     src = build_tiny_model(str(tmp_path / "m"), hidden_size=144, intermediate_size=288)
     with pytest.raises(ConvertError, match="hidden_size = 144 is not a multiple of --group-size 32"):
         convert(src, str(tmp_path / "o"), ConvertOptions(group_size=32))
+
+
+def pair_pattern_layers(ckpt) -> dict[str, bool]:
+    """Whether each converted layer of the checkpoint keeps one group of each aligned pair."""
+    qcfg, report = read_quant_config(ckpt), json.load(open(os.path.join(ckpt, COMPLETE_MARKER)))
+    layers, _ = split_gqsa_tensors(dict(iter_tensors(ckpt)), qcfg)
+    shapes = {r["name"]: r["shape"] for r in report["layers"]}
+    return {name: is_pair_pattern(parts["row_ptr"], parts["col_idx"], shapes[name][1] // qcfg.group_size)
+            for name, parts in layers.items()}
+
+
+def test_pairs_pattern_converts_every_layer_into_pairs(tiny_models, tiny_checkpoints, tmp_path, capsys):
+    # --sparsity left out: the pattern's 0.5. Both training stages keep the pruning pattern.
+    out = tmp_path / "pairs"
+    assert cli_main([tiny_models["llama"], str(out), "--n-samples", "4", "--seq-len", "16",
+                     "--bqpo-epochs", "1", "--e2e-epochs", "1", "--val-samples", "2", "--pattern", "pairs",
+                     "-q"]) == 0
+    assert "(block_rows 1, pattern pairs)" in capsys.readouterr().out
+    report = json.loads((out / COMPLETE_MARKER).read_text())
+    q = report["quantization_config"]
+    assert q["pattern"] == "pairs" and q["sparsity"] == 0.5
+    assert report["kept_group_fraction"] == 0.5
+    assert report["training"]["bqpo"]["blocks"] and report["training"]["e2e"]
+    pairs = pair_pattern_layers(str(out))
+    assert len(pairs) == 14 and all(pairs.values()), pairs
+    load_reference_model(str(out))
+    # Row blocks too, and --sparsity 0.5 said out loud is no contradiction.
+    assert cli_main([tiny_models["llama"], str(tmp_path / "r4"), *QUICK_ARGS, "-q", "--pattern", "pairs",
+                     "--sparsity", "0.5", "--block-rows", "4"]) == 0
+    assert all(pair_pattern_layers(str(tmp_path / "r4")).values())
+    # The default is the free pattern, and partial folders of earlier releases still resume.
+    assert "pattern" not in ConvertOptions().fingerprint()
+    assert ConvertOptions(pattern="pairs").fingerprint()["pattern"] == "pairs"
+    default = json.loads(open(os.path.join(tiny_checkpoints["llama"], "config.json")).read())
+    assert default["quantization_config"]["pattern"] == "groups"
+    assert not all(pair_pattern_layers(tiny_checkpoints["llama"]).values())
+
+
+def test_pairs_pattern_errors_are_clear(tiny_models, tmp_path, capsys):
+    assert cli_main([tiny_models["llama"], str(tmp_path / "o"), "--pattern", "pairs",
+                     "--sparsity", "0.3"]) == 2
+    err = capsys.readouterr().err
+    assert ("error: --pattern pairs prunes exactly one group of every two (sparsity 0.5), "
+            "not --sparsity 0.3") in err
+    # 144 = 9 groups of 16: the last group of each row would have no partner.
+    src = build_tiny_model(str(tmp_path / "m"), hidden_size=144, intermediate_size=288)
+    with pytest.raises(ConvertError, match=r"hidden_size = 144 \(the input size of some layers\) is not a "
+                                           r"multiple of 2 \* --group-size = 32, which --pattern pairs needs"):
+        convert(src, str(tmp_path / "o"), ConvertOptions(pattern="pairs"))
+    assert convert(src, str(tmp_path / "o"), ConvertOptions(**QUICK))  # the free pattern takes it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m", "o"]
 
 
 def test_quantized_input_is_refused(tiny_checkpoints, tmp_path):

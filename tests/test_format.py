@@ -6,8 +6,8 @@ import torch
 
 from conftest import random_layer
 from vllm_gqsa.format import (GQSAFormatError, GQSALayer, GQSAQuantConfig, LayerFormat,
-                              expected_bits_per_weight, index_dtype, pack_bits, pack_layer,
-                              unpack_bits)
+                              expected_bits_per_weight, index_dtype, is_pair_pattern, pack_bits,
+                              pack_layer, unpack_bits)
 from vllm_gqsa.reference import dequantize
 
 FORMATS = [LayerFormat(b, g, r) for b in (2, 4, 8) for g in (16, 32, 64, 128) for r in (1, 3)]
@@ -193,7 +193,8 @@ def test_slicing_rejects_split_inside_a_group(layer):
     ({"target_modules": "q_proj"}, "list of strings"), ({"quant_method": "awq"}, "not 'gqsa'"),
     ({"block_rows": 0}, "block_rows"), ({"bits": float("nan")}, "bits must be a number"),
     ({"group_size": float("inf")}, "group_size must be a number"), ({"sparsity": float("nan")}, "sparsity"),
-    ({"modules_to_not_convert": [1]}, "list of strings"),
+    ({"modules_to_not_convert": [1]}, "list of strings"), ({"pattern": "2:4"}, "pattern='2:4' is not supported"),
+    ({"pattern": 2}, "pattern must be a string"), ({"pattern": "pairs", "sparsity": 0.3}, "sparsity must be 0.5"),
 ])
 def test_quant_config_rejects_impossible_values(bad, match):
     d = GQSAQuantConfig().to_dict()
@@ -211,6 +212,12 @@ def test_quant_config_reads_null_modules_to_not_convert_as_none():
 def test_quant_config_round_trip():
     c = GQSAQuantConfig(bits=2, group_size=64, sparsity=0.3, modules_to_not_convert=("a.b",))
     assert GQSAQuantConfig.from_dict(c.to_dict()) == c
+    pairs = GQSAQuantConfig(pattern="pairs", block_rows=4)
+    assert pairs.to_dict()["pattern"] == "pairs" and GQSAQuantConfig.from_dict(pairs.to_dict()) == pairs
+    # Checkpoints written before the pattern existed have no key: the free pattern.
+    old = pairs.to_dict()
+    del old["pattern"]
+    assert GQSAQuantConfig.from_dict(old).pattern == "groups"
     assert c.is_quantized("model.layers.3.mlp.down_proj")
     assert not c.is_quantized("a.b") and not c.is_quantized("lm_head")
 
@@ -230,3 +237,70 @@ def test_layer_with_no_kept_groups():
     layer = pack_layer(torch.zeros(8, 64, dtype=torch.uint8), torch.ones(8, 4), torch.zeros(8, 4), keep, fmt)
     layer.validate()
     assert layer.nnz == 0 and torch.equal(dequantize(layer), torch.zeros(8, 64))
+
+
+def index_of(keep: torch.Tensor, fmt: LayerFormat = LayerFormat()) -> GQSALayer:
+    """A layer whose row blocks keep the groups ``keep`` [N/R, K/G] marks (values irrelevant)."""
+    NB, KG = keep.shape
+    N, K = NB * fmt.block_rows, KG * fmt.group_size
+    return pack_layer(torch.zeros(N, K, dtype=torch.uint8), torch.ones(N, KG), torch.zeros(N, KG), keep, fmt)
+
+
+def pair_keep(NB: int, KG: int, seed: int = 0) -> torch.Tensor:
+    """One group of each aligned pair, chosen at random, in every row block."""
+    odd = torch.rand(NB, KG // 2, generator=torch.Generator().manual_seed(seed)) < 0.5
+    return torch.stack([~odd, odd], 2).reshape(NB, KG)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_is_pair_pattern_accepts_one_group_of_each_pair(device):
+    layer = index_of(pair_keep(7, 10)).to(device)
+    assert is_pair_pattern(layer.row_ptr, layer.col_idx, 10)
+    assert is_pair_pattern(layer.row_ptr.long(), layer.col_idx.long(), 10)  # any integer dtype
+    # Row blocks: the plugin asks about the single rows they expand into.
+    blocks = index_of(pair_keep(5, 300, seed=1), LayerFormat(4, 16, 3)).to(device)  # int16 col_idx
+    assert is_pair_pattern(blocks.row_ptr, blocks.col_idx, 300)
+    single = blocks.single_rows()
+    assert is_pair_pattern(single.row_ptr, single.col_idx, 300)
+    # No rows: nothing breaks the pattern.
+    assert is_pair_pattern(torch.zeros(1, dtype=torch.int32, device=device),
+                           torch.zeros(0, dtype=torch.uint8, device=device), 10)
+
+
+def both_of_a_pair(keep):
+    keep[2, 4:6], keep[2, 6:8] = True, False  # as many groups as pairs, but not one of each
+    return keep
+
+
+def missing_pair(keep):
+    keep[3, 2:4] = False
+    return keep
+
+
+def empty_row(keep):
+    keep[0] = False
+    return keep
+
+
+def full_row(keep):
+    keep[6] = True
+    return keep
+
+
+@pytest.mark.parametrize("change", [both_of_a_pair, missing_pair, empty_row, full_row])
+def test_is_pair_pattern_rejects_a_row_that_breaks_it(change):
+    layer = index_of(change(pair_keep(7, 10)))
+    layer.validate()
+    assert not is_pair_pattern(layer.row_ptr, layer.col_idx, 10)
+
+
+def test_is_pair_pattern_rejects_odd_or_mismatched_inputs():
+    odd = pair_keep(4, 10)[:, :9]  # 9 group columns: the last has no partner
+    layer = index_of(odd)
+    assert not is_pair_pattern(layer.row_ptr, layer.col_idx, 9)
+    good = index_of(pair_keep(4, 10))
+    assert not is_pair_pattern(good.row_ptr, good.col_idx, 12)  # told of more group columns
+    assert not is_pair_pattern(good.row_ptr, good.col_idx, 0)
+    assert not is_pair_pattern(torch.zeros(0, dtype=torch.int32), torch.zeros(0, dtype=torch.uint8), 10)
+    assert not is_pair_pattern(good.row_ptr, good.col_idx[:-1], 10)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from converters.solver import accumulate_hessian, group_params, rtn_layer, solve_layer
-from vllm_gqsa.format import LayerFormat
+from vllm_gqsa.format import GQSAFormatError, LayerFormat, is_pair_pattern
 from vllm_gqsa.reference import dequantize
 
 
@@ -54,6 +54,89 @@ def test_solver_beats_magnitude_pruning_and_rounding():
     ours = objective(W, solve_layer(W, H, fmt, 0.5).weight, X)
     rtn = objective(W, dequantize(rtn_layer(W, fmt, 0.5)), X)
     assert ours < 0.75 * rtn
+
+
+def kept_groups(layer):
+    """The layer's kept groups as a dense bool [N/R, K/G] mask."""
+    keep = torch.zeros(layer.out_features // layer.fmt.block_rows, layer.num_group_cols, dtype=torch.bool)
+    keep[layer.block_ids(), layer.col_idx.long()] = True
+    return keep
+
+
+def assert_one_group_of_each_pair(layer):
+    pairs = kept_groups(layer).reshape(layer.out_features // layer.fmt.block_rows, -1, 2)
+    assert torch.all(pairs.sum(2) == 1)
+    assert is_pair_pattern(layer.row_ptr, layer.col_idx, layer.num_group_cols)
+    single = layer.single_rows()  # what the plugin checks, whatever the row blocks
+    assert is_pair_pattern(single.row_ptr, single.col_idx, single.num_group_cols)
+
+
+# G = 128: the solver's column block (128 columns) would hold one group, so it takes two.
+@pytest.mark.parametrize("fmt", [LayerFormat(4, 16, 1), LayerFormat(4, 32, 2), LayerFormat(2, 128, 1)],
+                         ids=str)
+def test_solver_pairs_pattern_keeps_one_group_of_each_pair(fmt):
+    N, K = 24 * fmt.block_rows, 768
+    X = correlated_inputs(512, K, seed=1)
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(1))
+    H, _ = accumulate_hessian(None, X, 0)
+    res = solve_layer(W, H, fmt, 0.5, pattern="pairs")
+    res.layer.validate()
+    torch.testing.assert_close(dequantize(res.layer), res.weight, rtol=0, atol=1e-6)
+    assert_one_group_of_each_pair(res.layer)
+    # The free pattern, on the same layer, is not one by chance.
+    free = solve_layer(W, H, fmt, 0.5).layer
+    assert not is_pair_pattern(free.row_ptr, free.col_idx, free.num_group_cols)
+
+
+def test_solver_pairs_pattern_costs_little_more_than_the_free_one():
+    """The pairs pattern is a restriction of the free one: a somewhat larger output error."""
+    N, K, fmt = 64, 256, LayerFormat(4, 16, 1)
+    X = correlated_inputs(1024, K, seed=3)
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(0))
+    H, _ = accumulate_hessian(None, X, 0)
+    free = objective(W, solve_layer(W, H, fmt, 0.5).weight, X)
+    pairs = objective(W, solve_layer(W, H, fmt, 0.5, pattern="pairs").weight, X)
+    rtn = objective(W, dequantize(rtn_layer(W, fmt, 0.5, pattern="pairs")), X)
+    assert free < pairs < rtn
+
+
+@pytest.mark.parametrize("fmt", [LayerFormat(4, 16, 1), LayerFormat(4, 16, 3)], ids=str)
+def test_rtn_pairs_pattern_keeps_the_larger_group_of_each_pair(fmt):
+    N, K, G, R = 6 * fmt.block_rows, 128, fmt.group_size, fmt.block_rows
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(2))
+    W[:R, G:2 * G] = W[:R, :G]  # a tie in row block 0's first pair: the even group stays
+    layer = rtn_layer(W, fmt, 0.5, pattern="pairs")
+    layer.validate()
+    assert_one_group_of_each_pair(layer)
+    norms = W.reshape(N // R, R, K // G, G).pow(2).sum((1, 3)).reshape(N // R, -1, 2)
+    expected = torch.stack([norms[..., 0] >= norms[..., 1], norms[..., 1] > norms[..., 0]], 2)
+    assert torch.equal(kept_groups(layer), expected.reshape(N // R, -1))
+    assert kept_groups(layer)[0, 0]
+
+
+def test_pattern_groups_is_the_default_and_prunes_freely():
+    N, K, fmt = 32, 256, LayerFormat(4, 16, 1)
+    X = correlated_inputs(256, K)
+    W = torch.randn(N, K, generator=torch.Generator().manual_seed(4))
+    H, _ = accumulate_hessian(None, X, 0)
+    a, b = solve_layer(W, H, fmt, 0.5), solve_layer(W, H, fmt, 0.5, pattern="groups")
+    assert all(torch.equal(x, y) for x, y in zip(a.layer.tensors().values(), b.layer.tensors().values()))
+    assert torch.equal(a.weight, b.weight)
+    assert all(torch.equal(x, y) for x, y in zip(rtn_layer(W, fmt, 0.5).tensors().values(),
+                                                  rtn_layer(W, fmt, 0.5, pattern="groups").tensors().values()))
+
+
+def test_pairs_pattern_refuses_what_it_cannot_do():
+    fmt, H = LayerFormat(4, 16, 1), torch.eye(48)
+    W = torch.randn(8, 48)  # 3 groups of 16: not whole pairs
+    with pytest.raises(GQSAFormatError, match="input size 48 is not a multiple of 2 \\* group_size = 32"):
+        solve_layer(W, H, fmt, 0.5, pattern="pairs")
+    with pytest.raises(GQSAFormatError, match="input size 48"):
+        rtn_layer(W, fmt, 0.5, pattern="pairs")
+    with pytest.raises(GQSAFormatError, match="sparsity must be 0.5, got 0.3"):
+        solve_layer(torch.randn(8, 64), torch.eye(64), fmt, 0.3, pattern="pairs")
+    with pytest.raises(GQSAFormatError, match="pattern='2:4' is not supported"):
+        rtn_layer(torch.randn(8, 64), fmt, 0.5, pattern="2:4")
 
 
 def test_hessian_running_mean_matches_batch():
