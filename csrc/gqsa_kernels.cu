@@ -827,6 +827,78 @@ __device__ __forceinline__ void keep_in_register(V& v) {
   }
 }
 
+// The end of tc_kernel and sp_kernel, once the pipeline is drained: the second half's warps hand
+// their sums to the first half's through shared memory, which then writes y, or with splits > 1
+// its split's fp32 partial, the last split of the tile to finish summing the partials in split
+// order (so the result does not depend on the order the CTAs run in) and resetting its counter.
+// acc[t][j] is row g + 8 * (j / 2) of the warp's 16, token 8t + 2q + j % 2 (g = lane / 4, q = lane % 4).
+template <typename T, int MT>
+__device__ __forceinline__ void tc_finish(float (&acc)[MT][4], unsigned char* smem, int tile, int split,
+                                          int row_group, int half, int lane, T* __restrict__ y,
+                                          float* __restrict__ workspace, int32_t* __restrict__ counters, int M,
+                                          int N, int splits) {
+  __shared__ int is_last_split;
+  const int g = lane / 4;
+  const int q = lane % 4;
+  cp_async_wait<0>();
+  __syncthreads();
+  float4* half_sums = reinterpret_cast<float4*>(smem);
+  if (half == 1) {
+#pragma unroll
+    for (int t = 0; t < MT; ++t) {
+      half_sums[(row_group * MT + t) * kWarpSize + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+    }
+  }
+  __syncthreads();
+  if (half == 1) return;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+    const float4 o = half_sums[(row_group * MT + t) * kWarpSize + lane];
+    acc[t][0] += o.x;
+    acc[t][1] += o.y;
+    acc[t][2] += o.z;
+    acc[t][3] += o.w;
+  }
+
+  const int row0 = tile * kTcRows + row_group * 16 + g;
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
+#pragma unroll
+  for (int t = 0; t < MT; ++t) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = row0 + 8 * (j / 2);
+      const int tok = 8 * t + 2 * q + j % 2;
+      if (row < N && tok < M) {
+        if (part == nullptr) {
+          y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(acc[t][j] * kOutScale);
+        } else {
+          part[static_cast<size_t>(tok) * N + row] = acc[t][j];
+        }
+      }
+    }
+  }
+  if (splits == 1) return;
+
+  // Only the first half's warps are left: kTcThreads / kTcHalves threads.
+  constexpr int kThreadsLeft = kTcThreads / kTcHalves;
+  __threadfence();  // this thread's partials are visible to the split that sums them
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
+  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  if (!is_last_split) return;
+  __threadfence();
+  for (int i = threadIdx.x; i < kTcRows * M; i += kThreadsLeft) {
+    const int tok = i / kTcRows;
+    const int row = tile * kTcRows + i % kTcRows;
+    if (row >= N) continue;
+    float sum = 0.f;
+    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + (static_cast<size_t>(sp) * M + tok) * N + row);
+    y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(sum * kOutScale);
+  }
+  if (threadIdx.x == 0) counters[tile] = 0;
+}
+
 // One row's part of an mma A fragment (m16n8k16, row-major A): lane (g, q) holds row g's weights
 // k = 2q, 2q + 1 (lo) and 2q + 8, 2q + 9 (hi) of a 16-weight slot, as fp16 pairs s * (q - z).
 // w is the slot's two code words (weights 0-7 and 8-15, weight i in bits 4i..4i+3 of its word) and
@@ -893,7 +965,6 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
   // they are, and only y is written as T.
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
   extern __shared__ __align__(16) unsigned char tc_smem[];
-  __shared__ int is_last_split;
 
   const int tile = blockIdx.x;
   const int split = blockIdx.y;
@@ -1134,65 +1205,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
     for (int i = 0; i < n_local; ++i) chunk(i, i % L::kStages);
   }
 
-  // The second half's warps hand their sums to the first half's through stage 0.
-  cp_async_wait<0>();
-  __syncthreads();
-  float4* half_sums = reinterpret_cast<float4*>(tc_smem);
-  if (half == 1) {
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      half_sums[(row_group * MT + t) * kWarpSize + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
-    }
-  }
-  __syncthreads();
-  if (half == 1) return;
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const float4 o = half_sums[(row_group * MT + t) * kWarpSize + lane];
-    acc[t][0] += o.x;
-    acc[t][1] += o.y;
-    acc[t][2] += o.z;
-    acc[t][3] += o.w;
-  }
-
-  // acc[t][j] is row g + 8 * (j / 2) of the warp's 16, token 8t + 2q + j % 2.
-  const int row0 = tile * kTcRows + row_group * 16 + g;
-  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
-  float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = row0 + 8 * (j / 2);
-      const int tok = 8 * t + 2 * q + j % 2;
-      if (row < N && tok < M) {
-        if (part == nullptr) {
-          y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(acc[t][j] * kOutScale);
-        } else {
-          part[static_cast<size_t>(tok) * N + row] = acc[t][j];
-        }
-      }
-    }
-  }
-  if (splits == 1) return;
-
-  // Only the first half's warps are left: kTcThreads / kTcHalves threads.
-  constexpr int kThreadsLeft = kTcThreads / kTcHalves;
-  __threadfence();  // this thread's partials are visible to the split that sums them
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
-  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
-  if (!is_last_split) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < kTcRows * M; i += kThreadsLeft) {
-    const int tok = i / kTcRows;
-    const int row = tile * kTcRows + i % kTcRows;
-    if (row >= N) continue;
-    float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + (static_cast<size_t>(sp) * M + tok) * N + row);
-    y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(sum * kOutScale);
-  }
-  if (threadIdx.x == 0) counters[tile] = 0;
+  tc_finish<T, MT>(acc, tc_smem, tile, split, row_group, half, lane, y, workspace, counters, M, N, splits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1280,7 +1293,6 @@ __global__ void __launch_bounds__(kTcThreads)
   using L = SpLayout<MT>;
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
   extern __shared__ __align__(16) unsigned char sp_smem[];
-  __shared__ int is_last_split;
 
   const int tile = blockIdx.x;
   const int split = blockIdx.y;
@@ -1419,62 +1431,7 @@ __global__ void __launch_bounds__(kTcThreads)
     });
   }
 
-  // From here on as tc_kernel: the halves' sums, then y or the split's partial and the last
-  // split's sum.
-  cp_async_wait<0>();
-  __syncthreads();
-  float4* half_sums = reinterpret_cast<float4*>(sp_smem);  // (the pipeline is drained)
-  if (half == 1) {
-#pragma unroll
-    for (int t = 0; t < MT; ++t) {
-      half_sums[(row_group * MT + t) * kWarpSize + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
-    }
-  }
-  __syncthreads();
-  if (half == 1) return;
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const float4 o = half_sums[(row_group * MT + t) * kWarpSize + lane];
-    acc[t][0] += o.x;
-    acc[t][1] += o.y;
-    acc[t][2] += o.z;
-    acc[t][3] += o.w;
-  }
-  const int row0 = tile * kTcRows + row_group * 16 + g;
-  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
-  float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = row0 + 8 * (j / 2);
-      const int tok = 8 * t + 2 * q + j % 2;
-      if (row < N && tok < M) {
-        if (part == nullptr) {
-          y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(acc[t][j] * kOutScale);
-        } else {
-          part[static_cast<size_t>(tok) * N + row] = acc[t][j];
-        }
-      }
-    }
-  }
-  if (splits == 1) return;
-  constexpr int kThreadsLeft = kTcThreads / kTcHalves;
-  __threadfence();
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
-  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
-  if (!is_last_split) return;
-  __threadfence();
-  for (int i = threadIdx.x; i < kTcRows * M; i += kThreadsLeft) {
-    const int tok = i / kTcRows;
-    const int row = tile * kTcRows + i % kTcRows;
-    if (row >= N) continue;
-    float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + (static_cast<size_t>(sp) * M + tok) * N + row);
-    y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(sum * kOutScale);
-  }
-  if (threadIdx.x == 0) counters[tile] = 0;
+  tc_finish<T, MT>(acc, sp_smem, tile, split, row_group, half, lane, y, workspace, counters, M, N, splits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1594,18 +1551,24 @@ cudaError_t launch_tc_kernel(const TcArgs& a, const void* x) {
   return cudaGetLastError();
 }
 
+// x [M, K] as scaled fp16 into scratch (tc_scale_x_kernel), for the tensor-core kernels' launches
+// that convert x once (tc_converts_x_once).
+template <typename T>
+cudaError_t scale_x_once(const void* x, void* scratch, int M, int K, cudaStream_t stream) {
+  const int units = static_cast<int>(static_cast<size_t>(M) * K / 8);
+  if (units == 0) return cudaSuccess;
+  const int blocks = (units + kTcThreads - 1) / kTcThreads;
+  tc_scale_x_kernel<T><<<blocks, kTcThreads, 0, stream>>>(static_cast<const uint4*>(x), static_cast<uint4*>(scratch),
+                                                          units);
+  return cudaGetLastError();
+}
+
 template <typename T, int G, int MT>
 cudaError_t launch_tc(const TcArgs& a) {
   if constexpr (kTcXScaleLog2<T> != 0) {
     if (a.x_scratch != nullptr) {
-      const int units = static_cast<int>(static_cast<size_t>(a.M) * a.K / 8);
-      if (units > 0) {
-        const int blocks = (units + kTcThreads - 1) / kTcThreads;
-        tc_scale_x_kernel<T><<<blocks, kTcThreads, 0, a.stream>>>(static_cast<const uint4*>(a.x),
-                                                                  static_cast<uint4*>(a.x_scratch), units);
-        const cudaError_t err = cudaGetLastError();
-        if (err != cudaSuccess) return err;
-      }
+      const cudaError_t err = scale_x_once<T>(a.x, a.x_scratch, a.M, a.K, a.stream);
+      if (err != cudaSuccess) return err;
       return launch_tc_kernel<T, G, MT, true>(a, a.x_scratch);
     }
   }
@@ -1662,14 +1625,8 @@ template <typename T, int MT>
 cudaError_t launch_sp(const SpArgs& a) {
   if constexpr (kTcXScaleLog2<T> != 0) {
     if (a.x_scratch != nullptr) {
-      const int units = static_cast<int>(static_cast<size_t>(a.M) * a.K / 8);
-      if (units > 0) {
-        const int blocks = (units + kTcThreads - 1) / kTcThreads;
-        tc_scale_x_kernel<T><<<blocks, kTcThreads, 0, a.stream>>>(static_cast<const uint4*>(a.x),
-                                                                  static_cast<uint4*>(a.x_scratch), units);
-        const cudaError_t err = cudaGetLastError();
-        if (err != cudaSuccess) return err;
-      }
+      const cudaError_t err = scale_x_once<T>(a.x, a.x_scratch, a.M, a.K, a.stream);
+      if (err != cudaSuccess) return err;
       return launch_sp_kernel<T, MT, true>(a, a.x_scratch);
     }
   }

@@ -141,6 +141,52 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
   return y;
 }
 
+// The tensor-core ops' optional layer counters and split count, checked against the layer.
+void check_splits(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& counters, int64_t n_out,
+                  int64_t num_chunks, int64_t splits) {
+  const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
+  if (counters.has_value()) {
+    check_int32(*counters, "counters", 1, x.device());
+    TORCH_CHECK(counters->numel() == tiles, op, ": counters must have ", num(tiles),
+                " entries (one per 64-row tile) for n_out=", num(n_out), ", got ", shape(*counters));
+  }
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, op, ": x must be 16-byte aligned");
+  TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), op, ": splits must be 0 (choose) or 1..",
+              num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
+}
+
+// What one call of a tensor-core op needs besides its inputs: the K splits (splits, or 0 for the
+// launcher's choice), their fp32 workspace and tile counters, and the scratch of x converted once.
+// With splits, the last CTA of a row tile to finish is found by counting in counters[tile], which
+// it sets back to 0: the layer's counters (zeros at load time, like Marlin's workspace) stay zeros
+// from call to call. Zeroing fresh ones is one more kernel per call, which a CUDA graph replays
+// too (3 of a Llama-3-8B layer's 4 linear layers split on an H200). The schema does not mark
+// counters as written, since every call leaves them as it found them.
+struct TcBuffers {
+  int splits;
+  at::Tensor workspace, counters, x_scratch;
+
+  TcBuffers(const at::Tensor& x, gqsa::Dtype dtype, const std::optional<at::Tensor>& layer_counters, int64_t n_out,
+            int64_t num_chunks, int64_t requested_splits) {
+    const int64_t M = x.size(0), K = x.size(1);
+    const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
+    splits = requested_splits > 0 ? static_cast<int>(requested_splits)
+                                  : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
+                                                    at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
+    if (splits > 1) {
+      const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
+      workspace = at::empty({splits, launch_tokens, n_out}, x.options().dtype(at::kFloat));
+      counters = layer_counters.has_value() ? *layer_counters : at::zeros({tiles}, x.options().dtype(at::kInt));
+    }
+    if (gqsa::tc_converts_x_once(dtype, static_cast<int>(launch_tokens))) {
+      x_scratch = at::empty({launch_tokens, K}, x.options().dtype(at::kHalf));
+    }
+  }
+  float* workspace_ptr() const { return splits > 1 ? workspace.data_ptr<float>() : nullptr; }
+  int32_t* counters_ptr() const { return splits > 1 ? counters.data_ptr<int32_t>() : nullptr; }
+  void* x_scratch_ptr() const { return x_scratch.defined() ? x_scratch.data_ptr() : nullptr; }
+};
+
 at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
                    const at::Tensor& meta, const at::Tensor& chunks, int64_t n_out, int64_t splits,
                    const std::optional<at::Tensor>& xcols, const std::optional<at::Tensor>& counters) {
@@ -169,44 +215,18 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
                 num(n_out), ", ", num(max_chunks), "] for n_out=", num(n_out), " and K=", num(K), ", got ",
                 shape(chunks));
   }
-  if (counters.has_value()) {
-    check_int32(*counters, "counters", 1, x.device());
-    TORCH_CHECK(counters->numel() == tiles, "gqsa_tc: counters must have ", num(tiles),
-                " entries (one per 64-row tile) for n_out=", num(n_out), ", got ", shape(*counters));
-  }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_tc: x must be 16-byte aligned");
-  TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), "gqsa_tc: splits must be 0 (choose) or 1..",
-              num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
+  check_splits("gqsa_tc", x, counters, n_out, num_chunks, splits);
 
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();  // no input channels, or compact tiles that keep nothing
-  const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
-  const int s = splits > 0 ? static_cast<int>(splits)
-                           : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
-                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  // With splits, the last CTA of a row tile to finish is found by counting in counters[tile], which
-  // it sets back to 0: the layer's counters (zeros at load time, like Marlin's workspace) stay zeros
-  // from call to call. Zeroing fresh ones is one more kernel per call, which a CUDA graph replays
-  // too (3 of a Llama-3-8B layer's 4 linear layers split on an H200). The schema does not mark
-  // counters as written, since every call leaves them as it found them.
-  at::Tensor workspace, tile_counters;
-  if (s > 1) {
-    workspace = at::empty({s, launch_tokens, n_out}, x.options().dtype(at::kFloat));
-    tile_counters = counters.has_value() ? *counters : at::zeros({tiles}, x.options().dtype(at::kInt));
-  }
-  at::Tensor x_scratch;
-  if (gqsa::tc_converts_x_once(dtype, static_cast<int>(launch_tokens))) {
-    x_scratch = at::empty({launch_tokens, K}, x.options().dtype(at::kHalf));
-  }
+  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits);
   check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
                              meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
                              xcols.has_value() ? xcols->data_ptr<int32_t>() : nullptr, static_cast<int>(num_chunks), y.data_ptr(),
-                             s > 1 ? workspace.data_ptr<float>() : nullptr,
-                             s > 1 ? tile_counters.data_ptr<int32_t>() : nullptr,
-                             x_scratch.defined() ? x_scratch.data_ptr() : nullptr, static_cast<int>(M),
-                             static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), s,
+                             b.workspace_ptr(), b.counters_ptr(), b.x_scratch_ptr(), static_cast<int>(M),
+                             static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), b.splits,
                              at::cuda::getCurrentCUDAStream()),
                "gqsa_tc");
   return y;
@@ -227,38 +247,17 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   TORCH_CHECK(codes.size(0) == n_out * (K / 32), "gqsa_sp: a layer in the pair pattern keeps K / 32 = ", num(K / 32),
               " groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
   const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
-  const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
-  if (counters.has_value()) {
-    check_int32(*counters, "counters", 1, x.device());
-    TORCH_CHECK(counters->numel() == tiles, "gqsa_sp: counters must have ", num(tiles),
-                " entries (one per 64-row tile) for n_out=", num(n_out), ", got ", shape(*counters));
-  }
-  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_sp: x must be 16-byte aligned");
-  TORCH_CHECK(splits >= 0 && splits <= (num_chunks > 0 ? num_chunks : 1), "gqsa_sp: splits must be 0 (choose) or 1..",
-              num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
+  check_splits("gqsa_sp", x, counters, n_out, num_chunks, splits);
 
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();
-  const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
-  const int s = splits > 0 ? static_cast<int>(splits)
-                           : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
-                                             at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
-  at::Tensor workspace, tile_counters;  // as in gqsa_tc
-  if (s > 1) {
-    workspace = at::empty({s, launch_tokens, n_out}, x.options().dtype(at::kFloat));
-    tile_counters = counters.has_value() ? *counters : at::zeros({tiles}, x.options().dtype(at::kInt));
-  }
-  at::Tensor x_scratch;
-  if (gqsa::tc_converts_x_once(dtype, static_cast<int>(launch_tokens))) {
-    x_scratch = at::empty({launch_tokens, K}, x.options().dtype(at::kHalf));
-  }
+  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits);
   check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
-                             meta.data_ptr<int32_t>(), y.data_ptr(), s > 1 ? workspace.data_ptr<float>() : nullptr,
-                             s > 1 ? tile_counters.data_ptr<int32_t>() : nullptr,
-                             x_scratch.defined() ? x_scratch.data_ptr() : nullptr, static_cast<int>(M),
-                             static_cast<int>(n_out), static_cast<int>(K), s, at::cuda::getCurrentCUDAStream()),
+                             meta.data_ptr<int32_t>(), y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
+                             b.x_scratch_ptr(), static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K),
+                             b.splits, at::cuda::getCurrentCUDAStream()),
                "gqsa_sp");
   return y;
 }
