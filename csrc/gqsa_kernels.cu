@@ -39,7 +39,7 @@
 // Batched decode (M = 3..64 tokens) of a layer in the pair pattern (each row keeps one group of each
 // aligned pair of group columns), see sp_kernel: the same tiles and splits, but only kept weights
 // reach the tensor cores, as the 2:4-sparse A operand of mma.sp once each pair's channels are
-// interleaved.
+// interleaved (in the order of k, which leaves x as it is).
 //
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
@@ -676,6 +676,11 @@ __device__ __forceinline__ void cp_async16_zfill(uint32_t smem, const void* gmem
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
 }
 
+// The same through L1 (.ca): for x, which the CTAs sharing an SM copy again and again.
+__device__ __forceinline__ void cp_async16_ca_zfill(uint32_t smem, const void* gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+}
+
 __device__ __forceinline__ void cp_async4_zfill(uint32_t smem, const void* gmem, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 4 : 0));
 }
@@ -1068,11 +1073,13 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
       src = x_src + (c_begin + i) * kTcChunk;
       ch_ok = (c_begin + i) * kTcChunk + x_cu * kWordWeights < K;
     }
+    // Through L1: the CTAs on one SM copy the same chunks of x (5-8% faster on Qwen2.5-7B's layers
+    // at 8 to 32 tokens than the L2-only copy, the same on Llama-2-7B's; kernels_pairs_h200_x_ab_*).
 #pragma unroll
     for (int j = 0; j < kXCopies; ++j) {
       const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
-      cp_async16_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
-                       valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
+      cp_async16_ca_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
+                          valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
     }
   };
 
@@ -1213,16 +1220,15 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 //
 // A layer converted with --pattern pairs keeps, in every row, exactly one group of each aligned
 // pair of 16-channel group columns (2j, 2j + 1), so row r's j-th kept group is in pair j and lies
-// at row_ptr[r] + j. Reading the 32 channels of a pair in the order
-//   a0 a1 b0 b1 | a2 a3 b2 b3 | ... | a14 a15 b14 b15     (a = group 2j, b = group 2j + 1)
-// puts exactly two of a row's kept weights in every 4 channels, which is the 2:4 sparsity that
-// mma.sp multiplies at the cost of a dense mma of half the size: the A operand of
-// mma.sp.m16n8k32 is each row's kept group, its 16 codes in their own order (so tc_a_pair builds
-// it exactly as for the dense kernel), and the metadata says per row which half of each 4 it is
-// (indices 0, 1 for a kept a, 2, 3 for a kept b). Only kept weights are dequantized and fed to
-// the tensor cores, where the dense tensor-core kernel feeds every 16-weight slot of its tiles.
-// The reordering is done on x, shared by the CTA's 64 rows, as it is copied into shared memory.
-// The rest is tc_kernel's: 64 rows and a range of 256-channel chunks per CTA, two cp.async stages,
+// at row_ptr[r] + j. Taking the 32 channels of a pair as the k of mma.sp.m16n8k32 in the order
+//   a0 a1 b0 b1 | a8 a9 b8 b9 | a2 a3 b2 b3 | a10 a11 b10 b11 | ...   (a = group 2j, b = 2j + 1)
+// puts exactly two of a row's kept weights in every 4 k, which is the 2:4 sparsity that mma.sp
+// multiplies at the cost of a dense mma of half the size: the A operand is each row's kept group,
+// built by tc_a_pair from its codes (with the byte selector sp_a_sel), and the metadata says per
+// row which half of each 4 it is (indices 0, 1 for a kept a, 2, 3 for a kept b). Only kept weights
+// are dequantized and fed to the tensor cores, where the dense tensor-core kernel feeds every
+// 16-weight slot of its tiles. The order is chosen so that x needs no reordering: each lane's B
+// fragment is 8 consecutive channels (sp_x_offset). The rest is tc_kernel's: 64 rows and a range of 256-channel chunks per CTA, two cp.async stages,
 // K splits summed in split order by the last CTA of a tile.
 
 // Shared memory of sp_kernel, per stage: x, then each row's 8 groups of the chunk (codes, meta).
@@ -1230,9 +1236,9 @@ template <int MT>
 struct SpLayout {
   static constexpr int kTokens = 8 * MT;
   static constexpr int kPairs = kTcChunk / 32;  // pairs of group columns in a chunk (8)
-  // A lane reads its B fragment for one pair and 8 tokens as one 16-byte load: lane (g, q) 16
-  // bytes at token g, pair offset 16q. The 8 lanes of one phase read 64 bytes of two tokens, so
-  // a row pitch of 64 mod 128 bytes puts them in different banks.
+  // x sits in its own channel order. A lane reads its B fragment for one pair and 8 tokens as one
+  // 16-byte load (sp_x_offset): the 8 lanes of one phase read 64 bytes of two tokens, so a row
+  // pitch of 64 mod 128 bytes puts them in different banks.
   static constexpr int kXRowBytes = kTcChunk * 2 + 64;
   static constexpr int kXBytes = kTokens * kXRowBytes;
   // A warp reads one group's 8 code bytes of 8 rows at once: 80 bytes apart, they fall in 8
@@ -1254,11 +1260,19 @@ struct SpLayout {
   static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kBytes, "the half sums fit in shared memory");
 };
 
-// Where word o (channels 2o, 2o + 1) of a pair's 16 words goes in shared memory: lane q of a
-// quad reads words 4q .. 4q + 3, its B fragment b0..b7 of mma.m16n8k32 (rows k = 2q, 2q + 1,
-// + 8, + 16, + 24 of the reordered pair, i.e. channels 2(q >> 1) + {0, 1} + {0, 4, 8, 12} of group a
-// for even q and of group b for odd q).
-__host__ __device__ constexpr int sp_x_word(int o) { return 4 * ((o >> 3) | ((o & 1) << 1)) + ((o & 7) >> 1); }
+// The order of k in mma.sp.m16n8k32 is ours to choose, as long as A and B agree and every 4
+// consecutive k hold two of group a's channels and two of group b's. Lane q of a quad holds B's
+// k = 2q + {0, 1} + {0, 8, 16, 24} (b0..b7). Mapping them to 8 consecutive channels, a[0..7],
+// b[0..7], a[8..15], b[8..15] for q = 0..3, makes each lane's B fragment one 16-byte load of x as
+// it is (byte offset sp_x_offset(q) in the pair's 64 bytes), and puts group a's channels at
+// indices 0, 1 and group b's at 2, 3 of every 4 k. The compressed A column c (2 per 4 k) is then
+// channel 8 (i & 1) + 2 (i >> 1) + (c & 1), i = c >> 1, of the row's kept group: lane q's lo pair
+// (c = 2q, 2q + 1) is channels 8 (q & 1) + 2 (q >> 1) + {0, 1}, its hi pair (c + 8) the same + 4,
+// bytes q >> 1 and (q >> 1) + 2 of code word q & 1 (sp_a_sel).
+__host__ __device__ constexpr int sp_x_offset(int q) { return 16 * ((q >> 1) | ((q & 1) << 1)); }
+__host__ __device__ constexpr uint32_t sp_a_sel(int q) {
+  return static_cast<uint32_t>((4 * (q & 1) + (q >> 1)) * 0x0101 + (4 * (q & 1) + (q >> 1) + 2) * 0x1010);
+}
 
 // d += a (16 x 32 with 2:4 sparsity, given as its 16 x 16 kept values and metadata e) * b (32 x 8).
 __device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[4], const uint4& b, uint32_t e) {
@@ -1280,13 +1294,25 @@ __device__ __forceinline__ uint32_t sp_metadata(uint32_t meta_a, uint32_t meta_b
   return 0x44444444u + ((meta_a >> kColShift) & 1u) * 0xAAAAu + ((meta_b >> kColShift) & 1u) * 0xAAAA0000u;
 }
 
+// Registers per thread: what leaves room for the CTAs that shared memory allows per SM on Hopper
+// (4 of 256 threads at 8 tokens, 3 at 16, 2 above). Left to itself, ptxas (CUDA 13.0) gave MT = 4
+// 64 registers and 96 bytes of spill loads per thread, and MT = 8 80 registers and 24 bytes; with
+// these caps nothing spills.
+template <int MT>
+constexpr int kSpMaxRegisters = MT == 1 ? 64 : MT == 2 ? 80 : 128;
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
+#define GQSA_MAXNREG(n) __maxnreg__(n)
+#else
+#define GQSA_MAXNREG(n)
+#endif
+
 // y[M, N] = x[M, K] @ W.T for M <= 8 * MT and a layer in the pair pattern (K % 32 == 0, G = 16):
 // CTA (tile, split) computes rows tile * kTcRows .. + kTcRows - 1 over its range of the
 // ceil(K / kTcChunk) chunks; splits as in tc_kernel.
 // kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
 // at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
 template <typename T, int MT, bool kXScaled, bool kFull>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
               int32_t* __restrict__ counters, int M, int N, int K, int splits) {
@@ -1320,14 +1346,14 @@ __global__ void __launch_bounds__(kTcThreads)
   const int32_t* meta_src = meta + (meta_ok ? __ldg(row_ptr + tile * kTcRows + meta_row) + kMetaGroups * meta_part : 0);
   uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + meta_row * L::kMetaRowBytes + 4 * kMetaGroups * meta_part;
   const int first_pair = 2 * copy_part;  // of the chunk, this thread's first (non-kFull bounds)
-  // x: word w = threadIdx.x % 128 of the chunk's 128 words of token x_tok + 2j, stored reordered.
-  constexpr int kXWords = kTcChunk / 2;
-  constexpr int kXCopies = L::kTokens * kXWords / kTcThreads;
-  constexpr int kXTokenStep = kTcThreads / kXWords;
-  const int x_tok = threadIdx.x / kXWords;
-  const int x_w = threadIdx.x % kXWords;
-  uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 64 * (x_w / 16) + 4 * sp_x_word(x_w % 16);
-  const T* x_src = x + static_cast<size_t>(x_tok) * K + 2 * x_w;
+  // x: 16-byte unit x_cu of the chunk's 32 of token x_tok + j * kXTokenStep.
+  constexpr int kXCopies = L::kTokens * kTcChunkUnits / kTcThreads;
+  constexpr int kXTokenStep = kTcThreads / kTcChunkUnits;
+  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0, "x copies tile the stage");
+  const int x_tok = threadIdx.x / kTcChunkUnits;
+  const int x_cu = threadIdx.x % kTcChunkUnits;
+  uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
+  const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
   uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
 #pragma unroll
   for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
@@ -1348,13 +1374,15 @@ __global__ void __launch_bounds__(kTcThreads)
         cp_async4_zfill(meta_dst + stage + 4 * j, ok ? meta_src + L::kPairs * c + j : meta, ok);
       }
     }
-    const bool ch_ok = kFull || c * kTcChunk + 2 * x_w < K;
+    const bool ch_ok = kFull || c * kTcChunk + x_cu * kWordWeights < K;  // K % 32 == 0: whole units
     const T* src = x_src + c * kTcChunk;
+    // Through L1, which the CTAs on one SM share: copied around L1 (.cg) these copies made the
+    // kernel 9-17% slower than its 4-byte copies had been, through L1 8-18% faster.
 #pragma unroll
     for (int j = 0; j < kXCopies; ++j) {
       const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
-      cp_async4_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
-                      valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
+      cp_async16_ca_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
+                          valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
     }
   };
 
@@ -1366,12 +1394,12 @@ __global__ void __launch_bounds__(kTcThreads)
   const int g = lane / 4;
   const int q = lane % 4;
   const int row_a = row_group * 16 + g;
-  const uint32_t sel = q | (q + 4) << 4 | q << 8 | (q + 4) << 12;
+  const uint32_t sel = sp_a_sel(q);
   // This warp's half of a chunk: pairs 4 * half .. 4 * half + 3.
   constexpr int kHalfPairs = L::kPairs / kTcHalves;
   const int code_off = row_a * L::kCodeRowBytes + 8 * kHalfPairs * half;
   const int meta_off = row_a * L::kMetaRowBytes + 4 * kHalfPairs * half;
-  const int x_off = g * L::kXRowBytes + 64 * kHalfPairs * half + 16 * q;
+  const int x_off = g * L::kXRowBytes + 64 * kHalfPairs * half + sp_x_offset(q);
   float acc[MT][4];
 #pragma unroll
   for (int t = 0; t < MT; ++t) {

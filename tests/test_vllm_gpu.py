@@ -43,10 +43,11 @@ NEW_TOKENS = 24
 PROMPT_LENGTHS = [5, 9, 12, 16, 20, 24, 31, 40, 57, 120]
 
 
-def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer: bool = False) -> str:
+def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer: bool = False,
+                        pattern: str = "groups") -> str:
     """A tiny random model of ``arch`` (hidden 512, 8 heads, 4 KV heads, 4 layers) whose logits are
-    scaled by 10, converted one-shot to W4 S50% g16 (and its output layer to W4 g16 if
-    ``output_layer``). ``gemma3_mm`` is Gemma 3's image-text model (a SigLIP tower around the
+    scaled by 10, converted one-shot to W4 S50% g16 in ``pattern`` (and its output layer to W4 g16
+    if ``output_layer``). ``gemma3_mm`` is Gemma 3's image-text model (a SigLIP tower around the
     gemma3 decoder), whose decoder is stored under ``language_model.``."""
     from safetensors.torch import load_file, save_file
 
@@ -76,9 +77,9 @@ def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer:
         cfg["final_logit_softcapping"] = None
         with open(cfg_path, "w") as f:
             json.dump(cfg, f, indent=2)
-    ckpt = str(root / f"{arch}-w4s50{'-head' if output_layer else ''}")
+    ckpt = str(root / f"{arch}-w4s50{'-head' if output_layer else ''}-{pattern}")
     convert(dense, ckpt, ConvertOptions(n_samples=16, seq_len=128, bqpo_epochs=0, e2e_epochs=0,
-                                        quantize_output_layer=output_layer))
+                                        quantize_output_layer=output_layer, pattern=pattern))
     return ckpt
 
 
@@ -157,6 +158,7 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
               gpu_memory_utilization=0.2, seed=0, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]})
     try:
         kernels = llm.apply_model(lambda m: sorted({getattr(x, "gqsa_kernel", "") for x in m.modules()} - {""}))
+        pairs = llm.apply_model(lambda m: sorted({x.gqsa_pairs for x in m.modules() if hasattr(x, "gqsa_pairs")}))
         head = llm.apply_model(lambda m: type(lm_head(m).quant_method).__name__)[0]
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
 
@@ -188,7 +190,7 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
             assert list(out.prompt_token_ids) == expanded + cont, "the scored prompt is not the served one"
             tail = out.prompt_logprobs[len(expanded):]
             scores.append([lp[t].logprob for t, lp in zip(cont, tail)])
-        return {"kernels": kernels, "head": head, "alone": alone, "together": together, "images": with_images,
+        return {"kernels": kernels, "pairs": pairs, "head": head, "alone": alone, "together": together, "images": with_images,
                 "scores": scores}
     finally:
         del llm
@@ -215,6 +217,21 @@ def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference
         # with mean differences of 0.0015-0.0026, bf16 6/10 and 7/10 with 0.016-0.018.
         assert cmp["identical"] >= (8 if dtype == "float16" else 4), cmp
         assert cmp["mean_diff"] < (0.01 if dtype == "float16" else 0.05), cmp
+
+
+# A checkpoint converted with --pattern pairs: every decoder layer is served by the pair pattern's
+# kernels (the GEMV alone, the sparse-tensor-core kernel for the ten prompts together).
+def test_vllm_engine_serves_the_pair_pattern(prompts, references, tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp("pairs"), "llama", torch.float16, pattern="pairs")
+    served = serve_in_process(ckpt, "float16", False, prompts)
+    assert served["kernels"] == [["kernel_format"]] and served["pairs"] == [[True]]
+    model = references(ckpt, torch.float16)
+    for mode in ("alone", "together"):
+        cmp = compare(model, prompts, served[mode])
+        print("llama pairs", mode, cmp)
+        assert cmp["identical"] >= 8, cmp
+        assert cmp["mean_diff"] < 0.01, cmp
 
 
 # The other families gqsa-convert supports, each through vLLM's own model class for it: Qwen2's

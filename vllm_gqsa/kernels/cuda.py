@@ -56,11 +56,11 @@ TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "64"))
 COMPACT_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_GEMV_MAX_TOKENS", "2"))
 COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "64"))
 # Layers in the pair pattern (cuda_format.pair_pattern) run the sparse-tensor-core kernel instead
-# of the tensor-core kernel between the GEMV and dequantize + cuBLAS. It beats the GEMV from 3 tokens
-# (58.9 against 70.0 us per Llama-2-7B layer, 68.2 against 95.6 Qwen2.5-7B) and dequantize + cuBLAS
-# up to 64 (188.5 against 270; 398.9 against 278.2 at 128, an earlier build);
-# benchmarks/results/gpu/kernels_pairs_h200_stages_4.json, kernels_pairs_h200_first.json.
-PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "2"))
+# of the tensor-core kernel between the GEMV and dequantize + cuBLAS. It beats the GEMV from 2 tokens
+# (50.9 against 55.2 us per Llama-2-7B layer, 59.6 against 62.4 Qwen2.5-7B; at one token 50.6
+# against 42.4) and dequantize + cuBLAS up to 64 (155.1 against 270; 398.9 against 278.2 at 128,
+# an earlier build); benchmarks/results/gpu/kernels_pairs_h200_x16.json, kernels_pairs_h200_first.json.
+PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1"))
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "64"))
 JIT_NAME = "vllm_gqsa_C"
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
