@@ -36,7 +36,7 @@
 // builds the mma A fragments from them in registers and multiplies with mma.m16n8k16; splits of K
 // are summed deterministically.
 //
-// Batched decode (M = 3..64 tokens) of a layer in the pair pattern (each row keeps one group of each
+// Batched decode (M = 2..64 tokens) of a layer in the pair pattern (each row keeps one group of each
 // aligned pair of group columns), see sp_kernel: the same tiles and splits, but only kept weights
 // reach the tensor cores, as the 2:4-sparse A operand of mma.sp once each pair's channels are
 // interleaved (in the order of k, which leaves x as it is).
@@ -1216,7 +1216,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 }
 
 // ---------------------------------------------------------------------------------------------
-// Sparse-tensor-core kernel for layers in the pair pattern (M = 4..64 tokens per launch)
+// Sparse-tensor-core kernel for layers in the pair pattern (M = 2..64 tokens per launch)
 //
 // A layer converted with --pattern pairs keeps, in every row, exactly one group of each aligned
 // pair of 16-channel group columns (2j, 2j + 1), so row r's j-th kept group is in pair j and lies
@@ -1228,8 +1228,9 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 // row which half of each 4 it is (indices 0, 1 for a kept a, 2, 3 for a kept b). Only kept weights
 // are dequantized and fed to the tensor cores, where the dense tensor-core kernel feeds every
 // 16-weight slot of its tiles. The order is chosen so that x needs no reordering: each lane's B
-// fragment is 8 consecutive channels (sp_x_offset). The rest is tc_kernel's: 64 rows and a range of 256-channel chunks per CTA, two cp.async stages,
-// K splits summed in split order by the last CTA of a tile.
+// fragment is 8 consecutive channels (sp_x_offset). The rest is tc_kernel's: 64 rows and a range
+// of 256-channel chunks per CTA, cp.async stages (SpLayout::kStages), K splits summed in split
+// order by the last CTA of a tile.
 
 // Shared memory of sp_kernel, per stage: x, then each row's 8 groups of the chunk (codes, meta).
 template <int MT>
@@ -1253,7 +1254,7 @@ struct SpLayout {
   // DRAM round trip, so copies go out kStages - 1 chunks ahead. One Llama-2-7B layer on the H200 at
   // 4 / 8 / 16 / 32 / 64 tokens: 69.3 / 70.9 / 79.5 / 112.7 / 186.8 us with 2 stages, 59.4 / 60.6 /
   // 76.2 / 109.2 with 4, 57.1 / 59.2 / 77.0 / 116.1 / 239.6 with 3 (64 tokens: one CTA per SM);
-  // benchmarks/results/gpu/kernels_pairs_h200_stages_{2,4,3}.json.
+  // benchmarks/results/gpu/kernels_pairs_h200_stages_{2,4,3}.json (measured with x in 4-byte copies).
   static constexpr int kStages = MT <= 4 ? 4 : 2;
   static constexpr int kBytes = kStages * kStageBytes;
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
