@@ -832,6 +832,46 @@ __device__ __forceinline__ void keep_in_register(V& v) {
   }
 }
 
+// The copies of x into a stage, the same in tc_kernel and sp_kernel (layout L): thread t copies
+// the 16-byte unit cu = t % kTcChunkUnits of a chunk for tokens tok + j * kTokenStep, tok = t /
+// kTcChunkUnits, and zeros for tokens past M. Through L1 (.ca), which the CTAs on one SM share:
+// they copy the same chunks of x. On the H200 that made sp_kernel 8-18% faster than its earlier
+// 4-byte copies, where copies around L1 (.cg) were 9-17% slower, and tc_kernel 4-8% faster on
+// Qwen2.5-7B's layers at 8 to 32 tokens, the same on Llama-2-7B's
+// (benchmarks/results/gpu/kernels_pairs_h200_x16_cg_experiment.json, kernels_*_h200_x_ab_*.json).
+template <typename T, typename L>
+struct XCopies {
+  static constexpr int kCopies = L::kTokens * kTcChunkUnits / kTcThreads;
+  static constexpr int kTokenStep = kTcThreads / kTcChunkUnits;
+  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0, "x copies tile the stage");
+  int tok;
+  int cu;
+  uint32_t dst;     // this thread's first unit in stage 0
+  const T* src;     // this thread's first unit of chunk 0
+  uint32_t tok_ok;  // bit j: token tok + j * kTokenStep exists
+
+  __device__ __forceinline__ XCopies(const T* x, uint32_t stage0, int M, int K)
+      : tok(threadIdx.x / kTcChunkUnits),
+        cu(threadIdx.x % kTcChunkUnits),
+        dst(stage0 + tok * L::kXRowBytes + 16 * cu),
+        src(x + static_cast<size_t>(tok) * K + cu * kWordWeights),
+        tok_ok(0) {
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j) tok_ok |= static_cast<uint32_t>(tok + j * kTokenStep < M) << j;
+  }
+
+  // Into the stage at byte offset stage, this thread's units from from (its unit of token tok),
+  // or zeros where !ok; x is any valid address, read by no copy.
+  __device__ __forceinline__ void issue(uint32_t stage, const T* from, bool ok, const T* x, int K) const {
+#pragma unroll
+    for (int j = 0; j < kCopies; ++j) {
+      const bool valid = ok && ((tok_ok >> j) & 1u);
+      cp_async16_ca_zfill(dst + stage + kTokenStep * L::kXRowBytes * j,
+                          valid ? from + static_cast<size_t>(j * kTokenStep) * K : x, valid);
+    }
+  }
+};
+
 // The end of tc_kernel and sp_kernel, once the pipeline is drained: the second half's warps hand
 // their sums to the first half's through shared memory, which then writes y, or with splits > 1
 // its split's fp32 partial, the last split of the tile to finish summing the partials in split
@@ -1020,25 +1060,15 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
     code_dst[j] = stage0 + L::kXBytes + copy_row * L::kCodeRowBytes + u * kCopyBytes;
     col_bit[j] = 1u << (col0 + j * kColStep);
   }
-  // x: token x_tok + j * kXTokenStep, 16-byte unit x_cu of the chunk.
-  constexpr int kXCopies = L::kTokens * kTcChunkUnits / kTcThreads;
-  constexpr int kXTokenStep = kTcThreads / kTcChunkUnits;
-  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0, "x copies tile the stage");
-  const int x_tok = threadIdx.x / kTcChunkUnits;
-  const int x_cu = threadIdx.x % kTcChunkUnits;
-  uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
-  const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
+  XCopies<T, L> xc(x, stage0, M, K);
   // Compact tiles (xcols given): chunk slot j holds group column xcols[tile, chunk, j] of x, and
-  // this thread copies unit x_cu % kUnitsPerGroup of slot x_cu / kUnitsPerGroup. Its column for
+  // this thread copies unit xc.cu % kUnitsPerGroup of slot xc.cu / kUnitsPerGroup. Its column for
   // the chunk it copies next is loaded one chunk ahead, so no copy waits on that load.
   constexpr int kUnitsPerGroup = G / kWordWeights;
-  const T* x_gather = x + static_cast<size_t>(x_tok) * K + (x_cu % kUnitsPerGroup) * kWordWeights;
+  const T* x_gather = x + static_cast<size_t>(xc.tok) * K + (xc.cu % kUnitsPerGroup) * kWordWeights;
   const int32_t* xcol_src =
-      kCompact ? xcols + (static_cast<size_t>(tile) * num_chunks + c_begin) * L::kCols + x_cu / kUnitsPerGroup : nullptr;
+      kCompact ? xcols + (static_cast<size_t>(tile) * num_chunks + c_begin) * L::kCols + xc.cu / kUnitsPerGroup : nullptr;
   int xcol = kCompact && n_local > 0 ? __ldg(xcol_src) : -1;
-  uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
-#pragma unroll
-  for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
 
   // Copies chunk i into stage s, given this row's chunk table entry for it. The entry of chunk
   // i + kStages - 1 travels with it: it is what the loop needs when this stage is consumed, so no
@@ -1070,17 +1100,10 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
       ch_ok = xcol >= 0;
       xcol = i + 1 < n_local ? __ldg(xcol_src + (i + 1) * L::kCols) : -1;
     } else {
-      src = x_src + (c_begin + i) * kTcChunk;
-      ch_ok = (c_begin + i) * kTcChunk + x_cu * kWordWeights < K;
+      src = xc.src + (c_begin + i) * kTcChunk;
+      ch_ok = (c_begin + i) * kTcChunk + xc.cu * kWordWeights < K;
     }
-    // Through L1: the CTAs on one SM copy the same chunks of x (5-8% faster on Qwen2.5-7B's layers
-    // at 8 to 32 tokens than the L2-only copy, the same on Llama-2-7B's; kernels_pairs_h200_x_ab_*).
-#pragma unroll
-    for (int j = 0; j < kXCopies; ++j) {
-      const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
-      cp_async16_ca_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
-                          valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
-    }
+    xc.issue(stage, src, ch_ok, x, K);
   };
 
   // Prologue: the chunk table entries of the first kStages - 1 chunks in one round trip, then
@@ -1136,8 +1159,8 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
       }
       keep_in_register(meta_dst);
       keep_in_register(entry_dst);
-      keep_in_register(x_dst);
-      keep_in_register(x_src);
+      keep_in_register(xc.dst);
+      keep_in_register(xc.src);
       keep_in_register(row_entries);
       keep_in_register(row_first);
     }
@@ -1347,17 +1370,7 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
   const int32_t* meta_src = meta + (meta_ok ? __ldg(row_ptr + tile * kTcRows + meta_row) + kMetaGroups * meta_part : 0);
   uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + meta_row * L::kMetaRowBytes + 4 * kMetaGroups * meta_part;
   const int first_pair = 2 * copy_part;  // of the chunk, this thread's first (non-kFull bounds)
-  // x: 16-byte unit x_cu of the chunk's 32 of token x_tok + j * kXTokenStep.
-  constexpr int kXCopies = L::kTokens * kTcChunkUnits / kTcThreads;
-  constexpr int kXTokenStep = kTcThreads / kTcChunkUnits;
-  static_assert(L::kTokens * kTcChunkUnits % kTcThreads == 0, "x copies tile the stage");
-  const int x_tok = threadIdx.x / kTcChunkUnits;
-  const int x_cu = threadIdx.x % kTcChunkUnits;
-  uint32_t x_dst = stage0 + x_tok * L::kXRowBytes + 16 * x_cu;
-  const T* x_src = x + static_cast<size_t>(x_tok) * K + x_cu * kWordWeights;
-  uint32_t x_tok_ok = 0;  // bit j: token x_tok + j * kXTokenStep exists
-#pragma unroll
-  for (int j = 0; j < kXCopies; ++j) x_tok_ok |= static_cast<uint32_t>(x_tok + j * kXTokenStep < M) << j;
+  XCopies<T, L> xc(x, stage0, M, K);
 
   // Copies chunk c_begin + i into stage s; pairs past K get zero meta (scale 0) and no codes.
   auto issue = [&](int i, int s) {
@@ -1375,16 +1388,8 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
         cp_async4_zfill(meta_dst + stage + 4 * j, ok ? meta_src + L::kPairs * c + j : meta, ok);
       }
     }
-    const bool ch_ok = kFull || c * kTcChunk + x_cu * kWordWeights < K;  // K % 32 == 0: whole units
-    const T* src = x_src + c * kTcChunk;
-    // Through L1, which the CTAs on one SM share: copied around L1 (.cg) these copies made the
-    // kernel 9-17% slower than its 4-byte copies had been, through L1 8-18% faster.
-#pragma unroll
-    for (int j = 0; j < kXCopies; ++j) {
-      const bool valid = ch_ok && ((x_tok_ok >> j) & 1u);
-      cp_async16_ca_zfill(x_dst + stage + kXTokenStep * L::kXRowBytes * j,
-                          valid ? src + static_cast<size_t>(j * kXTokenStep) * K : x, valid);
-    }
+    // K % 32 == 0: every 16-byte unit is whole.
+    xc.issue(stage, xc.src + c * kTcChunk, kFull || c * kTcChunk + xc.cu * kWordWeights < K, x, K);
   };
 
   for (int i = 0; i < L::kStages - 1; ++i) {
@@ -1415,8 +1420,8 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     keep_in_register(code_src);
     keep_in_register(meta_dst);
     keep_in_register(meta_src);
-    keep_in_register(x_dst);
-    keep_in_register(x_src);
+    keep_in_register(xc.dst);
+    keep_in_register(xc.src);
     cp_async_wait<L::kStages - 2>();  // this thread's copies of chunk i have landed
     __syncthreads();                  // and everyone's; chunk i - 1's stage is free
     unsigned char* xs_stage = sp_smem + s * L::kStageBytes;
