@@ -760,6 +760,13 @@ constexpr int kSmemPerSm = 100 * 1024;
 constexpr int kSmemPerSm = 228 * 1024;
 #endif
 
+// Shared memory that tc_finish needs: every warp's sums in fp32, kTcRows rows of each token of
+// each part. Rows of a token are kTcRows + 4 floats apart, so a warp's 8 rows of 4 tokens (two
+// apart) fall in 32 different banks.
+constexpr int kFinishPitch = kTcRows + 4;
+template <int MT, int P>
+constexpr int kFinishBytes = P * 8 * MT * kFinishPitch * 4;
+
 // Shared memory of tc_kernel. Each pipeline stage holds one chunk: x (kTokens rows of the chunk's
 // activations) and, for each of the tile's rows, the chunk's codes and meta at their dense
 // positions: a kept group's codes go to its column's place in the row, a pruned column gets meta 0
@@ -798,7 +805,7 @@ struct TcLayout {
   // minimum given to __launch_bounds__ for MT <= 2 (see tc_kernel).
   static constexpr int kMinCtas = kSmemPerSm / (kBytes + 1024) < 4 ? kSmemPerSm / (kBytes + 1024) : 4;
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
-  static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kStageBytes, "the half sums fit in stage 0");
+  static_assert(kFinishBytes<MT, kTcHalves> <= kBytes, "tc_finish's sums fit in shared memory");
 };
 
 // A pipeline stage as a type, so that code for one stage can be written once and compiled per
@@ -872,74 +879,79 @@ struct XCopies {
   }
 };
 
-// The end of tc_kernel and sp_kernel, once the pipeline is drained: the second half's warps hand
-// their sums to the first half's through shared memory, which then writes y, or with splits > 1
-// its split's fp32 partial, the last split of the tile to finish summing the partials in split
-// order (so the result does not depend on the order the CTAs run in) and resetting its counter.
-// acc[t][j] is row g + 8 * (j / 2) of the warp's 16, token 8t + 2q + j % 2 (g = lane / 4, q = lane % 4).
-template <typename T, int MT>
-__device__ __forceinline__ void tc_finish(float (&acc)[MT][4], unsigned char* smem, int tile, int split,
-                                          int row_group, int half, int lane, T* __restrict__ y,
+// The end of tc_kernel and sp_kernel, once the pipeline is drained. A warp holds R row tiles of 16
+// rows: rows 16 (R row_group + r) .. + 15 of the tile, for part `part` of each chunk's k-steps;
+// acc[r][t][j] is row g + 8 * (j / 2) of row tile r, token 8t + 2q + j % 2 (g = lane / 4, q = lane
+// % 4). All warps put their sums in shared memory; then every thread adds the P parts' sums of
+// some outputs (in part order) and writes y, 64 consecutive rows of a token at a time, or with
+// splits > 1 its split's fp32 partial, the last split of the tile to finish summing the partials in
+// split order (so the result does not depend on the order the CTAs run in) and resetting its
+// counter. All 256 threads take part: in an earlier version the warps of part 0 added the other
+// parts' sums into their registers and wrote y alone, and with four parts (sp_kernel's two row
+// tiles per warp) that left 3 of every 4 warps idle for the stores and the split sums. The shared
+// version also made tc_kernel 1-3% faster from 4 to 16 tokens and 3-7% at 32 and 64 (three models'
+// layers on the H200, benchmarks/results/gpu/kernels_groups_h200_finish_ab_*.json).
+template <typename T, int R, int MT, int P>
+__device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned char* smem, int tile, int split,
+                                          int row_group, int part, int lane, T* __restrict__ y,
                                           float* __restrict__ workspace, int32_t* __restrict__ counters, int M,
                                           int N, int splits) {
+  constexpr int kTokens = 8 * MT;
+  static_assert(kTcRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
   __shared__ int is_last_split;
   const int g = lane / 4;
   const int q = lane % 4;
   cp_async_wait<0>();
   __syncthreads();
-  float4* half_sums = reinterpret_cast<float4*>(smem);
-  if (half == 1) {
+  float* sums = reinterpret_cast<float*>(smem);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
 #pragma unroll
     for (int t = 0; t < MT; ++t) {
-      half_sums[(row_group * MT + t) * kWarpSize + lane] = make_float4(acc[t][0], acc[t][1], acc[t][2], acc[t][3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int tok = 8 * t + 2 * q + j % 2;
+        const int row = 16 * (R * row_group + r) + g + 8 * (j / 2);
+        sums[(part * kTokens + tok) * kFinishPitch + row] = acc[r][t][j];
+      }
     }
   }
   __syncthreads();
-  if (half == 1) return;
-#pragma unroll
-  for (int t = 0; t < MT; ++t) {
-    const float4 o = half_sums[(row_group * MT + t) * kWarpSize + lane];
-    acc[t][0] += o.x;
-    acc[t][1] += o.y;
-    acc[t][2] += o.z;
-    acc[t][3] += o.w;
-  }
 
-  const int row0 = tile * kTcRows + row_group * 16 + g;
   constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
-  float* part = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
+  const int tokens = M < kTokens ? M : kTokens;
+  const int rows = N - tile * kTcRows < kTcRows ? N - tile * kTcRows : kTcRows;
+  float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
+  for (int i = threadIdx.x; i < kTcRows * tokens; i += kTcThreads) {
+    const int tok = i / kTcRows;
+    const int row = i % kTcRows;
+    if (row >= rows) continue;
+    float sum = 0.f;
 #pragma unroll
-  for (int t = 0; t < MT; ++t) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int row = row0 + 8 * (j / 2);
-      const int tok = 8 * t + 2 * q + j % 2;
-      if (row < N && tok < M) {
-        if (part == nullptr) {
-          y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(acc[t][j] * kOutScale);
-        } else {
-          part[static_cast<size_t>(tok) * N + row] = acc[t][j];
-        }
-      }
+    for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + tok) * kFinishPitch + row];
+    const size_t at = static_cast<size_t>(tok) * N + tile * kTcRows + row;
+    if (out == nullptr) {
+      y[at] = Act<T>::from_float(sum * kOutScale);
+    } else {
+      out[at] = sum;
     }
   }
   if (splits == 1) return;
 
-  // Only the first half's warps are left: kTcThreads / kTcHalves threads.
-  constexpr int kThreadsLeft = kTcThreads / kTcHalves;
   __threadfence();  // this thread's partials are visible to the split that sums them
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  __syncthreads();
   if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
-  asm volatile("bar.sync 1, %0;" ::"n"(kThreadsLeft));
+  __syncthreads();
   if (!is_last_split) return;
   __threadfence();
-  for (int i = threadIdx.x; i < kTcRows * M; i += kThreadsLeft) {
+  for (int i = threadIdx.x; i < kTcRows * tokens; i += kTcThreads) {
     const int tok = i / kTcRows;
-    const int row = tile * kTcRows + i % kTcRows;
-    if (row >= N) continue;
+    const int row = i % kTcRows;
+    if (row >= rows) continue;
+    const size_t at = static_cast<size_t>(tok) * N + tile * kTcRows + row;
     float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + (static_cast<size_t>(sp) * M + tok) * N + row);
-    y[static_cast<size_t>(tok) * N + row] = Act<T>::from_float(sum * kOutScale);
+    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + static_cast<size_t>(sp) * M * N + at);
+    y[at] = Act<T>::from_float(sum * kOutScale);
   }
   if (threadIdx.x == 0) counters[tile] = 0;
 }
@@ -1235,7 +1247,8 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
     for (int i = 0; i < n_local; ++i) chunk(i, i % L::kStages);
   }
 
-  tc_finish<T, MT>(acc, tc_smem, tile, split, row_group, half, lane, y, workspace, counters, M, N, splits);
+  tc_finish<T, 1, MT, kTcHalves>(reinterpret_cast<float(&)[1][MT][4]>(acc), tc_smem, tile, split, row_group, half, lane, y,
+                                 workspace, counters, M, N, splits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1252,8 +1265,8 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 // are dequantized and fed to the tensor cores, where the dense tensor-core kernel feeds every
 // 16-weight slot of its tiles. The order is chosen so that x needs no reordering: each lane's B
 // fragment is 8 consecutive channels (sp_x_offset). The rest is tc_kernel's: 64 rows and a range
-// of 256-channel chunks per CTA, cp.async stages (SpLayout::kStages), K splits summed in split
-// order by the last CTA of a tile.
+// of 256-channel chunks per CTA (a warp takes 16 or 32 of the rows, kSpRowTiles), cp.async stages
+// (SpLayout::kStages), K splits summed in split order by the last CTA of a tile.
 
 // Shared memory of sp_kernel, per stage: x, then each row's 8 groups of the chunk (codes, meta).
 template <int MT>
@@ -1281,7 +1294,6 @@ struct SpLayout {
   static constexpr int kStages = MT <= 4 ? 4 : 2;
   static constexpr int kBytes = kStages * kStageBytes;
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
-  static_assert(kTcRowGroups * MT * kWarpSize * 16 <= kBytes, "the half sums fit in shared memory");
 };
 
 // The order of k in mma.sp.m16n8k32 is ours to choose, as long as A and B agree and every 4
@@ -1324,6 +1336,36 @@ __device__ __forceinline__ uint32_t sp_metadata(uint32_t meta_a, uint32_t meta_b
 // these caps nothing spills.
 template <int MT>
 constexpr int kSpMaxRegisters = MT == 1 ? 64 : MT == 2 ? 80 : 128;
+
+// Row tiles of 16 rows per warp. Every warp reads its B fragments (x) from shared memory once per
+// pair and token tile and uses them for each of its row tiles. With one row tile the 4 warps that
+// cover a CTA's 64 rows read the same x four times, and at 64 tokens those reads are most of the
+// shared-memory traffic (128 KB per chunk against 32 KB of x copies and 8 KB of codes and meta;
+// Nsight Compute: the shared-memory pipe 68% busy, "MIO throttle" the largest stall). Two row tiles
+// halve them, and the warps split a chunk's 8 pairs four ways instead of two. One Llama-2-7B layer
+// on the H200 at 16 / 32 / 64 tokens, same call: 63.9 / 95.4 / 155.9 us with one row tile, 61.0 /
+// 85.8 / 127.5 with two (Llama-3-8B and Qwen2.5-7B 7-9% / 12-14% / 22-23% faster); 8 tokens keep
+// one row tile (two were not measured there; benchmarks/results/gpu/
+// kernels_pairs_h200_row_tiles_ab_*.json). It needed tc_finish's shared sums: with the earlier
+// finish, where part 0's warps summed the other parts and wrote y alone, layers with K splits ran
+// up to 44% slower (kernels_pairs_h200_row_tiles_old_finish_experiment.{json,patch}).
+template <int MT>
+constexpr int kSpRowTiles = MT >= 2 ? 2 : 1;
+
+// w = the n consecutive words at p (n = 1, 2 or 4), in one load.
+template <int n>
+__device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)[n]) {
+  if constexpr (n == 4) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+  } else if constexpr (n == 2) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    w[0] = v.x, w[1] = v.y;
+  } else {
+    static_assert(n == 1, "1, 2 or 4 words");
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  }
+}
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
 #define GQSA_MAXNREG(n) __maxnreg__(n)
 #else
@@ -1342,14 +1384,22 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
               int32_t* __restrict__ counters, int M, int N, int K, int splits) {
   using L = SpLayout<MT>;
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
+  // Warp w multiplies rows 16 R (w % kRowGroups) .. + 16 R - 1 of the tile over part w / kRowGroups
+  // of each chunk's pairs (kPartPairs of them).
+  constexpr int R = kSpRowTiles<MT>;
+  constexpr int kRowGroups = kTcRows / (16 * R);
+  constexpr int kParts = kTcThreads / kWarpSize / kRowGroups;
+  constexpr int kPartPairs = L::kPairs / kParts;
+  static_assert(kPartPairs * kParts == L::kPairs, "the parts split a chunk's pairs");
+  static_assert(kFinishBytes<MT, kParts> <= L::kBytes, "tc_finish's sums fit in shared memory");
   extern __shared__ __align__(16) unsigned char sp_smem[];
 
   const int tile = blockIdx.x;
   const int split = blockIdx.y;
   const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int row_group = warp % kTcRowGroups;
-  const int half = warp / kTcRowGroups;
+  const int row_group = warp % kRowGroups;
+  const int part = warp / kRowGroups;
   const int c_begin = split * num_chunks / splits;
   const int n_local = (split + 1) * num_chunks / splits - c_begin;
   const int pairs = K / 32;  // kept groups per row
@@ -1399,18 +1449,20 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
 
   const int g = lane / 4;
   const int q = lane % 4;
-  const int row_a = row_group * 16 + g;
+  const int row_a = row_group * 16 * R + g;
   const uint32_t sel = sp_a_sel(q);
-  // This warp's half of a chunk: pairs 4 * half .. 4 * half + 3.
-  constexpr int kHalfPairs = L::kPairs / kTcHalves;
-  const int code_off = row_a * L::kCodeRowBytes + 8 * kHalfPairs * half;
-  const int meta_off = row_a * L::kMetaRowBytes + 4 * kHalfPairs * half;
-  const int x_off = g * L::kXRowBytes + 64 * kHalfPairs * half + sp_x_offset(q);
-  float acc[MT][4];
+  // This warp's part of a chunk: pairs kPartPairs * part .. + kPartPairs - 1.
+  const int code_off = row_a * L::kCodeRowBytes + 8 * kPartPairs * part;
+  const int meta_off = row_a * L::kMetaRowBytes + 4 * kPartPairs * part;
+  const int x_off = g * L::kXRowBytes + 64 * kPartPairs * part + sp_x_offset(q);
+  float acc[R][MT][4];
 #pragma unroll
-  for (int t = 0; t < MT; ++t) {
+  for (int r = 0; r < R; ++r) {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) acc[t][j] = 0.f;
+    for (int t = 0; t < MT; ++t) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[r][t][j] = 0.f;
+    }
   }
 
   auto chunk = [&](int i, auto stage) {
@@ -1432,29 +1484,38 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
       }
       __syncthreads();
     }
-    const unsigned char* code_a = xs_stage + L::kXBytes + code_off;
-    const unsigned char* code_b = code_a + 8 * L::kCodeRowBytes;
-    const uint4 meta_a = *reinterpret_cast<const uint4*>(xs_stage + L::kXBytes + L::kCodeBytes + meta_off);
-    const uint4 meta_b =
-        *reinterpret_cast<const uint4*>(xs_stage + L::kXBytes + L::kCodeBytes + meta_off + 8 * L::kMetaRowBytes);
-    const uint32_t ma[4] = {meta_a.x, meta_a.y, meta_a.z, meta_a.w};
-    const uint32_t mb[4] = {meta_b.x, meta_b.y, meta_b.z, meta_b.w};
+    // Rows g (a) and g + 8 (b) of each of the warp's row tiles.
+    const unsigned char* codes_s = xs_stage + L::kXBytes + code_off;
+    const unsigned char* meta_s = xs_stage + L::kXBytes + L::kCodeBytes + meta_off;
+    uint32_t ma[R][kPartPairs];
+    uint32_t mb[R][kPartPairs];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      load_words(meta_s + 16 * r * L::kMetaRowBytes, ma[r]);
+      load_words(meta_s + (16 * r + 8) * L::kMetaRowBytes, mb[r]);
+    }
     const unsigned char* xs = xs_stage + x_off;
 #pragma unroll
-    for (int p = 0; p < kHalfPairs; ++p) {
-      if (p == kHalfPairs / 2) {  // as in tc_kernel: halfway, the next chunk's copies
+    for (int p = 0; p < kPartPairs; ++p) {
+      if (p == kPartPairs / 2) {  // as in tc_kernel: halfway, the next chunk's copies
         const int next = i + L::kStages - 1;
         if (next < n_local) issue(next, (s + L::kStages - 1) % L::kStages);
         cp_async_commit();
       }
-      uint32_t a[4];
-      tc_a_pair(*reinterpret_cast<const uint2*>(code_a + 8 * p), ma[p], sel, a[0], a[2]);
-      tc_a_pair(*reinterpret_cast<const uint2*>(code_b + 8 * p), mb[p], sel, a[1], a[3]);
-      const uint32_t e = sp_metadata(ma[p], mb[p]);
+      uint32_t a[R][4];
+      uint32_t e[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const unsigned char* code_a = codes_s + 16 * r * L::kCodeRowBytes + 8 * p;
+        tc_a_pair(*reinterpret_cast<const uint2*>(code_a), ma[r][p], sel, a[r][0], a[r][2]);
+        tc_a_pair(*reinterpret_cast<const uint2*>(code_a + 8 * L::kCodeRowBytes), mb[r][p], sel, a[r][1], a[r][3]);
+        e[r] = sp_metadata(ma[r][p], mb[r][p]);
+      }
 #pragma unroll
       for (int t = 0; t < MT; ++t) {
         const uint4 b = *reinterpret_cast<const uint4*>(xs + 64 * p + 8 * t * L::kXRowBytes);
-        mma_sp_16832(acc[t], a, b, e);
+#pragma unroll
+        for (int r = 0; r < R; ++r) mma_sp_16832(acc[r][t], a[r], b, e[r]);
       }
     }
   };
@@ -1465,7 +1526,7 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     });
   }
 
-  tc_finish<T, MT>(acc, sp_smem, tile, split, row_group, half, lane, y, workspace, counters, M, N, splits);
+  tc_finish<T, R, MT, kParts>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters, M, N, splits);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -56,12 +56,13 @@ TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_TC_MAX_TOKENS", "64"))
 COMPACT_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_GEMV_MAX_TOKENS", "2"))
 COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "64"))
 # Layers in the pair pattern (cuda_format.pair_pattern) run the sparse-tensor-core kernel instead
-# of the tensor-core kernel between the GEMV and dequantize + cuBLAS. It beats the GEMV from 2 tokens
-# (50.9 against 55.2 us per Llama-2-7B layer, 59.6 against 62.4 Qwen2.5-7B; at one token 50.6
-# against 42.4) and dequantize + cuBLAS up to 64 (155.1 against 270; 398.9 against 278.2 at 128,
-# an earlier build); benchmarks/results/gpu/kernels_pairs_h200_x16.json, kernels_pairs_h200_first.json.
+# of the tensor-core kernel between the GEMV and dequantize + cuBLAS (one launch per 64 tokens). It
+# beats the GEMV from 2 tokens (50.0 against 54.9 us per Llama-2-7B layer, 61.9 against 64.5
+# Qwen2.5-7B; at one token 50.0 against 43.0) and dequantize + cuBLAS up to 128 tokens (at 128, in
+# two launches, 249.8 against 279.2 us, 275.6 against 298.5 Llama-3-8B, 309.8 against 321.9
+# Qwen2.5-7B); benchmarks/results/gpu/kernels_pairs_h200_row_tiles.json.
 PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1"))
-PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "64"))
+PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
 JIT_NAME = "vllm_gqsa_C"
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CSRC_DIR = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
