@@ -83,7 +83,7 @@ CONFIGS = {
                           "modules_in_block_to_quantize": [*GPTQ["modules_in_block_to_quantize"], ["lm_head"]]},
                          {"linear_backend": "marlin"}),
     # The pair pattern (gqsa-convert --pattern pairs: one group of each aligned pair kept per row),
-    # served by the sparse-tensor-core kernel from 2 to 64 tokens.
+    # served by the sparse-tensor-core kernel from 2 to 128 tokens.
     "gqsa-s50-pairs": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "pattern": "pairs"}, {}),
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),

@@ -1336,6 +1336,11 @@ __device__ __forceinline__ uint32_t sp_metadata(uint32_t meta_a, uint32_t meta_b
 // these caps nothing spills.
 template <int MT>
 constexpr int kSpMaxRegisters = MT == 1 ? 64 : MT == 2 ? 80 : 128;
+#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
+#define GQSA_MAXNREG(n) __maxnreg__(n)
+#else
+#define GQSA_MAXNREG(n)
+#endif
 
 // Row tiles of 16 rows per warp. Every warp reads its B fragments (x) from shared memory once per
 // pair and token tile and uses them for each of its row tiles. With one row tile the 4 warps that
@@ -1352,25 +1357,19 @@ constexpr int kSpMaxRegisters = MT == 1 ? 64 : MT == 2 ? 80 : 128;
 template <int MT>
 constexpr int kSpRowTiles = MT >= 2 ? 2 : 1;
 
-// w = the n consecutive words at p (n = 1, 2 or 4), in one load.
+// w = the n consecutive words at p (a row's meta for a warp's pairs of a chunk: 4 with one row
+// tile, 2 with two), in one load.
 template <int n>
 __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)[n]) {
+  static_assert(n == 2 || n == 4, "2 or 4 words");
   if constexpr (n == 4) {
     const uint4 v = *reinterpret_cast<const uint4*>(p);
     w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
-  } else if constexpr (n == 2) {
+  } else {
     const uint2 v = *reinterpret_cast<const uint2*>(p);
     w[0] = v.x, w[1] = v.y;
-  } else {
-    static_assert(n == 1, "1, 2 or 4 words");
-    w[0] = *reinterpret_cast<const uint32_t*>(p);
   }
 }
-#if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
-#define GQSA_MAXNREG(n) __maxnreg__(n)
-#else
-#define GQSA_MAXNREG(n)
-#endif
 
 // y[M, N] = x[M, K] @ W.T for M <= 8 * MT and a layer in the pair pattern (K % 32 == 0, G = 16):
 // CTA (tile, split) computes rows tile * kTcRows .. + kTcRows - 1 over its range of the
