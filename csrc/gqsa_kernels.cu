@@ -919,21 +919,26 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   __syncthreads();
 
   constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  // Each thread's outputs, a compile-time count so that the loops below unroll: output
+  // threadIdx.x + k * kTcThreads is token i / kTcRows, row i % kTcRows of the tile.
+  constexpr int kOutputs = kTcRows * kTokens / kTcThreads;
+  static_assert(kOutputs * kTcThreads == kTcRows * kTokens, "the threads share the outputs evenly");
   const int tokens = M < kTokens ? M : kTokens;
   const int rows = N - tile * kTcRows < kTcRows ? N - tile * kTcRows : kTcRows;
+  auto output_ok = [&](int i) { return i / kTcRows < tokens && i % kTcRows < rows; };
+  auto output_at = [&](int i) { return static_cast<size_t>(i / kTcRows) * N + tile * kTcRows + i % kTcRows; };
   float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
-  for (int i = threadIdx.x; i < kTcRows * tokens; i += kTcThreads) {
-    const int tok = i / kTcRows;
-    const int row = i % kTcRows;
-    if (row >= rows) continue;
+#pragma unroll
+  for (int k = 0; k < kOutputs; ++k) {
+    const int i = threadIdx.x + k * kTcThreads;
+    if (!output_ok(i)) continue;
     float sum = 0.f;
 #pragma unroll
-    for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + tok) * kFinishPitch + row];
-    const size_t at = static_cast<size_t>(tok) * N + tile * kTcRows + row;
+    for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + i / kTcRows) * kFinishPitch + i % kTcRows];
     if (out == nullptr) {
-      y[at] = Act<T>::from_float(sum * kOutScale);
+      y[output_at(i)] = Act<T>::from_float(sum * kOutScale);
     } else {
-      out[at] = sum;
+      out[output_at(i)] = sum;
     }
   }
   if (splits == 1) return;
@@ -944,14 +949,27 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   __syncthreads();
   if (!is_last_split) return;
   __threadfence();
-  for (int i = threadIdx.x; i < kTcRows * tokens; i += kTcThreads) {
-    const int tok = i / kTcRows;
-    const int row = i % kTcRows;
-    if (row >= rows) continue;
-    const size_t at = static_cast<size_t>(tok) * N + tile * kTcRows + row;
-    float sum = 0.f;
-    for (int sp = 0; sp < splits; ++sp) sum += __ldcg(workspace + static_cast<size_t>(sp) * M * N + at);
-    y[at] = Act<T>::from_float(sum * kOutScale);
+  // The partials come from L2, so each split's loads of all this thread's outputs go out together:
+  // one round trip per split. A loop of one output at a time (its splits' loads, then the next
+  // output's) made this CTA, the last of its tile and so at the end of the kernel, wait up to 16
+  // round trips at 64 tokens: sp_kernel in 2 splits took 41.2 us on the Llama-2-7B q/k/v at 64
+  // tokens with it and 34.6 without, and tc_kernel's decoder layers are 0-5% faster from 8 to 64
+  // tokens (csrc/README.md, "K splits of its own").
+  float total[kOutputs];
+#pragma unroll
+  for (int k = 0; k < kOutputs; ++k) total[k] = 0.f;
+  for (int sp = 0; sp < splits; ++sp) {
+    const float* partial = workspace + static_cast<size_t>(sp) * M * N;
+#pragma unroll
+    for (int k = 0; k < kOutputs; ++k) {
+      const int i = threadIdx.x + k * kTcThreads;
+      if (output_ok(i)) total[k] += __ldcg(partial + output_at(i));
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kOutputs; ++k) {
+    const int i = threadIdx.x + k * kTcThreads;
+    if (output_ok(i)) y[output_at(i)] = Act<T>::from_float(total[k] * kOutScale);
   }
   if (threadIdx.x == 0) counters[tile] = 0;
 }
@@ -1810,6 +1828,22 @@ int tc_splits(int N, int num_chunks, int num_sms) {
   int splits = tiles > 0 ? 2 * (num_sms > 0 ? num_sms : 1) / tiles : 1;
   const int max_splits = num_chunks / 4;
   if (splits > max_splits) splits = max_splits;
+  return splits > 1 ? splits : 1;
+}
+
+int sp_splits(int N, int num_chunks, int num_sms) {
+  const int tiles = (N + kTcRows - 1) / kTcRows;
+  const int sms = num_sms > 0 ? num_sms : 1;
+  // A split is worth its pipeline fill and its partial sums only with at least 7 chunks (1,792
+  // channels), and only if the CTAs either fit one per SM or put two on at least 80% of the SMs:
+  // with two on some SMs and one on the rest, the SMs with two set the time. On the H200, 1 / 2 / 4
+  // splits at 64 tokens: the Llama-3-8B q/k/v (96 tiles, 16 chunks) 20.9 / 22.9 / 27.5 us (tc_splits:
+  // 2), the 4096 x 4096 o (64 tiles) 20.5 / 18.1 / 20.3 (tc_splits: 4), the Llama-2-7B down (64
+  // tiles, 43 chunks) 50.7 / 34.0 / 30.8; this rule picks the fastest on 12 layer shapes at 16 and 64
+  // tokens (benchmarks/results/gpu/kernels_pairs_h200_sp_splits_finish_s*.json; csrc/README.md).
+  int splits = 2 * sms / (tiles > 0 ? tiles : 1);
+  if (splits > num_chunks / 7) splits = num_chunks / 7;
+  while (splits > 1 && tiles * splits > sms && 5 * tiles * splits < 8 * sms) --splits;
   return splits > 1 ? splits : 1;
 }
 

@@ -80,6 +80,9 @@ constexpr int kTcScaleXOnceTokens = 9;
 // The number of K splits tc_gemm uses by default for N rows and num_chunks chunks per row tile on
 // a GPU with num_sms SMs: about two CTAs per SM, at least four chunks per split.
 int tc_splits(int N, int num_chunks, int num_sms);
+// The same for sp_gemm: splits of at least 7 chunks, and CTAs either at most one per SM or two on
+// at least 80% of the SMs.
+int sp_splits(int N, int num_chunks, int num_sms);
 
 // y[M, N] = x[M, K] @ W.T on tensor cores (mma.sync), for batches too large for the GEMV. The
 // grid is (ceil(N / kTcRows), splits): each CTA copies its rows' kept groups for its part of K

@@ -155,8 +155,8 @@ void check_splits(const char* op, const at::Tensor& x, const std::optional<at::T
               num(num_chunks), " (the input's chunks of ", num(gqsa::kTcChunk), " channels), got ", num(splits));
 }
 
-// What one call of a tensor-core op needs besides its inputs: the K splits (splits, or 0 for the
-// launcher's choice), their fp32 workspace and tile counters, and the scratch of x converted once.
+// What one call of a tensor-core op needs besides its inputs: the K splits (splits, or 0 for
+// choose_splits' choice: gqsa::tc_splits or gqsa::sp_splits), their fp32 workspace and tile counters, and the scratch of x converted once.
 // With splits, the last CTA of a row tile to finish is found by counting in counters[tile], which
 // it sets back to 0: the layer's counters (zeros at load time, like Marlin's workspace) stay zeros
 // from call to call. Zeroing fresh ones is one more kernel per call, which a CUDA graph replays
@@ -167,11 +167,11 @@ struct TcBuffers {
   at::Tensor workspace, counters, x_scratch;
 
   TcBuffers(const at::Tensor& x, gqsa::Dtype dtype, const std::optional<at::Tensor>& layer_counters, int64_t n_out,
-            int64_t num_chunks, int64_t requested_splits) {
+            int64_t num_chunks, int64_t requested_splits, int (*choose_splits)(int, int, int)) {
     const int64_t M = x.size(0), K = x.size(1);
     const int64_t launch_tokens = M < gqsa::kMaxTcTokens ? M : gqsa::kMaxTcTokens;
     splits = requested_splits > 0 ? static_cast<int>(requested_splits)
-                                  : gqsa::tc_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
+                                  : choose_splits(static_cast<int>(n_out), static_cast<int>(num_chunks),
                                                     at::cuda::getCurrentDeviceProperties()->multiProcessorCount);
     if (splits > 1) {
       const int64_t tiles = (n_out + gqsa::kTcRows - 1) / gqsa::kTcRows;
@@ -221,7 +221,7 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();  // no input channels, or compact tiles that keep nothing
-  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits);
+  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits, gqsa::tc_splits);
   check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
                              meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
                              xcols.has_value() ? xcols->data_ptr<int32_t>() : nullptr, static_cast<int>(num_chunks), y.data_ptr(),
@@ -253,7 +253,7 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();
-  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits);
+  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits, gqsa::sp_splits);
   check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
                              meta.data_ptr<int32_t>(), y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
                              b.x_scratch_ptr(), static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K),

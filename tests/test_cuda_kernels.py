@@ -493,6 +493,7 @@ def test_tc_splits(splits, pattern):
     t = to_kernel_format(layer, 8)
     op = lambda x, t, N: cuda.tc(x, t, N, splits)  # noqa: E731
     check_gemv(layer, t, 24, torch.float16, op=op)
+    check_gemv(layer, t, 130, torch.bfloat16, op=op)  # launches of 64, 64 and 2 tokens
     x = torch.randn(40, 16 * 256, device="cuda", dtype=torch.bfloat16)
     y = op(x, t, 200)
     assert torch.equal(y, op(x, t, 200)), "the split-K sum must not depend on CTA order"
@@ -553,6 +554,7 @@ def test_sp_splits(splits):
     t = to_kernel_format(layer, 8)
     op = lambda x, t, N: cuda.sp(x, t, N, splits)  # noqa: E731
     check_gemv(layer, t, 24, torch.float16, op=op)
+    check_gemv(layer, t, 130, torch.bfloat16, op=op)  # launches of 64, 64 and 2 tokens
     x = torch.randn(40, 16 * 256, device="cuda", dtype=torch.bfloat16)
     y = op(x, t, 200)
     assert torch.equal(y, op(x, t, 200)), "the split-K sum must not depend on CTA order"

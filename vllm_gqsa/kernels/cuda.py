@@ -60,7 +60,8 @@ COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "6
 # beats the GEMV from 2 tokens (50.0 against 54.9 us per Llama-2-7B layer, 61.9 against 64.5
 # Qwen2.5-7B; at one token 50.0 against 43.0) and dequantize + cuBLAS up to 128 tokens (at 128, in
 # two launches, 249.8 against 279.2 us, 275.6 against 298.5 Llama-3-8B, 309.8 against 321.9
-# Qwen2.5-7B); benchmarks/results/gpu/kernels_pairs_h200_row_tiles.json.
+# Qwen2.5-7B; benchmarks/results/gpu/kernels_pairs_h200_row_tiles.json), by more since the sparse
+# kernel's own K splits (245.5 / 253.1 / 281.1 us at 128, kernels_pairs_h200_sp_splits.json).
 PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1"))
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
 JIT_NAME = "vllm_gqsa_C"
