@@ -5,6 +5,8 @@
 # imports before trying a JIT build. The link takes seconds where the JIT build takes minutes.
 #   bash benchmarks/prebuilt_kernels.sh compile OBJ   # ARCH=90a by default (sm_90a)
 #   bash benchmarks/prebuilt_kernels.sh link OBJ      # in vLLM's environment (its torch and CUDA)
+# compile also keeps the bindings and header the object was built with (OBJ.csrc/), and link uses
+# them, so that builds from different commits can be linked in turn for an A/B in one call.
 set -euo pipefail
 step=$1 obj=$2
 cd "$(dirname "$0")/.."
@@ -12,7 +14,8 @@ case $step in
   compile)
     arch=${ARCH:-90a}
     nvcc -c -std=c++17 -O3 --expt-relaxed-constexpr -Xcompiler -fPIC \
-      -gencode=arch=compute_$arch,code=sm_$arch csrc/gqsa_kernels.cu -o "$obj" ;;
+      -gencode=arch=compute_$arch,code=sm_$arch csrc/gqsa_kernels.cu -o "$obj"
+    mkdir -p "$obj.csrc" && cp csrc/torch_bindings.cpp csrc/gqsa_kernels.h "$obj.csrc/" ;;
   link)
     eval "$(python3 - <<'PY'
 import os, sysconfig, torch
@@ -26,8 +29,10 @@ print("CUDA=%s" % (ce.CUDA_HOME or "/usr/local/cuda"))
 PY
 )"
     # The same flags as setup.py's build; _C's module init lives in torch_bindings.cpp.
+    src=csrc
+    [[ -f $obj.csrc/torch_bindings.cpp ]] && src=$obj.csrc
     g++ -O3 -std=c++17 -fPIC -shared -D_GLIBCXX_USE_CXX11_ABI=$ABI -DTORCH_API_INCLUDE_EXTENSION_H \
-      -DTORCH_EXTENSION_NAME=_C $INC -I"$PYINC" -Icsrc csrc/torch_bindings.cpp "$obj" \
+      -DTORCH_EXTENSION_NAME=_C $INC -I"$PYINC" -I"$src" "$src/torch_bindings.cpp" "$obj" \
       -L"$TLIB" -lc10 -lc10_cuda -ltorch -ltorch_cpu -ltorch_cuda -L"$CUDA/lib64" -lcudart \
       -Wl,-rpath,"$TLIB" -o "vllm_gqsa/_C$EXT"
     python3 -c "from vllm_gqsa.kernels import cuda; print('GQSA CUDA kernels:', cuda.available())" ;;
