@@ -953,8 +953,8 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   // one round trip per split. A loop of one output at a time (its splits' loads, then the next
   // output's) made this CTA, the last of its tile and so at the end of the kernel, wait up to 16
   // round trips at 64 tokens: sp_kernel in 2 splits took 41.2 us on the Llama-2-7B q/k/v at 64
-  // tokens with it and 34.6 without (two calls), and tc_kernel's decoder layers are 0-5% faster from 8 to 64
-  // tokens (csrc/README.md, "K splits of its own").
+  // tokens with it and 34.6 without (two calls), and tc_kernel's decoder layers are 0-5% faster
+  // from 8 to 64 tokens (csrc/README.md, "K splits of its own").
   float total[kOutputs];
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) total[k] = 0.f;

@@ -156,7 +156,8 @@ void check_splits(const char* op, const at::Tensor& x, const std::optional<at::T
 }
 
 // What one call of a tensor-core op needs besides its inputs: the K splits (splits, or 0 for
-// choose_splits' choice: gqsa::tc_splits or gqsa::sp_splits), their fp32 workspace and tile counters, and the scratch of x converted once.
+// choose_splits' choice: gqsa::tc_splits or gqsa::sp_splits), their fp32 workspace and tile
+// counters, and the scratch of x converted once.
 // With splits, the last CTA of a row tile to finish is found by counting in counters[tile], which
 // it sets back to 0: the layer's counters (zeros at load time, like Marlin's workspace) stay zeros
 // from call to call. Zeroing fresh ones is one more kernel per call, which a CUDA graph replays
