@@ -49,6 +49,7 @@ from .e2e import ScaleTraining, train_scales
 from .hub import model_card, peak_text
 from .layout import (IMAGE_TEXT_ARCHITECTURES, checkpoint_module, checkpoint_names, decoder, dense_parts,
                      rename, text_config)
+from .owl import block_sparsities, check_owl, outlier_ratio
 from .solver import accumulate_hessian, solve_layer
 
 logger = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ class ConvertOptions:
     # "pairs": one group of each aligned pair kept per row block (sparsity 0.5), for the sparse
     # tensor cores; "groups": any groups, by saliency.
     pattern: str = "groups"
+    # OWL: blocks with more outlier weights keep more groups, at the same mean sparsity (.owl);
+    # 0 gives every block ``sparsity``.
+    owl_lambda: float = 0.0
     calib_data: str | None = None
     n_samples: int = 128
     seq_len: int = 512
@@ -142,6 +146,8 @@ class ConvertOptions:
             d.pop("output_layer_sparsity")
         if self.pattern == "groups":  # likewise
             d.pop("pattern")
+        if not self.owl_lambda:  # likewise
+            d.pop("owl_lambda")
         return d
 
     @property
@@ -483,6 +489,10 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         # The checkpoint would hold GQSA tensors for a layer its config lists as dense.
         raise ConvertError(f"--quantize-output-layer and --skip {OUTPUT_LAYER} contradict each other; "
                            f"pass one of them")
+    try:
+        check_owl(opts.owl_lambda, opts.sparsity, opts.pattern)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None
     if opts.batch_size < 1:
         raise ConvertError(f"--batch-size {opts.batch_size} must be 1 or more")
     if min(opts.bqpo_epochs, opts.e2e_epochs) < 0:
@@ -541,6 +551,12 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         # BQPO's targets: the dense blocks fed the dense model's own stream.
         dense_inputs = list(inputs) if opts.bqpo_epochs else None
         blocks = dec.layers
+        block_sparsity = [qcfg.sparsity] * len(blocks)
+        if opts.owl_lambda:
+            ratios = _outlier_ratios(blocks, inputs, block_kwargs, dec_prefix, names, qcfg, device,
+                                     opts.batch_size, save_dtype)
+            block_sparsity = block_sparsities(ratios, qcfg.sparsity, opts.owl_lambda)
+            logger.info("OWL block sparsities: %s", " ".join(f"{s:.3f}" for s in block_sparsity))
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block",
                    disable=not show_progress())  # off with gqsa-convert -q
         for b in bar:
@@ -553,8 +569,9 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                 block_tensors = _restore_block(block, prefix, block_file, layers_report, fmt)
             else:
                 latents = {} if dense_inputs is not None else None
-                block_tensors = _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_report,
-                                               bar, latents)
+                block_qcfg = dataclasses.replace(qcfg, sparsity=block_sparsity[b])
+                block_tensors = _convert_block(block, prefix, names, inputs, kwargs, block_qcfg, opts,
+                                               layers_report, bar, latents)
                 if dense_inputs is not None and block_tensors:  # a block left dense has nothing to train
                     block_tensors = _train_block(block, b, prefix, block_tensors, latents, inputs, dense_inputs,
                                                  kwargs, layers_report, opts, fmt, bqpo_report, bar)
@@ -603,7 +620,8 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
     tensors = {rename(names, n): t for n, t in tensors.items()}
     layers_report = [{**r, "name": checkpoint_module(names, r["name"])} for r in layers_report]
     report = _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model,
-                               earlier_seconds + time.time() - t_start, training, tied)
+                               earlier_seconds + time.time() - t_start, training, tied,
+                               block_sparsity if opts.owl_lambda else None)
     _clean_up_and_publish(tmp, out_dir)
     return report
 
@@ -742,6 +760,36 @@ def _train_block(block, b, prefix, block_tensors, latents, inputs, targets, kwar
     return out
 
 
+def _outlier_ratios(blocks, inputs, block_kwargs, dec_prefix, names, qcfg, device, batch_size,
+                    save_dtype) -> list[float | None]:
+    """OWL's outlier ratio of each block's converted layers (None: nothing converted), from one
+    pass of the dense model's own stream through the blocks."""
+    ratios = []
+    x = list(inputs)
+    for b in tqdm(range(len(blocks)), desc="OWL outlier ratios", unit="block", disable=not show_progress()):
+        block = blocks[b].to(device, torch.float32)
+        prefix = f"{dec_prefix}.layers.{b}."
+        linears = {n: _module(block, n) for group in sequential_groups(block) for n in group
+                   if qcfg.is_quantized(checkpoint_module(names, prefix + n))}
+        sq = {n: torch.zeros(m.in_features, device=device) for n, m in linears.items()}
+
+        def hook_for(n):
+            def hook(_mod, args, _out):
+                sq[n] += args[0].reshape(-1, args[0].shape[-1]).float().pow(2).sum(0)
+            return hook
+
+        handles = [m.register_forward_hook(hook_for(n)) for n, m in linears.items()]
+        try:
+            x = _run_block(block, x, block_kwargs[b], batch_size)
+        finally:
+            for h in handles:
+                h.remove()
+        ratios.append(outlier_ratio([m.weight for m in linears.values()], list(sq.values()))
+                      if linears else None)
+        blocks[b] = block.to("cpu", save_dtype)
+    return ratios
+
+
 def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Tensor]:
     """One Hessian per group of the stage, from the input of the group's first module
     (the modules of a group read the same input)."""
@@ -762,8 +810,9 @@ def _collect_hessians(block, stage, inputs, kwargs, batch_size) -> list[torch.Te
 
 
 def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts, model, seconds,
-                      training, tied: bool) -> dict:
-    """``tied``: the dense model's output layer shares the embedding's weight (counted once)."""
+                      training, tied: bool, block_sparsity: list[float] | None = None) -> dict:
+    """``tied``: the dense model's output layer shares the embedding's weight (counted once).
+    ``block_sparsity``: each block's sparsity, where OWL chose them."""
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         t = tensors[name]
@@ -824,6 +873,8 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "dense_bytes": dense_bytes,
         "compression_ratio": dense_bytes / total_bytes,
         "training": training,
+        **({"owl": {"lambda": opts.owl_lambda, "block_sparsity": [round(s, 4) for s in block_sparsity]}}
+           if block_sparsity else {}),
         "seconds": round(seconds, 1),
         "device": str(device),
         "peak_memory": peak_memory(device),
@@ -854,7 +905,8 @@ def describe(report: dict) -> str:
     mb = 1 / 2**20
     return "\n".join([
         f"GQSA W{q['bits']} S{q['sparsity'] * 100:.0f}% g{q['group_size']} "
-        f"(block_rows {q['block_rows']}{', pattern pairs' if q.get('pattern') == 'pairs' else ''}): "
+        f"(block_rows {q['block_rows']}{', pattern pairs' if q.get('pattern') == 'pairs' else ''}"
+        f"{', OWL lambda %g' % report['owl']['lambda'] if 'owl' in report else ''}): "
         f"{report['quantized_layers']} layers converted "
         f"in {report['seconds']:.0f} s on {report['device']}",
         f"  kept groups            {report['kept_group_fraction'] * 100:.1f}%",

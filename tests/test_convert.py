@@ -701,3 +701,52 @@ def test_calibration_longer_than_the_model_warns(tiny_models, tmp_path, caplog):
     max_positions = json.loads(open(os.path.join(tiny_models["llama"], "config.json")).read())["max_position_embeddings"]
     convert(tiny_models["llama"], str(tmp_path / "long"), ConvertOptions(**{**QUICK, "seq_len": max_positions + 16}))
     assert f"--seq-len {max_positions + 16} is longer than the model's {max_positions} positions" in caplog.text
+
+
+def test_owl_rule_keeps_the_mean_and_favours_blocks_with_outliers():
+    from converters.owl import block_sparsities, outlier_ratio
+
+    s = block_sparsities([0.01, 0.03, None, 0.02], 0.5, 0.08)
+    assert s[2] == 0.5  # nothing converted there
+    assert sum(s[i] for i in (0, 1, 3)) / 3 == pytest.approx(0.5)
+    assert s[1] < s[3] < s[0] and s[0] - s[1] == pytest.approx(0.16)  # the most outliers: the least pruned
+    assert block_sparsities([0.02, 0.02], 0.5, 0.08) == [0.5, 0.5]
+    # One weight of 100 equal ones scaled to 10x its input channel's norm: 1% outliers.
+    w = torch.ones(10, 10)
+    w[3, 4] = 10
+    assert outlier_ratio([w], [torch.ones(10)]) == pytest.approx(0.01)
+    assert outlier_ratio([w], [torch.ones(10) * 4]) == pytest.approx(0.01)  # scale-free
+
+
+def test_owl_gives_blocks_their_own_sparsity(tiny_models, tmp_path, capsys):
+    from converters.owl import block_sparsities
+
+    out = tmp_path / "owl"
+    assert cli_main([tiny_models["llama"], str(out), *QUICK_ARGS, "--owl-lambda", "0.1", "-q"]) == 0
+    assert "OWL lambda 0.1)" in capsys.readouterr().out
+    report = json.loads((out / COMPLETE_MARKER).read_text())
+    per_block = report["owl"]["block_sparsity"]
+    assert report["owl"]["lambda"] == 0.1 and len(per_block) == 2 and per_block[0] != per_block[1]
+    assert sum(per_block) / 2 == pytest.approx(0.5, abs=1e-4)
+    assert per_block == [round(s, 4) for s in block_sparsities(
+        [0.0, 1.0] if per_block[0] > per_block[1] else [1.0, 0.0], 0.5, 0.1)]  # two blocks: 0.5 -+ 0.1
+    for r in report["layers"]:  # every layer pruned at its block's sparsity
+        block = int(r["name"].split(".layers.")[1].split(".")[0])
+        total = r["shape"][0] * r["shape"][1] // 16
+        assert r["kept_groups"] / total == pytest.approx(1 - per_block[block], abs=0.02), r
+    load_reference_model(str(out))
+    # Off by default, and kept out of the resume fingerprint then (older partial folders resume).
+    assert "owl_lambda" not in ConvertOptions().fingerprint()
+    assert ConvertOptions(owl_lambda=0.08).fingerprint()["owl_lambda"] == 0.08
+    assert "owl" not in json.loads(open(os.path.join(tiny_models["llama"], "config.json")).read())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--owl-lambda", "-0.1"], "--owl-lambda -0.1 must be 0 (off) or more"),
+    (["--owl-lambda", "0.3"], "--owl-lambda 0.3 could move a block's sparsity by up to 0.6"),
+    (["--owl-lambda", "0.08", "--pattern", "pairs"], "--pattern pairs keeps one group of every two"),
+])
+def test_owl_errors_are_clear(args, message, tiny_models, tmp_path, capsys):
+    assert cli_main([tiny_models["llama"], str(tmp_path / "o"), *QUICK_ARGS, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
