@@ -49,7 +49,7 @@ from .e2e import ScaleTraining, train_scales
 from .hub import model_card, peak_text
 from .layout import (IMAGE_TEXT_ARCHITECTURES, checkpoint_module, checkpoint_names, decoder, dense_parts,
                      rename, text_config)
-from .owl import block_sparsities, check_owl, outlier_ratio
+from .owl import block_sparsities, outlier_ratio
 from .solver import accumulate_hessian, solve_layer
 
 logger = logging.getLogger(__name__)
@@ -460,6 +460,14 @@ def sequential_groups(block) -> list[tuple[str, ...]]:
     return [g for g in SEQUENTIAL_GROUPS if all(n in modules for n in g)]
 
 
+def converted_groups(block, prefix, names, qcfg) -> list[list[str]]:
+    """The block's sequential groups, each cut to the layers the conversion converts (the block's
+    module name is ``prefix``; ``names`` maps weight names to the checkpoint's); empty ones dropped."""
+    groups = [[n for n in g if qcfg.is_quantized(checkpoint_module(names, prefix + n))]
+              for g in sequential_groups(block)]
+    return [g for g in groups if g]
+
+
 def _module(block, path: str):
     for part in path.split("."):
         block = getattr(block, part)
@@ -489,10 +497,16 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         # The checkpoint would hold GQSA tensors for a layer its config lists as dense.
         raise ConvertError(f"--quantize-output-layer and --skip {OUTPUT_LAYER} contradict each other; "
                            f"pass one of them")
-    try:
-        check_owl(opts.owl_lambda, opts.sparsity, opts.pattern)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
+    if opts.owl_lambda < 0:
+        raise ConvertError(f"--owl-lambda {opts.owl_lambda} must be 0 (off) or more")
+    if opts.owl_lambda and opts.pattern == "pairs":
+        raise ConvertError("--owl-lambda: --pattern pairs keeps one group of every two in every block; "
+                           "block sparsities cannot differ")
+    shift = 2 * opts.owl_lambda  # the most block_sparsities moves a block, either way
+    if opts.sparsity - shift < 0 or opts.sparsity + shift >= 1:  # --sparsity itself is in [0, 1)
+        raise ConvertError(f"--owl-lambda {opts.owl_lambda} could move a block's sparsity by up to "
+                           f"{shift:g} from --sparsity {opts.sparsity}, outside [0, 1); "
+                           f"choose a smaller lambda")
     if opts.batch_size < 1:
         raise ConvertError(f"--batch-size {opts.batch_size} must be 1 or more")
     if min(opts.bqpo_epochs, opts.e2e_epochs) < 0:
@@ -657,9 +671,7 @@ def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_repo
     by layer name (for BQPO)."""
     fmt = qcfg.layer_format()
     out = {}
-    groups = [[n for n in g if qcfg.is_quantized(checkpoint_module(names, prefix + n))]
-              for g in sequential_groups(block)]
-    groups = [g for g in groups if g]
+    groups = converted_groups(block, prefix, names, qcfg)
     # True sequential: one calibration pass per group, so each group sees the outputs of the
     # groups quantized before it. Otherwise one pass for all.
     for stage in ([[g] for g in groups] if opts.true_sequential else [groups]):
@@ -765,12 +777,11 @@ def _outlier_ratios(blocks, inputs, block_kwargs, dec_prefix, names, qcfg, devic
     """OWL's outlier ratio of each block's converted layers (None: nothing converted), from one
     pass of the dense model's own stream through the blocks."""
     ratios = []
-    x = list(inputs)
+    x = inputs
     for b in tqdm(range(len(blocks)), desc="OWL outlier ratios", unit="block", disable=not show_progress()):
         block = blocks[b].to(device, torch.float32)
         prefix = f"{dec_prefix}.layers.{b}."
-        linears = {n: _module(block, n) for group in sequential_groups(block) for n in group
-                   if qcfg.is_quantized(checkpoint_module(names, prefix + n))}
+        linears = {n: _module(block, n) for g in converted_groups(block, prefix, names, qcfg) for n in g}
         sq = {n: torch.zeros(m.in_features, device=device) for n, m in linears.items()}
 
         def hook_for(n):

@@ -40,14 +40,3 @@ def block_sparsities(ratios: list[float | None], sparsity: float, lam: float) ->
     mean = sum(s for s in scaled if s is not None) / len(known)
     return [sparsity + mean - s if s is not None else sparsity for s in scaled]
 
-
-def check_owl(lam: float, sparsity: float, pattern: str) -> None:
-    """Refuse an OWL setting that could give a block a sparsity outside [0, 1)."""
-    if lam < 0:
-        raise ValueError(f"--owl-lambda {lam} must be 0 (off) or more")
-    if lam and pattern == "pairs":
-        raise ValueError("--owl-lambda: --pattern pairs keeps one group of every two in every block; "
-                         "block sparsities cannot differ")
-    if lam and not (sparsity - 2 * lam >= 0 and sparsity + 2 * lam < 1):
-        raise ValueError(f"--owl-lambda {lam} could move a block's sparsity by up to {2 * lam:g} "
-                         f"from --sparsity {sparsity}, outside [0, 1); choose a smaller lambda")
