@@ -5,7 +5,7 @@ VENV ?= .venv
 # make test VENV=.venv-vllm-0.34 VLLM=0.34.0
 VLLM ?= 0.26.0
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip install -q --disable-pip-version-check
+PIP := $(PY) -m pip install -q --disable-pip-version-check --no-cache-dir
 
 .PHONY: setup demo test wheel
 setup: $(VENV)/.installed
