@@ -10,7 +10,8 @@
 #   STEP: dense | gqsa | gqsa-long | baselines
 # Environment: CALIB, TEXT (WikiText-2's valid.txt and test.txt); N_SAMPLES, SEQ_LEN (calibration,
 # default 128 x 512, the converter's defaults); DEVICE (cuda); MAX_WINDOWS (all); VLLM (1: also
-# score in vLLM); LIMIT (seconds a conversion may run in this run of the step, 500).
+# score in vLLM); LIMIT (seconds a conversion may run in this run of the step, 500); METHODS (the
+# baselines step's methods, sparsegpt-2:4,gptq-w2g128).
 set -euo pipefail
 step=$1 dense=$2 work=$3 out=$4
 device=${DEVICE:-cuda}
@@ -46,7 +47,7 @@ case $step in
     cp "$ckpt/gqsa_report.json" "$out/${step}_report.json"
     score "$ckpt" "$step" ;;
   baselines)
-    python3 benchmarks/baselines.py "$dense" --methods sparsegpt-2:4,gptq-w2g128 "${calib[@]}" \
+    python3 benchmarks/baselines.py "$dense" --methods "${METHODS:-sparsegpt-2:4,gptq-w2g128}" "${calib[@]}" \
       --text "$TEXT" "${windows[@]}" --device "$device" --out "$out/baselines.json" ;;
   *) echo "unknown step $step" >&2; exit 2 ;;
 esac

@@ -5,6 +5,9 @@
 # conversions resume, so the same command continues where a run stopped. Stops starting steps at BUDGET
 # seconds (the GPU machine's time limit per command). Run from the project root:
 #   W=/path/to/work BUDGET=540 bash benchmarks/results/gpu/smollm2_h200_calibration_size.sh
+# Kept as the record of these runs. To repeat them, benchmarks/gpu_accuracy.sh runs the same steps:
+#   N_SAMPLES=512 MAX_WINDOWS=40 VLLM=0 METHODS=sparsegpt-2:4 CALIB=valid.txt TEXT=test.txt \
+#     bash benchmarks/gpu_accuracy.sh gqsa|baselines|dense SmolLM2-135M work512 results512
 set -uo pipefail
 export PYTHONPATH=$PWD:${PYTHONPATH:-} HF_HUB_OFFLINE=1
 start=$(date +%s); BUDGET=${BUDGET:-520}
