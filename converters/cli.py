@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -149,19 +150,21 @@ def main(argv: list[str] | None = None) -> int:
         e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_batch_size=args.e2e_batch_size,
         val_samples=args.val_samples, overwrite=args.overwrite, resume=args.resume)
     try:
-        if args.demo:
-            from .tiny import build_tiny_model
-            output = args.output or args.model or "gqsa-demo"
-            model = build_tiny_model(os.path.join(tempfile.mkdtemp(prefix="gqsa-demo-"), "tiny-llama"))
-        else:
-            if not args.model or not args.output:
-                build_parser().error("MODEL and OUTPUT are required (or use --demo)")
-            model, output = resolve_model(args.model), args.output
-        if args.push_to_hub:
-            check_can_push()
-        report = convert(model, output, opts)
-        if args.push_to_hub:
-            print(f"pushed to {push(os.path.abspath(output), args.push_to_hub)}")
+        # --demo's tiny model lives only as long as its conversion.
+        with tempfile.TemporaryDirectory(prefix="gqsa-demo-") if args.demo else contextlib.nullcontext() as tmp:
+            if args.demo:
+                from .tiny import build_tiny_model
+                output = args.output or args.model or "gqsa-demo"
+                model = build_tiny_model(os.path.join(tmp, "tiny-llama"))
+            else:
+                if not args.model or not args.output:
+                    build_parser().error("MODEL and OUTPUT are required (or use --demo)")
+                model, output = resolve_model(args.model), args.output
+            if args.push_to_hub:
+                check_can_push()
+            report = convert(model, output, opts)
+            if args.push_to_hub:
+                print(f"pushed to {push(os.path.abspath(output), args.push_to_hub)}")
     except (ConvertError, GQSAFormatError, FileNotFoundError, HubError) as e:
         print(f"gqsa-convert: error: {e}", file=sys.stderr)
         return 2

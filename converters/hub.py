@@ -55,16 +55,20 @@ def push(folder: str, repo_id: str, private: bool = True) -> str:
     return str(url)
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'' if n == 1 else 's'}"
+
+
 def training_summary(training: dict) -> str:
     """One line on the BQPO and E2E-OQP stages of a conversion, for the model card."""
     parts = []
     if "bqpo" in training:
         b = training["bqpo"]
-        parts.append(f"BQPO {b['epochs']} epochs ({b['blocks_improved']}/{len(b['blocks'])} blocks improved "
+        parts.append(f"BQPO {_epochs(b['epochs'])} ({b['blocks_improved']}/{len(b['blocks'])} blocks improved "
                      f"on {b['held_out_samples']} held-out samples)")
     if "e2e" in training:
         e = training["e2e"]
-        parts.append(f"E2E-OQP {e['epochs']} epochs (held-out LM loss {e['val_loss_start']:.3f} -> "
+        parts.append(f"E2E-OQP {_epochs(e['epochs'])} (held-out LM loss {e['val_loss_start']:.3f} -> "
                      f"{e['val_loss_best']:.3f}{'' if e['kept_trained'] else ', not better: scales kept'})")
     return "; ".join(parts) or "none (one-shot solver)"
 

@@ -1,8 +1,10 @@
 # SPDX-License-Identifier: Apache-2.0
 """gqsa-convert end to end on tiny random models, and its errors."""
 
+import glob
 import json
 import os
+import tempfile
 
 import pytest
 from conftest import OTHER_FAMILIES, interrupt_solver, tiny_model_and_checkpoint
@@ -663,8 +665,11 @@ def test_cli_options_are_honoured_or_refused(tiny_models, image_text_checkpoints
 
     # --demo's own calibration sizes fill in only what is not given.
     out = tmp_path / "demo"
+    demo_models = lambda: set(glob.glob(os.path.join(tempfile.gettempdir(), "gqsa-demo-*")))  # noqa: E731
+    before = demo_models()
     assert cli_main(["--demo", str(out), "--seq-len", "16", "--bqpo-epochs", "0", "--e2e-epochs", "0",
                      "-q"]) == 0
+    assert demo_models() == before  # the tiny model built for the demo is removed after it
     assert json.loads((out / COMPLETE_MARKER).read_text())["calibration"]["seq_len"] == 16
     assert json.loads((out / COMPLETE_MARKER).read_text())["calibration"]["n_samples"] == 16
     # -q: no progress bars, even where logging was set up before (as pytest does).
