@@ -1,0 +1,62 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Does a model write SmolLM2-135M's attention-sink activation at position 0 of every test window?
+
+Part of the record of bqpo_loss_experiment.md. Runs the first 64 tokens of each WikiText-2 test
+window (position 0's state depends on no later token) up to decoder block BLOCK, and prints the
+windows where position 0's hidden state has a mean square under 1e4 (the dense model: about 1e6).
+
+    python benchmarks/results/bqpo_loss_experiment_sink_check.py OUT.json DENSE_MODEL GQSA_CKPT...
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from converters.perplexity import windows  # noqa: E402
+from converters.reference_model import load_reference_model  # noqa: E402
+
+BLOCK, TEXT, WINDOWS = 11, "../shared/data/wikitext-2/test.txt", 40
+
+
+class _Stop(Exception):
+    pass
+
+
+def main(out: str, dense: str, *ckpts: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with open(TEXT) as f:
+        wins, _ = windows(AutoTokenizer.from_pretrained(dense), f.read(), 2048, WINDOWS)
+    result = {}
+    for path in (dense, *ckpts):
+        model = (AutoModelForCausalLM.from_pretrained(dense, dtype=torch.float32).eval() if path == dense
+                 else load_reference_model(path, torch.float32))
+        got = {}
+
+        def hook(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            got["position0"] = h[0, 0].pow(2).mean().item()
+            got["largest_other"] = h[0, 1:].pow(2).mean(-1).max().item()
+            raise _Stop
+
+        handle = model.model.layers[BLOCK].register_forward_hook(hook)
+        rows = []
+        for w in wins:
+            try:
+                with torch.no_grad():
+                    model(w.reshape(1, -1)[:, :64])
+            except _Stop:
+                pass
+            rows.append((round(got["position0"], 1), round(got["largest_other"], 1)))
+        handle.remove()
+        result[path] = rows
+        print(path, "windows without the sink:", [i for i, r in enumerate(rows) if r[0] < 1e4])
+    with open(out, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
