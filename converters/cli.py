@@ -150,11 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         e2e_epochs=args.e2e_epochs, e2e_lr=args.e2e_lr, e2e_batch_size=args.e2e_batch_size,
         val_samples=args.val_samples, overwrite=args.overwrite, resume=args.resume)
     try:
-        # --demo's tiny model lives only as long as its conversion.
-        with tempfile.TemporaryDirectory(prefix="gqsa-demo-") if args.demo else contextlib.nullcontext() as tmp:
+        with contextlib.ExitStack() as stack:
             if args.demo:
                 from .tiny import build_tiny_model
                 output = args.output or args.model or "gqsa-demo"
+                # The tiny model lives only as long as its conversion.
+                tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="gqsa-demo-"))
                 model = build_tiny_model(os.path.join(tmp, "tiny-llama"))
             else:
                 if not args.model or not args.output:
