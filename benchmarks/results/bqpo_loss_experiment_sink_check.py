@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from converters.perplexity import windows  # noqa: E402
 from converters.reference_model import load_reference_model  # noqa: E402
+from sink_first_tokens import position0_square  # noqa: E402  (this script's folder)
 
 TEXT, WINDOWS = "../shared/data/wikitext-2/test.txt", 40
 
@@ -41,8 +42,7 @@ def main(out: str, dense: str, ckpts: list[str], block: int, threshold: float) -
 
         def hook(module, args, output):
             h = output[0] if isinstance(output, tuple) else output
-            got["all_position0"] = h[:, 0].pow(2).mean(-1)
-            got["position0"] = got["all_position0"][0].item()
+            got["position0"] = h[0, 0].pow(2).mean().item()
             got["largest_other"] = h[0, 1:].pow(2).mean(-1).max().item() if h.shape[1] > 1 else 0.0
             raise _Stop
 
@@ -55,16 +55,8 @@ def main(out: str, dense: str, ckpts: list[str], block: int, threshold: float) -
             except _Stop:
                 pass
             rows.append((round(got["position0"], 1), round(got["largest_other"], 1)))
-        vocab = []
-        for i in range(0, model.config.vocab_size, 4096):
-            try:
-                with torch.no_grad():
-                    model(torch.arange(i, min(i + 4096, model.config.vocab_size)).unsqueeze(1))
-            except _Stop:
-                pass
-            vocab.append(got["all_position0"])
         handle.remove()
-        vocab = torch.cat(vocab)
+        vocab = position0_square(model, block)
         result[path] = {"windows": rows, "first_tokens_without_the_sink": int((vocab < threshold).sum()),
                         "vocab_size": vocab.numel()}
         print(path, "windows without the sink:", [i for i, r in enumerate(rows) if r[0] < threshold],
