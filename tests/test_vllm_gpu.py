@@ -41,6 +41,15 @@ NEW_TOKENS = 24
 # Token ids of the byte tokenizer (256 bytes + BOS/EOS); one prompt is longer than the 64 tokens
 # the tensor-core kernel serves, so its prefill runs dequantize + cuBLAS.
 PROMPT_LENGTHS = [5, 9, 12, 16, 20, 24, 31, 40, 57, 120]
+# GPU memory each engine may take. The tiny models need well under 1 GiB (weights, activations,
+# CUDA graphs), so a fixed budget rather than a share of the card: the engines of one pytest process
+# do not give all of their memory back (on one H100 80GB, at 0.2 of the card per engine, four of
+# the nine engines in a row found too little free memory to start).
+ENGINE_GPU_BYTES = 6 * 2**30
+
+
+def gpu_memory_utilization() -> float:
+    return min(0.2, ENGINE_GPU_BYTES / torch.cuda.get_device_properties(0).total_memory)
 
 
 def tiny_gpu_checkpoint(root: Path, arch: str, dtype: torch.dtype, output_layer: bool = False,
@@ -155,7 +164,8 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
     from vllm.distributed import cleanup_dist_env_and_memory
 
     llm = LLM(model=ckpt, dtype=dtype, enforce_eager=enforce_eager, max_model_len=256, max_num_seqs=16,
-              gpu_memory_utilization=0.2, seed=0, compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]})
+              gpu_memory_utilization=gpu_memory_utilization(), seed=0,
+              compilation_config={"cudagraph_capture_sizes": [1, 2, 4, 8, 16]})
     try:
         kernels = llm.apply_model(lambda m: sorted({getattr(x, "gqsa_kernel", "") for x in m.modules()} - {""}))
         pairs = llm.apply_model(lambda m: sorted({x.gqsa_pairs for x in m.modules() if hasattr(x, "gqsa_pairs")}))
@@ -359,7 +369,8 @@ def test_vllm_serve_openai_api(gpu_checkpoint, prompts, reference, tmp_path):
 
     port = free_port()
     proc, _, _ = start_server(gpu_checkpoint, port, ["--dtype", "float16", "--max-num-seqs", "16"],
-                              str(tmp_path / "serve.log"), max_model_len=256, gpu_memory_utilization=0.2,
+                              str(tmp_path / "serve.log"), max_model_len=256,
+                              gpu_memory_utilization=gpu_memory_utilization(),
                               quantization=None)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
