@@ -30,9 +30,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from vllm_gqsa.kernels.cuda_format import dequantize_kernel_format, make_schedule, pack_meta, unpack_meta  # noqa: E402
 
 P = ctypes.c_void_p
-# (warps per CTA, steps per load batch, target CTAs per SM; 0: one piece per slice)
+# (warps per CTA, steps per load batch, target CTAs per SM (0: one piece per slice), or "m<f>": only
+# the slices longer than f times the mean cut, into pieces of about the mean)
 VARIANTS = [(4, 2, 0), (8, 2, 0), (16, 2, 0), (4, 2, 4), (4, 2, 8), (8, 2, 2), (8, 2, 4), (8, 2, 8),
-            (8, 4, 4), (16, 2, 2), (16, 2, 4)]
+            (8, 4, 4), (16, 2, 2), (16, 2, 4), (4, 2, "m1.5"), (8, 2, "m1.5"), (16, 2, "m1.5"), (8, 2, "m2")]
 MAX_M = 2
 C = 32  # rows per slice: one per lane
 
@@ -73,14 +74,19 @@ def to_sell(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, N: i
             "num_slices": S, "steps": total}
 
 
-def make_pieces(s: dict, target_ctas: int) -> dict:
-    """Cut each slice into near-equal pieces of at most total_steps / target_ctas steps (one piece per
-    slice when target_ctas is 0): int32 pieces [P, 4] = (slice, first step, end step, 0), in slice
-    order, slice_pieces [S + 1], an fp32 workspace and zeroed per-slice counters."""
+def make_pieces(s: dict, target) -> dict:
+    """Cut slices into near-equal pieces: with an int target, every slice into pieces of at most
+    total_steps / target steps (one piece per slice when it is 0); with "m<f>" (say "m1.5"), only
+    the slices longer than f times the mean slice, into pieces of about the mean. int32 pieces
+    [P, 4] = (slice, first step, end step, 0), in slice order, slice_pieces [S + 1], an fp32
+    workspace and zeroed per-slice counters."""
     sp = s["slice_ptr"].long().cpu()
     steps = sp[1:] - sp[:-1]
-    if target_ctas:
-        size = max(1, -(-int(sp[-1]) // target_ctas))
+    if isinstance(target, str):
+        mean = max(1, -(-int(sp[-1]) // len(steps)))
+        n = torch.where(steps > float(target[1:]) * mean, (steps + mean - 1) // mean, torch.ones_like(steps))
+    elif target:
+        size = max(1, -(-int(sp[-1]) // target))
         n = torch.clamp((steps + size - 1) // size, min=1)
     else:
         n = torch.ones_like(steps)
@@ -151,7 +157,7 @@ def check_layout() -> None:
         print(f"layout N={N} K={K} {kw}: max diff {float((got - ref).abs().max()):.3g}, "
               f"{s['steps'] * C * 2} slots for {nnz} groups ({100 * (s['steps'] * C * 2 / max(nnz, 1) - 1):.2f}% padding)")
         assert torch.equal(got, ref)
-        for target in (0, 8, 100, 10**6):
+        for target in (0, 8, 100, 10**6, "m1.5", "m1.01"):
             pc = make_pieces(s, target)
             pieces, sp = pc["pieces"].long(), pc["slice_pieces"].long()
             for sl in range(s["num_slices"]):
@@ -223,11 +229,11 @@ def main() -> None:
     stream = lambda: P(torch.cuda.current_stream().cuda_stream)  # noqa: E731
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    targets = sorted({v[2] for v in VARIANTS})
+    targets = {v[2] for v in VARIANTS}
 
     def sell_call(s, x, y, N, K, w, b, t):
         M = x.shape[0]
-        pc = s["by_target"][t * sms]
+        pc = s["by_target"][t if isinstance(t, str) else t * sms]
         err = lib.sell_gemv(P(x.data_ptr()), P(s["perm"].data_ptr()), P(pc["pieces"].data_ptr()),
                             P(pc["slice_pieces"].data_ptr()), P(s["codes"].data_ptr()), P(s["meta"].data_ptr()),
                             P(pc["workspace"].data_ptr()), P(pc["counters"].data_ptr()), P(y.data_ptr()),
@@ -236,7 +242,8 @@ def main() -> None:
         return y
 
     def sell_of(t, N):
-        return with_pieces(to_sell(t["row_ptr"], t["codes"], t["meta"], N), [tg * sms for tg in targets])
+        return with_pieces(to_sell(t["row_ptr"], t["codes"], t["meta"], N),
+                           [tg if isinstance(tg, str) else tg * sms for tg in targets])
 
     mode = {"timing": None}
 
