@@ -190,15 +190,23 @@ def layout_stats(ckpt: str) -> dict:
                          "rows_over_2x_mean": int((counts > 2 * nnz / N).sum()),
                          "sell_padding_pct": 100 * (int(steps.sum()) * 2 * C / nnz - 1),
                          "slices": int(steps.numel()),
-                         "slice_max_over_mean": float(steps.max()) / float(steps.float().mean())})
+                         "slice_max_over_mean": float(steps.max()) / float(steps.float().mean()),
+                         "slices_over_1.5x_mean": int((steps > 1.5 * max(1, -(-int(steps.sum()) // steps.numel()))).sum())})
     worst = max(rows, key=lambda r: r["slice_max_over_mean"])
     total_pad = 100 * (sum(r["nnz"] * (1 + r["sell_padding_pct"] / 100) for r in rows) / sum(r["nnz"] for r in rows) - 1)
     print(f"{len(rows)} layers: SELL padding {total_pad:.2f}% of the kept groups overall, "
           f"{min(r['sell_padding_pct'] for r in rows):.2f}-{max(r['sell_padding_pct'] for r in rows):.2f}% per layer; "
           f"longest slice / mean slice up to {worst['slice_max_over_mean']:.2f} ({worst['layer']}); "
-          f"longest row / mean row up to {max(r['row_max_over_mean'] for r in rows):.2f}")
-    return {"checkpoint": ckpt, "command": "python " + " ".join(sys.argv), "padding_pct_overall": total_pad,
-            "layers": rows}
+          f"longest row / mean row up to {max(r['row_max_over_mean'] for r in rows):.2f}; slices over 1.5x "
+          f"their layer's mean (cut by the \"m1.5\" variants): {sum(r['slices_over_1.5x_mean'] for r in rows)} of "
+          f"{sum(r['slices'] for r in rows)}, in {sum(1 for r in rows if r['slices_over_1.5x_mean'])} layers")
+    report = Path(ckpt) / "gqsa_report.json"
+    conversion = {}
+    if report.exists():  # how the checkpoint was made
+        r = json.loads(report.read_text())
+        conversion = {k: r.get(k) for k in ("source", "quantization_config", "calibration", "training")}
+    return {"checkpoint": ckpt, "conversion": conversion, "command": "python " + " ".join(sys.argv),
+            "padding_pct_overall": total_pad, "layers": rows}
 
 
 def main() -> None:
