@@ -8,6 +8,8 @@ weight copies that rotate past L2).
     python sell_gemv_experiment.py --check-layout          # CPU: the layout holds the same weights
     python sell_gemv_experiment.py --stats CKPT [OUT.json]  # CPU: the layout's padding and slice
                                                             # lengths on a real checkpoint's layers
+    python sell_gemv_experiment.py --rule RESULTS.json ...  # CPU: how often the wave rule
+                                                            # (pick_warps) picks each shape's best grid
 
 Each SELL variant is (warps per CTA, steps per load batch, target CTAs per SM): slices longer than
 total steps / (target x SMs) are cut into near-equal pieces, one CTA each (0: one CTA per slice).
@@ -209,12 +211,55 @@ def layout_stats(ckpt: str) -> dict:
             "padding_pct_overall": total_pad, "layers": rows}
 
 
+# Registers per thread of the one-pass build (ptxas -v, nvcc 13.0, sm_90a), by tokens and warps per
+# CTA, with 2 steps per load batch; they set how many CTAs fit an SM.
+REGISTERS = {1: {4: 72, 8: 80, 16: 82}, 2: {4: 72, 8: 78, 16: 80}}
+
+
+def ctas_per_sm(W: int, K: int, M: int) -> int:
+    """CTAs of W warps that fit one H100 SM: registers (allocated per warp in units of 256), threads,
+    and shared memory (the x copy and the warps' partial sums)."""
+    per_warp = -(-REGISTERS[M][W] * C // 256) * 256
+    smem = M * ((K + 63) // 64) * 128 + W * C * 4 * M + 1024
+    return min(65536 // (per_warp * W), 2048 // (W * C), 32, (228 * 1024) // smem)
+
+
+def pick_warps(N: int, K: int, M: int, sms: int = 132, overhead_steps: float = 4.0) -> int:
+    """Warps per slice from a wave count: the CTAs (one per slice) run in ceil(slices / resident)
+    waves, each as long as one warp's share of a slice's steps plus a fixed cost; the W with the
+    shortest total wins. Random rows at 50%: a slice has about K / 64 steps."""
+    slices, steps = -(-N // C), K // 64
+    return min((4, 8, 16), key=lambda W: -(-slices // (sms * ctas_per_sm(W, K, M))) * (steps / W + overhead_steps))
+
+
+def rule_check(files) -> None:
+    for f in files:
+        d = json.loads(Path(f).read_text())
+        key = "sell_{}x2_t0_us" if "sell_8x2_t0_us" in d["layers"][0] else "sell_{}x2_us"  # the first run's names
+        right, best_sum, rule_sum, per_layer = 0, 0.0, 0.0, {}
+        for r in d["layers"]:
+            t = {W: min(r[key.format(W)]) for W in (4, 8, 16)}
+            best, rule = min(t, key=t.get), pick_warps(r["N"], r["K"], r["M"])
+            right += best == rule
+            best_sum += t[best]
+            rule_sum += t[rule]
+            acc = per_layer.setdefault((r["model"], r["M"]), [0.0, 0.0])
+            acc[0] += min(r["gemv_us"])
+            acc[1] += t[rule]
+        print(f"{f}: the rule picks the fastest of 4 / 8 / 16 warps in {right} of {len(d['layers'])} shapes; "
+              f"{rule_sum:.1f} us in all against {best_sum:.1f} with every shape at its fastest")
+        for (model, M), (gemv, sell) in per_layer.items():
+            print(f"  {model} M={M}: one decoder layer {sell:.1f} us with the rule, package GEMV {gemv:.1f} us "
+                  f"({gemv / sell:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("lib", nargs="?")
     p.add_argument("out", nargs="?")
     p.add_argument("--check-layout", action="store_true")
     p.add_argument("--stats", metavar="CKPT", help="layout statistics of a GQSA checkpoint's layers (CPU)")
+    p.add_argument("--rule", nargs="+", metavar="RESULTS", help="check pick_warps against results files (CPU)")
     p.add_argument("--models", default="llama-2-7b,llama-3-8b,qwen2.5-7b")
     p.add_argument("--tokens", default="1,2")
     p.add_argument("--reps", type=int, default=10)
@@ -222,6 +267,9 @@ def main() -> None:
     args = p.parse_args()
     if args.check_layout:
         check_layout()
+        return
+    if args.rule:
+        rule_check(args.rule)
         return
     if args.stats:
         out = layout_stats(args.stats)
