@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "at the same mean sparsity (OWL); a block's sparsity moves by at most 2x this "
                         "(default 0: every block at --sparsity; 0.08 was 3%% better on SmolLM2-135M and 3%% worse on "
                         "Gemma-3-270M)")
+    p.add_argument("--mlp-sparsity", type=float, default=None,
+                   help="fraction of the MLP layers' groups pruned; each block's attention layers then "
+                        "take what keeps the block's mean at --sparsity (counted in weights), so the "
+                        "checkpoint keeps its size (default: every layer at --sparsity)")
     p.add_argument("--group-size", type=int, default=16,
                    help="consecutive input channels per group: 16, 32, 64 or 128 (default 16); 32 "
                         "stores less metadata (smaller, faster one-token decode, lower accuracy)")
@@ -141,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         args.sparsity = ConvertOptions.sparsity
     opts = ConvertOptions(
         bits=args.bits, group_size=args.group_size, sparsity=args.sparsity,
-        block_rows=args.block_rows, pattern=args.pattern, owl_lambda=args.owl_lambda, calib_data=args.calib_data, n_samples=args.n_samples,
+        block_rows=args.block_rows, pattern=args.pattern, owl_lambda=args.owl_lambda, mlp_sparsity=args.mlp_sparsity, calib_data=args.calib_data, n_samples=args.n_samples,
         seq_len=args.seq_len, seed=args.seed, device=args.device, batch_size=args.batch_size,
         true_sequential=args.true_sequential, clip_search=args.clip_search,
         skip_modules=tuple(args.skip), quantize_output_layer=args.quantize_output_layer,

@@ -106,6 +106,9 @@ class ConvertOptions:
     # OWL: blocks with more outlier weights keep more groups, at the same mean sparsity (.owl);
     # 0 gives every block ``sparsity``.
     owl_lambda: float = 0.0
+    # The MLP layers' sparsity; each block's attention layers then take what keeps the block's mean
+    # (counted in groups) at its sparsity. None: every layer at its block's sparsity.
+    mlp_sparsity: float | None = None
     calib_data: str | None = None
     n_samples: int = 128
     seq_len: int = 512
@@ -148,6 +151,8 @@ class ConvertOptions:
             d.pop("pattern")
         if not self.owl_lambda:  # likewise
             d.pop("owl_lambda")
+        if self.mlp_sparsity is None:  # likewise
+            d.pop("mlp_sparsity")
         return d
 
     @property
@@ -468,6 +473,27 @@ def converted_groups(block, prefix, names, qcfg) -> list[list[str]]:
     return [g for g in groups if g]
 
 
+def layer_sparsities(block, layers: list[str], mean: float, mlp: float | None, b: int) -> dict[str, float]:
+    """The sparsity of each converted layer of block ``b`` (``layers``, names inside the block):
+    ``mean`` for all, or with ``mlp`` given, the MLP layers at ``mlp`` and the attention layers at
+    what keeps the block's kept groups at ``1 - mean`` of its groups."""
+    if mlp is None:
+        return {n: mean for n in layers}
+    groups = {n: _module(block, n).weight.numel() for n in layers}  # in weights: G is the same for all
+    in_mlp = {n: n.startswith("mlp.") for n in layers}
+    p = sum(g for n, g in groups.items() if in_mlp[n])
+    a = sum(g for n, g in groups.items() if not in_mlp[n])
+    if not a or not p:
+        raise ConvertError(f"--mlp-sparsity needs both attention and MLP layers converted; block {b} "
+                           f"converts {'no attention' if not a else 'no MLP'} layers")
+    attention = (mean * (a + p) - mlp * p) / a
+    if not 0.0 <= attention < 1.0:
+        raise ConvertError(f"--mlp-sparsity {mlp} with a mean sparsity of {mean:g}: block {b}'s attention "
+                           f"layers would need sparsity {attention:.3f}, outside [0, 1); the MLP layers "
+                           f"hold {p / (a + p):.0%} of its weights")
+    return {n: mlp if in_mlp[n] else attention for n in layers}
+
+
 def _module(block, path: str):
     for part in path.split("."):
         block = getattr(block, part)
@@ -507,6 +533,12 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         raise ConvertError(f"--owl-lambda {opts.owl_lambda} could move a block's sparsity by up to "
                            f"{shift:g} from --sparsity {opts.sparsity}, outside [0, 1); "
                            f"choose a smaller lambda")
+    if opts.mlp_sparsity is not None:
+        if not 0.0 <= opts.mlp_sparsity < 1.0:
+            raise ConvertError(f"--mlp-sparsity {opts.mlp_sparsity} must be in [0, 1)")
+        if opts.pattern == "pairs":
+            raise ConvertError("--mlp-sparsity: --pattern pairs keeps one group of every two in every layer; "
+                               "layer sparsities cannot differ")
     if opts.batch_size < 1:
         raise ConvertError(f"--batch-size {opts.batch_size} must be 1 or more")
     if min(opts.bqpo_epochs, opts.e2e_epochs) < 0:
@@ -553,6 +585,16 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
         logger.info("converting the text decoder; %s stay dense", ", ".join(towers))
         qcfg = dataclasses.replace(qcfg, modules_to_not_convert=qcfg.modules_to_not_convert + towers)
     dec_prefix, dec = decoder(model)
+    if opts.mlp_sparsity is not None:  # an impossible split fails here, before any work
+        try:
+            for b, blk in enumerate(dec.layers):
+                layers = [n for g in converted_groups(blk, f"{dec_prefix}.layers.{b}.", names, qcfg) for n in g]
+                for mean in {qcfg.sparsity - 2 * opts.owl_lambda, qcfg.sparsity + 2 * opts.owl_lambda}:
+                    layer_sparsities(blk, layers, mean, opts.mlp_sparsity, b)  # OWL's extremes
+        except ConvertError:
+            if not opts.resume:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     fmt = qcfg.layer_format()
     tensors: dict[str, torch.Tensor] = {}
@@ -571,6 +613,13 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                                      opts.batch_size, save_dtype)
             block_sparsity = block_sparsities(ratios, qcfg.sparsity, opts.owl_lambda)
             logger.info("OWL block sparsities: %s", " ".join(f"{s:.3f}" for s in block_sparsity))
+        # Each layer's sparsity, checked for every block before any is converted.
+        sparsities = [layer_sparsities(blk, [n for g in converted_groups(blk, f"{dec_prefix}.layers.{b}.", names, qcfg)
+                                             for n in g], block_sparsity[b], opts.mlp_sparsity, b)
+                      for b, blk in enumerate(blocks)]
+        if opts.mlp_sparsity is not None:
+            logger.info("attention sparsity per block: %s", " ".join(
+                f"{next(v for n, v in s.items() if not n.startswith('mlp.')):.3f}" for s in sparsities))
         bar = tqdm(range(len(blocks)), desc="GQSA blocks", unit="block",
                    disable=not show_progress())  # off with gqsa-convert -q
         for b in bar:
@@ -585,7 +634,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                 latents = {} if dense_inputs is not None else None
                 block_qcfg = dataclasses.replace(qcfg, sparsity=block_sparsity[b])
                 block_tensors = _convert_block(block, prefix, names, inputs, kwargs, block_qcfg, opts,
-                                               layers_report, bar, latents)
+                                               layers_report, bar, latents, sparsities[b])
                 if dense_inputs is not None and block_tensors:  # a block left dense has nothing to train
                     block_tensors = _train_block(block, b, prefix, block_tensors, latents, inputs, dense_inputs,
                                                  kwargs, layers_report, opts, fmt, bqpo_report, bar)
@@ -664,11 +713,11 @@ def _publish_finished(tmp: str, model_dir: str, out_dir: str) -> dict:
 
 
 def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_report, bar,
-                   latents: dict | None = None) -> dict[str, torch.Tensor]:
+                   latents: dict | None = None, sparsity: dict | None = None) -> dict[str, torch.Tensor]:
     """Prune and quantize the target layers of the block named ``prefix`` in place; return their
     GQSA tensors. ``names`` maps the model's weight names to the checkpoint's, which
     ``modules_to_not_convert`` uses. ``latents``, if given, receives the solver's unrounded weights
-    by layer name (for BQPO)."""
+    by layer name (for BQPO). ``sparsity`` gives a layer's own sparsity (else ``qcfg.sparsity``)."""
     fmt = qcfg.layer_format()
     out = {}
     groups = converted_groups(block, prefix, names, qcfg)
@@ -679,7 +728,8 @@ def _convert_block(block, prefix, names, inputs, kwargs, qcfg, opts, layers_repo
         for H, group in zip(hessians, stage):
             for n in group:
                 m = _module(block, n)
-                res = solve_layer(m.weight, H, fmt, qcfg.sparsity, opts.clip_search, qcfg.pattern)
+                res = solve_layer(m.weight, H, fmt, (sparsity or {}).get(n, qcfg.sparsity), opts.clip_search,
+                                  qcfg.pattern)
                 m.weight.data = res.weight.to(m.weight.dtype)
                 if latents is not None:
                     latents[n] = res.latent
@@ -886,6 +936,7 @@ def _write_checkpoint(model_dir, tmp, config, qcfg, tensors, layers_report, opts
         "training": training,
         **({"owl": {"lambda": opts.owl_lambda, "block_sparsity": [round(s, 4) for s in block_sparsity]}}
            if block_sparsity else {}),
+        **({"mlp_sparsity": opts.mlp_sparsity} if opts.mlp_sparsity is not None else {}),
         "seconds": round(seconds, 1),
         "device": str(device),
         "peak_memory": peak_memory(device),
@@ -917,7 +968,8 @@ def describe(report: dict) -> str:
     return "\n".join([
         f"GQSA W{q['bits']} S{q['sparsity'] * 100:.0f}% g{q['group_size']} "
         f"(block_rows {q['block_rows']}{', pattern pairs' if q.get('pattern') == 'pairs' else ''}"
-        f"{', OWL lambda %g' % report['owl']['lambda'] if 'owl' in report else ''}): "
+        f"{', OWL lambda %g' % report['owl']['lambda'] if 'owl' in report else ''}"
+        f"{', MLP S%g%%' % (report['mlp_sparsity'] * 100) if 'mlp_sparsity' in report else ''}): "
         f"{report['quantized_layers']} layers converted "
         f"in {report['seconds']:.0f} s on {report['device']}",
         f"  kept groups            {report['kept_group_fraction'] * 100:.1f}%",

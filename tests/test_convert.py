@@ -755,3 +755,40 @@ def test_owl_errors_are_clear(args, message, tiny_models, tmp_path, capsys):
     assert cli_main([tiny_models["llama"], str(tmp_path / "o"), *QUICK_ARGS, *args]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
+
+
+def test_mlp_sparsity_moves_groups_between_layer_types_at_the_same_size(tiny_models, tmp_path, capsys):
+    out = tmp_path / "mlp"
+    assert cli_main([tiny_models["llama"], str(out), *QUICK_ARGS, "--mlp-sparsity", "0.4", "-q"]) == 0
+    assert "MLP S40%)" in capsys.readouterr().out
+    report = json.loads((out / COMPLETE_MARKER).read_text())
+    assert report["mlp_sparsity"] == 0.4
+    weights = {"mlp": 0, "attn": 0}
+    kept = {"mlp": 0, "attn": 0}
+    for r in report["layers"]:
+        kind = "mlp" if ".mlp." in r["name"] else "attn"
+        weights[kind] += r["shape"][0] * r["shape"][1]
+        kept[kind] += r["kept_groups"] * 16
+    assert kept["mlp"] / weights["mlp"] == pytest.approx(0.6, abs=0.02)
+    attention = (0.5 * (weights["mlp"] + weights["attn"]) - 0.4 * weights["mlp"]) / weights["attn"]
+    assert attention > 0.55  # the attention layers pruned harder than the mean
+    assert kept["attn"] / weights["attn"] == pytest.approx(1 - attention, abs=0.02)
+    assert report["kept_group_fraction"] == pytest.approx(0.5, abs=0.02)  # the size of the default
+    load_reference_model(str(out))
+    # Off by default, and kept out of the resume fingerprint then (older partial folders resume).
+    assert "mlp_sparsity" not in ConvertOptions().fingerprint()
+    assert ConvertOptions(mlp_sparsity=0.4).fingerprint()["mlp_sparsity"] == 0.4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mlp-sparsity", "1"], "--mlp-sparsity 1.0 must be in [0, 1)"),
+    (["--mlp-sparsity", "0.05"], "attention layers would need sparsity"),
+    (["--mlp-sparsity", "0.4", "--pattern", "pairs"], "--mlp-sparsity: --pattern pairs keeps one group of every two"),
+    (["--mlp-sparsity", "0.4", "--skip", "model.layers.0.self_attn.q_proj", "--skip", "model.layers.0.self_attn.k_proj",
+      "--skip", "model.layers.0.self_attn.v_proj", "--skip", "model.layers.0.self_attn.o_proj"],
+     "block 0 converts no attention layers"),
+])
+def test_mlp_sparsity_errors_are_clear(args, message, tiny_models, tmp_path, capsys):
+    assert cli_main([tiny_models["llama"], str(tmp_path / "o"), *QUICK_ARGS, *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not (tmp_path / ".o.partial").exists()
