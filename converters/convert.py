@@ -479,10 +479,10 @@ def layer_sparsities(block, layers: list[str], mean: float, mlp: float | None, b
     what keeps the block's kept groups at ``1 - mean`` of its groups."""
     if mlp is None:
         return {n: mean for n in layers}
-    groups = {n: _module(block, n).weight.numel() for n in layers}  # in weights: G is the same for all
+    weights = {n: _module(block, n).weight.numel() for n in layers}  # groups in proportion: one G for all
     in_mlp = {n: n.startswith("mlp.") for n in layers}
-    p = sum(g for n, g in groups.items() if in_mlp[n])
-    a = sum(g for n, g in groups.items() if not in_mlp[n])
+    p = sum(w for n, w in weights.items() if in_mlp[n])
+    a = sum(w for n, w in weights.items() if not in_mlp[n])
     if not a or not p:
         raise ConvertError(f"--mlp-sparsity needs both attention and MLP layers converted; block {b} "
                            f"converts {'no attention' if not a else 'no MLP'} layers")
@@ -613,7 +613,7 @@ def convert(model_dir: str, out_dir: str, opts: ConvertOptions) -> dict:
                                      opts.batch_size, save_dtype)
             block_sparsity = block_sparsities(ratios, qcfg.sparsity, opts.owl_lambda)
             logger.info("OWL block sparsities: %s", " ".join(f"{s:.3f}" for s in block_sparsity))
-        # Each layer's sparsity, checked for every block before any is converted.
+        # Each layer's sparsity (impossible --mlp-sparsity splits were rejected before any block ran).
         sparsities = [layer_sparsities(blk, [n for g in converted_groups(blk, f"{dec_prefix}.layers.{b}.", names, qcfg)
                                              for n in g], block_sparsity[b], opts.mlp_sparsity, b)
                       for b, blk in enumerate(blocks)]

@@ -301,35 +301,6 @@ def main() -> None:
         return with_pieces(to_sell(t["row_ptr"], t["codes"], t["meta"], N),
                            [tg if isinstance(tg, str) else tg * sms for tg in targets])
 
-    mode = {"timing": None}
-
-    def timed(calls, reps):
-        # CUDA graphs, as kernel_speed.py; if this library's launches cannot be captured, every
-        # kernel (the package GEMV too) is timed in plain launch loops instead.
-        if mode["timing"] in (None, "graph"):
-            try:
-                us = ks.time_graph(calls, reps)
-                mode["timing"] = "graph"
-                return us
-            except Exception as e:  # noqa: BLE001
-                if mode["timing"] == "graph":
-                    raise
-                print(f"graph capture failed ({e}); timing launch loops", flush=True)
-                mode["timing"] = "loop"
-        for c in calls:
-            c()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            st.record()
-            for c in calls:
-                c()
-            en.record()
-            en.synchronize()
-            times.append(st.elapsed_time(en) * 1e3 / len(calls))
-        return sorted(times)[len(times) // 2]
-
     def sell_bytes(s, M, K):
         return sum(s[k].numel() * s[k].element_size() for k in ("perm", "slice_ptr", "codes", "meta")) + M * K * 2
 
@@ -384,9 +355,9 @@ def main() -> None:
                        "sell_bytes": sum(sell_bytes(s, M, K) for s in ss) / copies}
                 # Alternate the package GEMV and the variants, twice.
                 for r in range(2):
-                    row.setdefault("gemv_us", []).append(timed([lambda t=t: cuda.gemv(x, t, N) for t in ts], args.reps))
+                    row.setdefault("gemv_us", []).append(ks.time_graph([lambda t=t: cuda.gemv(x, t, N) for t in ts], args.reps))
                     for v in VARIANTS:
-                        us = timed([lambda s=s, y=y, v=v: sell_call(s, x, y, N, K, *v) for s, y in zip(ss, ys)], args.reps)
+                        us = ks.time_graph([lambda s=s, y=y, v=v: sell_call(s, x, y, N, K, *v) for s, y in zip(ss, ys)], args.reps)
                         row.setdefault(vname(v), []).append(us)
                 print(f"{model:11s} {name:8s} M={M} gemv {min(row['gemv_us']):6.2f} us | " + " ".join(
                     f"{vname(v)[5:-3]} {min(row[vname(v)]):6.2f}" for v in VARIANTS), flush=True)
@@ -425,13 +396,12 @@ def main() -> None:
         ss = [sell_of(t, N) for t in ts]
         ys = [torch.empty(1, N, device="cuda").half() for _ in ss]
         row = {"rows": "heavy_block" if heavy else "uniform", "density": ks.BALANCE_DENSITY,
-               "gemv_us": timed([lambda t=t: cuda.gemv(x, t, N) for t in ts], args.reps)}
+               "gemv_us": ks.time_graph([lambda t=t: cuda.gemv(x, t, N) for t in ts], args.reps)}
         for v in VARIANTS:
-            row[vname(v)] = timed([lambda s=s, y=y, v=v: sell_call(s, x, y, N, K, *v) for s, y in zip(ss, ys)], args.reps)
+            row[vname(v)] = ks.time_graph([lambda s=s, y=y, v=v: sell_call(s, x, y, N, K, *v) for s, y in zip(ss, ys)], args.reps)
         out["balance"].append(row)
         print("balance", row, flush=True)
 
-    out["timing"] = mode["timing"]
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
         print("wrote", args.out)
