@@ -52,7 +52,8 @@ from vllm_gqsa.format import SUPPORTED_GROUP_SIZES  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table,  # noqa: E402
                                            compact_chunk_table, make_schedule, pack_meta,
-                                           row_per_cta_schedule, split_counters, with_bank_order)
+                                           row_per_cta_schedule, sliced_layout, sliced_layout_applies,
+                                           sliced_warps, split_counters, with_bank_order)
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
@@ -79,6 +80,8 @@ BANK_ORDER = False  # --gemv-bank-order: also time the GEMV on each row's groups
 AFTER_KERNEL = False  # --after-kernel: each timed call follows a small kernel that writes x
 BLOCK_ROWS = 1  # --block-rows: rows that share one keep pattern
 PAIRS = False  # --pattern pairs: each row keeps one group of each aligned pair of group columns
+LAYOUT = "auto"  # --layout: the plugin's choice (sliced where it applies), or "rows" throughout
+SLICED_TIMED_MAX_TOKENS = 8  # the sliced GEMV reads the weights once per 3 tokens
 SP_TIMED_MAX_TOKENS = 256  # the sparse-tensor-core kernel, timed on pair-pattern layers up to here
 # What each shape is compared with (--baselines); the read floor counts as one.
 BASELINES = ("cublas_fp16", "sparse24", "marlin", "machete", "exllama_w2", "read_floor")
@@ -141,18 +144,30 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
         t["chunks_by_channel"] = t["chunks"]
         t["chunks"], t["xcols"] = compact
     t["counters"] = split_counters(N, "cuda")  # as the plugin's layers
+    if LAYOUT == "auto" and sliced_layout_applies(GROUP_SIZE, K, compact is not None, PAIRS):
+        # The plugin's layout; the row layout's tensors stay in t["rows"] for comparison.
+        rows = dict(t)
+        t.update(sliced_layout(row_ptr, t["codes"], t["meta"]))
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        t["sell_warps"] = torch.tensor(sliced_warps(t["schedule"].cpu(), K, sms), dtype=torch.int32)
+        t["rows"] = rows
     return t
 
 
 # The tensors each path reads besides x: the GEMV does not read the chunk table, the tensor-core
-# kernel not the schedule.
+# kernel not the schedule; in the sliced layout the GEMV reads sell_rows, not row_ptr.
 PATH_TENSORS = {"gemv": ("row_ptr", "codes", "meta", "schedule"),
-                "tc": ("row_ptr", "codes", "meta", "chunks", "xcols"),
+                "gemv_sliced": ("sell_rows", "codes", "meta", "schedule"),
+                "tc": ("row_ptr", "codes", "meta", "chunks", "xcols", "sell_rows"),
                 "sp": ("row_ptr", "codes", "meta"),
-                "dequant_cublas": ("row_ptr", "codes", "meta")}
+                "dequant_cublas": ("row_ptr", "codes", "meta", "sell_rows")}
 
 
 def gqsa_bytes(t: dict, M: int, K: int, path: str = "gemv") -> int:
+    if path.endswith("_rows"):  # the row layout of a sliced t
+        t, path = t["rows"], path[:-len("_rows")]
+    if path == "gemv" and "sell_rows" in t:
+        path = "gemv_sliced"
     return sum(t[k].numel() * t[k].element_size() for k in PATH_TENSORS[path] if k in t) + M * K * 2
 
 
@@ -244,6 +259,8 @@ def read_floor_us(nbytes: int, copies: int, reps: int) -> tuple:
 
 
 def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: int = -1):
+    if path.endswith("_rows"):  # the row layout of sliced layers
+        return gqsa_calls([t["rows"] for t in ts], x, N, K, path[:-len("_rows")], x_staging)
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
     if path == "tc":
@@ -364,8 +381,9 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
     t0 = gqsa_bytes(make_gqsa(N, K, DENSITY, num_ctas), 0, K)
     g_copies = copies_for(t0)
     gq = [make_gqsa(N, K, DENSITY, num_ctas) for _ in range(g_copies)]
-    gq_bank = [with_bank_order(t) for t in gq] if BANK_ORDER else []
+    gq_bank = [with_bank_order(t.get("rows", t)) for t in gq] if BANK_ORDER else []
     compact = "xcols" in gq[0]
+    sliced = "rows" in gq[0]
     dense = dense_weights(N, K, copies_for(N * K * 2)) if SELECTED & {"cublas_fp16", "sparse24"} else []
     sparse24 = semi_structured(dense) if "sparse24" in SELECTED else {}
     others = vllm_gptq_baselines(N, K, copies_for(N * K // 2), SELECTED)
@@ -385,11 +403,16 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             return time_graph([lambda c=c: (before(), c()) for c in calls], reps) - before_us
 
         # Every GQSA path that could win at this M; gqsa_us is the one the plugin picks.
+        # In the sliced layout, the row layout's GEMV and tensor-core kernel too (paths *_rows).
         paths = {}
-        if M <= GEMV_TIMED_MAX_TOKENS:
+        if M <= (SLICED_TIMED_MAX_TOKENS if sliced else GEMV_TIMED_MAX_TOKENS):
             paths["gemv"] = timed(gqsa_calls(gq, x, N, K, "gemv"))
+        if sliced and M <= GEMV_TIMED_MAX_TOKENS:
+            paths["gemv_rows"] = timed(gqsa_calls(gq, x, N, K, "gemv_rows"))
         if M <= TC_TIMED_MAX_TOKENS:
             paths["tc"] = timed(gqsa_calls(gq, x, N, K, "tc"))
+        if sliced and M <= TC_TIMED_MAX_TOKENS:
+            paths["tc_rows"] = timed(gqsa_calls(gq, x, N, K, "tc_rows"))
         if M <= SP_TIMED_MAX_TOKENS and PAIRS:
             paths["sp"] = timed(gqsa_calls(gq, x, N, K, "sp"))
         if M <= TC_TIMED_MAX_TOKENS and compact:
@@ -402,6 +425,7 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
         us = paths[kernel]
         nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,
+             "gqsa_layout": "sliced" if sliced else "rows",
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
              "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
              **{f"gqsa_{k}_us": v for k, v in paths.items()}}
@@ -412,7 +436,7 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
         if before is not None:
             r["before_kernel_us"] = before_us
         if M <= MAX_GEMV_TOKENS:  # ablation: x read through L1 instead of the shared-memory copy
-            r["gqsa_global_x_us"] = timed(gqsa_calls(gq, x, N, K, "gemv", x_staging=0))
+            r["gqsa_global_x_us"] = timed(gqsa_calls(gq, x, N, K, "gemv_rows" if sliced else "gemv", x_staging=0))
         if BANK_ORDER and M <= MAX_GEMV_TOKENS:  # layout experiment: fewer bank conflicts on x
             r["gqsa_gemv_bank_order_us"] = timed(gqsa_calls(gq_bank, x, N, K, "gemv"))
         tag = dense_tag()
@@ -448,13 +472,18 @@ BALANCE_DENSITY = 0.25
 
 def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> list:
     """Uniform rows vs one row block with 4x the average groups (both BALANCE_DENSITY overall, so the
-    same bytes); balanced vs row-per-CTA grid."""
+    same bytes): the sliced GEMV (where the layout applies), the row layout's balanced grid and its
+    row-per-CTA grid."""
     rows = []
     x = torch.randn(1, K, device="cuda", dtype=DTYPE)
     for heavy in (False, True):
         base = make_gqsa(N, K, BALANCE_DENSITY, num_ctas, heavy_block=heavy)
         ts = [make_gqsa(N, K, BALANCE_DENSITY, num_ctas, heavy_block=heavy) for _ in range(copies_for(gqsa_bytes(base, 1, K)))]
-        for grid in ("balanced", "row_per_cta"):
+        for grid in ("sliced", "balanced", "row_per_cta"):
+            if grid == "sliced" and "rows" not in ts[0]:
+                continue
+            if grid == "balanced":
+                ts = [t.get("rows", t) for t in ts]
             if grid == "row_per_cta":
                 ts = [dict(t, schedule=row_per_cta_schedule(t["row_ptr"])) for t in ts]
             nbytes = sum(gqsa_bytes(t, 1, K) for t in ts) / len(ts)
@@ -471,7 +500,8 @@ def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> l
         rows.append({"N": N, "K": K, "M": 16, "density": BALANCE_DENSITY, "rows": "heavy_block" if heavy else "uniform", "grid": "tc",
                      "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw})
         print(f"balance {rows[-1]['rows']:11s} tc {N}x{K} M=16 {us:8.2f} us {rows[-1]['GBps']:7.0f} GB/s", flush=True)
-    for ctas_per_sm in (2, 4, 8):  # the persistent grid's size (cuda.CTAS_PER_SM is the default)
+    ts = [t.get("rows", t) for t in ts]
+    for ctas_per_sm in (2, 4, 8):  # the row GEMV's persistent grid (cuda.CTAS_PER_SM is the default)
         num = ctas_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
         ts = [dict(t, schedule=make_schedule(t["row_ptr"], num)) for t in ts]
         nbytes = sum(gqsa_bytes(t, 1, K) for t in ts) / len(ts)
@@ -509,7 +539,7 @@ def summarize(results: list, read_bw: float) -> list:
 
 
 def main() -> None:
-    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE, PAIRS
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE, PAIRS, LAYOUT
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes, four batch sizes (< 60 s)")
     p.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -539,6 +569,9 @@ def main() -> None:
                    help="activation dtype of GQSA and every baseline (default float16)")
     p.add_argument("--group-size", type=int, choices=SUPPORTED_GROUP_SIZES, default=GROUP_SIZE,
                    help=f"GQSA weights per group (default {GROUP_SIZE})")
+    p.add_argument("--layout", choices=["auto", "rows"], default="auto",
+                   help="the kernel layout: the plugin's (sliced where it applies, with the row layout's "
+                        "GEMV and tensor-core kernel timed beside it), or the row layout throughout")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -548,6 +581,7 @@ def main() -> None:
     start = time.time()
     BLOCK_ROWS = args.block_rows
     PAIRS = args.pattern == "pairs"
+    LAYOUT = args.layout
     if PAIRS and args.group_size != 16:
         raise SystemExit("--pattern pairs runs at --group-size 16")
     DTYPE = getattr(torch, args.dtype)
@@ -579,7 +613,7 @@ def main() -> None:
     balance = [] if args.skip_balance else bench_balance(4096, 4096, reps, read_bw, num_ctas)
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "vllm": _package_version("vllm"), "command": " ".join(sys.argv), "ops": reason,
-           "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "pattern": args.pattern, "density": DENSITY, "activation_dtype": str(DTYPE),
+           "layout": LAYOUT, "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "pattern": args.pattern, "density": DENSITY, "activation_dtype": str(DTYPE),
            "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "baselines": sorted(SELECTED),
            "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
                         "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,

@@ -615,17 +615,25 @@ __global__ void __launch_bounds__(kGemvThreads)
 
 template <typename T, int G>
 __global__ void __launch_bounds__(kDequantThreads)
-    dequant_kernel(const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
-                   const int32_t* __restrict__ meta, T* __restrict__ w, int K) {
+    dequant_kernel(const int32_t* __restrict__ row_ptr, const int2* __restrict__ places,
+                   const int32_t* __restrict__ codes, const int32_t* __restrict__ meta, T* __restrict__ w, int K) {
   constexpr int kWordsPerGroup = G / kWordWeights;
   // Kept-group index of each group column of this row, or -1: turns the row's sparse list into
   // a dense lookup so that the writes below are contiguous 16-byte stores.
   extern __shared__ int slot[];
-  const int row = blockIdx.x;
+  // One CTA per row, or in the sliced layout per place: (row, first slot), -1 for padding.
+  const int2 place = places != nullptr ? places[blockIdx.x] : make_int2(blockIdx.x, row_ptr[blockIdx.x]);
+  const int row = place.x;
+  if (row < 0) return;  // uniform over the CTA
+  const int count = row_ptr[row + 1] - row_ptr[row];
+  // Slot of the row's j-th group: place.y + j, plus in the sliced layout the other rows' slots of
+  // the steps before (gqsa_kernels.h).
+  const int extra = places != nullptr ? kSlotsPerStep - kStepGroups : 0;
   const int num_cols = K / G;
   for (int c = threadIdx.x; c < num_cols; c += kDequantThreads) slot[c] = -1;
   __syncthreads();
-  for (int g = row_ptr[row] + threadIdx.x; g < row_ptr[row + 1]; g += kDequantThreads) {
+  for (int j = threadIdx.x; j < count; j += kDequantThreads) {
+    const int g = place.y + j + (j / kStepGroups) * extra;
     slot[meta_col(static_cast<uint32_t>(meta[g]))] = g;
   }
   __syncthreads();
@@ -647,6 +655,169 @@ __global__ void __launch_bounds__(kDequantThreads)
       v.w = Act<T>::pack(q[6] * s, q[7] * s);
     }
     *reinterpret_cast<uint4*>(out + static_cast<size_t>(o) * kWordWeights) = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sliced GEMV: one row per lane (G = 16, 1 to 3 tokens)
+//
+// In the sliced layout (gqsa_kernels.h) a lane owns one row and a step gives each lane 32 bytes of
+// codes (its row's next four groups) and their four meta words, so the loop has no row ends: a lane
+// keeps its row's sums in registers, and the only reduction is one shared-memory sum over the CTA's
+// warps at the end. The task-centric GEMV above spends about a quarter of its instructions walking
+// row ends (a warp-wide sum, the hand-off, the next bounds); the first version of this loop, with
+// two groups per step, issued about 56 warp instructions per group and lane against its 93
+// (csrc/README.md, "One row per lane").
+// A CTA takes one piece (a whole slice, or part of a long one); its warps split the piece's steps
+// evenly, each loading its next step before the current one's math. Padding slots have scale 0.
+
+constexpr int kSlicedBatch = 1;
+
+struct SlicedStep {
+  uint4 codes[kStepGroups / 2];
+  uint4 meta;
+};
+static_assert(kStepGroups == 4, "a step is two 16-byte loads of codes and one of meta per lane");
+
+template <typename T, int M, int kW>
+__global__ void __launch_bounds__(kW * kWarpSize)
+    sliced_gemv_kernel(const T* __restrict__ x, const int2* __restrict__ places, const int4* __restrict__ pieces,
+                       const uint4* __restrict__ codes, const uint4* __restrict__ meta, float* __restrict__ workspace,
+                       int32_t* __restrict__ counters, T* __restrict__ y, int N, int K) {
+  constexpr int G = 16;
+  constexpr int kB = kSlicedBatch;
+  extern __shared__ uint4 x_shared[];
+  __shared__ float part[kW][M][kWarpSize];
+
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int4 piece = pieces[blockIdx.x];  // steps piece.y .. piece.z - 1 of slice piece.x
+  const int b = piece.y + (piece.z - piece.y) * warp / kW;  // this warp's steps b .. e - 1
+  const int e = piece.y + (piece.z - piece.y) * (warp + 1) / kW;
+
+  const uint64_t policy = make_evict_first_policy();
+  SlicedStep batch_a[kB], batch_b[kB];
+  auto load = [&](SlicedStep (&batch)[kB], int p) {
+#pragma unroll
+    for (int i = 0; i < kB; ++i) {
+      if (p + i < e) {
+        const size_t at = static_cast<size_t>(p + i) * kWarpSize + lane;
+        batch[i].codes[0] = ld_stream_v4(codes + 2 * at, policy);
+        batch[i].codes[1] = ld_stream_v4(codes + 2 * at + 1, policy);
+        batch[i].meta = ld_stream_v4(meta + at, policy);
+      } else {
+        batch[i].codes[0] = batch[i].codes[1] = make_uint4(0, 0, 0, 0);
+        batch[i].meta = make_uint4(0, 0, 0, 0);  // scale 0
+      }
+    }
+  };
+  load(batch_a, b);
+
+  // x into shared memory while the first weights are in flight, as gemv_kernel does.
+  {
+    constexpr int kXCopyLoads = 8;
+    constexpr int kThreads = kW * kWarpSize;
+    const int chunks = K / kWordWeights;
+    const int total = M * chunks;
+    const uint4* x_chunks = reinterpret_cast<const uint4*>(x);
+    for (int i0 = threadIdx.x; i0 < total; i0 += kXCopyLoads * kThreads) {
+      uint4 v[kXCopyLoads];
+#pragma unroll
+      for (int j = 0; j < kXCopyLoads; ++j) {
+        const int i = i0 + j * kThreads;
+        if (i < total) v[j] = __ldg(x_chunks + i);
+      }
+#pragma unroll
+      for (int j = 0; j < kXCopyLoads; ++j) {
+        const int i = i0 + j * kThreads;
+        if (i < total) {
+          const int m = i / chunks;
+          const int c = i - m * chunks;
+          x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(v[j]);
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  const int row_chunks = shared_x_row_chunks(K);
+  auto math = [&](const SlicedStep& st) {
+    const uint32_t words[8] = {st.codes[0].x, st.codes[0].y, st.codes[0].z, st.codes[0].w,
+                               st.codes[1].x, st.codes[1].y, st.codes[1].z, st.codes[1].w};
+    const uint32_t metas[kStepGroups] = {st.meta.x, st.meta.y, st.meta.z, st.meta.w};
+#pragma unroll
+    for (int g = 0; g < kStepGroups; ++g) {
+      const ZeroPair zp = zero_pair(metas[g]);
+      const int c0 = meta_col(metas[g]) * (G / kWordWeights);  // the group's first 16-byte chunk of x
+      __half2 sum[M];
+#pragma unroll
+      for (int m = 0; m < M; ++m) sum[m] = __float2half2_rn(0.f);
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        __half2 w[4];
+        dequant_pairs(words[2 * g + k], zp, w);
+#pragma unroll
+        for (int m = 0; m < M; ++m) sum[m] = dot8_pairs(w, x_shared[m * row_chunks + swizzle_chunk(c0 + k)], sum[m]);
+      }
+      const float sc = meta_scale(metas[g]) * static_cast<float>(1 << kXScaleLog2<G>);
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        const float2 f = __half22float2(sum[m]);
+        acc[m] = fmaf(sc, f.x + f.y, acc[m]);
+      }
+    }
+  };
+  for (int p = b; p < e; p += 2 * kB) {
+    load(batch_b, p + kB);
+#pragma unroll
+    for (int i = 0; i < kB; ++i) math(batch_a[i]);
+    if (p + kB >= e) break;
+    load(batch_a, p + 2 * kB);
+#pragma unroll
+    for (int i = 0; i < kB; ++i) math(batch_b[i]);
+  }
+
+#pragma unroll
+  for (int m = 0; m < M; ++m) part[warp][m][lane] = acc[m];
+  __syncthreads();
+  if (warp != 0) return;
+  const int slice = piece.x;
+  const int row = places[slice * kSliceRows + lane].x;
+  float v[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    v[m] = 0.f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) v[m] += part[w][m][lane];
+  }
+  const int n_pieces = static_cast<int>(static_cast<uint32_t>(piece.w) >> 16);
+  if (n_pieces > 1) {
+    // Each piece of a cut slice leaves its sums in the workspace; the last to finish adds them in
+    // piece order (the same sum whatever the finishing order) and sets the counter back to 0.
+    float* mine = workspace + static_cast<size_t>(blockIdx.x) * kMaxSlicedTokens * kWarpSize;
+#pragma unroll
+    for (int m = 0; m < M; ++m) mine[m * kWarpSize + lane] = v[m];
+    __threadfence();
+    __syncwarp();
+    int done = 0;
+    if (lane == 0) done = atomicAdd(counters + slice, 1);
+    if (__shfl_sync(0xffffffffu, done, 0) != n_pieces - 1) return;
+    __threadfence();
+    const int first = blockIdx.x - (piece.w & 0xFFFF);
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      v[m] = 0.f;
+      for (int q = first; q < first + n_pieces; ++q)
+        v[m] += __ldcg(workspace + (static_cast<size_t>(q) * kMaxSlicedTokens + m) * kWarpSize + lane);
+    }
+    if (lane == 0) counters[slice] = 0;
+  }
+  if (row >= 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + row] = Act<T>::from_float(v[m]);
   }
 }
 
@@ -895,7 +1066,8 @@ template <typename T, int R, int MT, int P>
 __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned char* smem, int tile, int split,
                                           int row_group, int part, int lane, T* __restrict__ y,
                                           float* __restrict__ workspace, int32_t* __restrict__ counters, int M,
-                                          int N, int splits) {
+                                          int N, int splits, const int2* __restrict__ places = nullptr,
+                                          int n_out = -1) {
   constexpr int kTokens = 8 * MT;
   static_assert(kTcRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
   __shared__ int is_last_split;
@@ -927,6 +1099,12 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   const int rows = N - tile * kTcRows < kTcRows ? N - tile * kTcRows : kTcRows;
   auto output_ok = [&](int i) { return i / kTcRows < tokens && i % kTcRows < rows; };
   auto output_at = [&](int i) { return static_cast<size_t>(i / kTcRows) * N + tile * kTcRows + i % kTcRows; };
+  // Where output i goes in y: its row, or in the sliced layout its place's row (none for padding).
+  auto y_at = [&](int i) -> ptrdiff_t {
+    if (places == nullptr) return static_cast<ptrdiff_t>(output_at(i));
+    const int r = __ldg(&places[tile * kTcRows + i % kTcRows].x);
+    return r < 0 ? -1 : static_cast<ptrdiff_t>(i / kTcRows) * n_out + r;
+  };
   float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) {
@@ -936,7 +1114,8 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
 #pragma unroll
     for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + i / kTcRows) * kFinishPitch + i % kTcRows];
     if (out == nullptr) {
-      y[output_at(i)] = Act<T>::from_float(sum * kOutScale);
+      const ptrdiff_t at = y_at(i);
+      if (at >= 0) y[at] = Act<T>::from_float(sum * kOutScale);
     } else {
       out[output_at(i)] = sum;
     }
@@ -969,7 +1148,8 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) {
     const int i = threadIdx.x + k * kTcThreads;
-    if (output_ok(i)) y[output_at(i)] = Act<T>::from_float(total[k] * kOutScale);
+    const ptrdiff_t at = output_ok(i) ? y_at(i) : -1;
+    if (at >= 0) y[at] = Act<T>::from_float(total[k] * kOutScale);
   }
   if (threadIdx.x == 0) counters[tile] = 0;
 }
@@ -1026,10 +1206,11 @@ __device__ __forceinline__ void tc_a_pair(uint2 w, uint32_t meta, uint32_t sel, 
 // shared memory already allows only 3 and 2 CTAs, and a bound made ptxas spill.
 template <typename T, int G, int MT, bool kXScaled, bool kCompact>
 __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCtas : 0))
-    tc_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
-              const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks,
+    tc_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int2* __restrict__ places,
+              const int32_t* __restrict__ codes, const int32_t* __restrict__ meta, const int32_t* __restrict__ chunks,
               const int32_t* __restrict__ xcols, int num_chunks, T* __restrict__ y,
-              float* __restrict__ workspace, int32_t* __restrict__ counters, int M, int N, int K, int splits) {
+              float* __restrict__ workspace, int32_t* __restrict__ counters, int M, int N, int n_out, int K,
+              int splits) {
   using L = TcLayout<G, MT>;
   constexpr int kWordsPerGroup = G / kWordWeights;
   constexpr int kSlotsPerGroup = G / 16;
@@ -1050,13 +1231,24 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
   const int c_begin = split * num_chunks / splits;
   const int n_local = (split + 1) * num_chunks / splits - c_begin;
 
-  // Copies: kTcCopyThreads neighbouring threads per row of the tile.
+  // Copies: kTcCopyThreads neighbouring threads per row of the tile. In the sliced layout
+  // (places given) the tile's rows are 64 places in the layout's order, so its copies read whole
+  // steps; place p holds row places[p].x (-1: padding) from slot places[p].y.
   const int copy_row = threadIdx.x / kTcCopyThreads;
   const int copy_part = threadIdx.x % kTcCopyThreads;
   const int grow = tile * kTcRows + copy_row;
-  const bool row_ok = grow < N;
-  int row_first = row_ok ? __ldg(row_ptr + grow) : 0;
-  const int32_t* row_entries = chunks + static_cast<size_t>(row_ok ? grow : 0) * num_chunks + c_begin;
+  int row = grow;
+  int row_first = 0;
+  if (places != nullptr) {
+    const int2 pl = grow < N ? __ldg(places + grow) : make_int2(-1, 0);
+    row = pl.x;
+    row_first = pl.y;
+  } else if (grow < N) {
+    row_first = __ldg(row_ptr + grow);
+  }
+  const bool row_ok = grow < N && row >= 0;
+  const int extra = places != nullptr ? kSlotsPerStep - kStepGroups : 0;  // as in dequant_kernel
+  const int32_t* row_entries = chunks + static_cast<size_t>(row_ok ? row : 0) * num_chunks + c_begin;
 
   auto x_stage = [&](int s) { return tc_smem + s * L::kStageBytes; };
   auto code_stage = [&](int s) { return tc_smem + s * L::kStageBytes + L::kXBytes; };
@@ -1105,7 +1297,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
   // iteration waits for a global load of its own (a chunk's math is shorter than a DRAM round trip).
   auto issue = [&](int i, int s, int entry) {
     const uint32_t mask = static_cast<uint32_t>(entry) & 0xFFFFu;
-    const int first = row_first + static_cast<int>(static_cast<uint32_t>(entry) >> 16);
+    const int first = static_cast<int>(static_cast<uint32_t>(entry) >> 16);  // in the row
     const int ahead = i + L::kStages - 1;
     const uint32_t stage = static_cast<uint32_t>(s * L::kStageBytes);
     if (copy_part == 0) {
@@ -1115,7 +1307,8 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 #pragma unroll
     for (int j = 0; j < kRowCopiesPerThread; ++j) {
       const bool kept = mask & col_bit[j];
-      const int group = first + __popc(mask & (col_bit[j] - 1u));  // if kept
+      const int nth = first + __popc(mask & (col_bit[j] - 1u));  // the row's nth group, if kept
+      const int group = row_first + nth + (nth / kStepGroups) * extra;
       if (kept) {
         cp_async<kCopyBytes>(code_dst[j] + stage, codes + static_cast<size_t>(group) * kWordsPerGroup +
                                                       (copy_part % kCopiesPerGroup) * (kCopyBytes / 4));
@@ -1266,7 +1459,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
   }
 
   tc_finish<T, 1, MT, kTcHalves>(reinterpret_cast<float(&)[1][MT][4]>(acc), tc_smem, tile, split, row_group, half, lane, y,
-                                 workspace, counters, M, N, splits);
+                                 workspace, counters, M, N, splits, places, n_out);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1614,21 +1807,24 @@ cudaError_t gemv_for_group(const GemvArgs& a, int M, int group_size) {
 }
 
 template <typename T, int G>
-cudaError_t launch_dequant(const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                           void* w, int N, int K, cudaStream_t stream) {
+cudaError_t launch_dequant(const int32_t* row_ptr, const int32_t* sell_rows, int num_places, const int32_t* codes,
+                           const int32_t* meta, void* w, int N, int K, cudaStream_t stream) {
   const size_t smem = sizeof(int) * (K / G);
-  dequant_kernel<T, G><<<N, kDequantThreads, smem, stream>>>(row_ptr, codes, meta, static_cast<T*>(w), K);
+  const int ctas = sell_rows != nullptr ? num_places : N;
+  if (ctas == 0) return cudaSuccess;
+  dequant_kernel<T, G><<<ctas, kDequantThreads, smem, stream>>>(row_ptr, reinterpret_cast<const int2*>(sell_rows),
+                                                                codes, meta, static_cast<T*>(w), K);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t dequant_for_group(const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                              void* w, int N, int K, int group_size, cudaStream_t stream) {
+cudaError_t dequant_for_group(const int32_t* row_ptr, const int32_t* sell_rows, int num_places, const int32_t* codes,
+                              const int32_t* meta, void* w, int N, int K, int group_size, cudaStream_t stream) {
   switch (group_size) {
-    case 16: return launch_dequant<T, 16>(row_ptr, codes, meta, w, N, K, stream);
-    case 32: return launch_dequant<T, 32>(row_ptr, codes, meta, w, N, K, stream);
-    case 64: return launch_dequant<T, 64>(row_ptr, codes, meta, w, N, K, stream);
-    case 128: return launch_dequant<T, 128>(row_ptr, codes, meta, w, N, K, stream);
+    case 16: return launch_dequant<T, 16>(row_ptr, sell_rows, num_places, codes, meta, w, N, K, stream);
+    case 32: return launch_dequant<T, 32>(row_ptr, sell_rows, num_places, codes, meta, w, N, K, stream);
+    case 64: return launch_dequant<T, 64>(row_ptr, sell_rows, num_places, codes, meta, w, N, K, stream);
+    case 128: return launch_dequant<T, 128>(row_ptr, sell_rows, num_places, codes, meta, w, N, K, stream);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -1637,6 +1833,7 @@ cudaError_t dequant_for_group(const int32_t* row_ptr, const int32_t* codes, cons
 struct TcArgs {
   const void* x;
   const int32_t* row_ptr;
+  const int2* places;  // the sliced layout's sell_rows, or null
   const int32_t* codes;
   const int32_t* meta;
   const int32_t* chunks;
@@ -1646,7 +1843,7 @@ struct TcArgs {
   float* workspace;
   int32_t* counters;
   void* x_scratch;  // M x K fp16 when x is scaled once per launch (tc_converts_x_once), else null
-  int M, N, K, splits;
+  int M, N, n_out, K, splits;  // N: the grid's rows (places in the sliced layout); n_out: y's
   cudaStream_t stream;
 };
 
@@ -1657,9 +1854,9 @@ cudaError_t launch_tc_kernel(const TcArgs& a, const void* x) {
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
-  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.row_ptr, a.codes, a.meta, a.chunks,
-                                                    a.xcols, a.num_chunks, static_cast<T*>(a.y), a.workspace,
-                                                    a.counters, a.M, a.N, a.K, a.splits);
+  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.row_ptr, a.places, a.codes, a.meta,
+                                                    a.chunks, a.xcols, a.num_chunks, static_cast<T*>(a.y),
+                                                    a.workspace, a.counters, a.M, a.N, a.n_out, a.K, a.splits);
   return cudaGetLastError();
 }
 
@@ -1753,6 +1950,60 @@ cudaError_t sp_for_tokens(const SpArgs& a) {
   return launch_sp<T, 8>(a);
 }
 
+// Shared memory of one sliced GEMV launch: the x copy and the warps' sums.
+constexpr size_t sliced_smem_bytes(int M, int K, int warps) {
+  return shared_x_bytes(M, K) + static_cast<size_t>(warps) * M * kWarpSize * sizeof(float);
+}
+
+struct SlicedArgs {
+  const void* x;
+  const int2* places;
+  const int4* pieces;
+  int num_pieces;
+  const uint4* codes;
+  const uint4* meta;
+  float* workspace;
+  int32_t* counters;
+  void* y;
+  int N, K;
+  cudaStream_t stream;
+};
+
+template <typename T, int M, int kW>
+cudaError_t launch_sliced(const SlicedArgs& a) {
+  const auto kernel = sliced_gemv_kernel<T, M, kW>;
+  const size_t smem = shared_x_bytes(M, a.K);
+  if (smem > 48 * 1024) {  // above 48 KB, dynamic shared memory must be allowed per kernel
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  kernel<<<a.num_pieces, kW * kWarpSize, smem, a.stream>>>(static_cast<const T*>(a.x), a.places, a.pieces, a.codes,
+                                                           a.meta, a.workspace, a.counters, static_cast<T*>(a.y),
+                                                           a.N, a.K);
+  return cudaGetLastError();
+}
+
+template <typename T, int M>
+cudaError_t sliced_for_warps(const SlicedArgs& a, int warps) {
+  switch (warps) {
+    case 4: return launch_sliced<T, M, 4>(a);
+    case 8: return launch_sliced<T, M, 8>(a);
+    case 16: return launch_sliced<T, M, 16>(a);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+template <typename T>
+cudaError_t sliced_for_tokens(const SlicedArgs& a, int M, int warps) {
+  switch (M) {
+    case 1: return sliced_for_warps<T, 1>(a, warps);
+    case 2: return sliced_for_warps<T, 2>(a, warps);
+    case 3: return sliced_for_warps<T, 3>(a, warps);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 bool shape_ok(int N, int K, int group_size) {
   return N >= 0 && K >= 0 && group_size > 0 && K % group_size == 0 && K / group_size <= kMaxGroupCols;
 }
@@ -1815,6 +2066,37 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
   return cudaSuccess;
 }
 
+cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
+                        const int32_t* codes, const int32_t* meta, float* workspace, int32_t* counters, void* y,
+                        int M, int N, int K, const int* warps_for, cudaStream_t stream) {
+  if (!shape_ok(N, K, 16) || M < 0 || num_pieces < 0) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (num_pieces == 0) return cudaErrorInvalidValue;  // every slice has a piece, and N > 0
+  int max_shared = 0;
+  const cudaError_t queried = max_shared_x_bytes(&max_shared);
+  if (queried != cudaSuccess) return queried;
+  // Tokens per launch: up to kMaxSlicedTokens, as many as fit with the widest CTA.
+  int per_launch = kMaxSlicedTokens;
+  while (per_launch > 0 && sliced_smem_bytes(per_launch, K, 16) > static_cast<size_t>(max_shared)) --per_launch;
+  if (per_launch == 0) return cudaErrorInvalidValue;  // K too large for the sliced layout
+  const size_t elem = 2;  // fp16 and bf16
+  for (int m0 = 0; m0 < M; m0 += per_launch) {
+    const int m = M - m0 < per_launch ? M - m0 : per_launch;
+    const SlicedArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem,
+                       reinterpret_cast<const int2*>(sell_rows), reinterpret_cast<const int4*>(pieces), num_pieces,
+                       reinterpret_cast<const uint4*>(codes), reinterpret_cast<const uint4*>(meta), workspace, counters,
+                       static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, N, K, stream};
+    const int warps = warps_for != nullptr ? warps_for[m - 1] : 8;
+    cudaError_t err = cudaErrorInvalidValue;
+    switch (dtype) {
+      case Dtype::kFloat16: err = sliced_for_tokens<__half>(a, m, warps); break;
+      case Dtype::kBFloat16: err = sliced_for_tokens<__nv_bfloat16>(a, m, warps); break;
+    }
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 int tc_splits(int N, int num_chunks, int num_sms) {
   const int tiles = (N + kTcRows - 1) / kTcRows;
   // About two CTAs per SM, and at least four chunks per split. Every split pays a pipeline fill
@@ -1851,12 +2133,15 @@ bool tc_converts_x_once(Dtype dtype, int M) {
   return dtype == Dtype::kBFloat16 && M >= kTcScaleXOnceTokens;
 }
 
-cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
-                    const int32_t* meta, const int32_t* chunks, const int32_t* xcols, int num_chunks, void* y,
-                    float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int group_size,
-                    int splits, cudaStream_t stream) {
+cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* sell_rows, int num_places,
+                    const int32_t* codes, const int32_t* meta, const int32_t* chunks, const int32_t* xcols,
+                    int num_chunks, void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K,
+                    int group_size, int splits, cudaStream_t stream) {
   if (!shape_ok(N, K, group_size) || M < 0 || splits < 1 || num_chunks < 0) return cudaErrorInvalidValue;
   if (xcols == nullptr && num_chunks != (K + kTcChunk - 1) / kTcChunk) return cudaErrorInvalidValue;
+  if (sell_rows != nullptr && (xcols != nullptr || num_places < N)) return cudaErrorInvalidValue;
+  // The grid's rows: places in the sliced layout, else rows.
+  const int tile_rows = sell_rows != nullptr ? num_places : N;
   if (M == 0 || N == 0) return cudaSuccess;
   if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
   if (x_scratch != nullptr && K % 8 != 0) return cudaErrorInvalidValue;  // converted 16 bytes at a time
@@ -1865,9 +2150,10 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
     const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
     // The scratch is reused by every slice: the launches of one stream run in order.
     void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
-    const TcArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta, chunks, xcols,
-                   num_chunks, static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
-                   m, N, K, splits, stream};
+    const TcArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr,
+                   reinterpret_cast<const int2*>(sell_rows), codes, meta, chunks, xcols, num_chunks,
+                   static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
+                   m, tile_rows, N, K, splits, stream};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
       case Dtype::kFloat16: err = tc_for_group<__half>(a, group_size); break;
@@ -1901,14 +2187,17 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
   return cudaSuccess;
 }
 
-cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,
-                       const int32_t* meta, void* w, int N, int K, int group_size,
+cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* sell_rows, int num_places,
+                       const int32_t* codes, const int32_t* meta, void* w, int N, int K, int group_size,
                        cudaStream_t stream) {
-  if (!shape_ok(N, K, group_size)) return cudaErrorInvalidValue;
+  if (!shape_ok(N, K, group_size) || num_places < 0) return cudaErrorInvalidValue;
   if (N == 0 || K == 0) return cudaSuccess;
   switch (dtype) {
-    case Dtype::kFloat16: return dequant_for_group<__half>(row_ptr, codes, meta, w, N, K, group_size, stream);
-    case Dtype::kBFloat16: return dequant_for_group<__nv_bfloat16>(row_ptr, codes, meta, w, N, K, group_size, stream);
+    case Dtype::kFloat16:
+      return dequant_for_group<__half>(row_ptr, sell_rows, num_places, codes, meta, w, N, K, group_size, stream);
+    case Dtype::kBFloat16:
+      return dequant_for_group<__nv_bfloat16>(row_ptr, sell_rows, num_places, codes, meta, w, N, K, group_size,
+                                              stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -62,6 +62,32 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
                  int N, int K, int group_size, int nnz, cudaStream_t stream,
                  XStaging x_staging = XStaging::kAuto);
 
+// The sliced layout (vllm_gqsa/kernels/cuda_format.py) of a G = 16 layer: its rows sorted by
+// kept-group count, in slices of kSliceRows rows, one per lane of the sliced GEMV. Step j of a slice
+// is kSlotsPerStep group slots, groups kStepGroups * j .. kStepGroups * j + kStepGroups - 1 of each
+// of its rows in turn (32 bytes of codes, one DRAM sector), so the row at a place whose first slot
+// is b keeps its i-th group in slot b + i + (i / kStepGroups) * (kSlotsPerStep - kStepGroups).
+//   sell_rows int32 [num_places, 2]  (row, first slot) per place; row -1 for the padding places
+//   pieces    int32 [num_pieces, 4]  the GEMV's grid: (slice, first step, end step, k | n << 16),
+//                                    steps of one slice, its k-th piece of n
+constexpr int kSliceRows = 32;
+constexpr int kStepGroups = 4;
+constexpr int kSlotsPerStep = kStepGroups * kSliceRows;
+// Tokens per launch of the sliced GEMV (fewer when x would not fit its shared memory).
+constexpr int kMaxSlicedTokens = 3;
+
+// y[M, N] = x[M, K] @ W.T for a layer in the sliced layout: one CTA per piece, one row per lane,
+// warps_for[m - 1] warps (4, 8 or 16) per CTA for launches of m tokens. A slice cut into pieces
+// leaves each piece's sums in workspace (sliced_workspace_floats(num_pieces) floats, any
+// contents), and the last to finish adds them in piece order; counters (one per slice, zeros)
+// count them and are left zero. Any M: one launch per kMaxSlicedTokens tokens.
+constexpr size_t sliced_workspace_floats(int num_pieces) {
+  return static_cast<size_t>(num_pieces) * kMaxSlicedTokens * kSliceRows;
+}
+cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
+                        const int32_t* codes, const int32_t* meta, float* workspace, int32_t* counters, void* y,
+                        int M, int N, int K, const int* warps_for, cudaStream_t stream);
+
 // Batched decode on tensor cores: tokens per launch (tc_gemm launches once per slice of this
 // many), rows of W per CTA, input channels per pipeline stage, threads per CTA.
 constexpr int kMaxTcTokens = 64;
@@ -98,10 +124,12 @@ int sp_splits(int N, int num_chunks, int num_sms);
 // kernel converts each launch's x once into x_scratch (min(M, kMaxTcTokens) * K fp16, which the
 // caller provides when tc_converts_x_once(dtype, min(M, kMaxTcTokens)) is true); below it, and
 // whenever x_scratch is null, every CTA converts the chunks of x it copies.
-cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes,
-                    const int32_t* meta, const int32_t* chunks, const int32_t* xcols, int num_chunks, void* y,
-                    float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int group_size,
-                    int splits, cudaStream_t stream);
+// In the sliced layout, sell_rows (num_places of them) orders the tiles' rows and the workspace
+// holds splits * min(M, kMaxTcTokens) * num_places floats; otherwise sell_rows is null.
+cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* sell_rows, int num_places,
+                    const int32_t* codes, const int32_t* meta, const int32_t* chunks, const int32_t* xcols,
+                    int num_chunks, void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K,
+                    int group_size, int splits, cudaStream_t stream);
 
 // Whether tc_gemm converts x once per launch of M tokens (and so needs x_scratch).
 bool tc_converts_x_once(Dtype dtype, int M);
@@ -116,8 +144,9 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
                     cudaStream_t stream);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
-cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* codes,
-                       const int32_t* meta, void* w, int N, int K, int group_size,
+// sell_rows: the sliced layout's (num_places of them), or null for the row layout.
+cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* sell_rows, int num_places,
+                       const int32_t* codes, const int32_t* meta, void* w, int N, int K, int group_size,
                        cudaStream_t stream);
 
 }  // namespace gqsa

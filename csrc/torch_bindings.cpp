@@ -7,18 +7,25 @@
 //     y = x @ W.T for x [M, K] fp16/bf16; returns y [M, n_out] in x's dtype. One kernel launch
 //     per 8 tokens, each reading the weights once: meant for decode-sized M.
 //     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
+//   gqsa_sliced_gemv(Tensor x, Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta,
+//                    Tensor counters, int n_out, int[] warps=[]) -> Tensor
+//     y = x @ W.T for a layer in the sliced layout (G = 16), one row per lane: meant for 1 to 3
+//     tokens (one launch per 3). pieces is the layout's `schedule`, counters its
+//     `slice_counters` (left zero, like gqsa_tc's). warps: warps per CTA for launches of 1, 2, 3
+//     tokens (4, 8 or 16 each; empty: 8).
 //   gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out,
-//           int splits=0, Tensor? xcols=None, Tensor? counters=None) -> Tensor
+//           int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor
 //     y = x @ W.T on tensor cores, for batches too large for the GEMV (one launch per 64 tokens).
 //     splits: how many CTAs share each row tile's input (0 chooses from the shapes and SM count).
 //     xcols: the compact tiles' group columns, for a chunk table made with them (see the format).
 //     counters: the layer's split counters (the format's `counters`, all zeros); without them the
 //     op zeroes fresh ones on every call, one more kernel (a memset) per call.
+//     sell_rows: the sliced layout's, for a layer in it.
 //   gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size,
-//                ScalarType dtype) -> Tensor
+//                ScalarType dtype, Tensor? sell_rows=None) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
 //
-// (row_ptr, codes, meta, schedule, chunks, xcols, counters) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// (row_ptr, codes, meta, schedule, chunks, xcols, counters, sell_rows, ...) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
 // Every tensor argument is checked for device, dtype, contiguity and shape, and a bad one raises
 // a RuntimeError that names it. Their contents are trusted: they are validated when the layer is
 // repacked. The ops allocate their output through torch, launch on the current stream, size the
@@ -141,6 +148,74 @@ at::Tensor gqsa_gemv(const at::Tensor& x, const at::Tensor& row_ptr, const at::T
   return y;
 }
 
+// The sliced layout's places: int32 [num_places, 2], num_places a multiple of 32 and >= n_out.
+int64_t check_sell_rows(const at::Tensor& sell_rows, int64_t n_out, const at::Device& device) {
+  check_int32(sell_rows, "sell_rows", 2, device);
+  const int64_t places = sell_rows.size(0);
+  TORCH_CHECK(sell_rows.size(1) == 2 && places % gqsa::kSliceRows == 0 && places >= n_out &&
+                  places < n_out + gqsa::kSliceRows,
+              "gqsa: sell_rows must have shape [n_out rounded up to a multiple of ", num(gqsa::kSliceRows),
+              ", 2] for n_out=", num(n_out), ", got ", shape(sell_rows));
+  return places;
+}
+
+at::Tensor gqsa_sliced_gemv(const at::Tensor& x, const at::Tensor& sell_rows, const at::Tensor& pieces,
+                            const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& counters,
+                            int64_t n_out, c10::IntArrayRef warps) {
+  const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(x.dim() == 2, "gqsa_sliced_gemv: x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(x.is_contiguous(), "gqsa_sliced_gemv: x must be contiguous");
+  TORCH_CHECK(x.device().is_cuda(), "gqsa: tensors must be on a CUDA device, got ", x.device().str());
+  TORCH_CHECK(n_out >= 0 && n_out < INT32_MAX, "gqsa: n_out=", num(n_out), " is out of range");
+  const int64_t places = check_sell_rows(sell_rows, n_out, x.device());
+  check_int32(codes, "codes", 2, x.device());
+  check_int32(meta, "meta", 1, x.device());
+  TORCH_CHECK(codes.size(1) == 2, "gqsa_sliced_gemv: the sliced layout holds G = 16 codes [slots, 2], got ",
+              shape(codes));
+  TORCH_CHECK(meta.numel() == codes.size(0) && meta.numel() % gqsa::kSlotsPerStep == 0 && meta.numel() < INT32_MAX,
+              "gqsa_sliced_gemv: codes ", shape(codes), " and meta ", shape(meta), " must hold the same whole steps of ",
+              num(gqsa::kSlotsPerStep), " slots");
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(codes.data_ptr()) % 16 == 0 &&
+                  reinterpret_cast<uintptr_t>(meta.data_ptr()) % 16 == 0,
+              "gqsa_sliced_gemv: codes and meta must be 16-byte aligned");
+  check_int32(pieces, "pieces", 2, x.device());
+  TORCH_CHECK(pieces.size(1) == 4 && (pieces.size(0) >= places / gqsa::kSliceRows) &&
+                  reinterpret_cast<uintptr_t>(pieces.data_ptr()) % 16 == 0,
+              "gqsa_sliced_gemv: pieces must have shape [>= ", num(places / gqsa::kSliceRows),
+              " (a piece per slice at least), 4], 16-byte aligned, got ", shape(pieces));
+  TORCH_CHECK(counters.device() == x.device() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
+                  counters.numel() == places / gqsa::kSliceRows,
+              "gqsa_sliced_gemv: counters must be int32 [", num(places / gqsa::kSliceRows), "] (one per slice) on ",
+              x.device().str(), ", got ", shape(counters));
+  TORCH_CHECK(warps.empty() || warps.size() == gqsa::kMaxSlicedTokens,
+              "gqsa_sliced_gemv: warps must be empty or give ", num(gqsa::kMaxSlicedTokens), " counts");
+  int warps_for[gqsa::kMaxSlicedTokens];
+  for (int i = 0; i < gqsa::kMaxSlicedTokens; ++i) {
+    warps_for[i] = warps.empty() ? 8 : static_cast<int>(warps[i]);
+    TORCH_CHECK(warps_for[i] == 4 || warps_for[i] == 8 || warps_for[i] == 16,
+                "gqsa_sliced_gemv: warps per CTA must be 4, 8 or 16, got ", num(warps_for[i]));
+  }
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(M < INT32_MAX / 2, "gqsa_sliced_gemv: M=", num(M), " is out of range");
+  check_input_size(K, 16);
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_sliced_gemv: x must be 16-byte aligned");
+
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  const c10::cuda::CUDAGuard guard(x.device());
+  // The cut slices' partial sums: written before they are read in every call, so never zeroed.
+  const at::Tensor workspace =
+      at::empty({static_cast<int64_t>(gqsa::sliced_workspace_floats(static_cast<int>(pieces.size(0))))},
+                x.options().dtype(at::kFloat));
+  check_launch(gqsa::sliced_gemv(dtype, x.data_ptr(), sell_rows.data_ptr<int32_t>(), pieces.data_ptr<int32_t>(),
+                                 static_cast<int>(pieces.size(0)), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
+                                 workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), y.data_ptr(),
+                                 static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K), warps_for,
+                                 at::cuda::getCurrentCUDAStream()),
+               "gqsa_sliced_gemv");
+  return y;
+}
+
 // The tensor-core ops' optional layer counters and split count, checked against the layer.
 void check_splits(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& counters, int64_t n_out,
                   int64_t num_chunks, int64_t splits) {
@@ -167,6 +242,7 @@ struct TcBuffers {
   int splits;
   at::Tensor workspace, counters, x_scratch;
 
+  // n_out: the rows of the grid (the sliced layout's places).
   TcBuffers(const at::Tensor& x, gqsa::Dtype dtype, const std::optional<at::Tensor>& layer_counters, int64_t n_out,
             int64_t num_chunks, int64_t requested_splits, int (*choose_splits)(int, int, int)) {
     const int64_t M = x.size(0), K = x.size(1);
@@ -190,7 +266,8 @@ struct TcBuffers {
 
 at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
                    const at::Tensor& meta, const at::Tensor& chunks, int64_t n_out, int64_t splits,
-                   const std::optional<at::Tensor>& xcols, const std::optional<at::Tensor>& counters) {
+                   const std::optional<at::Tensor>& xcols, const std::optional<at::Tensor>& counters,
+                   const std::optional<at::Tensor>& sell_rows) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_tc: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_tc: x must be contiguous");
@@ -217,14 +294,21 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
                 shape(chunks));
   }
   check_splits("gqsa_tc", x, counters, n_out, num_chunks, splits);
+  int64_t places = n_out;
+  if (sell_rows.has_value()) {
+    TORCH_CHECK(!xcols.has_value(), "gqsa_tc: a layer has compact tiles or the sliced layout, not both");
+    TORCH_CHECK(group_size == 16, "gqsa_tc: the sliced layout holds G = 16 codes, got codes of shape ", shape(codes));
+    places = check_sell_rows(*sell_rows, n_out, x.device());
+  }
 
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();  // no input channels, or compact tiles that keep nothing
-  const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits, gqsa::tc_splits);
-  check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
-                             meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
+  const TcBuffers b(x, dtype, counters, places, num_chunks, splits, gqsa::tc_splits);
+  check_launch(gqsa::tc_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(),
+                             sell_rows.has_value() ? sell_rows->data_ptr<int32_t>() : nullptr, static_cast<int>(places),
+                             codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(), chunks.data_ptr<int32_t>(),
                              xcols.has_value() ? xcols->data_ptr<int32_t>() : nullptr, static_cast<int>(num_chunks), y.data_ptr(),
                              b.workspace_ptr(), b.counters_ptr(), b.x_scratch_ptr(), static_cast<int>(M),
                              static_cast<int>(n_out), static_cast<int>(K), static_cast<int>(group_size), b.splits,
@@ -264,18 +348,26 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
 }
 
 at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
-                        int64_t n_out, int64_t k_in, int64_t group_size, at::ScalarType dtype) {
+                        int64_t n_out, int64_t k_in, int64_t group_size, at::ScalarType dtype,
+                        const std::optional<at::Tensor>& sell_rows) {
   const gqsa::Dtype kdtype = kernel_dtype(dtype, "dtype");
   const int64_t G = check_layer(row_ptr, codes, meta, n_out, row_ptr.device());
   TORCH_CHECK(G == group_size, "gqsa_dequant: group_size=", num(group_size), " but codes has shape ",
               shape(codes), " (group size ", num(G), ")");
   check_input_size(k_in, group_size);
   TORCH_CHECK(k_in < INT32_MAX, "gqsa_dequant: k_in=", num(k_in), " is out of range");
+  int64_t places = n_out;
+  if (sell_rows.has_value()) {
+    TORCH_CHECK(G == 16, "gqsa_dequant: the sliced layout holds G = 16 codes, got codes of shape ", shape(codes));
+    places = check_sell_rows(*sell_rows, n_out, row_ptr.device());
+  }
 
   at::Tensor w = at::empty({n_out, k_in}, row_ptr.options().dtype(dtype));
   if (n_out == 0 || k_in == 0) return w;
   const c10::cuda::CUDAGuard guard(row_ptr.device());
-  check_launch(gqsa::dequantize(kdtype, row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
+  check_launch(gqsa::dequantize(kdtype, row_ptr.data_ptr<int32_t>(),
+                                sell_rows.has_value() ? sell_rows->data_ptr<int32_t>() : nullptr,
+                                static_cast<int>(places), codes.data_ptr<int32_t>(),
                                 meta.data_ptr<int32_t>(), w.data_ptr(), static_cast<int>(n_out),
                                 static_cast<int>(k_in), static_cast<int>(group_size),
                                 at::cuda::getCurrentCUDAStream()),
@@ -290,16 +382,19 @@ TORCH_LIBRARY(vllm_gqsa, m) {
   // the schema does not mark them as written (vLLM's marlin_gemm treats its workspace the same way).
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
         "int x_staging=-1) -> Tensor");
+  m.def("gqsa_sliced_gemv(Tensor x, Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta, "
+        "Tensor counters, int n_out, int[] warps=[]) -> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
-        "int splits=0, Tensor? xcols=None, Tensor? counters=None) -> Tensor");
+        "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");
   m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
         "Tensor? counters=None) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
-        "ScalarType dtype) -> Tensor");
+        "ScalarType dtype, Tensor? sell_rows=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
   m.impl("gqsa_gemv", &gqsa_gemv);
+  m.impl("gqsa_sliced_gemv", &gqsa_sliced_gemv);
   m.impl("gqsa_tc", &gqsa_tc);
   m.impl("gqsa_sp", &gqsa_sp);
   m.impl("gqsa_dequant", &gqsa_dequant);

@@ -9,11 +9,12 @@ import torch
 from vllm_gqsa import reference
 from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
 from vllm_gqsa.kernels import cuda
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, TC_CHUNK, TC_ROWS, WARPS_PER_CTA,
-                                           can_implement, chunk_table, compact_chunk_table,
-                                           cta_row_bounds, dequantize_kernel_format, make_schedule,
-                                           pair_pattern, row_per_cta_schedule, to_kernel_format,
-                                           unpack_meta, with_bank_order)
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_K, MAX_SLICED_TOKENS, SLICE_ROWS,
+                                           SLOTS_PER_STEP, STEP_GROUPS, TC_CHUNK, TC_ROWS, WARPS_PER_CTA, can_implement,
+                                           chunk_table, compact_chunk_table, cta_row_bounds,
+                                           dequantize_kernel_format, is_sliced, kernel_weight, make_schedule,
+                                           pair_pattern, row_per_cta_schedule, slice_pieces, sliced_layout,
+                                           sliced_warps, to_kernel_format, unpack_meta, with_bank_order)
 
 GROUP_SIZES = (16, 32, 64, 128)
 # Row-density patterns: uniform, some rows empty and some full, one row block holding 4x the
@@ -87,19 +88,118 @@ def dense_reference(layer, dtype=torch.float32):
     return reference.dequantize(layer, dtype)
 
 
+def kernel_tensors(layer, num_ctas: int, layout: str) -> dict:
+    """Kernel-format tensors in the given layout; "sliced" even where the plugin would not choose
+    it (compact tiles, no kept groups), so that the sliced kernels meet every row pattern."""
+    if layout != "sliced":
+        return to_kernel_format(layer, num_ctas, layout)
+    t = to_kernel_format(layer, num_ctas, "rows")
+    if "xcols" in t:  # the ordinary chunk table instead of the compact one
+        single = layer.single_rows()
+        t = {k: v for k, v in t.items() if k != "xcols"}
+        t["chunks"] = chunk_table(single.row_ptr, single.col_idx, layer.in_features, layer.fmt.group_size)
+    return {**t, **sliced_layout(t["row_ptr"], t["codes"], t["meta"])}
+
+
 # ------------------------------------------------------------------------------------------
 # CPU: the kernel format
 
 
+@pytest.mark.parametrize("layout", ["rows", "auto"])
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("N,odd", [(1, 1), (67, 21), (130, 5)])
-def test_kernel_format_round_trip(G, pattern, N, odd):
+def test_kernel_format_round_trip(G, pattern, N, odd, layout):
     K = G * odd
     layer = make_layer(N, K, G, pattern, seed=N + odd)
-    t = to_kernel_format(layer, num_ctas=7)
-    got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, G)
+    t = to_kernel_format(layer, num_ctas=7, layout=layout)
+    # "auto": sliced wherever it applies (a layer with compact tiles keeps the row layout)
+    assert is_sliced(t) == (layout == "auto" and G == 16 and "xcols" not in t)
+    got = kernel_weight(t, N, K, G)
     assert torch.equal(got, dense_reference(layer))
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+@pytest.mark.parametrize("N", [1, 31, 32, 33, 200])
+def test_sliced_layout(pattern, N):
+    """The sliced layout: rows sorted by kept groups into slices of 32, each row's i-th group in
+    slot base + i + (i // 4) * 124, padding slots zero, pieces covering every slice's steps in order."""
+    K = 16 * 37
+    layer = make_layer(N, K, 16, pattern, seed=N)
+    rows = to_kernel_format(layer, 7, layout="rows")
+    t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"])}
+    counts = (rows["row_ptr"][1:] - rows["row_ptr"][:-1]).long()
+    places = -(-N // SLICE_ROWS) * SLICE_ROWS
+    sr = t["sell_rows"].long()
+    assert sr.shape == (places, 2) and torch.equal(sr[:N, 0].sort().values, torch.arange(N))
+    assert (sr[N:, 0] == -1).all()
+    assert (counts[sr[:N, 0]][1:] <= counts[sr[:N, 0]][:-1]).all(), "places are in decreasing row length"
+    assert t["codes"].shape[0] == t["meta"].shape[0] and t["codes"].shape[0] % SLOTS_PER_STEP == 0
+    used = torch.zeros(t["meta"].numel(), dtype=torch.bool)
+    for p in range(N):
+        row, base = int(sr[p, 0]), int(sr[p, 1])
+        a = int(rows["row_ptr"][row])
+        for i in range(int(counts[row])):
+            slot = base + i + (i // STEP_GROUPS) * (SLOTS_PER_STEP - STEP_GROUPS)
+            assert torch.equal(t["codes"][slot], rows["codes"][a + i]) and t["meta"][slot] == rows["meta"][a + i]
+            used[slot] = True
+    assert not t["meta"][~used].any() and not t["codes"][~used].any(), "padding slots hold zeros (scale 0)"
+    pieces = t["schedule"].long()
+    assert pieces.shape[1] == 4 and pieces.shape[0] >= places // SLICE_ROWS
+    assert torch.equal(pieces[:, 0].unique(), torch.arange(places // SLICE_ROWS))
+    assert (pieces[1:, 1] == pieces[:-1, 2]).all() and pieces[0, 1] == 0
+    assert pieces[-1, 2] * SLOTS_PER_STEP == t["meta"].numel()
+    assert torch.equal(t["slice_counters"], torch.zeros(places // SLICE_ROWS, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("cut", [0.01, 1.5, 1e9])
+def test_slice_pieces(cut):
+    """Slices over cut x the mean are cut into near-equal pieces of about the mean; piece k of n
+    of a slice says so in its last field."""
+    slice_ptr = torch.tensor([0, 40, 50, 50, 51, 60])  # 5 slices of 40, 10, 0, 1 and 9 steps: mean 12
+    p = slice_pieces(slice_ptr, cut).long()
+    assert p[0, 1] == 0 and p[-1, 2] == 60 and (p[1:, 1] == p[:-1, 2]).all()
+    for s in range(5):
+        mine = p[p[:, 0] == s]
+        n = len(mine)
+        steps = int(slice_ptr[s + 1] - slice_ptr[s])
+        assert n == (-(-steps // 12) if steps > cut * 12 else 1)
+        assert torch.equal(mine[:, 3], torch.arange(n) | (n << 16))
+        sizes = mine[:, 2] - mine[:, 1]
+        assert int(sizes.max() - sizes.min()) <= 1
+
+
+def test_sliced_layout_applies_only_where_its_kernels_run():
+    """G > 16, K over MAX_SLICED_K, compact tiles and the pair pattern keep the row layout; asking
+    for the sliced layout there is an error."""
+    for layer in (make_layer(40, 32 * 9, 32, "uniform"), make_layer(5, 16 * (MAX_SLICED_K // 16 + 1), 16, "uniform"),
+                  tile_layer(70, 16 * 40, 16, 0.3), pair_layer(70, 16 * 42)):
+        assert not is_sliced(to_kernel_format(layer, 4))
+        with pytest.raises(ValueError, match="sliced layout needs"):
+            to_kernel_format(layer, 4, layout="sliced")
+    with pytest.raises(ValueError, match="layout must be"):
+        to_kernel_format(make_layer(4, 16, 16, "uniform"), 4, layout="ell")
+
+
+def test_kernel_layout_from_the_environment(monkeypatch):
+    monkeypatch.delenv("VLLM_GQSA_LAYOUT", raising=False)
+    assert cuda.kernel_layout() == "auto"
+    monkeypatch.setenv("VLLM_GQSA_LAYOUT", "rows")
+    assert cuda.kernel_layout() == "rows"
+    monkeypatch.setenv("VLLM_GQSA_LAYOUT", "sliced")
+    with pytest.raises(ValueError, match="VLLM_GQSA_LAYOUT='sliced'"):
+        cuda.kernel_layout()
+
+
+def test_sliced_warps():
+    """More CTAs than fit the GPU at once favour wide CTAs; few small ones favour narrow ones."""
+    few = slice_pieces(torch.arange(0, 200 * 10 + 1, 200))  # 10 slices of 200 steps
+    many = slice_pieces(torch.arange(0, 5000 * 40 + 1, 40))  # 5000 slices of 40 steps
+    assert sliced_warps(few, 4096, 132) == [16, 16, 16]
+    assert all(w < 16 for w in sliced_warps(many, 4096, 132))
+    t = to_kernel_format(make_layer(500, 16 * 64, 16, "uniform"), 8)
+    assert t["sell_warps"].device.type == "cpu" and len(t["sell_warps"]) == MAX_SLICED_TOKENS
+    assert t["sell_warps"].tolist() == sliced_warps(t["schedule"], 16 * 64, 4)  # num_sms: num_ctas // 2
 
 
 @pytest.mark.parametrize("R", [2, 16, 64])
@@ -109,8 +209,9 @@ def test_kernel_format_of_row_blocks(R, pattern):
     group columns in order, with the same weight."""
     N, K, G = 9 * R, 16 * 37, 16
     layer = make_layer(N, K, G, pattern, seed=R, block_rows=R)
-    t = to_kernel_format(layer, num_ctas=5)
+    t = to_kernel_format(layer, num_ctas=5, layout="rows")
     got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, G)
+    assert torch.equal(kernel_weight(to_kernel_format(layer, num_ctas=5), N, K, G), got)
     assert torch.equal(got, dense_reference(layer))
     row_groups = t["row_ptr"][1:] - t["row_ptr"][:-1]
     assert torch.equal(row_groups, (layer.row_ptr[1:] - layer.row_ptr[:-1]).repeat_interleave(R))
@@ -194,13 +295,13 @@ def test_kernel_format_high_columns():
     layer = make_layer(N, G * KG, G, "uniform", seed=3)
     t = to_kernel_format(layer, num_ctas=3)
     assert (t["meta"] < 0).any()
-    got = dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, G * KG, G)
+    got = kernel_weight(t, N, G * KG, G)
     assert torch.equal(got, dense_reference(layer))
 
 
 def test_kernel_format_tensors():
     layer = make_layer(40, 16 * 9, 16, "uniform")
-    t = to_kernel_format(layer, num_ctas=6)
+    t = to_kernel_format(layer, num_ctas=6, layout="rows")
     assert t["row_ptr"].dtype == t["codes"].dtype == t["meta"].dtype == t["schedule"].dtype == torch.int32
     assert tuple(t["codes"].shape) == (layer.nnz, 2)
     assert tuple(t["meta"].shape) == (layer.nnz,)
@@ -330,7 +431,7 @@ def check_gemv(layer, t, M, dtype, x_staging=-1, op=None):
 def test_bank_order_keeps_the_weight(pattern):
     """Reordering each row's groups (cuda_format.bank_order) changes the layout, not the weight."""
     layer = make_layer(67, 16 * 64, 16, pattern, seed=5)
-    t = to_kernel_format(layer, 8)
+    t = to_kernel_format(layer, 8, layout="rows")
     b = with_bank_order(t)
     assert "chunks" not in b and torch.equal(b["schedule"], t["schedule"])
     assert torch.equal(dequantize_kernel_format(b["row_ptr"], b["codes"], b["meta"], 67, 16 * 64, 16),
@@ -339,32 +440,64 @@ def test_bank_order_keeps_the_weight(pattern):
         assert not torch.equal(b["meta"], t["meta"])
 
 
+# The GEMVs: the row layout's with x in global or shared memory, and the sliced layout's.
+GEMV_LAYOUTS = {"global_x": ("rows", 0), "shared_x": ("rows", 1), "sliced": ("sliced", -1)}
+
+
 @needs_cuda
-@pytest.mark.parametrize("x_staging", [0, 1], ids=["global_x", "shared_x"])
+@pytest.mark.parametrize("gemv", GEMV_LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("M", range(1, MAX_GEMV_TOKENS + 1))
-def test_gemv(dtype, G, pattern, M, x_staging):
-    N, K = 301, G * 21  # N is no multiple of 64; K is G times an odd number
+def test_gemv(dtype, G, pattern, M, gemv):
+    layout, x_staging = GEMV_LAYOUTS[gemv]
+    if layout == "sliced" and G != 16:
+        pytest.skip("the sliced layout is for G = 16")
+    N, K = 301, G * 21  # N is no multiple of 64 (nor of 32); K is G times an odd number
     layer = make_layer(N, K, G, pattern, seed=M).to("cuda")
-    check_gemv(layer, to_kernel_format(layer, cuda.default_num_ctas()), M, dtype, x_staging)
+    check_gemv(layer, kernel_tensors(layer, cuda.default_num_ctas(), layout), M, dtype, x_staging)
 
 
 @needs_cuda
-@pytest.mark.parametrize("x_staging", [-1, 0])
+@pytest.mark.parametrize("gemv", GEMV_LAYOUTS)
 @pytest.mark.parametrize("M", [9, 16, 17, 33, 40])
-def test_gemv_many_tokens(M, x_staging):
-    """More than 8 tokens: one launch per 8, each reading the weights once."""
+def test_gemv_many_tokens(M, gemv):
+    """More than 8 tokens (3 sliced): one launch per 8 (3), each reading the weights once."""
+    layout, x_staging = GEMV_LAYOUTS[gemv]
     layer = make_layer(301, 16 * 37, 16, "heavy_block", seed=M).to("cuda")
-    check_gemv(layer, to_kernel_format(layer, cuda.default_num_ctas()), M, torch.float16, x_staging)
+    check_gemv(layer, kernel_tensors(layer, cuda.default_num_ctas(), layout), M, torch.float16, x_staging)
+
+
+@needs_cuda
+@pytest.mark.parametrize("cut", [0.01, 0.5, 1.5, 1e9], ids=["every_slice", "half_mean", "default", "none"])
+@pytest.mark.parametrize("pattern", ["uniform", "heavy_block", "empty_and_full", "dense"])
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_sliced_gemv_pieces(cut, pattern, M):
+    """Slices cut into pieces (from every slice to none): the pieces' sums are added up by the
+    last to finish, and the slice counters are zeros again after every call."""
+    layer = make_layer(333, 16 * 61, 16, pattern, seed=M).to("cuda")
+    rows = to_kernel_format(layer, 8, layout="rows")
+    t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], cut)}
+    for warps in ([4, 4, 4], [8, 8, 8], [16, 16, 16]):
+        for _ in range(2):
+            check_gemv(layer, t, M, torch.float16, op=lambda x, t, N, w=warps: cuda.gemv(x, t, N, warps=w))
+            assert not t["slice_counters"].any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("M,K", [(3, MAX_SLICED_K), (2, MAX_SLICED_K - 16), (3, 16 * 700)])
+def test_sliced_gemv_wide_inputs(M, K):
+    """Up to the sliced layout's widest input: the op runs as many tokens per launch as fit."""
+    layer = make_layer(40, K, 16, "empty_and_full", seed=K).to("cuda")
+    check_gemv(layer, kernel_tensors(layer, 16, "sliced"), M, torch.bfloat16)
 
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", [16, 128])
-@pytest.mark.parametrize("x_staging", [0, 1], ids=["global_x", "shared_x"])
-def test_gemv_large_activations(dtype, G, x_staging):
+@pytest.mark.parametrize("gemv", GEMV_LAYOUTS)
+def test_gemv_large_activations(dtype, G, gemv):
     """Activations near the top of fp16's range against the largest q - z: the GEMV sums
     products in fp16 (of x scaled by 2^-7 or 2^-8), and no sum may overflow."""
     N, K = 64, 512
@@ -377,7 +510,10 @@ def test_gemv_large_activations(dtype, G, x_staging):
     keep = torch.rand(N, K // G, generator=g) < 0.5
     layer = pack_layer(torch.full((N, K), 15), scales, torch.zeros(N, K // G, dtype=torch.int64), keep,
                        LayerFormat(4, G, 1)).to("cuda")
-    t = to_kernel_format(layer, cuda.default_num_ctas())
+    layout, x_staging = GEMV_LAYOUTS[gemv]
+    if layout == "sliced" and G != 16:
+        pytest.skip("the sliced layout is for G = 16")
+    t = kernel_tensors(layer, cuda.default_num_ctas(), layout)
     x = torch.full((3, K), 60000.0, device="cuda")
     x[1] = -60000.0
     x[2] = (torch.randn(K, device="cuda") * 20000).clamp(-60000, 60000)
@@ -393,7 +529,7 @@ def test_gemv_shared_x_limits(M, K):
     """x at and just past the shared-memory copy's limit (the kernel then reads global memory):
     100 KB, or what the GPU allows a block less 1 KB of the kernel's own (sm_86 and sm_89: 98 KB)."""
     layer = make_layer(40, K, 16, "empty_and_full", seed=K).to("cuda")
-    t = to_kernel_format(layer, 16)
+    t = to_kernel_format(layer, 16, layout="rows")
     optin = getattr(torch.cuda.get_device_properties(), "shared_memory_per_block_optin", 227 * 1024)
     limit = min(100 * 1024, optin - 1024)
     fits = M * -(-K // 64) * 128 <= limit
@@ -412,7 +548,7 @@ def test_gemv_shared_x_limits(M, K):
 def test_gemv_grids(num_ctas, G, pattern):
     """Grids from one CTA (rows cut by every warp edge) to more CTAs than rows (empty CTAs)."""
     layer = make_layer(257, G * 13, G, pattern, seed=num_ctas).to("cuda")
-    check_gemv(layer, to_kernel_format(layer, num_ctas), 3, torch.float16)
+    check_gemv(layer, to_kernel_format(layer, num_ctas, layout="rows"), 3, torch.float16)
 
 
 @needs_cuda
@@ -422,29 +558,33 @@ def test_gemv_grids(num_ctas, G, pattern):
 def test_gemv_bank_order(dtype, pattern, M):
     """The GEMV reads a row's groups in any order: the bank-ordered layout gives the same product."""
     layer = make_layer(301, 16 * 64, 16, pattern, seed=M).to("cuda")
-    check_gemv(layer, with_bank_order(to_kernel_format(layer, cuda.default_num_ctas())), M, dtype)
+    check_gemv(layer, with_bank_order(to_kernel_format(layer, cuda.default_num_ctas(), layout="rows")), M, dtype)
 
 
 @needs_cuda
 def test_gemv_row_per_cta_and_long_rows():
     layer = make_layer(33, 16 * 4001, 16, "dense").to("cuda")  # rows far longer than a warp's share
-    t = to_kernel_format(layer, 4)
+    t = to_kernel_format(layer, 4, layout="rows")
     check_gemv(layer, t, 2, torch.bfloat16)
     t["schedule"] = row_per_cta_schedule(layer.row_ptr)
     check_gemv(layer, t, 2, torch.bfloat16)
 
 
 @needs_cuda
+@pytest.mark.parametrize("layout", ["rows", "sliced"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
 @pytest.mark.parametrize("M", [1, 5, 8, 9, 16, 17, 32, 33, 64, 65, 130])
-def test_tc(dtype, G, pattern, M):
+def test_tc(dtype, G, pattern, M, layout):
     """The tensor-core kernel: N no multiple of its 64-row tiles, K no multiple of its chunks,
-    every token count class (up to 16, 32, 64 per launch, and several launches)."""
+    every token count class (up to 16, 32, 64 per launch, and several launches); in the sliced
+    layout its tiles are 64 places, and the padding places write nothing."""
+    if layout == "sliced" and G != 16:
+        pytest.skip("the sliced layout is for G = 16")
     N, K = 301, G * 21
     layer = make_layer(N, K, G, pattern, seed=M).to("cuda")
-    check_gemv(layer, to_kernel_format(layer, 8), M, dtype, op=cuda.tc)
+    check_gemv(layer, kernel_tensors(layer, 8, layout), M, dtype, op=cuda.tc)
 
 
 @needs_cuda
@@ -485,12 +625,13 @@ def test_tc_compact_tiles_splits(splits, density):
 
 
 @needs_cuda
+@pytest.mark.parametrize("layout", ["rows", "sliced"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 @pytest.mark.parametrize("pattern", ["uniform", "heavy_block", "empty_and_full"])
-def test_tc_splits(splits, pattern):
+def test_tc_splits(splits, pattern, layout):
     """Any split of K over CTAs (16: one chunk each), deterministic from run to run."""
     layer = make_layer(200, 16 * 256, 16, pattern, seed=splits).to("cuda")
-    t = to_kernel_format(layer, 8)
+    t = kernel_tensors(layer, 8, layout)
     op = lambda x, t, N: cuda.tc(x, t, N, splits)  # noqa: E731
     check_gemv(layer, t, 24, torch.float16, op=op)
     check_gemv(layer, t, 130, torch.bfloat16, op=op)  # launches of 64, 64 and 2 tokens
@@ -515,13 +656,16 @@ def test_tc_large_activations():
 
 
 @needs_cuda
+@pytest.mark.parametrize("layout", ["rows", "sliced"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("G", GROUP_SIZES)
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_dequant(dtype, G, pattern):
+def test_dequant(dtype, G, pattern, layout):
+    if layout == "sliced" and G != 16:
+        pytest.skip("the sliced layout is for G = 16")
     N, K = 203, G * 19
     layer = make_layer(N, K, G, pattern, seed=G).to("cuda")
-    t = to_kernel_format(layer, 8)
+    t = kernel_tensors(layer, 8, layout)
     poisoned_empty((N, K), dtype)
     w = cuda.dequant(t, N, K, G, dtype)
     assert torch.equal(w, dense_reference(layer, dtype))
@@ -637,7 +781,7 @@ def test_in_cuda_graph(op, M, dtype):
 @needs_cuda
 def test_opcheck():
     layer = make_layer(70, 16 * 7, 16, "empty_and_full").to("cuda")
-    t = to_kernel_format(layer, 9)
+    t = to_kernel_format(layer, 9, layout="rows")
     x = torch.randn(3, 16 * 7, device="cuda", dtype=torch.bfloat16)
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_gemv,
                           (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], 70))
@@ -652,7 +796,7 @@ def test_opcheck():
                                t["codes"], t["meta"], t["chunks"], 70))
     # The layer's split counters (3 chunks split 3 ways): written during the call, zeros after it,
     # which is what lets the schema leave them unmarked as written.
-    s = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9)
+    s = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9, layout="rows")
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 48, device="cuda", dtype=torch.float16), s["row_ptr"],
                            s["codes"], s["meta"], s["chunks"], 70, 3, None, s["counters"]))
@@ -665,12 +809,24 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
                           (torch.randn(20, 16 * 40, device="cuda", dtype=torch.float16), c["row_ptr"],
                            c["codes"], c["meta"], c["chunks"], 70, 0, c["xcols"]))
+    # The sliced layout's ops, a slice cut into pieces included (slices of 24, 12 and 0 steps).
+    sl = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9)
+    assert sl["schedule"].shape[0] > 3
+    sliced_args = (sl["sell_rows"], sl["schedule"], sl["codes"], sl["meta"], sl["slice_counters"], 70)
+    for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (7, torch.float16)):
+        torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sliced_gemv,
+                              (torch.randn(M, 16 * 48, device="cuda", dtype=dtype), *sliced_args, [4, 8, 16]))
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_tc,
+                          (torch.randn(20, 16 * 48, device="cuda", dtype=torch.float16), sl["row_ptr"],
+                           sl["codes"], sl["meta"], sl["chunks"], 70, 3, None, sl["counters"], sl["sell_rows"]))
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_dequant,
+                          (sl["row_ptr"], sl["codes"], sl["meta"], 70, 16 * 48, 16, torch.bfloat16, sl["sell_rows"]))
 
 
 @needs_cuda
 def test_bad_inputs_raise():
     layer = make_layer(20, 32, 16, "uniform").to("cuda")
-    t = to_kernel_format(layer, 2)
+    t = to_kernel_format(layer, 2, layout="rows")
     op = torch.ops.vllm_gqsa.gqsa_gemv
     x = torch.randn(2, 32, device="cuda", dtype=torch.float16)
     args = (t["row_ptr"], t["codes"], t["meta"], t["schedule"])
@@ -718,3 +874,40 @@ def test_bad_inputs_raise():
         tc(xc, c["row_ptr"], c["codes"], c["meta"], c["chunks"], 20, 0, c["xcols"][:, :, :-1].contiguous())
     with pytest.raises(RuntimeError, match="chunks must have shape"):  # compact tables need xcols
         tc(xc, c["row_ptr"], c["codes"], c["meta"], c["chunks"], 20)
+
+
+@needs_cuda
+def test_bad_sliced_inputs_raise():
+    layer = make_layer(40, 16 * 9, 16, "uniform").to("cuda")
+    t = to_kernel_format(layer, 2, layout="sliced")
+    x = torch.randn(2, 16 * 9, device="cuda", dtype=torch.float16)
+    op = torch.ops.vllm_gqsa.gqsa_sliced_gemv
+    a = {k: t[k] for k in ("sell_rows", "schedule", "codes", "meta", "slice_counters")}
+
+    def call(n_out=40, warps=(), **kw):
+        b = {**a, **kw}
+        return op(x, b["sell_rows"], b["schedule"], b["codes"], b["meta"], b["slice_counters"], n_out, list(warps))
+
+    assert torch.isfinite(call()).all()
+    with pytest.raises(RuntimeError, match="sell_rows must have shape"):
+        call(n_out=80)
+    with pytest.raises(RuntimeError, match="sell_rows must have shape"):
+        call(sell_rows=t["sell_rows"][:32].contiguous())
+    with pytest.raises(RuntimeError, match="must hold the same whole steps"):
+        call(meta=t["meta"][:-1].contiguous())
+    with pytest.raises(RuntimeError, match="G = 16 codes"):
+        call(codes=t["codes"].repeat(1, 2))
+    with pytest.raises(RuntimeError, match="pieces must have shape"):
+        call(schedule=t["schedule"][:1].contiguous())
+    with pytest.raises(RuntimeError, match="counters must be int32"):
+        call(slice_counters=t["slice_counters"][:1].contiguous())
+    with pytest.raises(RuntimeError, match="warps per CTA must be 4, 8 or 16"):
+        call(warps=(8, 8, 32))
+    with pytest.raises(RuntimeError, match="warps must be empty or give 3"):
+        call(warps=(8,))
+    with pytest.raises(RuntimeError, match="sell_rows must have shape"):
+        torch.ops.vllm_gqsa.gqsa_tc(x, t["row_ptr"], t["codes"], t["meta"], t["chunks"], 40, 0, None, None,
+                                    t["sell_rows"][:32].contiguous())
+    with pytest.raises(RuntimeError, match="int32"):
+        torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 40, 16 * 9, 16, torch.float16,
+                                         t["sell_rows"].long())

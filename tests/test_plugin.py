@@ -104,9 +104,11 @@ def test_ops_pass_opcheck(tiny_checkpoints):
     model, _ = load_vllm_model(tiny_checkpoints["llama"], port=free_port())
     layer = model.model.layers[0].self_attn.qkv_proj
     x = torch.randn(3, layer.input_size)
+    assert hasattr(layer, "sell_rows"), "a G = 16 layer loads in the sliced layout"
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm.default,
                           (x, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
-                           layer.chunks, layer.gqsa_n_out, 16))
+                           layer.chunks, layer.gqsa_n_out, 16, None, layer.counters, False, layer.sell_rows,
+                           layer.slice_counters, layer.gqsa_sell_warps))
     from conftest import random_layer
     from vllm_gqsa.format import LayerFormat
 

@@ -7,7 +7,7 @@ dense matmul: correct everywhere, fast nowhere.
 
 ``torch.ops.vllm_gqsa.gqsa_mm``: the CUDA kernel format (``kernels/cuda_format.py``). The
 batch-size-dependent kernel choice happens inside the op, where Dynamo cannot freeze it:
-the task-centric GEMV for a few tokens, the tensor-core kernel (or, for a layer in the pair
+the GEMV for a few tokens (the sliced one where the layer is in the sliced layout), the tensor-core kernel (or, for a layer in the pair
 pattern, the sparse-tensor-core kernel) for tens, dequantize + cuBLAS for more. Without the compiled
 extension (or on the CPU) it decodes the kernel format in torch.
 """
@@ -39,10 +39,12 @@ def _gqsa_mm_reference_fake(x, row_ptr, col_idx, qweight, scales, qzeros, n_out,
 def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
             schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
             xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None,
-            pairs: bool = False) -> torch.Tensor:
+            pairs: bool = False, sell_rows: torch.Tensor | None = None,
+            slice_counters: torch.Tensor | None = None, sell_warps: list[int] | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` with W in the CUDA kernel format (``xcols`` for compact tiles,
     ``counters`` for the tensor-core kernels' K splits, ``pairs`` for a layer in the pair pattern,
-    which the sparse-tensor-core kernel serves instead of the tensor-core kernel)."""
+    which the sparse-tensor-core kernel serves instead of the tensor-core kernel; ``sell_rows``,
+    ``slice_counters`` and ``sell_warps`` for a layer in the sliced layout)."""
     from .kernels import cuda
     from .kernels.cuda_format import dequantize_kernel_format
 
@@ -51,21 +53,23 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
         t["xcols"] = xcols
     if counters is not None:
         t["counters"] = counters
+    if sell_rows is not None:
+        t.update(sell_rows=sell_rows, slice_counters=slice_counters)
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]:
         gemv_max, tc_max = cuda.dispatch(xcols is not None, pairs)
         if x.shape[0] <= gemv_max:
-            return cuda.gemv(x, t, n_out)
+            return cuda.gemv(x, t, n_out, warps=sell_warps)
         if x.shape[0] <= tc_max:
             return cuda.sp(x, t, n_out) if pairs else cuda.tc(x, t, n_out)
         # Many tokens: the GEMM's arithmetic dwarfs one pass over the weights, so densify
         # and let cuBLAS run at tensor-core speed.
         return x @ cuda.dequant(t, n_out, x.shape[-1], group_size, x.dtype).T
-    w = dequantize_kernel_format(row_ptr, codes, meta, n_out, x.shape[-1], group_size)
+    w = dequantize_kernel_format(row_ptr, codes, meta, n_out, x.shape[-1], group_size, sell_rows)
     return x @ w.to(x.dtype).T
 
 
 def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols=None,
-                  counters=None, pairs=False):
+                  counters=None, pairs=False, sell_rows=None, slice_counters=None, sell_warps=None):
     return x.new_empty((*x.shape[:-1], n_out))
 
 

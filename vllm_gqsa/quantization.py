@@ -276,7 +276,9 @@ class GQSALinearMethod(LinearMethodBase):
         ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, N, K)
         pairs = False
         if ok:
-            tensors = to_kernel_format(merged, num_ctas=_num_ctas(device))
+            tensors = to_kernel_format(merged, num_ctas=_num_ctas(device), layout=cuda_kernels.kernel_layout())
+            # Warps per CTA of the sliced GEMV: a host-side choice, passed to the op as ints.
+            layer.gqsa_sell_warps = tensors.pop("sell_warps").tolist() if "sell_warps" in tensors else None
             layer.gqsa_kernel = "kernel_format"
             single = merged.single_rows()
             pairs = pair_pattern(single.row_ptr, single.col_idx, K, self.fmt.group_size)
@@ -284,6 +286,8 @@ class GQSALinearMethod(LinearMethodBase):
             tensors = merged.tensors()
             layer.gqsa_kernel = "reference"
         layer.gqsa_pairs = pairs
+        if not ok:
+            layer.gqsa_sell_warps = None
         for t_name, t in tensors.items():
             layer.register_parameter(t_name, Parameter(t.to(device), requires_grad=False))
         layer.gqsa_n_out, layer.gqsa_nnz, layer.gqsa_block_rows = N, merged.nnz, merged.fmt.block_rows
@@ -294,7 +298,8 @@ class GQSALinearMethod(LinearMethodBase):
             gemv_max, tc_max = cuda_kernels.dispatch(compact, pairs)
             middle = ("sparse-tensor-core kernel (pair pattern)" if pairs else
                       f"tensor-core kernel{' on compact tiles' if compact else ''}")
-            label = (f"CUDA task-centric GEMV for <= {gemv_max} tokens, {middle} for <= {tc_max}, "
+            gemv = "sliced GEMV (one row per lane)" if "sell_rows" in tensors else "task-centric GEMV"
+            label = (f"CUDA {gemv} for <= {gemv_max} tokens, {middle} for <= {tc_max}, "
                      f"dequantize + cuBLAS above")
         else:
             label = f"kernel format decoded in torch ({cuda_kernels.available()[1]})"
@@ -328,7 +333,9 @@ class GQSALinearMethod(LinearMethodBase):
         if layer.gqsa_kernel == "kernel_format":
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
                                             layer.chunks, layer.gqsa_n_out, self.fmt.group_size,
-                                            getattr(layer, "xcols", None), layer.counters, layer.gqsa_pairs)
+                                            getattr(layer, "xcols", None), layer.counters, layer.gqsa_pairs,
+                                            getattr(layer, "sell_rows", None), getattr(layer, "slice_counters", None),
+                                            layer.gqsa_sell_warps)
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(
                 x2, layer.row_ptr, layer.col_idx, layer.qweight, layer.scales, layer.qzeros,

@@ -64,6 +64,22 @@ COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "6
 # kernel's own K splits (245.5 / 253.1 / 281.1 us at 128, kernels_pairs_h200_sp_splits.json).
 PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1"))
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
+# The kernel layout of the layers that can take either (cuda_format.sliced_layout_applies):
+# "auto", the sliced layout, whose one-row-per-lane GEMV made a decoder layer 9-10% faster at one
+# token on the Llama-2-7B and Llama-3-8B shapes (1% on Qwen2.5-7B) and 13-21% at two, while its
+# tensor-core kernel was 7-13% slower at 64 tokens, on an H100 (benchmarks/results/gpu/
+# kernels_h100_sliced_{small,large}.json); or "rows".
+LAYOUTS = ("auto", "rows")
+
+
+def kernel_layout() -> str:
+    """The layout asked for with ``VLLM_GQSA_LAYOUT`` (default "auto")."""
+    layout = os.environ.get("VLLM_GQSA_LAYOUT", "auto")
+    if layout not in LAYOUTS:
+        raise ValueError(f"VLLM_GQSA_LAYOUT={layout!r}: expected one of {LAYOUTS}")
+    return layout
+
+
 JIT_NAME = "vllm_gqsa_C"
 _PACKAGED_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 CSRC_DIR = _PACKAGED_CSRC if _PACKAGED_CSRC.is_dir() else Path(__file__).resolve().parents[2] / "csrc"
@@ -155,8 +171,12 @@ def _register_fakes() -> None:
     def _gemv_fake(x, row_ptr, codes, meta, schedule, n_out, x_staging=-1):
         return x.new_empty((x.shape[0], n_out))
 
+    @torch.library.register_fake("vllm_gqsa::gqsa_sliced_gemv")
+    def _sliced_gemv_fake(x, sell_rows, pieces, codes, meta, counters, n_out, warps=()):
+        return x.new_empty((x.shape[0], n_out))
+
     @torch.library.register_fake("vllm_gqsa::gqsa_tc")
-    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None, counters=None):
+    def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None, counters=None, sell_rows=None):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_sp")
@@ -164,7 +184,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
-    def _dequant_fake(row_ptr, codes, meta, n_out, k_in, group_size, dtype):
+    def _dequant_fake(row_ptr, codes, meta, n_out, k_in, group_size, dtype, sell_rows=None):
         return row_ptr.new_empty((n_out, k_in), dtype=dtype)
 
 
@@ -252,17 +272,29 @@ def default_num_ctas(device: torch.device | int | None = None) -> int:
     return CTAS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int = -1) -> torch.Tensor:
+def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int = -1,
+         warps: list[int] | None = None) -> torch.Tensor:
     """``x @ W.T`` for x ``[..., K]``; t from ``to_kernel_format``. One kernel launch per
-    MAX_GEMV_TOKENS tokens, each reading the weights once, so it suits decode-sized batches.
+    MAX_GEMV_TOKENS tokens (3 in the sliced layout), each reading the weights once, so it suits
+    decode-sized batches. In the sliced layout it runs the sliced GEMV with the warps per CTA of
+    ``warps`` (for 1, 2, 3 tokens), else of ``t["sell_warps"]``, else 8.
 
-    ``x_staging`` picks where the kernel reads x: -1 lets it choose (shared memory when x fits),
-    0 global memory, 1 shared memory; the explicit choices are for tests and benchmarks."""
+    ``x_staging`` picks where the row layout's GEMV reads x: -1 lets it choose (shared memory when
+    x fits), 0 global memory, 1 shared memory; the explicit choices are for tests and benchmarks.
+    The sliced GEMV always stages x in shared memory."""
     _require()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out,
-                                      x_staging)
+    if "sell_rows" in t:
+        if x_staging not in (-1, 1):
+            raise ValueError("the sliced layout's GEMV reads x from shared memory only (x_staging -1 or 1)")
+        if warps is None:
+            warps = t["sell_warps"].tolist() if "sell_warps" in t else []
+        y = torch.ops.vllm_gqsa.gqsa_sliced_gemv(x2, t["sell_rows"], t["schedule"], t["codes"], t["meta"],
+                                                 t["slice_counters"], n_out, warps)
+    else:
+        y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out,
+                                          x_staging)
     return y.reshape(*lead, n_out)
 
 
@@ -274,7 +306,7 @@ def tc(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.vllm_gqsa.gqsa_tc(x2, t["row_ptr"], t["codes"], t["meta"], t["chunks"], n_out, splits,
-                                    t.get("xcols"), t.get("counters"))
+                                    t.get("xcols"), t.get("counters"), t.get("sell_rows"))
     return y.reshape(*lead, n_out)
 
 
@@ -293,4 +325,4 @@ def dequant(t: dict[str, torch.Tensor], n_out: int, k_in: int, group_size: int,
     """The dense weight ``[n_out, k_in]`` in ``dtype`` (zeros where pruned)."""
     _require()
     return torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], n_out, k_in,
-                                            group_size, dtype)
+                                            group_size, dtype, t.get("sell_rows"))

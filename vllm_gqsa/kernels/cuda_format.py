@@ -77,6 +77,39 @@ of each pair are read interleaved, and the sparse-tensor-core kernel (``gqsa_sp`
 its kept weights; it needs no tensor beyond the ones above (:func:`pair_pattern` says whether a
 layer qualifies).
 
+The sliced layout. A G = 16 layer with at most ``MAX_SLICED_K`` inputs, neither compact tiles nor
+the pair pattern, is loaded in this layout by default (``to_kernel_format(layout="auto")``; the
+environment variable ``VLLM_GQSA_LAYOUT=rows`` keeps the row layout above). It feeds a GEMV that
+gives each lane one row (sliced ELLPACK, SELL-C-sigma with C = 32 and sigma = N), so its loop
+never meets a row end. The rows, sorted by kept-group count (longest first, stable), sit at
+places 0 .. N-1 of ``P = ceil(N / 32) * 32`` places; slice s is places ``32s .. 32s + 31``, and
+holds as many steps as its longest row needs, ``ceil(groups / STEP_GROUPS)``. Step k of the
+layout is ``SLOTS_PER_STEP = 128`` group slots: for each of its slice's 32 places in turn, that
+row's groups ``4j .. 4j + 3`` (j = k - the slice's first step), 32 bytes of codes, one DRAM
+sector, so that no sector holds two rows. So the row at a place whose first slot is b keeps its
+i-th group (column order) in slot ``b + i + (i // 4) * 124``. ``codes`` and ``meta`` hold slots
+instead of kept groups (the same words); padding slots are zero (scale 0, which multiplies to 0
+for finite x). ``row_ptr`` and ``chunks`` stay as in the row layout (the counts and each row's
+chunk entries, indexed by row), and three tensors are added:
+
+==================  =======  ==============  ===========================================
+``sell_rows``       int32    ``[P, 2]``      per place: (row, or -1 past N; first slot)
+``schedule``        int32    ``[S', 4]``     the sliced GEMV's grid, one CTA per piece
+                                             (replaces the row GEMV's schedule): piece
+                                             ``(s, b, e, k | n << 16)`` is steps
+                                             ``b .. e-1`` of slice s, its k-th of n
+``slice_counters``  int32    ``[P / 32]``    zeros, the count of a cut slice's finished
+                                             pieces, set back to 0 by the last
+==================  =======  ==============  ===========================================
+
+A slice longer than ``SLICE_CUT`` times the mean slice is cut into pieces of about the mean
+(:func:`slice_pieces`); the last piece to finish adds the pieces' sums in piece order, so the
+result does not depend on timing. The tensor-core kernel walks 64 places per tile (two slices:
+the tile's copies read whole steps) and writes each place's row; the dequantize kernel finds a
+row's groups through its place. ``to_kernel_format`` also returns ``sell_warps``, a CPU tensor:
+the GEMV's warps per CTA for 1, 2 and 3 tokens (:func:`sliced_warps`), which the plugin passes to
+the op as ints.
+
 ``counters`` are working memory that lives with the layer, as Marlin's workspace does, so that a
 call need not zero fresh ones with one more kernel. Calls that share them must be ordered (one CUDA
 stream), which is how a model calls a layer.
@@ -105,6 +138,21 @@ COL_SHIFT = 20
 TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
 TC_ROWS = 64  # rows per tile of the tensor-core kernel (gqsa::kTcRows)
 TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks", "counters")  # and "xcols" for compact tiles
+SLICED_TENSOR_NAMES = ("sell_rows", "slice_counters")  # the sliced layout's own
+SLICE_ROWS = 32  # rows per slice of the sliced layout, one per GEMV lane (gqsa::kSliceRows)
+# Groups of one row in one step: 4 groups of codes are 32 bytes, one DRAM sector, so no sector is
+# shared by two rows (which the kernels reading a row's groups by chunk, the tensor-core and the
+# dequantize kernels, would fetch twice; gqsa::kStepGroups).
+STEP_GROUPS = 4
+SLOTS_PER_STEP = STEP_GROUPS * SLICE_ROWS
+# Slices longer than SLICE_CUT times their layer's mean are cut into pieces of about the mean.
+# H100, one 4096 x 4096 layer at density 0.25 with a block of N/8 rows at 4x the average: one CTA
+# per slice took 7.2 us against 5.0 for uniform rows, cut at 1.5x 5.7; cutting every slice into
+# equal pieces is balanced but slower on uniform layers (benchmarks/results/gpu/
+# sell_gemv_experiment_cut_long_h100.json, sell_gemv_experiment_pieces_h100.json).
+SLICE_CUT = 1.5
+MAX_SLICED_TOKENS = 3  # tokens per launch of the sliced GEMV (gqsa::kMaxSlicedTokens)
+MAX_SLICED_K = 32768  # one token of x must fit the GEMV's shared memory on every supported GPU
 
 
 def can_implement(bits: int, group_size: int, N: int, K: int) -> tuple[bool, str | None]:
@@ -223,6 +271,92 @@ def compact_chunk_table(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, gr
     return chunks.to(torch.int32), xcols.reshape(tiles, n_chunks, slots).to(torch.int32)
 
 
+def sliced_layout_applies(group_size: int, K: int, compact: bool, pairs: bool) -> bool:
+    """Whether a layer gets the sliced layout (see the format): G = 16, K <= MAX_SLICED_K, and
+    neither compact tiles nor the pair pattern, whose kernels read the row layout."""
+    return group_size == 16 and 0 < K <= MAX_SLICED_K and not compact and not pairs
+
+
+def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
+                  cut: float = SLICE_CUT) -> dict[str, torch.Tensor]:
+    """The sliced layout (``codes``, ``meta``, ``sell_rows``, ``schedule`` = the pieces,
+    ``slice_counters``) of G = 16 row-layout tensors, on their device."""
+    dev = codes.device
+    rp = row_ptr.to(torch.int64)
+    N, nnz = rp.numel() - 1, meta.numel()
+    counts = rp[1:] - rp[:-1]
+    order = torch.argsort(counts, descending=True, stable=True)
+    n_pad = -(-N // SLICE_ROWS) * SLICE_ROWS
+    S = n_pad // SLICE_ROWS
+    sorted_counts = torch.zeros(n_pad, dtype=torch.int64, device=dev)
+    sorted_counts[:N] = counts[order]
+    steps = -(-sorted_counts.view(S, SLICE_ROWS).amax(1) // STEP_GROUPS) if S else sorted_counts[:0]
+    slice_ptr = torch.zeros(S + 1, dtype=torch.int64, device=dev)
+    slice_ptr[1:] = torch.cumsum(steps, 0)
+    place = torch.arange(n_pad, device=dev)
+    base = slice_ptr[place // SLICE_ROWS] * SLOTS_PER_STEP + STEP_GROUPS * (place % SLICE_ROWS)
+    rows = torch.full((n_pad,), -1, dtype=torch.int64, device=dev)
+    rows[:N] = order
+    # Group j of the row at place p lives in slot base[p] + (j // 4) * SLOTS_PER_STEP + j % 4.
+    row_of = torch.repeat_interleave(torch.arange(N, device=dev), counts, output_size=nnz)
+    j = torch.arange(nnz, device=dev) - rp[row_of]
+    place_of_row = torch.empty(N, dtype=torch.int64, device=dev)
+    place_of_row[order] = place[:N]
+    dest = base[place_of_row[row_of]] + j + (j // STEP_GROUPS) * (SLOTS_PER_STEP - STEP_GROUPS)
+    slots = int(slice_ptr[-1]) * SLOTS_PER_STEP
+    out_codes = torch.zeros(slots, codes.shape[1], dtype=torch.int32, device=dev)
+    out_meta = torch.zeros(slots, dtype=torch.int32, device=dev)  # padding: scale 0
+    out_codes[dest] = codes
+    out_meta[dest] = meta
+    pieces = slice_pieces(slice_ptr.cpu(), cut).to(dev)
+    return {"codes": out_codes, "meta": out_meta,
+            "sell_rows": torch.stack([rows, base], 1).to(torch.int32),
+            "schedule": pieces,
+            "slice_counters": torch.zeros(S, dtype=torch.int32, device=dev)}
+
+
+def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tensor:
+    """The sliced GEMV's grid, int32 ``[P, 4]``: one piece per slice, except that a slice longer
+    than ``cut`` times the mean is cut into near-equal pieces of about the mean; piece
+    ``(s, b, e, k | n << 16)`` is steps ``b .. e-1`` of slice s, its k-th of n."""
+    sp = slice_ptr.to(torch.int64)
+    steps = sp[1:] - sp[:-1]
+    S = steps.numel()
+    mean = max(1, -(-int(sp[-1]) // S)) if S else 1
+    n = torch.where(steps > cut * mean, -(-steps // mean), torch.ones_like(steps))
+    slice_of = torch.repeat_interleave(torch.arange(S), n)
+    first = torch.cumsum(n, 0) - n
+    k = torch.arange(slice_of.numel()) - first[slice_of]
+    nk, st, a = n[slice_of], steps[slice_of], sp[:-1][slice_of]
+    pieces = torch.stack([slice_of, a + st * k // nk, a + st * (k + 1) // nk, k | (nk << 16)], 1)
+    return pieces.to(torch.int32).reshape(-1, 4)
+
+
+# Registers per thread of the sliced GEMV (ptxas -v, nvcc 13.0, sm_90a; the most over fp16 and
+# bf16) by tokens and warps per CTA: with the shared-memory copy of x they set how many CTAs fit
+# an SM, which sliced_warps needs.
+SLICED_REGISTERS = {1: {4: 64, 8: 79, 16: 80}, 2: {4: 72, 8: 74, 16: 78}, 3: {4: 72, 8: 75, 16: 78}}
+
+
+def sliced_warps(pieces: torch.Tensor, K: int, num_sms: int, smem_per_sm: int = 228 * 1024) -> list[int]:
+    """Warps per CTA of the sliced GEMV for 1, 2 and 3 tokens, from a wave count: the CTAs (one
+    per piece) run in ceil(pieces / resident) waves, each as long as one warp's share of a piece's
+    steps plus a fixed cost of about 4 steps; the count with the shortest total wins. On an H100 it
+    picked the fastest of 4, 8 and 16 in 21-22 of 24 layer shapes per run
+    (benchmarks/results/gpu/sell_gemv_experiment_rule.txt)."""
+    P = max(1, pieces.shape[0])
+    mean_steps = float((pieces[:, 2] - pieces[:, 1]).sum()) / P if pieces.numel() else 0.0
+    choice = []
+    for M in range(1, MAX_SLICED_TOKENS + 1):
+        def cost(W: int) -> float:
+            per_warp = -(-SLICED_REGISTERS[M][W] * 32 // 256) * 256
+            smem = M * ((K + 63) // 64) * 128 + W * 32 * 4 * M + 1024
+            resident = max(1, min(65536 // (per_warp * W), 2048 // (W * 32), 32, smem_per_sm // smem))
+            return -(-P // (num_sms * resident)) * (mean_steps / W + 4.0)
+        choice.append(min((4, 8, 16), key=cost))
+    return choice
+
+
 def pack_meta(scales: torch.Tensor, zeros: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """int32 meta from fp16 scales, zero points in [0, 16) and group columns in [0, 4096)."""
     bits = scales.to(torch.float16).contiguous().view(torch.int16).to(torch.int64) & 0xFFFF
@@ -239,8 +373,14 @@ def unpack_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return scales, (word >> ZERO_SHIFT) & 0xF, word >> COL_SHIFT
 
 
-def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]:
-    """Repack a validated checkpoint layer into the kernel format, on the layer's device."""
+def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
+                     num_sms: int | None = None) -> dict[str, torch.Tensor]:
+    """Repack a validated checkpoint layer into the kernel format, on the layer's device.
+    ``layout``: "auto" (sliced where :func:`sliced_layout_applies`), "rows" or "sliced". The
+    sliced layout's ``sell_warps`` (a CPU tensor: warps per CTA for 1, 2, 3 tokens) are chosen for
+    ``num_sms`` SMs (default ``num_ctas // 2``, the row GEMV's grid being 2 CTAs per SM)."""
+    if layout not in ("auto", "rows", "sliced"):
+        raise ValueError(f"layout must be 'auto', 'rows' or 'sliced', got {layout!r}")
     fmt = layer.fmt
     ok, reason = can_implement(fmt.bits, fmt.group_size, layer.out_features, layer.in_features)
     if not ok:
@@ -261,7 +401,26 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int) -> dict[str, torch.Tensor]
     else:
         t["chunks"], t["xcols"] = compact
     t["counters"] = split_counters(layer.out_features, layer.row_ptr.device)
+    pairs = pair_pattern(layer.row_ptr, layer.col_idx, layer.in_features, G)
+    applies = sliced_layout_applies(G, layer.in_features, compact is not None, pairs)
+    if layout == "sliced" and not applies:
+        raise ValueError("the sliced layout needs group_size 16, an input size of at most "
+                         f"{MAX_SLICED_K}, and neither compact tiles nor the pair pattern")
+    if layout != "rows" and applies:
+        t.update(sliced_layout(t["row_ptr"], codes, meta))
+        sms = num_sms if num_sms is not None else max(1, num_ctas // 2)
+        t["sell_warps"] = torch.tensor(sliced_warps(t["schedule"].cpu(), layer.in_features, sms), dtype=torch.int32)
     return t
+
+
+def is_sliced(t: dict[str, torch.Tensor]) -> bool:
+    """Whether kernel-format tensors are in the sliced layout."""
+    return "sell_rows" in t
+
+
+def kernel_weight(t: dict[str, torch.Tensor], N: int, K: int, group_size: int) -> torch.Tensor:
+    """The dense float32 ``[N, K]`` weight of kernel-format tensors in either layout (the reference)."""
+    return dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, group_size, t.get("sell_rows"))
 
 
 def pair_pattern(row_ptr: torch.Tensor, col_idx: torch.Tensor, K: int, group_size: int) -> bool:
@@ -331,17 +490,33 @@ def with_bank_order(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def dequantize_kernel_format(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
-                             N: int, K: int, group_size: int) -> torch.Tensor:
-    """The dense float32 ``[N, K]`` weight that kernel-format tensors stand for (the reference)."""
+                             N: int, K: int, group_size: int, sell_rows: torch.Tensor | None = None
+                             ) -> torch.Tensor:
+    """The dense float32 ``[N, K]`` weight that kernel-format tensors stand for (the reference);
+    ``sell_rows`` for the sliced layout."""
     G = group_size
-    nnz = meta.numel()
+    n_slots = meta.numel()
     shifts = torch.arange(WEIGHTS_PER_WORD, device=codes.device, dtype=torch.int64) * 4
-    q = ((codes.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(nnz, G)
+    q = ((codes.to(torch.int64).unsqueeze(-1) >> shifts) & 0xF).reshape(n_slots, G)
     scales, zeros, cols = unpack_meta(meta)
     values = (q - zeros.unsqueeze(-1)).float() * scales.float().unsqueeze(-1)
     counts = (row_ptr[1:] - row_ptr[:-1]).long()
-    # output_size keeps this free of host syncs, so it can run inside a CUDA graph.
-    rows = torch.repeat_interleave(torch.arange(N, device=counts.device), counts, output_size=nnz)
-    w = torch.zeros(N, K // G, G, dtype=torch.float32, device=codes.device)
+    if sell_rows is None:
+        # output_size keeps this free of host syncs, so it can run inside a CUDA graph.
+        rows = torch.repeat_interleave(torch.arange(N, device=counts.device), counts, output_size=n_slots)
+    else:
+        # Each slot's place (slice, lane) and its index j in that place's row; padding slots
+        # (no row, or j past the row's count) go to a spare row N. No host syncs either.
+        sr = sell_rows.long()
+        slot = torch.arange(n_slots, device=sr.device)
+        slice_first = sr[::SLICE_ROWS, 1].contiguous()  # lane 0's base: the slice's first slot
+        s = torch.searchsorted(slice_first, slot, right=True) - 1
+        lane = (slot // STEP_GROUPS) % SLICE_ROWS
+        place = s * SLICE_ROWS + lane
+        j = STEP_GROUPS * ((slot - slice_first[s]) // SLOTS_PER_STEP) + slot % STEP_GROUPS
+        row = sr[place, 0]
+        ok = (row >= 0) & (j < counts[row.clamp(min=0)])
+        rows = torch.where(ok, row, N)
+    w = torch.zeros(N + 1, K // G, G, dtype=torch.float32, device=codes.device)
     w[rows, cols] = values
-    return w.reshape(N, K)
+    return w[:N].reshape(N, K)
