@@ -28,7 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernel_speed  # noqa: E402
 from kernel_speed import capture_graph, copies_for, gqsa_bytes, make_gqsa, replay_us  # noqa: E402
+
+kernel_speed.LAYOUT = "rows"  # the patch instruments the row layout's task-centric GEMV
 
 from vllm_gqsa.kernels import cuda  # noqa: E402
 

@@ -32,6 +32,10 @@ made or timed), for comparing two builds of the GQSA kernels with each other. ``
 runs GQSA and every baseline on bf16 activations (cuBLAS and 2:4 then report as ``cublas_bf16`` and
 ``sparse24_bf16``; the ExLlama W2 kernel takes fp16 only and is left out), and ``--group-size``
 times GQSA at 32, 64 or 128 weights per group instead of 16 (the baselines do not change).
+GQSA's layers take the plugin's kernel layout: at G = 16 the sliced layout (its bytes are the
+slots' codes and meta, ``sell_rows`` and the pieces), with the row layout's GEMV and tensor-core
+kernel timed beside it (``gqsa_gemv_rows_us``, ``gqsa_tc_rows_us``, and the global-x ablation on
+the row GEMV); ``--layout rows`` times the row layout alone.
 """
 
 from __future__ import annotations
