@@ -137,8 +137,8 @@ ZERO_SHIFT = 16
 COL_SHIFT = 20
 TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
 TC_ROWS = 64  # rows per tile of the tensor-core kernel (gqsa::kTcRows)
-TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks", "counters")  # and "xcols" for compact tiles
-SLICED_TENSOR_NAMES = ("sell_rows", "slice_counters")  # the sliced layout's own
+# and "xcols" for compact tiles, "sell_rows" and "slice_counters" for the sliced layout
+TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks", "counters")
 SLICE_ROWS = 32  # rows per slice of the sliced layout, one per GEMV lane (gqsa::kSliceRows)
 # Groups of one row in one step: 4 groups of codes are 32 bytes, one DRAM sector, so no sector is
 # shared by two rows (which the kernels reading a row's groups by chunk, the tensor-core and the
@@ -146,10 +146,11 @@ SLICE_ROWS = 32  # rows per slice of the sliced layout, one per GEMV lane (gqsa:
 STEP_GROUPS = 4
 SLOTS_PER_STEP = STEP_GROUPS * SLICE_ROWS
 # Slices longer than SLICE_CUT times their layer's mean are cut into pieces of about the mean.
-# H100, one 4096 x 4096 layer at density 0.25 with a block of N/8 rows at 4x the average: one CTA
-# per slice took 7.2 us against 5.0 for uniform rows, cut at 1.5x 5.7; cutting every slice into
-# equal pieces is balanced but slower on uniform layers (benchmarks/results/gpu/
-# sell_gemv_experiment_cut_long_h100.json, sell_gemv_experiment_pieces_h100.json).
+# H100, one 4096 x 4096 layer at density 0.25 with a block of N/8 rows at 4x the average, the
+# prototype with 8 warps: one CTA per slice took 7.03 us against 4.89 for uniform rows, cut at 1.5x
+# 5.71 against 5.00, and cutting every slice into equal pieces was balanced but slower on uniform
+# layers (benchmarks/results/gpu/sell_gemv_experiment_{cut_long,pieces}_h100.json). The package's
+# kernel, cut at 1.5x: 5.55 against 4.71 (kernels_h100_sliced_small.json).
 SLICE_CUT = 1.5
 MAX_SLICED_TOKENS = 3  # tokens per launch of the sliced GEMV (gqsa::kMaxSlicedTokens)
 MAX_SLICED_K = 32768  # one token of x must fit the GEMV's shared memory on every supported GPU
@@ -341,9 +342,11 @@ SLICED_REGISTERS = {1: {4: 64, 8: 79, 16: 80}, 2: {4: 72, 8: 74, 16: 78}, 3: {4:
 def sliced_warps(pieces: torch.Tensor, K: int, num_sms: int, smem_per_sm: int = 228 * 1024) -> list[int]:
     """Warps per CTA of the sliced GEMV for 1, 2 and 3 tokens, from a wave count: the CTAs (one
     per piece) run in ceil(pieces / resident) waves, each as long as one warp's share of a piece's
-    steps plus a fixed cost of about 4 steps; the count with the shortest total wins. On an H100 it
-    picked the fastest of 4, 8 and 16 in 21-22 of 24 layer shapes per run
-    (benchmarks/results/gpu/sell_gemv_experiment_rule.txt)."""
+    steps plus a fixed cost of 4 steps; the count with the shortest total wins. On an H100 it
+    picked the fastest of 4, 8 and 16 in 21-22 of 24 layer shapes per run of the prototype, whose
+    steps held two groups (benchmarks/results/gpu/sell_gemv_experiment_rule.txt). Not re-fitted to
+    steps of four groups: on Qwen2.5-7B's gate/up shape it now picks 4 warps, and the layer got
+    slower than with the prototype's 8 (csrc/README.md, "One row per lane")."""
     P = max(1, pieces.shape[0])
     mean_steps = float((pieces[:, 2] - pieces[:, 1]).sum()) / P if pieces.numel() else 0.0
     choice = []
