@@ -57,7 +57,7 @@ from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table,  # noqa: E402
                                            compact_chunk_table, make_schedule, pack_meta,
                                            row_per_cta_schedule, sliced_layout, sliced_layout_applies,
-                                           sliced_warps, split_counters, with_bank_order)
+                                           split_counters, with_bank_order)
 
 # (name, N, K) of each linear layer; fused projections as vLLM runs them.
 MODELS = {
@@ -151,9 +151,7 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
     if LAYOUT == "auto" and sliced_layout_applies(GROUP_SIZE, K, compact is not None, PAIRS):
         # The plugin's layout; the row layout's tensors stay in t["rows"] for comparison.
         rows = dict(t)
-        t.update(sliced_layout(row_ptr, t["codes"], t["meta"]))
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        t["sell_warps"] = torch.tensor(sliced_warps(t["schedule"].cpu(), K, sms), dtype=torch.int32)
+        t.update(sliced_layout(row_ptr, t["codes"], t["meta"], K, torch.cuda.get_device_properties(0).multi_processor_count))
         t["rows"] = rows
     return t
 

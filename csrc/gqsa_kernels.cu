@@ -334,6 +334,35 @@ __device__ __forceinline__ int shared_x_row_chunks(int K) {
   return (K + kSharedXRowElems - 1) / kSharedXRowElems * (kSharedXRowElems / kWordWeights);
 }
 
+// x [M, K] into the shared copy above, by a CTA of kThreads threads, as x_pairs of 2^-s-scaled
+// fp16 (s = kXScaleLog2<G>). Each thread issues kXCopyLoads loads before it stores any, so the
+// copy costs about one L2 round trip rather than one per loop iteration (6 for K = 11008, 16 for 8
+// tokens of 4096). The caller synchronizes before reading it.
+template <typename T, int G, int M, int kThreads>
+__device__ __forceinline__ void copy_x_to_shared(const T* __restrict__ x, uint4* x_shared, int K) {
+  constexpr int kXCopyLoads = 8;
+  const int chunks = K / kWordWeights;
+  const int total = M * chunks;
+  const uint4* x_chunks = reinterpret_cast<const uint4*>(x);  // rows of K are whole chunks
+  for (int i0 = threadIdx.x; i0 < total; i0 += kXCopyLoads * kThreads) {
+    uint4 v[kXCopyLoads];
+#pragma unroll
+    for (int j = 0; j < kXCopyLoads; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i < total) v[j] = __ldg(x_chunks + i);
+    }
+#pragma unroll
+    for (int j = 0; j < kXCopyLoads; ++j) {
+      const int i = i0 + j * kThreads;
+      if (i < total) {
+        const int m = i / chunks;
+        const int c = i - m * chunks;
+        x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(v[j]);
+      }
+    }
+  }
+}
+
 // The 8 activations of token m at input channels col0 .. col0 + 7 (col0 a multiple of 8), as
 // Act<T>::x_pairs gives them: from the shared copy, or converted from global memory.
 template <typename T, int G, bool kSharedX>
@@ -425,30 +454,8 @@ __global__ void __launch_bounds__(kGemvThreads)
   // kept group at a random column: from L1, each 16-byte read of a warp touches up to 32
   // different cache lines, which made those reads the GEMV's bottleneck; from shared memory it
   // costs a few bank-conflict replays.
-  // Each thread issues kXCopyLoads loads before it stores any, so the copy costs about one L2
-  // round trip rather than one per loop iteration (6 for K = 11008, 16 for 8 tokens of 4096).
   if constexpr (kSharedX) {
-    constexpr int kXCopyLoads = 8;
-    const int chunks = K / kWordWeights;
-    const int total = M * chunks;
-    const uint4* x_chunks = reinterpret_cast<const uint4*>(x);  // rows of K are whole chunks
-    for (int i0 = threadIdx.x; i0 < total; i0 += kXCopyLoads * kGemvThreads) {
-      uint4 v[kXCopyLoads];
-#pragma unroll
-      for (int j = 0; j < kXCopyLoads; ++j) {
-        const int i = i0 + j * kGemvThreads;
-        if (i < total) v[j] = __ldg(x_chunks + i);
-      }
-#pragma unroll
-      for (int j = 0; j < kXCopyLoads; ++j) {
-        const int i = i0 + j * kGemvThreads;
-        if (i < total) {
-          const int m = i / chunks;
-          const int c = i - m * chunks;
-          x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(v[j]);
-        }
-      }
-    }
+    copy_x_to_shared<T, G, M, kGemvThreads>(x, x_shared, K);
     __syncthreads();
   }
 
@@ -714,30 +721,7 @@ __global__ void __launch_bounds__(kW * kWarpSize)
   load(batch_a, b);
 
   // x into shared memory while the first weights are in flight, as gemv_kernel does.
-  {
-    constexpr int kXCopyLoads = 8;
-    constexpr int kThreads = kW * kWarpSize;
-    const int chunks = K / kWordWeights;
-    const int total = M * chunks;
-    const uint4* x_chunks = reinterpret_cast<const uint4*>(x);
-    for (int i0 = threadIdx.x; i0 < total; i0 += kXCopyLoads * kThreads) {
-      uint4 v[kXCopyLoads];
-#pragma unroll
-      for (int j = 0; j < kXCopyLoads; ++j) {
-        const int i = i0 + j * kThreads;
-        if (i < total) v[j] = __ldg(x_chunks + i);
-      }
-#pragma unroll
-      for (int j = 0; j < kXCopyLoads; ++j) {
-        const int i = i0 + j * kThreads;
-        if (i < total) {
-          const int m = i / chunks;
-          const int c = i - m * chunks;
-          x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] = Act<T>::template x_pairs<kXScaleLog2<G>>(v[j]);
-        }
-      }
-    }
-  }
+  copy_x_to_shared<T, G, M, kW * kWarpSize>(x, x_shared, K);
   __syncthreads();
 
   float acc[M];

@@ -98,7 +98,7 @@ def kernel_tensors(layer, num_ctas: int, layout: str) -> dict:
         single = layer.single_rows()
         t = {k: v for k, v in t.items() if k != "xcols"}
         t["chunks"] = chunk_table(single.row_ptr, single.col_idx, layer.in_features, layer.fmt.group_size)
-    return {**t, **sliced_layout(t["row_ptr"], t["codes"], t["meta"])}
+    return {**t, **sliced_layout(t["row_ptr"], t["codes"], t["meta"], layer.in_features, max(1, num_ctas // 2))}
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ def test_sliced_layout(pattern, N):
     K = 16 * 37
     layer = make_layer(N, K, 16, pattern, seed=N)
     rows = to_kernel_format(layer, 7, layout="rows")
-    t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"])}
+    t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], K, 4)}
     counts = (rows["row_ptr"][1:] - rows["row_ptr"][:-1]).long()
     places = -(-N // SLICE_ROWS) * SLICE_ROWS
     sr = t["sell_rows"].long()
@@ -478,7 +478,7 @@ def test_sliced_gemv_pieces(cut, pattern, M):
     last to finish, and the slice counters are zeros again after every call."""
     layer = make_layer(333, 16 * 61, 16, pattern, seed=M).to("cuda")
     rows = to_kernel_format(layer, 8, layout="rows")
-    t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], cut)}
+    t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], 16 * 61, 4, cut)}
     for warps in ([4, 4, 4], [8, 8, 8], [16, 16, 16]):
         for _ in range(2):
             check_gemv(layer, t, M, torch.float16, op=lambda x, t, N, w=warps: cuda.gemv(x, t, N, warps=w))

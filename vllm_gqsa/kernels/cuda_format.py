@@ -278,10 +278,11 @@ def sliced_layout_applies(group_size: int, K: int, compact: bool, pairs: bool) -
     return group_size == 16 and 0 < K <= MAX_SLICED_K and not compact and not pairs
 
 
-def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
+def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, K: int, num_sms: int,
                   cut: float = SLICE_CUT) -> dict[str, torch.Tensor]:
     """The sliced layout (``codes``, ``meta``, ``sell_rows``, ``schedule`` = the pieces,
-    ``slice_counters``) of G = 16 row-layout tensors, on their device."""
+    ``slice_counters``) of G = 16 row-layout tensors of a layer with K inputs, on their device,
+    and ``sell_warps`` for a GPU of ``num_sms`` SMs (a CPU tensor, :func:`sliced_warps`)."""
     dev = codes.device
     rp = row_ptr.to(torch.int64)
     N, nnz = rp.numel() - 1, meta.numel()
@@ -313,7 +314,8 @@ def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor
     return {"codes": out_codes, "meta": out_meta,
             "sell_rows": torch.stack([rows, base], 1).to(torch.int32),
             "schedule": pieces,
-            "slice_counters": torch.zeros(S, dtype=torch.int32, device=dev)}
+            "slice_counters": torch.zeros(S, dtype=torch.int32, device=dev),
+            "sell_warps": torch.tensor(sliced_warps(pieces.cpu(), K, num_sms), dtype=torch.int32)}
 
 
 def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tensor:
@@ -410,9 +412,8 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
         raise ValueError("the sliced layout needs group_size 16, an input size of at most "
                          f"{MAX_SLICED_K}, and neither compact tiles nor the pair pattern")
     if layout != "rows" and applies:
-        t.update(sliced_layout(t["row_ptr"], codes, meta))
         sms = num_sms if num_sms is not None else max(1, num_ctas // 2)
-        t["sell_warps"] = torch.tensor(sliced_warps(t["schedule"].cpu(), layer.in_features, sms), dtype=torch.int32)
+        t.update(sliced_layout(t["row_ptr"], codes, meta, layer.in_features, sms))
     return t
 
 
