@@ -35,7 +35,12 @@ times GQSA at 32, 64 or 128 weights per group instead of 16 (the baselines do no
 GQSA's layers take the plugin's kernel layout: at G = 16 the sliced layout (its bytes are the
 slots' codes and meta, ``sell_rows`` and the pieces), with the row layout's GEMV and tensor-core
 kernel timed beside it (``gqsa_gemv_rows_us``, ``gqsa_tc_rows_us``, and the global-x ablation on
-the row GEMV); ``--layout rows`` times the row layout alone.
+the row GEMV); ``--layout rows`` times the row layout alone. Sliced rows also record what the
+GEMV's warps rule saw (``sliced_pieces``, ``sliced_mean_steps``, ``sliced_warps``);
+``--sliced-warps-sweep`` times the sliced GEMV at 4, 8 and 16 warps per CTA as well
+(``gqsa_gemv_w<W>_us``), which ``fit_sliced_warps.py`` turns into a re-fit of the rule, and
+``--slice-cut`` builds the layers with another cut of long slices. The balance test runs on
+``--balance-shapes``.
 """
 
 from __future__ import annotations
@@ -54,8 +59,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.format import SUPPORTED_GROUP_SIZES  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, chunk_table,  # noqa: E402
-                                           compact_chunk_table, make_schedule, pack_meta,
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_TOKENS, SLICE_CUT,  # noqa: E402
+                                           chunk_table, compact_chunk_table, make_schedule, pack_meta,
                                            row_per_cta_schedule, sliced_layout, sliced_layout_applies,
                                            split_counters, with_bank_order)
 
@@ -86,6 +91,9 @@ BLOCK_ROWS = 1  # --block-rows: rows that share one keep pattern
 PAIRS = False  # --pattern pairs: each row keeps one group of each aligned pair of group columns
 LAYOUT = "auto"  # --layout: the plugin's choice (sliced where it applies), or "rows" throughout
 SLICED_TIMED_MAX_TOKENS = 8  # the sliced GEMV reads the weights once per 3 tokens
+SLICE_CUT_USED = SLICE_CUT  # --slice-cut: slices longer than this times the mean are cut into pieces
+WARPS_SWEEP = False  # --sliced-warps-sweep: also time the sliced GEMV at each of SLICED_WARPS
+SLICED_WARPS = (4, 8, 16)  # the warps per CTA the sliced GEMV is built for
 SP_TIMED_MAX_TOKENS = 256  # the sparse-tensor-core kernel, timed on pair-pattern layers up to here
 # What each shape is compared with (--baselines); the read floor counts as one.
 BASELINES = ("cublas_fp16", "sparse24", "marlin", "machete", "exllama_w2", "read_floor")
@@ -151,7 +159,8 @@ def make_gqsa(N: int, K: int, density: float, num_ctas: int, heavy_block: bool =
     if LAYOUT == "auto" and sliced_layout_applies(GROUP_SIZE, K, compact is not None, PAIRS):
         # The plugin's layout; the row layout's tensors stay in t["rows"] for comparison.
         rows = dict(t)
-        t.update(sliced_layout(row_ptr, t["codes"], t["meta"], K, torch.cuda.get_device_properties(0).multi_processor_count))
+        t.update(sliced_layout(row_ptr, t["codes"], t["meta"], K, torch.cuda.get_device_properties(0).multi_processor_count,
+                               SLICE_CUT_USED))
         t["rows"] = rows
     return t
 
@@ -171,6 +180,17 @@ def gqsa_bytes(t: dict, M: int, K: int, path: str = "gemv") -> int:
     if path == "gemv" and "sell_rows" in t:
         path = "gemv_sliced"
     return sum(t[k].numel() * t[k].element_size() for k in PATH_TENSORS[path] if k in t) + M * K * 2
+
+
+def sliced_stats(t: dict, M: int) -> dict:
+    """What the sliced GEMV's warps rule saw in a layer (``cuda_format.wave_rule_warps``): its
+    pieces, their mean steps, the slices cut, and the warps per CTA chosen for M tokens."""
+    pieces = t["schedule"]
+    P = pieces.shape[0]
+    cut = int(((pieces[:, 3] >> 16) > 1).sum())
+    return {"sliced_pieces": P, "sliced_mean_steps": float((pieces[:, 2] - pieces[:, 1]).sum()) / max(1, P),
+            "sliced_max_steps": int((pieces[:, 2] - pieces[:, 1]).max()) if P else 0,
+            "sliced_cut_pieces": cut, "sliced_warps": int(t["sell_warps"][M - 1])}
 
 
 def copies_for(nbytes: int) -> int:
@@ -265,6 +285,9 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
         return gqsa_calls([t["rows"] for t in ts], x, N, K, path[:-len("_rows")], x_staging)
     if path == "gemv":
         return [lambda t=t: cuda.gemv(x, t, N, x_staging) for t in ts]
+    if path.startswith("gemv_w"):  # the sliced GEMV with W warps per CTA, whatever the rule says
+        warps = [int(path[len("gemv_w"):])] * MAX_SLICED_TOKENS
+        return [lambda t=t: cuda.gemv(x, t, N, warps=warps) for t in ts]
     if path == "tc":
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
     if path == "sp":
@@ -411,6 +434,9 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["gemv"] = timed(gqsa_calls(gq, x, N, K, "gemv"))
         if sliced and M <= GEMV_TIMED_MAX_TOKENS:
             paths["gemv_rows"] = timed(gqsa_calls(gq, x, N, K, "gemv_rows"))
+        if sliced and WARPS_SWEEP and M <= MAX_SLICED_TOKENS:
+            for W in SLICED_WARPS:
+                paths[f"gemv_w{W}"] = timed(gqsa_calls(gq, x, N, K, f"gemv_w{W}"))
         if M <= TC_TIMED_MAX_TOKENS:
             paths["tc"] = timed(gqsa_calls(gq, x, N, K, "tc"))
         if sliced and M <= TC_TIMED_MAX_TOKENS:
@@ -431,6 +457,8 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
              "gqsa_us": us, "gqsa_bytes": nbytes, "gqsa_GBps": nbytes / us / 1e3,
              "gqsa_pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
              **{f"gqsa_{k}_us": v for k, v in paths.items()}}
+        if sliced and M <= MAX_SLICED_TOKENS:
+            r.update(sliced_stats(gq[0], M))
         if floor_us is not None:
             r.update({"read_floor_us": floor_us, "read_floor_kernel": floor_kernel,
                       "read_floor_pct_read_bw": 100 * t0 / floor_us / 1e3 / read_bw,
@@ -491,7 +519,8 @@ def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> l
             nbytes = sum(gqsa_bytes(t, 1, K) for t in ts) / len(ts)
             us = time_graph([lambda t=t: cuda.gemv(x, t, N) for t in ts], reps)
             rows.append({"N": N, "K": K, "M": 1, "density": BALANCE_DENSITY, "rows": "heavy_block" if heavy else "uniform", "grid": grid,
-                         "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw})
+                         "us": us, "GBps": nbytes / us / 1e3, "pct_read_bw": 100 * nbytes / us / 1e3 / read_bw,
+                         **(sliced_stats(ts[0], 1) if grid == "sliced" else {})})
             print(f"balance {rows[-1]['rows']:11s} {grid:11s} {N}x{K} M=1 {us:8.2f} us "
                   f"{rows[-1]['GBps']:7.0f} GB/s {rows[-1]['pct_read_bw']:5.1f}%", flush=True)
     x16 = torch.randn(16, K, device="cuda", dtype=DTYPE)
@@ -541,7 +570,8 @@ def summarize(results: list, read_bw: float) -> list:
 
 
 def main() -> None:
-    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE, PAIRS, LAYOUT
+    global TC_SPLITS, BANK_ORDER, AFTER_KERNEL, BLOCK_ROWS, SELECTED, DTYPE, GROUP_SIZE, PAIRS, LAYOUT, WARPS_SWEEP
+    global SLICE_CUT_USED
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="two shapes, four batch sizes (< 60 s)")
     p.add_argument("--out", default="benchmarks/results/kernels.json")
@@ -574,6 +604,15 @@ def main() -> None:
     p.add_argument("--layout", choices=["auto", "rows"], default="auto",
                    help="the kernel layout: the plugin's (sliced where it applies, with the row layout's "
                         "GEMV and tensor-core kernel timed beside it), or the row layout throughout")
+    p.add_argument("--sliced-warps-sweep", action="store_true",
+                   help="also time the sliced GEMV at 4, 8 and 16 warps per CTA on every shape and M it "
+                        "serves (gqsa_gemv_w<W>_us), for re-fitting its warps rule (fit_sliced_warps.py)")
+    p.add_argument("--balance-shapes", default="4096x4096,14336x4096",
+                   help="comma-separated NxK shapes of the uniform vs heavy-block test (default "
+                        "4096x4096, as in earlier runs, and 14336x4096, a layer's size)")
+    p.add_argument("--slice-cut", type=float, default=SLICE_CUT,
+                   help=f"build sliced layers cutting slices longer than this times the mean "
+                        f"(default {SLICE_CUT}, the plugin's; a large value cuts none)")
     p.add_argument("--ctas-per-sm", type=int, default=None,
                    help=f"GEMV grid size (default: the plugin's, {cuda.CTAS_PER_SM} per SM)")
     args = p.parse_args()
@@ -584,6 +623,8 @@ def main() -> None:
     BLOCK_ROWS = args.block_rows
     PAIRS = args.pattern == "pairs"
     LAYOUT = args.layout
+    WARPS_SWEEP = args.sliced_warps_sweep
+    SLICE_CUT_USED = args.slice_cut
     if PAIRS and args.group_size != 16:
         raise SystemExit("--pattern pairs runs at --group-size 16")
     DTYPE = getattr(torch, args.dtype)
@@ -612,10 +653,12 @@ def main() -> None:
             results += bench_shape(model, name, N, K, tokens, reps, read_bw, num_ctas)
             torch.cuda.empty_cache()
     summary = summarize(results, read_bw)
-    balance = [] if args.skip_balance else bench_balance(4096, 4096, reps, read_bw, num_ctas)
+    balance = [] if args.skip_balance else [
+        row for shape in args.balance_shapes.split(",")
+        for row in bench_balance(*(int(v) for v in shape.lower().split("x")), reps, read_bw, num_ctas)]
     out = {"device": props.name, "sm_count": props.multi_processor_count, "torch": torch.__version__,
            "cuda": torch.version.cuda, "vllm": _package_version("vllm"), "command": " ".join(sys.argv), "ops": reason,
-           "layout": LAYOUT, "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "pattern": args.pattern, "density": DENSITY, "activation_dtype": str(DTYPE),
+           "layout": LAYOUT, "slice_cut": SLICE_CUT_USED, "group_size": GROUP_SIZE, "block_rows": BLOCK_ROWS, "pattern": args.pattern, "density": DENSITY, "activation_dtype": str(DTYPE),
            "read_bandwidth_GBps": read_bw, "num_ctas": num_ctas, "baselines": sorted(SELECTED),
            "dispatch": {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
                         "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,

@@ -192,7 +192,7 @@ def test_kernel_layout_from_the_environment(monkeypatch):
 
 
 def test_sliced_warps():
-    """More CTAs than fit the GPU at once favour wide CTAs; few small ones favour narrow ones."""
+    """Few long pieces favour wide CTAs; more CTAs than fit the GPU at once favour narrow ones."""
     few = slice_pieces(torch.arange(0, 200 * 10 + 1, 200))  # 10 slices of 200 steps
     many = slice_pieces(torch.arange(0, 5000 * 40 + 1, 40))  # 5000 slices of 40 steps
     assert sliced_warps(few, 4096, 132) == [16, 16, 16]

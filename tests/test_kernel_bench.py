@@ -123,3 +123,31 @@ def test_gemv_timeline_tail():
     assert tail["latest_cta_mean_us"] == pytest.approx(13.5)  # CTA 0: 10 .. 17 us
     assert tail["latest_sm_mean_us"] == pytest.approx(11.75)  # SM 0: CTA 0 and 8 warps at 10 us
     assert tail["grid_mean_us"] == pytest.approx((10 * 23 + 28) / 23)
+
+
+def test_sliced_warps_fit(tmp_path):
+    """benchmarks/fit_sliced_warps.py replays the warps rule over fixed costs against swept times:
+    times made to follow the rule at one fixed cost are fitted best there."""
+    import json
+
+    from fit_sliced_warps import evaluate, swept_rows
+
+    from vllm_gqsa.kernels.cuda_format import wave_rule_warps
+
+    truth = 1.5
+    results = {"sm_count": 132, "results": []}
+    for i, (pieces, steps) in enumerate([(128, 17.0), (132, 200.0), (1000, 40.0), (5000, 12.0),
+                                         (300, 60.0), (40, 500.0), (2000, 90.0), (700, 25.0)]):
+        for M in (1, 2, 3):
+            fastest = wave_rule_warps(pieces, steps, 4096, 132, M, fixed_steps=truth)
+            results["results"].append({
+                "model": "m", "layer": f"l{i}", "M": M, "K": 4096, "sliced_pieces": pieces, "sliced_mean_steps": steps,
+                **{f"gqsa_gemv_w{w}_us": 10.0 if w == fastest else 11.0 for w in (4, 8, 16)}})
+    results["results"].append({"model": "m", "layer": "rows", "M": 1, "K": 4096})  # not swept: skipped
+    rows = swept_rows(json.loads(json.dumps(results)))
+    assert len(rows) == 24
+    at_truth = evaluate(rows, truth)
+    assert at_truth["hits"] == 24 and at_truth["misses"] == [] and at_truth["over_best_pct"] == 0
+    fits = [evaluate(rows, c) for c in (0.0, 8.0)]
+    assert all(f["total_us"] >= at_truth["total_us"] for f in fits)
+    assert any(f["misses"] for f in fits)  # the data tell the fixed costs apart

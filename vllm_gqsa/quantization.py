@@ -276,12 +276,13 @@ class GQSALinearMethod(LinearMethodBase):
         ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, N, K)
         pairs = False
         if ok:
-            tensors = to_kernel_format(merged, num_ctas=_num_ctas(device), layout=cuda_kernels.kernel_layout())
+            single = merged.single_rows()
+            pairs = pair_pattern(single.row_ptr, single.col_idx, K, self.fmt.group_size)
+            tensors = to_kernel_format(single, num_ctas=_num_ctas(device), layout=cuda_kernels.kernel_layout(),
+                                       pairs=pairs)
             # Warps per CTA of the sliced GEMV: a host-side choice, passed to the op as ints.
             layer.gqsa_sell_warps = tensors.pop("sell_warps").tolist() if "sell_warps" in tensors else None
             layer.gqsa_kernel = "kernel_format"
-            single = merged.single_rows()
-            pairs = pair_pattern(single.row_ptr, single.col_idx, K, self.fmt.group_size)
         else:
             tensors = merged.tensors()
             layer.gqsa_kernel = "reference"

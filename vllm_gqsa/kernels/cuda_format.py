@@ -138,7 +138,6 @@ COL_SHIFT = 20
 TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
 TC_ROWS = 64  # rows per tile of the tensor-core kernel (gqsa::kTcRows)
 # and "xcols" for compact tiles, "sell_rows" and "slice_counters" for the sliced layout
-TENSOR_NAMES = ("row_ptr", "codes", "meta", "schedule", "chunks", "counters")
 SLICE_ROWS = 32  # rows per slice of the sliced layout, one per GEMV lane (gqsa::kSliceRows)
 # Groups of one row in one step: 4 groups of codes are 32 bytes, one DRAM sector, so no sector is
 # shared by two rows (which the kernels reading a row's groups by chunk, the tensor-core and the
@@ -341,25 +340,37 @@ def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tenso
 SLICED_REGISTERS = {1: {4: 64, 8: 79, 16: 80}, 2: {4: 72, 8: 74, 16: 78}, 3: {4: 72, 8: 75, 16: 78}}
 
 
-def sliced_warps(pieces: torch.Tensor, K: int, num_sms: int, smem_per_sm: int = 228 * 1024) -> list[int]:
+# The wave rule's fixed cost per CTA, in steps: fitted on the prototype, whose steps held two groups.
+SLICED_FIXED_STEPS = 4.0
+
+
+def sliced_warps(pieces: torch.Tensor, K: int, num_sms: int, smem_per_sm: int = 228 * 1024,
+                 fixed_steps: float = SLICED_FIXED_STEPS) -> list[int]:
     """Warps per CTA of the sliced GEMV for 1, 2 and 3 tokens, from a wave count: the CTAs (one
     per piece) run in ceil(pieces / resident) waves, each as long as one warp's share of a piece's
-    steps plus a fixed cost of 4 steps; the count with the shortest total wins. On an H100 it
-    picked the fastest of 4, 8 and 16 in 21-22 of 24 layer shapes per run of the prototype, whose
-    steps held two groups (benchmarks/results/gpu/sell_gemv_experiment_rule.txt). Not re-fitted to
-    steps of four groups: on Qwen2.5-7B's gate/up shape it now picks 4 warps, and the layer got
-    slower than with the prototype's 8 (csrc/README.md, "One row per lane")."""
-    P = max(1, pieces.shape[0])
-    mean_steps = float((pieces[:, 2] - pieces[:, 1]).sum()) / P if pieces.numel() else 0.0
-    choice = []
-    for M in range(1, MAX_SLICED_TOKENS + 1):
-        def cost(W: int) -> float:
-            per_warp = -(-SLICED_REGISTERS[M][W] * 32 // 256) * 256
-            smem = M * ((K + 63) // 64) * 128 + W * 32 * 4 * M + 1024
-            resident = max(1, min(65536 // (per_warp * W), 2048 // (W * 32), 32, smem_per_sm // smem))
-            return -(-P // (num_sms * resident)) * (mean_steps / W + 4.0)
-        choice.append(min((4, 8, 16), key=cost))
-    return choice
+    steps plus a fixed cost of ``fixed_steps`` steps; the count with the shortest total wins. On an
+    H100 it picked the fastest of 4, 8 and 16 in 21-22 of 24 layer shapes per run of the prototype,
+    whose steps held two groups (benchmarks/results/gpu/sell_gemv_experiment_rule.txt). Not
+    re-fitted to steps of four groups: on Qwen2.5-7B's gate/up shape it now picks 4 warps, and the
+    layer got slower than with the prototype's 8 (csrc/README.md, "One row per lane";
+    ``kernel_speed.py --sliced-warps-sweep`` and ``fit_sliced_warps.py`` re-fit it)."""
+    P = pieces.shape[0]
+    mean_steps = float((pieces[:, 2] - pieces[:, 1]).sum()) / P if P else 0.0
+    return [wave_rule_warps(P, mean_steps, K, num_sms, M, smem_per_sm, fixed_steps)
+            for M in range(1, MAX_SLICED_TOKENS + 1)]
+
+
+def wave_rule_warps(pieces: int, mean_steps: float, K: int, num_sms: int, M: int,
+                    smem_per_sm: int = 228 * 1024, fixed_steps: float = SLICED_FIXED_STEPS) -> int:
+    """:func:`sliced_warps` for one token count M, from the piece count and mean steps per piece."""
+    P = max(1, pieces)
+
+    def cost(W: int) -> float:
+        per_warp = -(-SLICED_REGISTERS[M][W] * 32 // 256) * 256
+        smem = M * ((K + 63) // 64) * 128 + W * 32 * 4 * M + 1024
+        resident = max(1, min(65536 // (per_warp * W), 2048 // (W * 32), 32, smem_per_sm // smem))
+        return -(-P // (num_sms * resident)) * (mean_steps / W + fixed_steps)
+    return min((4, 8, 16), key=cost)
 
 
 def pack_meta(scales: torch.Tensor, zeros: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -379,11 +390,13 @@ def unpack_meta(meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 
 
 def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
-                     num_sms: int | None = None) -> dict[str, torch.Tensor]:
+                     num_sms: int | None = None, pairs: bool | None = None) -> dict[str, torch.Tensor]:
     """Repack a validated checkpoint layer into the kernel format, on the layer's device.
     ``layout``: "auto" (sliced where :func:`sliced_layout_applies`), "rows" or "sliced". The
     sliced layout's ``sell_warps`` (a CPU tensor: warps per CTA for 1, 2, 3 tokens) are chosen for
-    ``num_sms`` SMs (default ``num_ctas // 2``, the row GEMV's grid being 2 CTAs per SM)."""
+    ``num_sms`` SMs (default ``num_ctas // 2``, the row GEMV's grid being 2 CTAs per SM).
+    ``pairs``: whether the layer is in the pair pattern, where the caller has already checked
+    (:func:`pair_pattern`); None checks here."""
     if layout not in ("auto", "rows", "sliced"):
         raise ValueError(f"layout must be 'auto', 'rows' or 'sliced', got {layout!r}")
     fmt = layer.fmt
@@ -406,7 +419,8 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
     else:
         t["chunks"], t["xcols"] = compact
     t["counters"] = split_counters(layer.out_features, layer.row_ptr.device)
-    pairs = pair_pattern(layer.row_ptr, layer.col_idx, layer.in_features, G)
+    if pairs is None:
+        pairs = pair_pattern(layer.row_ptr, layer.col_idx, layer.in_features, G)
     applies = sliced_layout_applies(G, layer.in_features, compact is not None, pairs)
     if layout == "sliced" and not applies:
         raise ValueError("the sliced layout needs group_size 16, an input size of at most "
