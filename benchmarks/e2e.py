@@ -11,6 +11,8 @@ makes and serves the model in bf16 (the ``fp16`` configuration is then the dense
 linear layers, attention, norms, the output layer, ...; see profile_decode). ``--layers 1`` keeps
 one decoder layer of the shape: a step's GPU work is then small, and its wall time is mostly the
 engine's own work per step, the floor under every configuration's step at small batches.
+``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout (``VLLM_GQSA_LAYOUT=rows``) instead of
+the sliced one, for an A/B of the two layouts in one run.
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
@@ -87,7 +89,12 @@ CONFIGS = {
     "gqsa-s50-pairs": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "pattern": "pairs"}, {}),
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
+    # The default checkpoint in the row layout instead of the sliced one (VLLM_GQSA_LAYOUT=rows,
+    # CONFIG_ENV below), for an A/B of the two layouts in one run.
+    "gqsa-s50-rows": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
 }
+# Environment variables a configuration's process runs with (read by the plugin at load time).
+CONFIG_ENV = {"gqsa-s50-rows": {"VLLM_GQSA_LAYOUT": "rows"}}
 PROMPT_LEN, GEN_LEN = 128, 256
 # --profile-batches: decode steps in the profiled generation (after its prefill).
 PROFILE_STEPS = 64
@@ -314,7 +321,8 @@ def main(argv=None) -> int:
     for name in a.configs.split(","):
         print(name, flush=True)
         tmp = tempfile.mktemp(suffix=".json")
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile_batches else None
+        env = {**os.environ, **CONFIG_ENV.get(name, {}),
+               **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile_batches else {})}
         proc = subprocess.Popen([sys.executable, __file__, "--shape", a.shape, "--batches", a.batches,
                                  "--ttft-prompts", a.ttft_prompts, "--dtype", a.dtype, "--out", tmp, "--child", name,
                                  "--profile-batches", a.profile_batches,
@@ -327,6 +335,8 @@ def main(argv=None) -> int:
         rc = proc.wait()
         results["configs"][name] = json.load(open(tmp)) if rc == 0 else {"error": f"exit code {rc}"}
         results["configs"][name]["weights_gib"] = weight_memory_gib("".join(log))
+        if name in CONFIG_ENV:
+            results["configs"][name]["env"] = CONFIG_ENV[name]
         with open(a.out, "w") as f:  # after every configuration, so a cut-short run keeps its results
             json.dump(results, f, indent=2)
     base = results["configs"].get("gptq-marlin", {})

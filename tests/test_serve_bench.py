@@ -4,6 +4,7 @@ accept, with the options it means (the runs themselves need a GPU)."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -83,7 +84,23 @@ def test_e2e_quantization_configs_parse(parsers):
         elif name.startswith("gqsa"):
             q = cfg.quant
             assert (q.bits, q.group_size) == (4, 32 if name.endswith("-g32") else 16), name
-            assert q.block_rows == (int(name.rsplit("-r", 1)[1]) if "-r" in name else 1), name
+            rows = re.search(r"-r(\d+)$", name)
+            assert q.block_rows == (int(rows.group(1)) if rows else 1), name
+
+
+def test_e2e_config_environments(monkeypatch):
+    """benchmarks/e2e.py runs some configurations with plugin settings in their environment: each
+    names a configuration and sets what the plugin reads (gqsa-s50-rows: the row layout)."""
+    import e2e
+
+    from vllm_gqsa.kernels import cuda
+
+    assert set(e2e.CONFIG_ENV) <= set(e2e.CONFIGS)
+    assert e2e.CONFIGS["gqsa-s50-rows"] == e2e.CONFIGS["gqsa-s50"]
+    for name, env in e2e.CONFIG_ENV.items():
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+    assert cuda.kernel_layout() == "rows"
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
