@@ -274,7 +274,6 @@ class GQSALinearMethod(LinearMethodBase):
             delattr(layer, t_name)
 
         ok, reason = can_implement(self.fmt.bits, self.fmt.group_size, N, K)
-        pairs = False
         if ok:
             single = merged.single_rows()
             pairs = pair_pattern(single.row_ptr, single.col_idx, K, self.fmt.group_size)
@@ -285,10 +284,8 @@ class GQSALinearMethod(LinearMethodBase):
             layer.gqsa_kernel = "kernel_format"
         else:
             tensors = merged.tensors()
-            layer.gqsa_kernel = "reference"
+            pairs, layer.gqsa_sell_warps, layer.gqsa_kernel = False, None, "reference"
         layer.gqsa_pairs = pairs
-        if not ok:
-            layer.gqsa_sell_warps = None
         for t_name, t in tensors.items():
             layer.register_parameter(t_name, Parameter(t.to(device), requires_grad=False))
         layer.gqsa_n_out, layer.gqsa_nnz, layer.gqsa_block_rows = N, merged.nnz, merged.fmt.block_rows
