@@ -169,6 +169,8 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
     try:
         kernels = llm.apply_model(lambda m: sorted({getattr(x, "gqsa_kernel", "") for x in m.modules()} - {""}))
         pairs = llm.apply_model(lambda m: sorted({x.gqsa_pairs for x in m.modules() if hasattr(x, "gqsa_pairs")}))
+        layouts = llm.apply_model(lambda m: sorted({"sliced" if hasattr(x, "sell_rows") else "rows" for x in m.modules()
+                                                    if getattr(x, "gqsa_kernel", "") == "kernel_format"}))
         head = llm.apply_model(lambda m: type(lm_head(m).quant_method).__name__)[0]
         params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
 
@@ -200,7 +202,7 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
             assert list(out.prompt_token_ids) == expanded + cont, "the scored prompt is not the served one"
             tail = out.prompt_logprobs[len(expanded):]
             scores.append([lp[t].logprob for t, lp in zip(cont, tail)])
-        return {"kernels": kernels, "pairs": pairs, "head": head, "alone": alone, "together": together, "images": with_images,
+        return {"kernels": kernels, "pairs": pairs, "layouts": layouts, "head": head, "alone": alone, "together": together, "images": with_images,
                 "scores": scores}
     finally:
         del llm
@@ -208,19 +210,24 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
         cleanup_dist_env_and_memory()
 
 
-@pytest.mark.parametrize("dtype, enforce_eager", [("float16", False), ("float16", True), ("bfloat16", False)],
-                         ids=["fp16-graphs", "fp16-eager", "bf16-graphs"])
-def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference, dtype, enforce_eager,
+@pytest.mark.parametrize("dtype, enforce_eager, layout", [("float16", False, "sliced"), ("float16", True, "sliced"),
+                                                           ("bfloat16", False, "sliced"), ("float16", False, "rows")],
+                         ids=["fp16-graphs", "fp16-eager", "bf16-graphs", "fp16-graphs-rows"])
+def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference, dtype, enforce_eager, layout,
                                               monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model runs here, on the model
+    if layout == "rows":  # the row layout, which VLLM_GQSA_LAYOUT=rows keeps (the default is sliced)
+        monkeypatch.setenv("VLLM_GQSA_LAYOUT", "rows")
     served = serve_in_process(gpu_checkpoint, dtype, enforce_eager, prompts)
     # Every GQSA layer runs the kernel format, which with the CUDA ops loaded in this process (the
-    # engine runs here) means the CUDA kernels.
+    # engine runs here) means the CUDA kernels; the tiny model's layers (G = 16, 512 and 1024
+    # inputs) are all in the layout asked for.
     assert served["kernels"] == [["kernel_format"]]
+    assert served["layouts"] == [[layout]]
     model = reference(getattr(torch, dtype))
     for mode in ("alone", "together"):
         cmp = compare(model, prompts, served[mode])
-        print(dtype, "eager" if enforce_eager else "graphs", mode, cmp)
+        print(dtype, "eager" if enforce_eager else "graphs", layout, mode, cmp)
         # A wrong kernel gives garbage from the first token on: identical outputs are the check.
         # Near ties may still send a few prompts elsewhere, bf16 (the reference computes in bf16,
         # the kernels in fp16) more often than fp16: on the H200 fp16 gave 10/10 in every mode
@@ -236,6 +243,7 @@ def test_vllm_engine_serves_the_pair_pattern(prompts, references, tmp_path_facto
     ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp("pairs"), "llama", torch.float16, pattern="pairs")
     served = serve_in_process(ckpt, "float16", False, prompts)
     assert served["kernels"] == [["kernel_format"]] and served["pairs"] == [[True]]
+    assert served["layouts"] == [["rows"]]  # the pair pattern's kernels read the row layout
     model = references(ckpt, torch.float16)
     for mode in ("alone", "together"):
         cmp = compare(model, prompts, served[mode])
