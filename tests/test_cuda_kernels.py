@@ -380,6 +380,7 @@ def test_row_per_cta_schedule():
     ((4, 8, 64, 64), "group_size"),
     ((4, 16, 64, 40), "multiple"),
     ((4, 16, 64, 16 * 4097), "4096"),
+    ((4, 16, -1, 64), "negative"),
 ])
 def test_can_implement_rejects(args, fragment):
     ok, reason = can_implement(*args)

@@ -278,7 +278,7 @@ class GQSALinearMethod(LinearMethodBase):
             single = merged.single_rows()
             pairs = pair_pattern(single.row_ptr, single.col_idx, K, self.fmt.group_size)
             tensors = to_kernel_format(single, num_ctas=_num_ctas(device), layout=cuda_kernels.kernel_layout(),
-                                       pairs=pairs)
+                                       num_sms=_num_sms(device), pairs=pairs)
             # Warps per CTA of the sliced GEMV: a host-side choice, passed to the op as ints.
             layer.gqsa_sell_warps = tensors.pop("sell_warps").tolist() if "sell_warps" in tensors else None
             layer.gqsa_kernel = "kernel_format"
@@ -346,3 +346,10 @@ def _num_ctas(device: torch.device) -> int:
     if device.type == "cuda":
         return cuda_kernels.default_num_ctas(device)
     return CPU_NUM_CTAS
+
+
+def _num_sms(device: torch.device) -> int | None:
+    """The SMs the sliced GEMV's warps are chosen for (None off the GPU: ``to_kernel_format``'s default)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return None

@@ -275,7 +275,8 @@ def default_num_ctas(device: torch.device | int | None = None) -> int:
 def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int = -1,
          warps: list[int] | None = None) -> torch.Tensor:
     """``x @ W.T`` for x ``[..., K]``; t from ``to_kernel_format``. One kernel launch per
-    MAX_GEMV_TOKENS tokens (3 in the sliced layout), each reading the weights once, so it suits
+    MAX_GEMV_TOKENS tokens (in the sliced layout 3, or fewer where x would not fit the shared
+    memory), each reading the weights once, so it suits
     decode-sized batches. In the sliced layout it runs the sliced GEMV with the warps per CTA of
     ``warps`` (for 1, 2, 3 tokens), else of ``t["sell_warps"]``, else 8.
 

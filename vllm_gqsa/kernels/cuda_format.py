@@ -162,7 +162,9 @@ def can_implement(bits: int, group_size: int, N: int, K: int) -> tuple[bool, str
         return False, f"the CUDA kernels handle {SUPPORTED_BITS}-bit codes only, not bits={bits}"
     if group_size not in SUPPORTED_GROUP_SIZES:
         return False, f"group_size={group_size} is not one of {SUPPORTED_GROUP_SIZES}"
-    if N < 0 or K < 0 or K % group_size:
+    if N < 0 or K < 0:
+        return False, f"negative layer shape {N} x {K}"
+    if K % group_size:
         return False, f"input size {K} is not a multiple of group_size {group_size}"
     if K // group_size > MAX_GROUP_COLS:
         return False, (f"input size {K} has {K // group_size} group columns, more than the "
@@ -318,7 +320,7 @@ def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor
 
 
 def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tensor:
-    """The sliced GEMV's grid, int32 ``[P, 4]``: one piece per slice, except that a slice longer
+    """The sliced GEMV's grid, int32 ``[S', 4]``: one piece per slice, except that a slice longer
     than ``cut`` times the mean is cut into near-equal pieces of about the mean; piece
     ``(s, b, e, k | n << 16)`` is steps ``b .. e-1`` of slice s, its k-th of n."""
     sp = slice_ptr.to(torch.int64)
@@ -394,7 +396,8 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
     """Repack a validated checkpoint layer into the kernel format, on the layer's device.
     ``layout``: "auto" (sliced where :func:`sliced_layout_applies`), "rows" or "sliced". The
     sliced layout's ``sell_warps`` (a CPU tensor: warps per CTA for 1, 2, 3 tokens) are chosen for
-    ``num_sms`` SMs (default ``num_ctas // 2``, the row GEMV's grid being 2 CTAs per SM).
+    ``num_sms`` SMs (default ``num_ctas // 2``, for the row GEMV's grid of 2 CTAs per SM; the plugin
+    passes the GPU's count).
     ``pairs``: whether the layer is in the pair pattern, where the caller has already checked
     (:func:`pair_pattern`); None checks here."""
     if layout not in ("auto", "rows", "sliced"):
@@ -407,12 +410,7 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
     nnz, G = layer.nnz, fmt.group_size
     codes = layer.qweight.reshape(nnz, G // 2).contiguous().view(torch.int32)
     meta = pack_meta(layer.scales.reshape(nnz), layer.zeros().reshape(nnz), layer.col_idx.long())
-    t = {
-        "row_ptr": layer.row_ptr.to(torch.int32).contiguous(),
-        "codes": codes,
-        "meta": meta,
-        "schedule": make_schedule(layer.row_ptr, num_ctas),
-    }
+    t = {"row_ptr": layer.row_ptr.to(torch.int32).contiguous(), "codes": codes, "meta": meta}
     compact = compact_chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G)
     if compact is None:
         t["chunks"] = chunk_table(layer.row_ptr, layer.col_idx, layer.in_features, G)
@@ -425,9 +423,11 @@ def to_kernel_format(layer: GQSALayer, num_ctas: int, layout: str = "auto",
     if layout == "sliced" and not applies:
         raise ValueError("the sliced layout needs group_size 16, an input size of at most "
                          f"{MAX_SLICED_K}, and neither compact tiles nor the pair pattern")
-    if layout != "rows" and applies:
+    if layout != "rows" and applies:  # the pieces replace the row GEMV's schedule
         sms = num_sms if num_sms is not None else max(1, num_ctas // 2)
         t.update(sliced_layout(t["row_ptr"], codes, meta, layer.in_features, sms))
+    else:
+        t["schedule"] = make_schedule(layer.row_ptr, num_ctas)
     return t
 
 
