@@ -200,6 +200,7 @@ class GQSALinearMethod(LinearMethodBase):
                 f"{name}: input size per rank {input_size_per_partition} (of {input_size}) is not a "
                 f"multiple of the GQSA group size {G}; reduce tensor_parallel_size or convert the "
                 f"model with a smaller --group-size")
+        layer.gqsa_act_dtype = params_dtype  # the CUDA kernels take fp16 and bf16 activations
         layer.gqsa_shards = {}  # shard id -> GQSALayer for this rank
         layer.gqsa_pending = {}  # shard id -> {tensor name: tensor} until all five are in
         for t_name in TENSOR_NAMES:
@@ -291,6 +292,8 @@ class GQSALinearMethod(LinearMethodBase):
         layer.gqsa_n_out, layer.gqsa_nnz, layer.gqsa_block_rows = N, merged.nnz, merged.fmt.block_rows
         if not ok:
             label = f"torch reference matmul ({reason})"
+        elif device.type == "cuda" and getattr(layer, "gqsa_act_dtype", None) == torch.float32:
+            label = "kernel format decoded in torch (the CUDA kernels take fp16 and bf16 activations, not float32)"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
             compact = "xcols" in tensors
             gemv_max, tc_max = cuda_kernels.dispatch(compact, pairs)
