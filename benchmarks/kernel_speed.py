@@ -60,7 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.format import SUPPORTED_GROUP_SIZES  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_TOKENS, SLICE_CUT,  # noqa: E402
-                                           chunk_table, compact_chunk_table, make_schedule, pack_meta,
+                                           chunk_table, compact_chunk_table, make_schedule, pack_meta, piece_steps,
                                            row_per_cta_schedule, sliced_layout, sliced_layout_applies,
                                            split_counters, with_bank_order)
 
@@ -186,11 +186,10 @@ def sliced_stats(t: dict, M: int) -> dict:
     """What the sliced GEMV's warps rule saw in a layer (``cuda_format.wave_rule_warps``): its
     pieces, their mean steps, the slices cut, and the warps per CTA chosen for M tokens."""
     pieces = t["schedule"]
-    P = pieces.shape[0]
-    cut = int(((pieces[:, 3] >> 16) > 1).sum())
-    return {"sliced_pieces": P, "sliced_mean_steps": float((pieces[:, 2] - pieces[:, 1]).sum()) / max(1, P),
-            "sliced_max_steps": int((pieces[:, 2] - pieces[:, 1]).max()) if P else 0,
-            "sliced_cut_pieces": cut, "sliced_warps": int(t["sell_warps"][M - 1])}
+    P, steps = pieces.shape[0], piece_steps(pieces)
+    return {"sliced_pieces": P, "sliced_mean_steps": float(steps.sum()) / max(1, P),
+            "sliced_max_steps": int(steps.max()) if P else 0,
+            "sliced_cut_pieces": int(((pieces[:, 3] >> 16) > 1).sum()), "sliced_warps": int(t["sell_warps"][M - 1])}
 
 
 def copies_for(nbytes: int) -> int:

@@ -336,6 +336,11 @@ def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tenso
     return pieces.to(torch.int32).reshape(-1, 4)
 
 
+def piece_steps(pieces: torch.Tensor) -> torch.Tensor:
+    """The steps of each piece of a :func:`slice_pieces` grid."""
+    return pieces[:, 2] - pieces[:, 1]
+
+
 # Registers per thread of the sliced GEMV (ptxas -v, nvcc 13.0, sm_90a; the most over fp16 and
 # bf16) by tokens and warps per CTA: with the shared-memory copy of x they set how many CTAs fit
 # an SM, which sliced_warps needs.
@@ -357,7 +362,7 @@ def sliced_warps(pieces: torch.Tensor, K: int, num_sms: int, smem_per_sm: int = 
     layer got slower than with the prototype's 8 (csrc/README.md, "One row per lane";
     ``kernel_speed.py --sliced-warps-sweep`` and ``fit_sliced_warps.py`` re-fit it)."""
     P = pieces.shape[0]
-    mean_steps = float((pieces[:, 2] - pieces[:, 1]).sum()) / P if P else 0.0
+    mean_steps = float(piece_steps(pieces).sum()) / P if P else 0.0
     return [wave_rule_warps(P, mean_steps, K, num_sms, M, smem_per_sm, fixed_steps)
             for M in range(1, MAX_SLICED_TOKENS + 1)]
 
