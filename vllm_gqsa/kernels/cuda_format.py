@@ -307,6 +307,9 @@ def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor
     place_of_row[order] = place[:N]
     dest = base[place_of_row[row_of]] + j + (j // STEP_GROUPS) * (SLOTS_PER_STEP - STEP_GROUPS)
     slots = int(slice_ptr[-1]) * SLOTS_PER_STEP
+    if slots >= 2**31:  # sell_rows holds slot numbers as int32
+        raise ValueError(f"a layer of {N} rows with {nnz} kept groups needs {slots} slots in the sliced layout, "
+                         "more than its int32 slot numbers hold; serve it with VLLM_GQSA_LAYOUT=rows")
     out_codes = torch.zeros(slots, codes.shape[1], dtype=torch.int32, device=dev)
     out_meta = torch.zeros(slots, dtype=torch.int32, device=dev)  # padding: scale 0
     out_codes[dest] = codes
@@ -332,6 +335,7 @@ def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tenso
     first = torch.cumsum(n, 0) - n
     k = torch.arange(slice_of.numel()) - first[slice_of]
     nk, st, a = n[slice_of], steps[slice_of], sp[:-1][slice_of]
+    # n < 2**15 always: a slice has at most MAX_SLICED_K / 64 = 512 steps.
     pieces = torch.stack([slice_of, a + st * k // nk, a + st * (k + 1) // nk, k | (nk << 16)], 1)
     return pieces.to(torch.int32).reshape(-1, 4)
 
