@@ -152,6 +152,16 @@ def test_sliced_layout(pattern, N):
     assert torch.equal(t["slice_counters"], torch.zeros(places // SLICE_ROWS, dtype=torch.int32))
 
 
+def test_sliced_layout_refuses_slot_numbers_past_int32(monkeypatch):
+    """sell_rows holds slot numbers as int32: a layout needing 2**31 slots is refused before any
+    tensor is made (here with steps made 2**28 slots wide instead of a layer of 2**31 groups)."""
+    from vllm_gqsa.kernels import cuda_format
+    rows = to_kernel_format(make_layer(40, 16 * 37, 16, "uniform"), 7, layout="rows")
+    monkeypatch.setattr(cuda_format, "SLOTS_PER_STEP", 2**28)
+    with pytest.raises(ValueError, match="VLLM_GQSA_LAYOUT=rows"):
+        sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], 16 * 37, 4)
+
+
 @pytest.mark.parametrize("cut", [0.01, 1.5, 1e9])
 def test_slice_pieces(cut):
     """Slices over cut x the mean are cut into near-equal pieces of about the mean; piece k of n
