@@ -292,7 +292,7 @@ class GQSALinearMethod(LinearMethodBase):
         layer.gqsa_n_out, layer.gqsa_nnz, layer.gqsa_block_rows = N, merged.nnz, merged.fmt.block_rows
         if not ok:
             label = f"torch reference matmul ({reason})"
-        elif device.type == "cuda" and getattr(layer, "gqsa_act_dtype", None) == torch.float32:
+        elif device.type == "cuda" and layer.gqsa_act_dtype == torch.float32:
             label = "kernel format decoded in torch (the CUDA kernels take fp16 and bf16 activations, not float32)"
         elif device.type == "cuda" and cuda_kernels.available()[0]:
             compact = "xcols" in tensors
