@@ -532,6 +532,11 @@ def bench_balance(N: int, K: int, reps: int, read_bw: float, num_ctas: int) -> l
                          **(sliced_stats(ts[0], 1) if grid == "sliced" else {})})
             print(f"balance {rows[-1]['rows']:11s} {grid:11s} {N}x{K} M=1 {us:8.2f} us "
                   f"{rows[-1]['GBps']:7.0f} GB/s {rows[-1]['pct_read_bw']:5.1f}%", flush=True)
+            if grid == "sliced" and WARPS_SWEEP:  # whether the warps rule's pick costs the imbalance
+                for W in SLICED_WARPS:
+                    w_us = time_graph(gqsa_calls(ts, x, N, K, f"gemv_w{W}"), reps)
+                    rows[-1][f"us_w{W}"] = w_us
+                    print(f"balance {rows[-1]['rows']:11s} sliced w{W:<2d}   {N}x{K} M=1 {w_us:8.2f} us", flush=True)
     x16 = torch.randn(16, K, device="cuda", dtype=DTYPE)
     for heavy in (False, True):  # the tensor-core kernel splits rows into fixed 64-row tiles
         ts16 = [make_gqsa(N, K, BALANCE_DENSITY, num_ctas, heavy_block=heavy) for _ in range(len(ts))]

@@ -355,7 +355,8 @@ SLICED_REGISTERS = {1: {4: 64, 8: 79, 16: 80}, 2: {4: 72, 8: 74, 16: 78}, 3: {4:
 # sliced GEMV timed at 4, 8 and 16 warps on 36 shapes (three models' layers, 1 to 3 tokens): every
 # cost from 0 to 3.5 steps makes the same picks, 0.18% over the fastest possible in total, and 4.0
 # (fitted on the prototype's two-group steps) gives Qwen2.5-7B's gate/up 4 warps where 8 are 10%
-# faster (benchmarks/results/gpu/sliced_warps_fit_h100.json). 2.0 sits mid-way in that range.
+# faster (benchmarks/results/gpu/sliced_warps_fit_h100.json). 2.0 sits mid-way in that range; a
+# second H100 start gave the same tie (sliced_warps_fit_h100_rule2.json).
 SLICED_FIXED_STEPS = 2.0
 
 
