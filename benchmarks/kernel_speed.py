@@ -219,8 +219,9 @@ def replay_us(g: torch.cuda.CUDAGraph, n_calls: int, reps: int) -> float:
     for WARMUP_SECONDS."""
     # Without the warm-up, the first path timed on each gate/up shape at one token (the plugin's
     # own) came out 10-13% slower than the same kernel timed later in the same run
-    # (results/README.md, "Timing noise"): ten replays of a few tens of microseconds may all fall
-    # in the GPU's ramp after the host-side setup of the shape's weights.
+    # (results/README.md, "Timing noise"); with it the two agree within 1% on every shape
+    # (kernels_h100_warps_sweep_rule2.json). Ten replays of a few tens of microseconds may otherwise
+    # all fall in the GPU's ramp after the host-side setup of the shape's weights.
     start = time.perf_counter()
     while time.perf_counter() - start < WARMUP_SECONDS:
         g.replay()

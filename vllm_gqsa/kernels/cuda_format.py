@@ -365,8 +365,8 @@ def sliced_warps(pieces: torch.Tensor, K: int, num_sms: int, smem_per_sm: int = 
     """Warps per CTA of the sliced GEMV for 1, 2 and 3 tokens, from a wave count: the CTAs (one
     per piece) run in ceil(pieces / resident) waves, each as long as one warp's share of a piece's
     steps plus a fixed cost of ``fixed_steps`` steps; the count with the shortest total wins. On an
-    H100 it picks the fastest of 4, 8 and 16 in 29 of 36 layer shapes and token counts, and its
-    misses cost 0.01-0.39 us each (``kernel_speed.py --sliced-warps-sweep`` times them and
+    H100 it picks the fastest of 4, 8 and 16 in 29 of 36 layer shapes and token counts, on each of
+    two machine starts, and its misses cost 0.01-0.44 us each (``kernel_speed.py --sliced-warps-sweep`` times them and
     ``fit_sliced_warps.py`` re-fits the fixed cost; csrc/README.md, "One row per lane")."""
     P = pieces.shape[0]
     mean_steps = float(piece_steps(pieces).sum()) / P if P else 0.0
