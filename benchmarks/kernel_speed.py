@@ -621,7 +621,8 @@ def main() -> None:
                         "GEMV and tensor-core kernel timed beside it), or the row layout throughout")
     p.add_argument("--sliced-warps-sweep", action="store_true",
                    help="also time the sliced GEMV at 4, 8 and 16 warps per CTA on every shape and M it "
-                        "serves (gqsa_gemv_w<W>_us), for re-fitting its warps rule (fit_sliced_warps.py)")
+                        "serves (gqsa_gemv_w<W>_us), for re-fitting its warps rule (fit_sliced_warps.py), "
+                        "and on the balance test's matrices (us_w<W>)")
     p.add_argument("--balance-shapes", default="4096x4096,14336x4096",
                    help="comma-separated NxK shapes of the uniform vs heavy-block test (default "
                         "4096x4096, as in earlier runs, and 14336x4096, a layer's size)")
