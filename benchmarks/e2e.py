@@ -11,7 +11,11 @@ makes and serves the model in bf16 (the ``fp16`` configuration is then the dense
 linear layers, attention, norms, the output layer, ...; see profile_decode). ``--layers 1`` keeps
 one decoder layer of the shape: a step's GPU work is then small, and its wall time is mostly the
 engine's own work per step, the floor under every configuration's step at small batches.
-``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout (``VLLM_GQSA_LAYOUT=rows``) instead of
+``--starts 3`` starts each configuration's engine three times, interleaved (the configurations in
+order, then in reverse, ...): one start's tokens/s can move by 5% from the next, more than some of
+the differences measured here, so each batch's tokens/s (and each time to first token) is then the
+median over the starts, with every start's own numbers kept and, against Marlin, the ratio of each
+round's pair of starts. ``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout (``VLLM_GQSA_LAYOUT=rows``) instead of
 the sliced one, for an A/B of the two layouts in one run.
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
@@ -24,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -264,6 +269,29 @@ def run_one(model_dir: str, engine_kwargs: dict, batches: list[int], ttft_prompt
     return out
 
 
+def combine_starts(starts: list[dict]) -> dict:
+    """One configuration's results over its engine starts (``--starts``). A single start is
+    returned as it is. Otherwise each batch's ``output_tokens_per_s`` and each prompt length's
+    ``ttft_ms`` is the median over the starts that ran, beside the list it is taken from; the
+    starts' own results are kept under ``starts``, and ``failed_starts`` counts those that failed."""
+    if len(starts) == 1:
+        return starts[0]
+    ran = [s for s in starts if "error" not in s]
+    out: dict = {"starts": starts, "failed_starts": len(starts) - len(ran)}
+    if not ran:
+        out["error"] = "every start failed"
+        return out
+    for key in sorted({k for s in ran for k in s if k.startswith("batch")}):
+        values = [s[key]["output_tokens_per_s"] for s in ran if key in s]
+        out[key] = {"output_tokens_per_s": round(statistics.median(values), 1), "starts_tokens_per_s": values}
+    for n in sorted({n for s in ran for n in s.get("ttft", {})}, key=int):
+        values = [s["ttft"][n]["ttft_ms"] for s in ran if n in s.get("ttft", {})]
+        out.setdefault("ttft", {})[n] = {"ttft_ms": round(statistics.median(values), 2), "starts_ttft_ms": values}
+    weights = sorted({s.get("weights_gib") for s in ran}, key=str)
+    out["weights_gib"] = weights[0] if len(weights) == 1 else weights
+    return out
+
+
 def weight_memory_gib(log: str) -> float | None:
     """The weights' GPU memory from vLLM's "Model loading took X GiB" log line."""
     m = re.search(r"Model loading took ([0-9.]+) GiB", log)
@@ -295,11 +323,16 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="decoder layers instead of the shape's own: with 1, a decode step's GPU work is "
                         "small, so its wall time is about what the engine spends on each step around it")
+    p.add_argument("--starts", type=int, default=1,
+                   help="engine starts per configuration, interleaved; with more than one, the medians "
+                        "(see the module's documentation)")
     p.add_argument("--out", required=True)
     p.add_argument("--child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.shape.startswith("gemma") and a.dtype != "bfloat16":
         p.error(f"vLLM serves {a.shape} in bfloat16 only: pass --dtype bfloat16")
+    if a.starts < 1:
+        p.error("--starts must be at least 1")
     batches = [int(b) for b in a.batches.split(",")]
     ttft_prompts = [int(n) for n in a.ttft_prompts.split(",") if n]
     profile_batches = tuple(int(b) for b in a.profile_batches.split(",") if b)
@@ -313,13 +346,16 @@ def main(argv=None) -> int:
     import vllm
 
     results = {"shape": a.shape, "layers": a.layers or SHAPES[a.shape]["num_hidden_layers"], "dtype": a.dtype, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN, "command": " ".join(sys.argv),
-               "engine_in_process": bool(profile_batches),
+               "engine_in_process": bool(profile_batches), "starts": a.starts,
                "device": torch.cuda.get_device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
                "gqsa_dispatch": gqsa_dispatch(),
                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_GQSA_")},
                "configs": {}}
-    for name in a.configs.split(","):
-        print(name, flush=True)
+    names = a.configs.split(",")
+    runs = [(r, name) for r in range(a.starts) for name in (names if r % 2 == 0 else names[::-1])]
+    per_start: dict[str, list] = {name: [] for name in names}
+    for r, name in runs:
+        print(name if a.starts == 1 else f"{name} (start {r + 1} of {a.starts})", flush=True)
         tmp = tempfile.mktemp(suffix=".json")
         env = {**os.environ, **CONFIG_ENV.get(name, {}),
                **({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"} if profile_batches else {})}
@@ -333,8 +369,10 @@ def main(argv=None) -> int:
             print(line, end="", flush=True)
             log.append(line)
         rc = proc.wait()
-        results["configs"][name] = json.load(open(tmp)) if rc == 0 else {"error": f"exit code {rc}"}
-        results["configs"][name]["weights_gib"] = weight_memory_gib("".join(log))
+        one = json.load(open(tmp)) if rc == 0 else {"error": f"exit code {rc}"}
+        one["weights_gib"] = weight_memory_gib("".join(log))
+        per_start[name].append(one)
+        results["configs"][name] = combine_starts(per_start[name])
         if name in CONFIG_ENV:
             results["configs"][name]["env"] = CONFIG_ENV[name]
         with open(a.out, "w") as f:  # after every configuration, so a cut-short run keeps its results
@@ -345,6 +383,10 @@ def main(argv=None) -> int:
             key = f"batch{b}"
             if key in r and key in base:
                 r[key]["vs_gptq_marlin"] = round(r[key]["output_tokens_per_s"] / base[key]["output_tokens_per_s"], 3)
+                # Each round's two starts ran close together: their ratios, beside the medians'.
+                mine, marlin = r[key].get("starts_tokens_per_s"), base[key].get("starts_tokens_per_s")
+                if mine and marlin and r.get("failed_starts") == base.get("failed_starts") == 0:
+                    r[key]["vs_gptq_marlin_starts"] = [round(x / y, 3) for x, y in zip(mine, marlin)]
     with open(a.out, "w") as f:
         json.dump(results, f, indent=2)
     print(json.dumps(results, indent=1))

@@ -103,6 +103,28 @@ def test_e2e_config_environments(monkeypatch):
     assert cuda.kernel_layout() == "rows"
 
 
+def test_e2e_combine_starts():
+    """benchmarks/e2e.py --starts: medians over the engine starts that ran, every start kept."""
+    import e2e
+
+    def start(tps1, tps16, ttft, weights=2.9):
+        return {"startup_seconds": 60.0, "batch1": {"seconds": 1.0, "output_tokens_per_s": tps1},
+                "batch16": {"seconds": 1.0, "output_tokens_per_s": tps16},
+                "ttft": {"2048": {"ttft_ms": ttft}}, "weights_gib": weights}
+
+    one = start(400.0, 3000.0, 50.0)
+    assert e2e.combine_starts([one]) is one  # one start: the file reads as before
+    starts = [start(400.0, 3000.0, 50.0), start(440.0, 3100.0, 52.0), {"error": "exit code 1", "weights_gib": None},
+              start(420.0, 2900.0, 49.0)]
+    c = e2e.combine_starts(starts)
+    assert c["starts"] == starts and c["failed_starts"] == 1
+    assert c["batch1"] == {"output_tokens_per_s": 420.0, "starts_tokens_per_s": [400.0, 440.0, 420.0]}
+    assert c["batch16"]["output_tokens_per_s"] == 3000.0
+    assert c["ttft"]["2048"]["ttft_ms"] == 50.0
+    assert c["weights_gib"] == 2.9 and "error" not in c
+    assert e2e.combine_starts(starts[2:3] * 2)["error"] == "every start failed"
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_e2e_model_dtype(tmp_path, dtype):
     """benchmarks/e2e.py --dtype: the model folder it makes is read in that dtype."""
