@@ -15,8 +15,8 @@ engine's own work per step, the floor under every configuration's step at small 
 order, then in reverse, ...): one start's tokens/s can move by 5% from the next, more than some of
 the differences measured here, so each batch's tokens/s (and each time to first token) is then the
 median over the starts, with every start's own numbers kept and, against Marlin, the ratio of each
-round's pair of starts. ``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout (``VLLM_GQSA_LAYOUT=rows``) instead of
-the sliced one, for an A/B of the two layouts in one run.
+round's pair of starts. ``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout
+(``VLLM_GQSA_LAYOUT=rows``) instead of the sliced one, for an A/B of the two layouts in one run.
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
