@@ -292,6 +292,23 @@ def combine_starts(starts: list[dict]) -> dict:
     return out
 
 
+def add_marlin_ratios(configs: dict, batches: list[int]) -> None:
+    """Each configuration's tokens/s against ``gptq-marlin``'s at each batch (``vs_gptq_marlin``),
+    and with ``--starts``, against Marlin's start of the same round (``vs_gptq_marlin_starts``):
+    the two starts of a round ran close together. Rounds that have not run both yet (a run cut
+    short) are left out."""
+    base = configs.get("gptq-marlin", {})
+    for r in configs.values():
+        for key in (f"batch{b}" for b in batches):
+            if key not in r or key not in base:
+                continue
+            r[key]["vs_gptq_marlin"] = round(r[key]["output_tokens_per_s"] / base[key]["output_tokens_per_s"], 3)
+            mine, marlin = r[key].get("starts_tokens_per_s"), base[key].get("starts_tokens_per_s")
+            # The i-th value of each list is the i-th round's start only while none has failed.
+            if mine and marlin and r.get("failed_starts") == base.get("failed_starts") == 0:
+                r[key]["vs_gptq_marlin_starts"] = [round(x / y, 3) for x, y in zip(mine, marlin)]
+
+
 def weight_memory_gib(log: str) -> float | None:
     """The weights' GPU memory from vLLM's "Model loading took X GiB" log line."""
     m = re.search(r"Model loading took ([0-9.]+) GiB", log)
@@ -375,20 +392,9 @@ def main(argv=None) -> int:
         results["configs"][name] = combine_starts(per_start[name])
         if name in CONFIG_ENV:
             results["configs"][name]["env"] = CONFIG_ENV[name]
+        add_marlin_ratios(results["configs"], batches)
         with open(a.out, "w") as f:  # after every configuration, so a cut-short run keeps its results
             json.dump(results, f, indent=2)
-    base = results["configs"].get("gptq-marlin", {})
-    for name, r in results["configs"].items():
-        for b in batches:
-            key = f"batch{b}"
-            if key in r and key in base:
-                r[key]["vs_gptq_marlin"] = round(r[key]["output_tokens_per_s"] / base[key]["output_tokens_per_s"], 3)
-                # Each round's two starts ran close together: their ratios, beside the medians'.
-                mine, marlin = r[key].get("starts_tokens_per_s"), base[key].get("starts_tokens_per_s")
-                if mine and marlin and r.get("failed_starts") == base.get("failed_starts") == 0:
-                    r[key]["vs_gptq_marlin_starts"] = [round(x / y, 3) for x, y in zip(mine, marlin)]
-    with open(a.out, "w") as f:
-        json.dump(results, f, indent=2)
     print(json.dumps(results, indent=1))
     return 0
 

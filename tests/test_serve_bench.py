@@ -125,6 +125,31 @@ def test_e2e_combine_starts():
     assert e2e.combine_starts(starts[2:3] * 2)["error"] == "every start failed"
 
 
+def test_e2e_marlin_ratios_cut_short():
+    """benchmarks/e2e.py: ratios to Marlin are written after every start, so a run cut short
+    during a round keeps the ratios of the rounds that ran both starts."""
+    import e2e
+
+    def starts(*tps):
+        return e2e.combine_starts([{"batch1": {"output_tokens_per_s": t}} for t in tps])
+
+    configs = {"gptq-marlin": starts(300.0, 280.0, 290.0), "gqsa-s50": starts(420.0, 406.0)}
+    e2e.add_marlin_ratios(configs, [1, 16])
+    assert configs["gqsa-s50"]["batch1"]["vs_gptq_marlin"] == round(413.0 / 290.0, 3)
+    assert configs["gqsa-s50"]["batch1"]["vs_gptq_marlin_starts"] == [1.4, 1.45]
+    assert configs["gptq-marlin"]["batch1"]["vs_gptq_marlin"] == 1.0
+    assert "batch16" not in configs["gqsa-s50"]
+    # After a failed start the lists no longer pair rounds: no per-round ratios.
+    configs["gqsa-s50"] = e2e.combine_starts([{"batch1": {"output_tokens_per_s": 420.0}}, {"error": "exit code 1"}])
+    e2e.add_marlin_ratios(configs, [1])
+    assert "vs_gptq_marlin_starts" not in configs["gqsa-s50"]["batch1"]
+    # One start each: the plain ratio only.
+    one = {"gptq-marlin": {"batch1": {"output_tokens_per_s": 300.0}},
+           "gqsa-s50": {"batch1": {"output_tokens_per_s": 405.0}}}
+    e2e.add_marlin_ratios(one, [1])
+    assert one["gqsa-s50"]["batch1"] == {"output_tokens_per_s": 405.0, "vs_gptq_marlin": 1.35}
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_e2e_model_dtype(tmp_path, dtype):
     """benchmarks/e2e.py --dtype: the model folder it makes is read in that dtype."""
