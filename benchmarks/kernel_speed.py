@@ -252,16 +252,17 @@ def measure_read_bandwidth() -> float:
 
 @functools.cache
 def _read_kernel():
-    """A Triton kernel that only streams its input: each program sums BLOCK int32 with wide,
-    evict-first loads and stores one number, so the time is launch, ramp-up and the read itself."""
+    """A Triton kernel that only streams its input: each program sums BLOCK int32 with wide loads
+    of the cache policy EVICTION ("evict_first" for the read floor) and stores one number, so the
+    time is launch, ramp-up and the read itself."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def read(src, out, n, BLOCK: tl.constexpr):
+    def read(src, out, n, BLOCK: tl.constexpr, EVICTION: tl.constexpr):
         pid = tl.program_id(0)
         offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        v = tl.load(src + offs, mask=offs < n, other=0, eviction_policy="evict_first")
+        v = tl.load(src + offs, mask=offs < n, other=0, eviction_policy=EVICTION)
         tl.store(out + pid, tl.sum(v, axis=0))
 
     return read
@@ -283,7 +284,8 @@ def read_floor_us(nbytes: int, copies: int, reps: int) -> tuple:
         for block, warps in READ_FLOOR_CONFIGS:
             grid = (triton.cdiv(n, block),)
             out = torch.empty(grid[0], dtype=torch.int32, device="cuda")
-            us = time_graph([lambda b=b: read[grid](b, out, n, BLOCK=block, num_warps=warps) for b in bufs], reps)
+            us = time_graph([lambda b=b: read[grid](b, out, n, BLOCK=block, EVICTION="evict_first", num_warps=warps)
+                             for b in bufs], reps)
             best = min(best, (us, f"triton_read_{block}x{warps}"))
     except Exception as e:  # no Triton, or it cannot compile here: the torch read alone
         print(f"read floor: Triton read kernel unavailable ({type(e).__name__}: {e})"[:300], flush=True)

@@ -20,7 +20,6 @@ Two measurements, Llama-2-7B shapes, one token, random W4 S50% g16 layers in the
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 from pathlib import Path
@@ -33,29 +32,15 @@ import kernel_speed as ks  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
 
 
-@functools.cache
-def _keep_kernel():
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def keep(src, out, n, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        v = tl.load(src + offs, mask=offs < n, other=0, eviction_policy="evict_last")
-        tl.store(out + pid, tl.sum(v, axis=0))
-
-    return keep
-
-
 def keep_in_l2(tensors, scratch):
-    """Read every byte of `tensors` (int32 views) so that L2 holds them."""
-    keep = _keep_kernel()
+    """Read every byte of `tensors` (int32 views) so that L2 holds them: kernel_speed.py's read
+    kernel with evict_last loads."""
+    read = ks._read_kernel()
     for t in tensors:
         v = t.view(torch.int32).reshape(-1)
         block = 4096
         grid = (-(-v.numel() // block),)
-        keep[grid](v, scratch, v.numel(), BLOCK=block, num_warps=8)
+        read[grid](v, scratch, v.numel(), BLOCK=block, EVICTION="evict_last", num_warps=8)
 
 
 def main() -> None:
