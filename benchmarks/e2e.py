@@ -16,7 +16,8 @@ order, then in reverse, ...): one start's tokens/s can move by 5% from the next,
 the differences measured here, so each batch's tokens/s (and each time to first token) is then the
 median over the starts, with every start's own numbers kept and, against Marlin, the ratio of each
 round's pair of starts. ``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout
-(``VLLM_GQSA_LAYOUT=rows``) instead of the sliced one, for an A/B of the two layouts in one run.
+(``VLLM_GQSA_LAYOUT=rows``) instead of the sliced one, for an A/B of the two layouts in one run,
+and ``gqsa-s50-unfused`` with each RMSNorm left a kernel of its own (``VLLM_GQSA_SPLIT_NORM=0``).
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
@@ -97,9 +98,12 @@ CONFIGS = {
     # The default checkpoint in the row layout instead of the sliced one (VLLM_GQSA_LAYOUT=rows,
     # CONFIG_ENV below), for an A/B of the two layouts in one run.
     "gqsa-s50-rows": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
+    # The default checkpoint with each RMSNorm a kernel of its own (VLLM_GQSA_SPLIT_NORM=0) instead of
+    # split between the GQSA layers around it (vllm_gqsa/fusion.py), for an A/B.
+    "gqsa-s50-unfused": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
 }
 # Environment variables a configuration's process runs with (read by the plugin at load time).
-CONFIG_ENV = {"gqsa-s50-rows": {"VLLM_GQSA_LAYOUT": "rows"}}
+CONFIG_ENV = {"gqsa-s50-rows": {"VLLM_GQSA_LAYOUT": "rows"}, "gqsa-s50-unfused": {"VLLM_GQSA_SPLIT_NORM": "0"}}
 PROMPT_LEN, GEN_LEN = 128, 256
 # --profile-batches: decode steps in the profiled generation (after its prefill).
 PROFILE_STEPS = 64

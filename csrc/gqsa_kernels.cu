@@ -666,6 +666,118 @@ __global__ void __launch_bounds__(kDequantThreads)
 }
 
 // ---------------------------------------------------------------------------------------------
+// The norm split between two sliced GEMVs (gqsa_kernels.h, NormSplit): the copy of the second's x.
+
+// The largest |g| = |T(h * weight)| the split's fast path takes: g must be finite in fp16, whose
+// every finite value the GEMV's copy of x takes without overflow (kXScaleLog2). A larger one
+// (bf16 only, or fp16 h times a weight over 1) sends the GEMV after the norm to vLLM's normalized x.
+constexpr float kSplitGLimit = 65504.f;
+
+// vLLM's normalized x, T(T(h * r) * weight), from h = split.residual [M, K] and split.weight, into
+// the shared copy as copy_x_to_shared stores x: the split's path for a launch whose g is too large.
+template <typename T, int G, int M, int kThreads>
+__device__ __forceinline__ void copy_normed_x_to_shared(const NormSplit& split, const float (&r)[M], uint4* x_shared,
+                                                        int K) {
+  const int chunks = K / kWordWeights;
+  const uint4* h_chunks = static_cast<const uint4*>(split.residual);
+  for (int i = threadIdx.x; i < M * chunks; i += kThreads) {
+    const int m = M == 1 ? 0 : i / chunks;
+    const int c = i - m * chunks;
+    float rm = r[0];
+#pragma unroll
+    for (int mm = 1; mm < M; ++mm) rm = mm == m ? r[mm] : rm;
+    const uint4 hv = __ldcg(h_chunks + i);
+    const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w};
+    uint32_t out[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 h = Act<T>::unpack(Act<T>::pack(Act<T>::unpack(hw[k]).x * rm, Act<T>::unpack(hw[k]).y * rm));
+      float2 w = make_float2(1.f, 1.f);
+      const int col = c * kWordWeights + 2 * k;
+      if (split.weight != nullptr)
+        w = split.weight_fp32 ? make_float2(__ldg(static_cast<const float*>(split.weight) + col),
+                                            __ldg(static_cast<const float*>(split.weight) + col + 1))
+                              : Act<T>::unpack(__ldg(reinterpret_cast<const unsigned int*>(
+                                    static_cast<const T*>(split.weight) + col)));
+      out[k] = Act<T>::pack(h.x * w.x, h.y * w.y);
+    }
+    x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] =
+        Act<T>::template x_pairs<kXScaleLog2<G>>(make_uint4(out[0], out[1], out[2], out[3]));
+  }
+}
+
+// The x copy of the GEMV after a split norm: g [M, K] goes into shared memory as a plain x does,
+// and r_out[m] gets the factor of token m's sums, r = rsqrt(mean(h^2) + eps) from the first GEMV's
+// per-CTA sums stats[m * pieces + p] (1 where g was too large, and the copy is then vLLM's
+// normalized x). The first stats' loads go out before g's, so that both L2 round trips overlap;
+// the CTA's threads each sum a stride of them, the warps' sums meet in shared memory, and every
+// thread adds those in warp order: the same r in every CTA, each stat read once per CTA. Every
+// thread of the CTA must call it; the caller synchronizes before reading the copy or r_out.
+template <typename T, int G, int M, int kThreads>
+__device__ __forceinline__ void copy_split_x_to_shared(const T* __restrict__ g, const NormSplit& split,
+                                                       uint4* x_shared, float* r_out, int K) {
+  constexpr int kStatLoads = 4;
+  constexpr int kWarps = kThreads / kWarpSize;
+  __shared__ float warp_sums[kWarps][M];
+  __shared__ int warp_over[kWarps];
+  const int pieces = split.stats_pieces;
+  const float* stats = split.stats;
+  float v[M][kStatLoads];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int j = 0; j < kStatLoads; ++j) {
+      const int p = threadIdx.x + j * kThreads;
+      v[m][j] = p < pieces ? __ldcg(stats + m * pieces + p) : 0.f;
+    }
+  }
+  copy_x_to_shared<T, G, M, kThreads>(g, x_shared, K);
+
+  // A negative stat is -1 - the sum of a CTA whose g was too large.
+  bool over = false;
+  float t[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    t[m] = 0.f;
+#pragma unroll
+    for (int j = 0; j < kStatLoads; ++j) {
+      over |= v[m][j] < 0.f;
+      t[m] += v[m][j] < 0.f ? -1.f - v[m][j] : v[m][j];
+    }
+    for (int p = threadIdx.x + kStatLoads * kThreads; p < pieces; p += kThreads) {  // over 4 per thread
+      const float s = __ldcg(stats + m * pieces + p);
+      over |= s < 0.f;
+      t[m] += s < 0.f ? -1.f - s : s;
+    }
+  }
+  const int warp = threadIdx.x / kWarpSize;
+  const bool warp_is_over = __any_sync(0xFFFFFFFFu, over);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float sum = warp_sum(t[m]);
+    if (threadIdx.x % kWarpSize == 0) warp_sums[warp][m] = sum;
+  }
+  if (threadIdx.x % kWarpSize == 0) warp_over[warp] = warp_is_over;
+  __syncthreads();
+  float r[M];
+  bool any_over = false;
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][m];
+    r[m] = rsqrtf(sum / static_cast<float>(K) + split.eps);
+  }
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) any_over |= warp_over[w] != 0;
+  if (any_over) copy_normed_x_to_shared<T, G, M, kThreads>(split, r, x_shared, K);  // CTA-uniform
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    if (threadIdx.x == m) r_out[m] = any_over ? 1.f : r[m];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Sliced GEMV: one row per lane (G = 16, 1 to 3 tokens)
 //
 // In the sliced layout (gqsa_kernels.h) a lane owns one row and a step gives each lane 32 bytes of
@@ -686,11 +798,14 @@ struct SlicedStep {
 };
 static_assert(kStepGroups == 4, "a step is two 16-byte loads of codes and one of meta per lane");
 
-template <typename T, int M, int kW>
+// kSplit: a NormSplitMode, the part of a split norm this launch does (gqsa_kernels.h).
+template <typename T, int M, int kW, int kSplit>
 __global__ void __launch_bounds__(kW * kWarpSize)
     sliced_gemv_kernel(const T* __restrict__ x, const int2* __restrict__ places, const int4* __restrict__ pieces,
                        const uint4* __restrict__ codes, const uint4* __restrict__ meta, float* __restrict__ workspace,
-                       int32_t* __restrict__ counters, T* __restrict__ y, int N, int K) {
+                       int32_t* __restrict__ counters, T* __restrict__ y, int N, int K, const NormSplit split) {
+  constexpr bool kAddStats = kSplit == static_cast<int>(NormSplitMode::kAddStats);
+  constexpr bool kFromStats = kSplit == static_cast<int>(NormSplitMode::kFromStats);
   constexpr int G = 16;
   constexpr int kB = kSlicedBatch;
   extern __shared__ uint4 x_shared[];
@@ -720,8 +835,33 @@ __global__ void __launch_bounds__(kW * kWarpSize)
   };
   load(batch_a, b);
 
+  // kAddStats: warp 0's row, residual and norm weight, loaded now so that their L2 round trips
+  // overlap the main loop instead of following it in the epilogue.
+  int row = -1;
+  uint16_t res_bits[M];
+  float w = 1.f;
+  if constexpr (kAddStats) {
+    if (warp == 0) {
+      row = places[piece.x * kSliceRows + lane].x;
+#pragma unroll
+      for (int m = 0; m < M; ++m)
+        res_bits[m] = row >= 0 ? __ldcg(reinterpret_cast<const unsigned short*>(split.residual) +
+                                        static_cast<size_t>(m) * N + row)
+                               : 0;
+      if (row >= 0 && split.weight != nullptr)
+        w = split.weight_fp32 ? __ldg(static_cast<const float*>(split.weight) + row)
+                              : Act<T>::unpack(static_cast<uint32_t>(
+                                    __ldg(reinterpret_cast<const unsigned short*>(split.weight) + row))).x;
+    }
+  }
+
   // x into shared memory while the first weights are in flight, as gemv_kernel does.
-  copy_x_to_shared<T, G, M, kW * kWarpSize>(x, x_shared, K);
+  __shared__ float split_r[M];  // kFromStats: the factors of the sums (copy_split_x_to_shared)
+  if constexpr (kFromStats) {
+    copy_split_x_to_shared<T, G, M, kW * kWarpSize>(x, split, x_shared, split_r, K);
+  } else {
+    copy_x_to_shared<T, G, M, kW * kWarpSize>(x, x_shared, K);
+  }
   __syncthreads();
 
   float acc[M];
@@ -769,7 +909,7 @@ __global__ void __launch_bounds__(kW * kWarpSize)
   __syncthreads();
   if (warp != 0) return;
   const int slice = piece.x;
-  const int row = places[slice * kSliceRows + lane].x;
+  if constexpr (!kAddStats) row = places[slice * kSliceRows + lane].x;
   float v[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -778,6 +918,9 @@ __global__ void __launch_bounds__(kW * kWarpSize)
     for (int w = 0; w < kW; ++w) v[m] += part[w][m][lane];
   }
   const int n_pieces = static_cast<int>(static_cast<uint32_t>(piece.w) >> 16);
+  // kAddStats: the slot of stats a slice's sum goes to, its first piece's (the same slot whichever
+  // piece finishes the slice); every other piece's slot gets 0.
+  int stat_slot = blockIdx.x;
   if (n_pieces > 1) {
     // Each piece of a cut slice leaves its sums in the workspace; the last to finish adds them in
     // piece order (the same sum whatever the finishing order) and sets the counter back to 0.
@@ -788,9 +931,16 @@ __global__ void __launch_bounds__(kW * kWarpSize)
     __syncwarp();
     int done = 0;
     if (lane == 0) done = atomicAdd(counters + slice, 1);
+    const int first = blockIdx.x - (piece.w & 0xFFFF);
+    if constexpr (kAddStats) {
+      if (lane == 0 && static_cast<int>(blockIdx.x) != first) {
+#pragma unroll
+        for (int m = 0; m < M; ++m) split.stats[m * gridDim.x + blockIdx.x] = 0.f;
+      }
+      stat_slot = first;
+    }
     if (__shfl_sync(0xffffffffu, done, 0) != n_pieces - 1) return;
     __threadfence();
-    const int first = blockIdx.x - (piece.w & 0xFFFF);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
       v[m] = 0.f;
@@ -799,9 +949,31 @@ __global__ void __launch_bounds__(kW * kWarpSize)
     }
     if (lane == 0) counters[slice] = 0;
   }
-  if (row >= 0) {
+  if constexpr (kAddStats) {
+    // h = T(y) + residual, as vLLM adds the layer's rounded output to the residual stream.
+    T* residual_out = static_cast<T*>(split.residual_out);
 #pragma unroll
-    for (int m = 0; m < M; ++m) y[static_cast<size_t>(m) * N + row] = Act<T>::from_float(v[m]);
+    for (int m = 0; m < M; ++m) {
+      float h = 0.f;
+      bool over = false;
+      if (row >= 0) {
+        const size_t at = static_cast<size_t>(m) * N + row;
+        h = Act<T>::unpack(Act<T>::pack(v[m], 0.f)).x + Act<T>::unpack(static_cast<uint32_t>(res_bits[m])).x;
+        residual_out[at] = Act<T>::from_float(h);
+        const float g = Act<T>::unpack(Act<T>::pack(h * w, 0.f)).x;
+        static_cast<T*>(split.g)[at] = Act<T>::from_float(g);
+        over = !(fabsf(g) <= kSplitGLimit);  // NaN too
+      }
+      const float sum = warp_sum(h * h);
+      over = __any_sync(0xFFFFFFFFu, over);
+      if (lane == 0) split.stats[m * gridDim.x + stat_slot] = over ? -1.f - sum : sum;
+    }
+  } else if (row >= 0) {
+#pragma unroll
+    for (int m = 0; m < M; ++m) {
+      const float scale = kFromStats ? split_r[m] : 1.f;
+      y[static_cast<size_t>(m) * N + row] = Act<T>::from_float(v[m] * scale);
+    }
   }
 }
 
@@ -1951,11 +2123,12 @@ struct SlicedArgs {
   void* y;
   int N, K;
   cudaStream_t stream;
+  NormSplit split;
 };
 
-template <typename T, int M, int kW>
+template <typename T, int M, int kW, int kSplit>
 cudaError_t launch_sliced(const SlicedArgs& a) {
-  const auto kernel = sliced_gemv_kernel<T, M, kW>;
+  const auto kernel = sliced_gemv_kernel<T, M, kW, kSplit>;
   const size_t smem = shared_x_bytes(M, a.K);
   if (smem > 48 * 1024) {  // above 48 KB, dynamic shared memory must be allowed per kernel
     const cudaError_t err =
@@ -1964,16 +2137,26 @@ cudaError_t launch_sliced(const SlicedArgs& a) {
   }
   kernel<<<a.num_pieces, kW * kWarpSize, smem, a.stream>>>(static_cast<const T*>(a.x), a.places, a.pieces, a.codes,
                                                            a.meta, a.workspace, a.counters, static_cast<T*>(a.y),
-                                                           a.N, a.K);
+                                                           a.N, a.K, a.split);
   return cudaGetLastError();
+}
+
+template <typename T, int M, int kW>
+cudaError_t launch_sliced_split(const SlicedArgs& a) {
+  switch (a.split.mode) {
+    case NormSplitMode::kNone: return launch_sliced<T, M, kW, static_cast<int>(NormSplitMode::kNone)>(a);
+    case NormSplitMode::kAddStats: return launch_sliced<T, M, kW, static_cast<int>(NormSplitMode::kAddStats)>(a);
+    case NormSplitMode::kFromStats: return launch_sliced<T, M, kW, static_cast<int>(NormSplitMode::kFromStats)>(a);
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename T, int M>
 cudaError_t sliced_for_warps(const SlicedArgs& a, int warps) {
   switch (warps) {
-    case 4: return launch_sliced<T, M, 4>(a);
-    case 8: return launch_sliced<T, M, 8>(a);
-    case 16: return launch_sliced<T, M, 16>(a);
+    case 4: return launch_sliced_split<T, M, 4>(a);
+    case 8: return launch_sliced_split<T, M, 8>(a);
+    case 16: return launch_sliced_split<T, M, 16>(a);
     default: return cudaErrorInvalidValue;
   }
 }
@@ -2052,7 +2235,7 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
 
 cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
                         const int32_t* codes, const int32_t* meta, float* workspace, int32_t* counters, void* y,
-                        int M, int N, int K, const int* warps_for, cudaStream_t stream) {
+                        int M, int N, int K, const int* warps_for, cudaStream_t stream, const NormSplit& split) {
   if (!shape_ok(N, K, 16) || M < 0 || num_pieces < 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (num_pieces == 0) return cudaErrorInvalidValue;  // every slice has a piece, and N > 0
@@ -2066,10 +2249,22 @@ cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, co
   const size_t elem = 2;  // fp16 and bf16
   for (int m0 = 0; m0 < M; m0 += per_launch) {
     const int m = M - m0 < per_launch ? M - m0 : per_launch;
+    NormSplit s = split;  // its per-token tensors offset to this launch's tokens
+    const size_t at = static_cast<size_t>(m0) * N;
+    if (s.mode == NormSplitMode::kAddStats) {
+      s.residual = static_cast<const char*>(s.residual) + at * elem;
+      s.residual_out = static_cast<char*>(s.residual_out) + at * elem;
+      s.g = static_cast<char*>(s.g) + at * elem;
+      s.stats += static_cast<size_t>(m0) * num_pieces;
+    } else if (s.mode == NormSplitMode::kFromStats) {
+      s.residual = static_cast<const char*>(s.residual) + static_cast<size_t>(m0) * K * elem;
+      s.stats += static_cast<size_t>(m0) * s.stats_pieces;
+    }
     const SlicedArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem,
                        reinterpret_cast<const int2*>(sell_rows), reinterpret_cast<const int4*>(pieces), num_pieces,
                        reinterpret_cast<const uint4*>(codes), reinterpret_cast<const uint4*>(meta), workspace, counters,
-                       static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, N, K, stream};
+                       y == nullptr ? nullptr : static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, N, K,
+                       stream, s};
     const int warps = warps_for != nullptr ? warps_for[m - 1] : 8;
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {

@@ -76,17 +76,45 @@ constexpr int kSlotsPerStep = kStepGroups * kSliceRows;
 // Tokens per launch of the sliced GEMV (fewer when x would not fit its shared memory).
 constexpr int kMaxSlicedTokens = 3;
 
+// A decoder layer's RMSNorm (vLLM's fused_add_rms_norm) split between the two sliced GEMVs around
+// it, o and gate/up or down and the next q/k/v, so that it is no kernel of its own:
+//  - kAddStats, on the GEMV before it: h = T(y) + residual in fp32 for each of its outputs y; it
+//    writes residual_out = T(h), g = T(h * weight) (T(h) without a weight) and, per token and CTA,
+//    the sum of h^2 over the CTA's rows into stats [M, num_pieces] (0 from a piece that finishes
+//    no row), or -1 - that sum where h * weight is too large for the GEMV's fp16 copy of x
+//    (kSplitGLimit). y itself is not written.
+//  - kFromStats, on the GEMV after it: x is g; every CTA sums stats[m, 0 .. stats_pieces) in one
+//    fixed order, r = rsqrt(sum / K + eps), and, since r is one number per token, computes
+//    y = T(r * (W g)): g is copied as a plain x is, and r scales the sums in the epilogue. Where a
+//    stat is negative the CTA copies vLLM's normalized x, T(T(h * r) * weight), from residual (h,
+//    the first GEMV's residual_out) and weight instead, and does not scale.
+// vLLM rounds T(h * r) before the weight; the fast path rounds h * weight once and scales in fp32.
+enum class NormSplitMode { kNone, kAddStats, kFromStats };
+struct NormSplit {
+  NormSplitMode mode = NormSplitMode::kNone;
+  const void* residual = nullptr;  // [M, N] (kAddStats) or [M, K] (kFromStats, h) of x's dtype
+  const void* weight = nullptr;    // [N] or [K] of x's dtype, or fp32 with weight_fp32, or null
+  bool weight_fp32 = false;
+  void* residual_out = nullptr;    // kAddStats: [M, N] of x's dtype
+  void* g = nullptr;               // kAddStats: [M, N] of x's dtype
+  float* stats = nullptr;          // kAddStats: [M, num_pieces], written; kFromStats: [M, stats_pieces]
+  int stats_pieces = 0;            // kFromStats: the GEMV before's num_pieces
+  float eps = 0.f;                 // kFromStats
+};
+
 // y[M, N] = x[M, K] @ W.T for a layer in the sliced layout: one CTA per piece, one row per lane,
 // warps_for[m - 1] warps (4, 8 or 16) per CTA for launches of m tokens. A slice cut into pieces
 // leaves each piece's sums in workspace (sliced_workspace_floats(num_pieces) floats, any
 // contents), and the last to finish adds them in piece order; counters (one per slice, zeros)
-// count them and are left zero. Any M: one launch per kMaxSlicedTokens tokens.
+// count them and are left zero. Any M: one launch per kMaxSlicedTokens tokens. With split (see
+// NormSplit), x is g for kFromStats, and y is not written for kAddStats.
 constexpr size_t sliced_workspace_floats(int num_pieces) {
   return static_cast<size_t>(num_pieces) * kMaxSlicedTokens * kSliceRows;
 }
 cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
                         const int32_t* codes, const int32_t* meta, float* workspace, int32_t* counters, void* y,
-                        int M, int N, int K, const int* warps_for, cudaStream_t stream);
+                        int M, int N, int K, const int* warps_for, cudaStream_t stream,
+                        const NormSplit& split = NormSplit{});
 
 // Batched decode on tensor cores: tokens per launch (tc_gemm launches once per slice of this
 // many), rows of W per CTA, input channels per pipeline stage, threads per CTA.

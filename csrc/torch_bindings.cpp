@@ -39,7 +39,9 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <string>
+#include <tuple>
 
 #include "gqsa_kernels.h"
 
@@ -51,6 +53,12 @@ constexpr int64_t kVectorBytes = 16;  // the kernels read x and write W with 16-
 // through an ostream inside this extension crashed the JIT build on the GPU machine (a libstdc++
 // locale mismatch, seen as a segfault in ostream::_M_insert<long>).
 std::string num(int64_t v) { return std::to_string(v); }
+
+std::string shape_of(c10::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + num(sizes[i]);
+  return s + "]";
+}
 
 std::string shape(const at::Tensor& t) {
   std::string s = "[";
@@ -159,9 +167,11 @@ int64_t check_sell_rows(const at::Tensor& sell_rows, int64_t n_out, const at::De
   return places;
 }
 
-at::Tensor gqsa_sliced_gemv(const at::Tensor& x, const at::Tensor& sell_rows, const at::Tensor& pieces,
+// gqsa_sliced_gemv, with a part of a split norm (gqsa::NormSplit) or none; y is undefined for
+// kAddStats.
+at::Tensor sliced_gemv_call(const at::Tensor& x, const at::Tensor& sell_rows, const at::Tensor& pieces,
                             const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& counters,
-                            int64_t n_out, c10::IntArrayRef warps) {
+                            int64_t n_out, c10::IntArrayRef warps, gqsa::NormSplit split) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_sliced_gemv: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_sliced_gemv: x must be contiguous");
@@ -200,7 +210,8 @@ at::Tensor gqsa_sliced_gemv(const at::Tensor& x, const at::Tensor& sell_rows, co
   check_input_size(K, 16);
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % kVectorBytes == 0, "gqsa_sliced_gemv: x must be 16-byte aligned");
 
-  at::Tensor y = at::empty({M, n_out}, x.options());
+  const bool add_stats = split.mode == gqsa::NormSplitMode::kAddStats;
+  at::Tensor y = add_stats ? at::Tensor() : at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   // The cut slices' partial sums: written before they are read in every call, so never zeroed.
@@ -209,11 +220,85 @@ at::Tensor gqsa_sliced_gemv(const at::Tensor& x, const at::Tensor& sell_rows, co
                 x.options().dtype(at::kFloat));
   check_launch(gqsa::sliced_gemv(dtype, x.data_ptr(), sell_rows.data_ptr<int32_t>(), pieces.data_ptr<int32_t>(),
                                  static_cast<int>(pieces.size(0)), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
-                                 workspace.data_ptr<float>(), counters.data_ptr<int32_t>(), y.data_ptr(),
-                                 static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K), warps_for,
-                                 at::cuda::getCurrentCUDAStream()),
+                                 workspace.data_ptr<float>(), counters.data_ptr<int32_t>(),
+                                 add_stats ? nullptr : y.data_ptr(), static_cast<int>(M), static_cast<int>(n_out),
+                                 static_cast<int>(K), warps_for, at::cuda::getCurrentCUDAStream(), split),
                "gqsa_sliced_gemv");
   return y;
+}
+
+at::Tensor gqsa_sliced_gemv(const at::Tensor& x, const at::Tensor& sell_rows, const at::Tensor& pieces,
+                            const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& counters,
+                            int64_t n_out, c10::IntArrayRef warps) {
+  return sliced_gemv_call(x, sell_rows, pieces, codes, meta, counters, n_out, warps, gqsa::NormSplit{});
+}
+
+// A contiguous, 16-byte aligned tensor of the given shape, dtype and device, or an error naming it.
+void check_dense(const char* op, const char* name, const at::Tensor& t, c10::IntArrayRef sizes, at::ScalarType dtype,
+                 const at::Device& device) {
+  TORCH_CHECK(t.sizes() == sizes && t.scalar_type() == dtype && t.device() == device && t.is_contiguous() &&
+                  reinterpret_cast<uintptr_t>(t.data_ptr()) % kVectorBytes == 0,
+              op, ": ", name, " must be a contiguous, 16-byte aligned ", shape_of(sizes), " ", c10::toString(dtype),
+              " tensor on ", device.str(), ", got ", shape(t), " ", c10::toString(t.scalar_type()), " on ",
+              t.device().str());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes, const at::Tensor& meta,
+    const at::Tensor& counters, int64_t n_out, c10::IntArrayRef warps) {
+  const char* op = "gqsa_sliced_gemv_add_stats";
+  kernel_dtype(x.scalar_type(), "x");  // an error unless fp16 or bf16
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x));
+  const int64_t M = x.size(0);
+  check_dense(op, "residual", residual, {M, n_out}, x.scalar_type(), x.device());
+  gqsa::NormSplit split;
+  split.mode = gqsa::NormSplitMode::kAddStats;
+  split.residual = residual.data_ptr();
+  if (weight.has_value()) {
+    const at::ScalarType wt = weight->scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+    check_dense(op, "weight", *weight, {n_out}, wt, x.device());
+    split.weight = weight->data_ptr();
+    split.weight_fp32 = wt == at::kFloat;
+  }
+  at::Tensor residual_out = at::empty_like(residual);
+  at::Tensor g = at::empty({M, n_out}, x.options());
+  // Every slot is written: a sum by the piece that finishes a slice, 0 by the others.
+  at::Tensor stats = at::empty({M, pieces.dim() == 2 ? pieces.size(0) : 0}, x.options().dtype(at::kFloat));
+  split.residual_out = residual_out.data_ptr();
+  split.g = g.data_ptr();
+  split.stats = stats.data_ptr<float>();
+  if (n_out == 0) stats.zero_();  // no GEMV runs: h is empty, and so are its sums
+  sliced_gemv_call(x, sell_rows, pieces, codes, meta, counters, n_out, warps, split);
+  return {residual_out, g, stats};
+}
+
+at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& stats, double eps,
+                                       const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes,
+                                       const at::Tensor& meta, const at::Tensor& counters, int64_t n_out,
+                                       c10::IntArrayRef warps) {
+  const char* op = "gqsa_sliced_gemv_from_stats";
+  kernel_dtype(g.scalar_type(), "g");  // an error unless fp16 or bf16
+  TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D [M, K], got shape ", shape(g));
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.size(0) && stats.size(1) > 0 && stats.size(1) < INT32_MAX, op,
+              ": stats must be [M, pieces of the GEMV before] with M = ", num(g.size(0)), ", got ", shape(stats));
+  check_dense(op, "stats", stats, stats.sizes(), at::kFloat, g.device());
+  check_dense(op, "residual", residual, g.sizes(), g.scalar_type(), g.device());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  gqsa::NormSplit split;
+  split.mode = gqsa::NormSplitMode::kFromStats;
+  split.residual = residual.data_ptr();
+  if (weight.has_value()) {
+    const at::ScalarType wt = weight->scalar_type() == at::kFloat ? at::kFloat : g.scalar_type();
+    check_dense(op, "weight", *weight, {g.size(1)}, wt, g.device());
+    split.weight = weight->data_ptr();
+    split.weight_fp32 = wt == at::kFloat;
+  }
+  split.stats = stats.data_ptr<float>();
+  split.stats_pieces = static_cast<int>(stats.size(1));
+  split.eps = static_cast<float>(eps);
+  return sliced_gemv_call(g, sell_rows, pieces, codes, meta, counters, n_out, warps, split);
 }
 
 // The tensor-core ops' optional layer counters and split count, checked against the layer.
@@ -384,6 +469,11 @@ TORCH_LIBRARY(vllm_gqsa, m) {
         "int x_staging=-1) -> Tensor");
   m.def("gqsa_sliced_gemv(Tensor x, Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta, "
         "Tensor counters, int n_out, int[] warps=[]) -> Tensor");
+  m.def("gqsa_sliced_gemv_add_stats(Tensor x, Tensor residual, Tensor? weight, Tensor sell_rows, Tensor pieces, "
+        "Tensor codes, Tensor meta, Tensor counters, int n_out, int[] warps=[]) -> (Tensor, Tensor, Tensor)");
+  m.def("gqsa_sliced_gemv_from_stats(Tensor g, Tensor stats, float eps, Tensor residual, Tensor? weight, "
+        "Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta, Tensor counters, int n_out, int[] warps=[]) "
+        "-> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
         "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");
   m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
@@ -395,6 +485,8 @@ TORCH_LIBRARY(vllm_gqsa, m) {
 TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
   m.impl("gqsa_gemv", &gqsa_gemv);
   m.impl("gqsa_sliced_gemv", &gqsa_sliced_gemv);
+  m.impl("gqsa_sliced_gemv_add_stats", &gqsa_sliced_gemv_add_stats);
+  m.impl("gqsa_sliced_gemv_from_stats", &gqsa_sliced_gemv_from_stats);
   m.impl("gqsa_tc", &gqsa_tc);
   m.impl("gqsa_sp", &gqsa_sp);
   m.impl("gqsa_dequant", &gqsa_dequant);

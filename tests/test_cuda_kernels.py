@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vllm_gqsa import reference
+from vllm_gqsa import ops, reference  # noqa: F401  (ops registers the split norm's ops)
 from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
 from vllm_gqsa.kernels import cuda
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_K, MAX_SLICED_TOKENS, SLICE_ROWS,
@@ -922,3 +922,122 @@ def test_bad_sliced_inputs_raise():
     with pytest.raises(RuntimeError, match="int32"):
         torch.ops.vllm_gqsa.gqsa_dequant(t["row_ptr"], t["codes"], t["meta"], 40, 16 * 9, 16, torch.float16,
                                          t["sell_rows"].long())
+
+
+# ------------------------------------------------------------------------------------------
+# A decoder layer's RMSNorm split between the sliced GEMVs around it (gqsa::NormSplit): the first
+# adds the residual and writes h * weight and its CTAs' sums of h^2, the second normalizes.
+
+def split_layers(M):
+    """Two layers, the first's N1 outputs the second's inputs (K2 = N1 rounded down to whole
+    groups), in the sliced layout, slices cut into pieces."""
+    N1, K1, N2 = 333, 16 * 61, 200
+    first = make_layer(N1, K1, 16, "heavy_block", seed=M).to("cuda")
+    rows1 = to_kernel_format(first, 8, layout="rows")
+    t1 = {**rows1, **sliced_layout(rows1["row_ptr"], rows1["codes"], rows1["meta"], K1, 4, 0.5)}
+    second = make_layer(N2, N1 - N1 % 16, 16, "uniform", seed=M + 1).to("cuda")
+    return t1, (N1, K1), second, kernel_tensors(second, cuda.default_num_ctas(), "sliced")
+
+
+def split_second(second, t2, g, stats, residual, w, eps=1e-6):
+    """The second GEMV of a split norm over the second layer's K inputs, and its reference: the
+    GEMV of vLLM's normalized residual."""
+    K2, N2 = second.in_features, second.out_features
+    y = torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
+        g[:, :K2].contiguous(), stats, eps, residual[:, :K2].contiguous(), None if w is None else w[:K2].contiguous(),
+        t2["sell_rows"], t2["schedule"], t2["codes"], t2["meta"], t2["slice_counters"], N2, [])
+    normed = reference.rms_norm(residual[:, :K2], None, None if w is None else w[:K2], eps)[0]
+    return y, normed.double() @ dense_reference(second).cuda().double().T
+
+
+@needs_cuda
+@pytest.mark.parametrize("weight", ["x_dtype", "fp32", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 2, 3, 5])
+def test_split_norm_kernels(M, dtype, weight):
+    """The two GEMVs against the reference: the residual add has vLLM's bits, g = T(h * weight)
+    and the sums are h's, and the second GEMV is the GEMV of vLLM's normalized input; slices cut
+    into pieces on both sides, every warp count, 5 tokens in two launches, and the sums spread
+    over more pieces than the second GEMV's threads."""
+    t1, (N1, K1), second, t2 = split_layers(M)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, K1, device="cuda", generator=g).to(dtype)
+    residual = (torch.randn(M, N1, device="cuda", generator=g) * 4).to(dtype)
+    w = torch.rand(N1, device="cuda", generator=g) + 0.5
+    w = {"x_dtype": w.to(dtype), "fp32": w, "none": None}[weight]
+    for warps in ([4, 4, 4], [8, 8, 8], [16, 16, 16]):
+        y = cuda.gemv(x, t1, N1, warps=warps)  # the first layer's plain output, rounded as it writes it
+        new_residual, gw, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
+            x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"], N1, warps)
+        h = y.float() + residual.float()
+        assert torch.equal(new_residual, h.to(dtype))
+        assert torch.equal(gw, (h * w.float() if w is not None else h).to(dtype))
+        assert stats.shape == (M, t1["schedule"].shape[0]) and (stats >= 0).all()
+        # A cut slice's sum goes to its first piece's slot, whichever piece finishes it.
+        again = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
+            x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"], N1, warps)
+        assert all(torch.equal(a, b) for a, b in zip(again, (new_residual, gw, stats)))
+        torch.testing.assert_close(stats.sum(-1), h.pow(2).sum(-1), rtol=1e-5, atol=0)
+        assert not t1["slice_counters"].any()
+    K2 = second.in_features
+    stats2 = h[:, :K2].pow(2).sum(-1, keepdim=True)
+    for parts in (1, 1500):
+        y2, ref = split_second(second, t2, gw, (stats2 / parts).repeat(1, parts), new_residual, w)
+        assert (y2.double() - ref).norm() / ref.norm() < REL_TOL[dtype]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_norm_g_too_large_takes_the_normalized_x(dtype):
+    """One token's h * weight beyond fp16's range: the first GEMV marks its CTA's sum (-1 - the
+    sum), and the second reads vLLM's normalized h for that launch instead of g, so its output is
+    finite and right; the other tokens' sums stay plain."""
+    M = 3
+    t1, (N1, K1), second, t2 = split_layers(M)
+    x = torch.randn(M, K1, device="cuda").to(dtype)
+    residual = torch.randn(M, N1, device="cuda").to(dtype)
+    residual[1, 7] = 60000.0
+    w = torch.full((N1,), 2.0, device="cuda", dtype=dtype)
+    new_residual, gw, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
+        x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"], N1, [])
+    assert (stats[[0, 2]] >= 0).all() and (stats[1] < 0).sum() == 1
+    # The second layer's K inputs are the first N1 outputs rounded down to whole groups: its sums,
+    # with the first GEMV's marks.
+    h2 = new_residual[:, :second.in_features].float().pow(2).sum(-1, keepdim=True)
+    stats2 = torch.where((stats < 0).any(-1, keepdim=True), -1 - h2, h2)
+    y2, ref = split_second(second, t2, gw, stats2, new_residual, w)
+    assert y2.isfinite().all()
+    assert (y2.double() - ref).norm() / ref.norm() < REL_TOL[dtype]
+
+
+@needs_cuda
+def test_split_norm_opcheck_and_bad_inputs():
+    sl = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9)
+    args = (sl["sell_rows"], sl["schedule"], sl["codes"], sl["meta"], sl["slice_counters"], 70)
+    P = sl["schedule"].shape[0]
+    for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (7, torch.float16)):
+        x = torch.randn(M, 16 * 48, device="cuda", dtype=dtype)
+        r = torch.randn(M, 70, device="cuda", dtype=dtype)
+        torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats, (x, r, None, *args, [4, 8, 16]))
+        g = torch.randn(M, 16 * 48, device="cuda", dtype=dtype)
+        stats = torch.rand(M, 5, device="cuda")
+        h = torch.randn(M, 16 * 48, device="cuda", dtype=dtype)
+        torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats,
+                              (g, stats, 1e-5, h, torch.ones(16 * 48, device="cuda"), *args, []))
+    x = torch.randn(2, 16 * 48, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(x, torch.randn(2, 69, device="cuda").half(), None, *args, [])
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(x, torch.randn(2, 70, device="cuda").half(),
+                                                       torch.ones(71, device="cuda"), *args, [])
+    with pytest.raises(RuntimeError, match="stats must be"):
+        torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(x, torch.rand(3, P, device="cuda"), 1e-5, x, None, *args, [])
+    with pytest.raises(RuntimeError, match="residual must be"):
+        torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(x, torch.rand(2, P, device="cuda"), 1e-5, x.float(), None,
+                                                        *args, [])
+    with pytest.raises(RuntimeError, match="weight must be"):
+        torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(x, torch.rand(2, P, device="cuda"), 1e-5, x,
+                                                        torch.ones(16 * 47, device="cuda"), *args, [])
+    with pytest.raises(RuntimeError, match="g must be float16 or bfloat16"):
+        torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(x.float(), torch.rand(2, P, device="cuda"), 1e-5, x.float(),
+                                                        None, *args, [])

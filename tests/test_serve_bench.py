@@ -96,7 +96,8 @@ def test_e2e_config_environments(monkeypatch):
     from vllm_gqsa.kernels import cuda
 
     assert set(e2e.CONFIG_ENV) <= set(e2e.CONFIGS)
-    assert e2e.CONFIGS["gqsa-s50-rows"] == e2e.CONFIGS["gqsa-s50"]
+    for same in ("gqsa-s50-rows", "gqsa-s50-unfused"):  # the checkpoint, served otherwise
+        assert e2e.CONFIGS[same] == e2e.CONFIGS["gqsa-s50"]
     for name, env in e2e.CONFIG_ENV.items():
         for k, v in env.items():
             monkeypatch.setenv(k, v)

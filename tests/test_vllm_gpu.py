@@ -215,10 +215,18 @@ def serve_in_process(ckpt: str, dtype: str, enforce_eager: bool, prompts, images
                          ids=["fp16-graphs", "fp16-eager", "bf16-graphs", "fp16-graphs-rows"])
 def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference, dtype, enforce_eager, layout,
                                               monkeypatch):
+    from vllm_gqsa import fusion
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # apply_model runs here, on the model
+    # Compiled afresh, so that the split-norm pass runs (a cached graph would skip it).
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
     if layout == "rows":  # the row layout, which VLLM_GQSA_LAYOUT=rows keeps (the default is sliced)
         monkeypatch.setenv("VLLM_GQSA_LAYOUT", "rows")
+    split_before = fusion.fused_total
     served = serve_in_process(gpu_checkpoint, dtype, enforce_eager, prompts)
+    # Compiled, the sliced layout's norms are split between the GEMVs around them in the graph
+    # for one token (vllm_gqsa/fusion.py); the outputs below check the result.
+    assert (fusion.fused_total > split_before) == (not enforce_eager and layout == "sliced")
     # Every GQSA layer runs the kernel format, which with the CUDA ops loaded in this process (the
     # engine runs here) means the CUDA kernels; the tiny model's layers (G = 16, 512 and 1024
     # inputs) are all in the layout asked for.

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from .format import GQSALayer, LayerFormat
-from .reference import dequantize
+from .reference import dequantize, rms_norm
 
 _LIB = torch.library.Library("vllm_gqsa", "FRAGMENT")  # kept alive for the ops' lifetime
 
@@ -73,6 +73,89 @@ def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, 
     return x.new_empty((*x.shape[:-1], n_out))
 
 
+# The largest |h * norm_weight| the split norm's fast path takes (gqsa_kernels.cu, kSplitGLimit):
+# finite in fp16, which the GEMV's copy of x is.
+SPLIT_G_LIMIT = 65504.0
+
+
+def gqsa_mm_add_norm_stats(x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor | None,
+                           row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, schedule: torch.Tensor,
+                           chunks: torch.Tensor, n_out: int, group_size: int, xcols: torch.Tensor | None = None,
+                           counters: torch.Tensor | None = None, pairs: bool = False,
+                           sell_rows: torch.Tensor | None = None, slice_counters: torch.Tensor | None = None,
+                           sell_warps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first half of a norm split between two GEMVs (``gqsa_stats_norm_mm`` is the second):
+    ``y = gqsa_mm(x)`` and h = y + residual in fp32 as vLLM's ``fused_add_rms_norm`` adds them;
+    returns ``(T(h), g, stats)``: the new residual and g = T(h * norm_weight) in x's dtype, and
+    sums of h^2 per token, ``[M, parts]``, each -1 - the sum where a part's g exceeds
+    ``SPLIT_G_LIMIT`` (the second half then normalizes h itself). For a layer in the sliced layout
+    and a batch its GEMV serves, the GEMV's CTAs do it in their epilogue (one part each) and y is
+    never written."""
+    from .kernels import cuda
+
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    r2 = residual.reshape(x2.shape[0], n_out).contiguous()
+    if (x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0] and sell_rows is not None
+            and x2.shape[0] <= cuda.dispatch(xcols is not None, pairs)[0]):
+        out_residual, g, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
+            x2, r2, norm_weight, sell_rows, schedule, codes, meta, slice_counters, n_out,
+            sell_warps if sell_warps is not None else [])
+    else:
+        h = gqsa_mm(x2, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs,
+                    sell_rows, slice_counters, sell_warps).float() + r2.float()
+        out_residual = h.to(x.dtype)
+        g = (h * norm_weight.float() if norm_weight is not None else h).to(x.dtype)
+        total = h.pow(2).sum(-1, keepdim=True)
+        over = ~(g.float().abs() <= SPLIT_G_LIMIT).all(-1, keepdim=True)
+        # One part, then zeros: the same shape as the GEMV's (a part per piece of its grid).
+        stats = torch.nn.functional.pad(torch.where(over, -1 - total, total),
+                                        (0, _stat_parts(schedule, sell_rows) - 1))
+    return out_residual.reshape(residual.shape), g, stats
+
+
+def _stat_parts(schedule: torch.Tensor, sell_rows: torch.Tensor | None) -> int:
+    """Columns of gqsa_mm_add_norm_stats' sums: the sliced GEMV's pieces, else 1."""
+    return schedule.shape[0] if sell_rows is not None else 1
+
+
+def _gqsa_mm_add_norm_stats_fake(x, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
+                                 group_size, xcols=None, counters=None, pairs=False, sell_rows=None,
+                                 slice_counters=None, sell_warps=None):
+    M = x.numel() // x.shape[-1]
+    return (torch.empty_like(residual), x.new_empty((M, n_out)),
+            x.new_empty((M, _stat_parts(schedule, sell_rows)), dtype=torch.float32))
+
+
+def gqsa_stats_norm_mm(g: torch.Tensor, stats: torch.Tensor, eps: float, residual: torch.Tensor,
+                       norm_weight: torch.Tensor | None, row_ptr: torch.Tensor, codes: torch.Tensor,
+                       meta: torch.Tensor, schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
+                       xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None, pairs: bool = False,
+                       sell_rows: torch.Tensor | None = None, slice_counters: torch.Tensor | None = None,
+                       sell_warps: list[int] | None = None) -> torch.Tensor:
+    """The second half of the split norm: ``gqsa_mm`` of vLLM's RMSNorm of ``residual`` (h, the
+    first half's new residual) with ``norm_weight``. For a layer in the sliced layout and a batch
+    its GEMV serves, every CTA of the GEMV computes r = rsqrt(sum(stats) / K + eps) per token and,
+    as r is one number per token, returns T(r * gqsa_mm(g)) in fp32, with g copied as a plain x
+    is; where a stat marks g too large, it normalizes h as vLLM does instead. Elsewhere it is the
+    norm, then ``gqsa_mm``."""
+    from .kernels import cuda
+
+    if (g.is_cuda and cuda.available()[0] and sell_rows is not None
+            and g.shape[0] <= cuda.dispatch(xcols is not None, pairs)[0]):
+        return torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
+            g.contiguous(), stats.contiguous(), eps, residual.contiguous(), norm_weight, sell_rows, schedule, codes,
+            meta, slice_counters, n_out, sell_warps if sell_warps is not None else [])
+    x, _ = rms_norm(residual, None, norm_weight, eps)
+    return gqsa_mm(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs, sell_rows,
+                   slice_counters, sell_warps)
+
+
+def _gqsa_stats_norm_mm_fake(g, stats, eps, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
+                             group_size, xcols=None, counters=None, pairs=False, sell_rows=None, slice_counters=None,
+                             sell_warps=None):
+    return g.new_empty((g.shape[0], n_out))
+
+
 def register_op(name, func, fake):
     from torch._library.infer_schema import infer_schema
 
@@ -84,3 +167,5 @@ def register_op(name, func, fake):
 
 register_op("gqsa_mm_reference", gqsa_mm_reference, _gqsa_mm_reference_fake)
 register_op("gqsa_mm", gqsa_mm, _gqsa_mm_fake)
+register_op("gqsa_mm_add_norm_stats", gqsa_mm_add_norm_stats, _gqsa_mm_add_norm_stats_fake)
+register_op("gqsa_stats_norm_mm", gqsa_stats_norm_mm, _gqsa_stats_norm_mm_fake)

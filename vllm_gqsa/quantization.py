@@ -36,7 +36,7 @@ from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
-from . import ops  # noqa: F401  (registers torch.ops.vllm_gqsa.*)
+from . import fusion, ops  # noqa: F401  (ops registers torch.ops.vllm_gqsa.*)
 from .format import (QUANT_METHOD, TENSOR_NAMES, GQSAFormatError, GQSALayer, GQSAQuantConfig,
                      LayerFormat)
 from .kernels import cuda as cuda_kernels
@@ -117,7 +117,10 @@ class GQSAConfig(QuantizationConfig):
         if any(quantized) != all(quantized):
             raise GQSAFormatError(f"{prefix}: some but not all of {names} are GQSA layers; the "
                                   "shards of a fused layer must all be quantized or all dense")
-        return GQSALinearMethod(self, names) if all(quantized) else UnquantizedLinearMethod()
+        if not all(quantized):
+            return UnquantizedLinearMethod()
+        fusion.install()  # each RMSNorm split between the GQSA layers around it, when vLLM compiles
+        return GQSALinearMethod(self, names)
 
 
 def _shard_order(layer) -> tuple:

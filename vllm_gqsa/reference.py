@@ -26,3 +26,19 @@ def gqsa_linear(x: torch.Tensor, layer: GQSALayer, bias: torch.Tensor | None = N
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """vLLM's RMSNorm as its ``fused_add_rms_norm`` (with a residual) and ``rms_norm`` (without)
+    IR ops compute it (``vllm/ir/ops/layernorm.py``), with their roundings: the normalized x, and
+    ``x + residual`` in x's dtype (None without a residual)."""
+    h = x.float()
+    out_residual = None
+    if residual is not None:
+        h = h + residual.float()
+        out_residual = h.to(x.dtype)
+    h = h * torch.rsqrt(h.pow(2).mean(dim=-1, keepdim=True) + eps)
+    if weight is not None:
+        h = h.to(weight.dtype) * weight
+    return h.to(x.dtype), out_residual

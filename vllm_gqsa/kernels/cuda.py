@@ -175,6 +175,15 @@ def _register_fakes() -> None:
     def _sliced_gemv_fake(x, sell_rows, pieces, codes, meta, counters, n_out, warps=()):
         return x.new_empty((x.shape[0], n_out))
 
+    @torch.library.register_fake("vllm_gqsa::gqsa_sliced_gemv_add_stats")
+    def _add_stats_fake(x, residual, weight, sell_rows, pieces, codes, meta, counters, n_out, warps=()):
+        return (torch.empty_like(residual), x.new_empty((x.shape[0], n_out)),
+                x.new_empty((x.shape[0], pieces.shape[0]), dtype=torch.float32))
+
+    @torch.library.register_fake("vllm_gqsa::gqsa_sliced_gemv_from_stats")
+    def _from_stats_fake(g, stats, eps, residual, weight, sell_rows, pieces, codes, meta, counters, n_out, warps=()):
+        return g.new_empty((g.shape[0], n_out))
+
     @torch.library.register_fake("vllm_gqsa::gqsa_tc")
     def _tc_fake(x, row_ptr, codes, meta, chunks, n_out, splits=0, xcols=None, counters=None, sell_rows=None):
         return x.new_empty((x.shape[0], n_out))

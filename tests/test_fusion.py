@@ -1,0 +1,259 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The split-norm pass (vllm_gqsa/fusion.py), run by the real torch compiler on the CPU over
+vLLM's own norm IR op: it rewrites exactly the norms between two sliced GQSA layers, only in
+graphs for the batches the sliced GEMV serves, and the compiled result matches the uncompiled one.
+(tests/test_cuda_kernels.py checks the kernels on the GPU.)"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+
+from vllm_gqsa import fusion, reference
+from vllm_gqsa.format import LayerFormat
+from vllm_gqsa.kernels.cuda_format import to_kernel_format
+from vllm_gqsa.random_layers import random_gqsa_layer
+
+ir = pytest.importorskip("vllm.ir.ops", reason="vLLM without IR ops lowers its norms before the pass runs")
+
+K = 64  # the hidden size: o's outputs, gate/up's inputs
+EPS = 1e-6
+
+
+@pytest.fixture(scope="module")
+def layers():
+    def kernel(N, Kin, layout, seed):
+        t = to_kernel_format(random_gqsa_layer(N, Kin, LayerFormat(4, 16, 1), 0.5, seed=seed), 4, layout=layout)
+        if "sell_warps" in t:  # a list, as the plugin keeps it (tolist in a graph would break it)
+            t["warps"] = t.pop("sell_warps").tolist()
+        return t
+
+    return {"o": kernel(K, 48, "sliced", 1), "gate_up": kernel(96, K, "sliced", 2),
+            "o_rows": kernel(K, 48, "rows", 1), "gate_up_rows": kernel(96, K, "rows", 2)}
+
+
+def gqsa(t, x):
+    N = t["row_ptr"].numel() - 1
+    return torch.ops.vllm_gqsa.gqsa_mm(x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], N, 16,
+                                       None, t["counters"], False, t.get("sell_rows"), t.get("slice_counters"),
+                                       t.get("warps"))
+
+
+def block(ls, a, r, w, o="o", up="gate_up", **kw):  # as vLLM's Llama: o, add + norm, gate/up
+    h, r = ir.fused_add_rms_norm(gqsa(ls[o], a), r, w, EPS, **kw)
+    return gqsa(ls[up], h.reshape(-1, K)), r
+
+
+def decoder_block(ls, a, r, w):
+    return block(ls, a, r, w)
+
+
+def residual_unused(ls, a, r, w):
+    return block(ls, a, r, w)[0], a
+
+
+def o_used_twice(ls, a, r, w):
+    y = gqsa(ls["o"], a)
+    h, r = ir.fused_add_rms_norm(y, r, w, EPS)
+    return gqsa(ls["gate_up"], h) + y.sum(), r
+
+
+def normed_used_twice(ls, a, r, w):
+    h, r = ir.fused_add_rms_norm(gqsa(ls["o"], a), r, w, EPS)
+    return gqsa(ls["gate_up"], h) + h.sum(), r
+
+
+def rows_before(ls, a, r, w):  # only the sliced GEMV adds the residual in its epilogue
+    return block(ls, a, r, w, o="o_rows")
+
+
+def rows_after(ls, a, r, w):
+    return block(ls, a, r, w, up="gate_up_rows")
+
+
+def op_between(ls, a, r, w):  # as tensor parallelism's all-reduce of o's partial sums: h is not o's output
+    h, r = ir.fused_add_rms_norm(gqsa(ls["o"], a) * 2, r, w, EPS)
+    return gqsa(ls["gate_up"], h), r
+
+
+def part_of_the_norm(ls, a, r, w):  # variance over part of the channels: not the kernels' norm
+    return block(ls, a, r, w, variance_size=K // 2)
+
+
+CASES = {f.__name__: (f, n) for f, n in [
+    (decoder_block, 1), (residual_unused, 1), (o_used_twice, 0), (normed_used_twice, 0), (rows_before, 0),
+    (rows_after, 0), (op_between, 0), (part_of_the_norm, 0)]}
+
+
+def compile_and_count(fn, layers, a, r, w, compile_range=None):
+    """fn compiled with the pass (inside vLLM's pass context for compile_range, if given): its
+    result and how many norms the pass split."""
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    torch._dynamo.reset()
+    before = fusion.fused_total
+    ctx = pass_context(Range(*compile_range)) if compile_range else contextlib.nullcontext()
+    with ctx, torch._inductor.config.patch(post_grad_custom_post_pass=fusion.SplitNormAcrossGQSA(),
+                                           force_disable_caches=True):
+        # The weight a constant of the graph, as a module's parameter is in vLLM's graphs.
+        out = torch.compile(lambda a, r: fn(layers, a, r, w), dynamic=False)(a, r)
+    return out, fusion.fused_total - before
+
+
+def inputs(dtype, weight="x_dtype"):
+    g = torch.Generator().manual_seed(0)
+    a, r = (torch.randn(2, 48, generator=g) * 3).to(dtype), (torch.randn(2, K, generator=g) * 3).to(dtype)
+    w = torch.rand(K, generator=g) + 0.5
+    return a, r, {"x_dtype": w.to(dtype), "fp32": w, "none": None}[weight]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES)
+def test_pass_splits_only_a_norm_between_two_sliced_layers(layers, case, dtype):
+    fn, expect = CASES[case]
+    a, r, w = inputs(dtype)
+    compiled, split = compile_and_count(fn, layers, a, r, w)
+    assert split == expect
+    eager = fn(layers, a, r, w)
+    assert torch.equal(compiled[1], eager[1])  # the new residual: one fp32 add, rounded once
+    # The split norm rounds h * weight * r once where vLLM rounds h * r first: a unit in the last
+    # place of an activation, before the GEMV.
+    torch.testing.assert_close(compiled[0], eager[0], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("compile_range, expect", [((1, 1), 1), ((1, 2), 0), ((4, 8192), 0), ((1, 8192), 0)])
+def test_pass_only_in_the_graph_for_one_token(layers, compile_range, expect):
+    a, r, w = inputs(torch.float16)
+    assert compile_and_count(decoder_block, layers, a, r, w, compile_range)[1] == expect
+
+
+@pytest.mark.parametrize("compile_range, expect", [((1, 1), 1), ((1, 3), 1), ((1, 4), 0), ((4, 8192), 0)])
+def test_pass_in_the_wider_range(layers, monkeypatch, compile_range, expect):
+    monkeypatch.setenv(fusion.TOKENS_ENV, "3")
+    a, r, w = inputs(torch.float16)
+    assert compile_and_count(decoder_block, layers, a, r, w, compile_range)[1] == expect
+
+
+@pytest.mark.parametrize("weight", ["x_dtype", "fp32", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_split_ops_without_the_kernels(layers, dtype, weight):
+    """On the CPU the two ops are the reference math: the new residual has vLLM's bits, and the
+    output is the GEMV of the normalized input up to one rounding."""
+    o, up = layers["o"], layers["gate_up"]
+    a, r, w = inputs(dtype, weight)
+    args = lambda t: (t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], t["row_ptr"].numel() - 1, 16,  # noqa: E731
+                      None, t["counters"], False, t["sell_rows"], t["slice_counters"], t["warps"])
+    new_residual, g, stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats(a, r, w, *args(o))
+    assert stats.shape == (2, o["schedule"].shape[0])
+    y = torch.ops.vllm_gqsa.gqsa_stats_norm_mm(g, stats, EPS, new_residual, w, *args(up))
+    normed, residual = reference.rms_norm(gqsa(o, a), r, w, EPS)
+    assert torch.equal(new_residual, residual)
+    h = gqsa(o, a).float() + r.float()  # fp32, before the new residual's rounding
+    assert torch.equal(g, (h * w.float() if w is not None else h).to(dtype))
+    torch.testing.assert_close(stats.sum(-1), h.pow(2).sum(-1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(y, gqsa(up, normed), rtol=2e-2, atol=2e-2)
+
+
+def test_split_marks_a_g_too_large_for_the_gemv(layers):
+    """A token whose h * weight exceeds fp16's range gets a negative sum (-1 - the sum), which
+    sends the second half to the normalized h; the other token keeps its plain sum."""
+    o, up = layers["o"], layers["gate_up"]
+    a, r, _ = inputs(torch.float16)
+    r[1, 3] = 60000.0
+    w = torch.full((r.shape[-1],), 2.0, dtype=torch.float16)
+    args = lambda t: (t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], t["row_ptr"].numel() - 1, 16,  # noqa: E731
+                      None, t["counters"], False, t["sell_rows"], t["slice_counters"], t["warps"])
+    new_residual, g, stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats(a, r, w, *args(o))
+    h = new_residual.float()
+    assert stats[:, 1:].eq(0).all()
+    torch.testing.assert_close(stats[0, 0], h[0].pow(2).sum(), rtol=1e-3, atol=0)
+    torch.testing.assert_close(stats[1, 0], -1 - h[1].pow(2).sum(), rtol=1e-3, atol=0)
+    y = torch.ops.vllm_gqsa.gqsa_stats_norm_mm(g, stats, EPS, new_residual, w, *args(up))
+    assert torch.equal(y, gqsa(up, reference.rms_norm(new_residual, None, w, EPS)[0]))
+
+
+@pytest.mark.parametrize("weight", ["x_dtype", "fp32", "none"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_norm_is_vllms(dtype, weight):
+    """reference.rms_norm, which the kernels are tested against, is the math of vLLM's IR ops."""
+    from vllm.ir.ops.layernorm import fused_add_rms_norm, rms_norm
+
+    g = torch.Generator().manual_seed(1)
+    x, r = (torch.randn(5, 96, generator=g) * 3).to(dtype), (torch.randn(5, 96, generator=g) * 3).to(dtype)
+    w = {"x_dtype": torch.rand(96, generator=g).to(dtype), "fp32": torch.rand(96, generator=g) + 1,
+         "none": None}[weight]
+    ours, our_residual = reference.rms_norm(x, r, w, EPS)
+    theirs, their_residual = fused_add_rms_norm.impls["native"].impl_fn(x, r, w, EPS)
+    assert torch.equal(ours, theirs) and torch.equal(our_residual, their_residual)
+    assert torch.equal(reference.rms_norm(x, None, w, EPS)[0], rms_norm.impls["native"].impl_fn(x, w, EPS))
+
+
+def test_pass_is_one_vllm_takes():
+    from vllm.compilation.passes.inductor_pass import InductorPass
+
+    p = fusion.SplitNormAcrossGQSA()
+    assert isinstance(p, InductorPass)  # vLLM's pass manager adds only these
+    assert copy.deepcopy(p) is p  # vLLM deep-copies its inductor config
+    assert p.uuid() == fusion.SplitNormAcrossGQSA().uuid()  # a stable key for the compile cache
+
+
+@pytest.mark.parametrize("mode, env, taken, installed", [
+    ("VLLM_COMPILE", None, False, True),
+    ("NONE", None, False, False),             # --enforce-eager: nothing compiles
+    ("VLLM_COMPILE", "0", False, False),      # VLLM_GQSA_SPLIT_NORM=0
+    ("VLLM_COMPILE", None, True, False),      # a user's own post-grad pass is left alone
+])
+def test_install(monkeypatch, mode, env, taken, installed):
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+    from vllm_cpu import setup_cpu_vllm
+
+    setup_cpu_vllm()
+    if env is not None:
+        monkeypatch.setenv(fusion.ENV, env)
+    config = VllmConfig(compilation_config=CompilationConfig())
+    config.compilation_config.mode = getattr(CompilationMode, mode)  # (the CPU platform picks another)
+    config.compilation_config.compile_ranges_endpoints = [2048]
+
+    class Theirs(fusion._Base):
+        def __call__(self, graph):
+            pass
+
+    theirs = Theirs()
+    if taken:
+        config.compilation_config.inductor_compile_config[fusion.PASS_KEY] = theirs
+    with set_current_vllm_config(config):
+        assert fusion.install() is installed
+        assert fusion.install() is installed  # once per model, however many layers ask
+    current = config.compilation_config.inductor_compile_config.get(fusion.PASS_KEY)
+    assert isinstance(current, fusion.SplitNormAcrossGQSA) is installed
+    # One token gets a graph of its own, where the pass applies.
+    assert config.compilation_config.compile_ranges_endpoints == ([1, 2048] if installed else [2048])
+    if taken:
+        assert current is theirs
+
+
+@pytest.mark.parametrize("value, endpoint", [("1", 1), ("2", 2), ("3", 3), ("8", 3)])
+def test_install_wider_range(monkeypatch, value, endpoint):
+    """VLLM_GQSA_SPLIT_NORM_TOKENS sets the split's compile range, never past the GEMV's batches."""
+    from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
+    from vllm_cpu import setup_cpu_vllm
+
+    setup_cpu_vllm()
+    monkeypatch.setenv(fusion.TOKENS_ENV, value)
+    config = VllmConfig(compilation_config=CompilationConfig())
+    config.compilation_config.mode = CompilationMode.VLLM_COMPILE
+    config.compilation_config.compile_ranges_endpoints = [2048]
+    with set_current_vllm_config(config):
+        assert fusion.install()
+    assert config.compilation_config.compile_ranges_endpoints == [endpoint, 2048]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_split_tokens_must_be_a_count(monkeypatch, value):
+    monkeypatch.setenv(fusion.TOKENS_ENV, value)
+    with pytest.raises(ValueError, match=fusion.TOKENS_ENV):
+        fusion._split_max_tokens()

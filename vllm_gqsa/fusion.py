@@ -1,0 +1,262 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A torch.compile pass that splits a decoder layer's RMSNorm between the two GQSA GEMVs around it.
+
+In a Llama-style decoder layer, vLLM's ``fused_add_rms_norm`` (the residual add and the norm)
+sits between two linear layers: o and gate/up, and down and the next layer's q/k/v. At one token
+it is a kernel of its own, about 2 us plus a launch gap. Both linear layers are sliced GEMVs, so:
+  - the first (``gqsa_mm_add_norm_stats``) adds the residual to its outputs in its epilogue and
+    writes, besides the new residual, g = h * weight and each CTA's sum of h^2;
+  - the second (``gqsa_stats_norm_mm``) reads g as a plain GEMV reads x, sums those sums in every
+    CTA, and scales its outputs by the norm's factor, one number per token.
+The norm is then no kernel at all, and no CTA repeats a reduction over x.
+
+The pass finds ``gqsa_mm`` (sliced) -> ``vllm_ir.fused_add_rms_norm`` -> ``gqsa_mm`` (sliced),
+each the only use of the one before, and rewrites the three into the two ops above. It runs as
+vLLM's ``post_grad_custom_post_pass``, before vLLM lowers its IR ops, and only in a graph compiled
+for one token: ``install`` adds that range to vLLM's compile ranges (vLLM then compiles the
+one-token graph for its static shape), so larger batches keep vLLM's own norm kernel. At 2 and 3
+tokens, which the sliced GEMV also serves, the split was slower on an H100 for o -> gate/up (33
+against 29 us at 2 tokens, benchmarks/results/gpu/norm_split_v4_h100.json);
+``VLLM_GQSA_SPLIT_NORM_TOKENS=n`` widens the range to 1 to n tokens (at most the GEMV's). It does
+nothing with ``--enforce-eager`` or ``VLLM_GQSA_SPLIT_NORM=0``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+import os
+
+import torch
+from torch import fx
+
+from . import ops  # noqa: F401  (registers torch.ops.vllm_gqsa)
+
+logger = logging.getLogger("vllm.gqsa")  # under "vllm." so that vLLM's logging prints it
+fused_total = 0  # norms split in this process, over every compiled graph
+
+ENV = "VLLM_GQSA_SPLIT_NORM"
+TOKENS_ENV = "VLLM_GQSA_SPLIT_NORM_TOKENS"
+PASS_KEY = "post_grad_custom_post_pass"
+
+_VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
+
+
+def _inductor_pass_base():
+    """vLLM's InductorPass (its post-grad pass manager takes only those), or None."""
+    for module in ("vllm.compilation.passes.inductor_pass", "vllm.compilation.inductor_pass"):
+        with contextlib.suppress(ImportError):
+            return __import__(module, fromlist=["InductorPass"]).InductorPass
+    return None
+
+
+def _gemv_max_tokens() -> int:
+    from .kernels import cuda
+
+    return cuda.dispatch(False, False)[0]
+
+
+def _split_max_tokens() -> int:
+    """The largest batch whose compiled graph gets the split: 1, or VLLM_GQSA_SPLIT_NORM_TOKENS
+    up to the sliced GEMV's limit."""
+    value = os.environ.get(TOKENS_ENV)
+    if value is None:
+        return 1
+    try:
+        tokens = int(value)
+    except ValueError:
+        tokens = 0
+    if tokens < 1:
+        raise ValueError(f"{TOKENS_ENV} must be a whole number of tokens, 1 or more; got {value!r}")
+    return min(tokens, _gemv_max_tokens())
+
+
+def _is_add_norm(node: fx.Node) -> bool:
+    target = node.target if node.op == "call_function" else None
+    return (isinstance(target, torch._ops.OpOverload) and target.namespace == "vllm_ir"
+            and target._opname == "fused_add_rms_norm")
+
+
+def _is_sliced_mm(node: fx.Node) -> bool:
+    return node.target is torch.ops.vllm_gqsa.gqsa_mm.default and _call_args(node).get("sell_rows") is not None
+
+
+def _call_args(node: fx.Node) -> dict:
+    bound = {arg.name: value for arg, value in zip(node.target._schema.arguments, node.args)}
+    bound.update(node.kwargs)
+    return bound
+
+
+def _shape(node):
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return tuple(val.shape) if isinstance(val, torch.Tensor) else None
+
+
+def _same_shape(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return a is not None and b is not None and len(a) == len(b) and all(
+        statically_known_true(p == q) for p, q in zip(a, b))
+
+
+def _through_views(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The one user of ``node`` past views that keep its shape, with those views; None where a
+    node on the way has another use."""
+    shape, views = _shape(node), []
+    while len(node.users) == 1:
+        (user,) = node.users
+        if user.target not in _VIEWS:
+            return user, views
+        if not _same_shape(_shape(user), shape):
+            return None
+        views.append(user)
+        node = user
+    return None
+
+
+def _source_mm(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The sliced ``gqsa_mm`` that ``node`` is (or is a shape-keeping view of), with those views,
+    when each node from it to ``node`` has one use."""
+    views = []
+    while isinstance(node, fx.Node) and node.target in _VIEWS:
+        if len(node.users) != 1 or not _same_shape(_shape(node), _shape(node.args[0])):
+            return None
+        views.append(node)
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or not _is_sliced_mm(node) or len(node.users) != 1:
+        return None
+    return node, views[::-1]
+
+
+def _fake(value):
+    return value.meta["val"] if isinstance(value, fx.Node) else value
+
+
+def _call(graph: fx.Graph, op, args: tuple, outputs: int) -> list[fx.Node]:
+    """``op(*args)`` inserted at the graph's insert point, with its getitems (outputs > 1) and the
+    meta values the compiler needs."""
+    fake_args = tuple(_fake(a) for a in args)
+    mode = torch._guards.detect_fake_mode([v for v in fake_args if isinstance(v, torch.Tensor)])
+    with mode or contextlib.nullcontext():
+        val = op(*fake_args)
+    node = graph.call_function(op, args)
+    node.meta["val"] = val
+    node.meta["eager_input_vals"] = (fake_args, {})  # the inputs' strides, kept for custom ops
+    if outputs == 1:
+        return [node]
+    items = []
+    for i in range(outputs):
+        item = graph.call_function(operator.getitem, (node, i))
+        item.meta["val"] = val[i]
+        items.append(item)
+    return items
+
+
+def _split_one(graph: fx.Graph, norm: fx.Node, order: dict[fx.Node, int]) -> bool:
+    args = _call_args(norm)
+    if args.get("variance_size") is not None:
+        return False
+    if not norm.users or any(u.target is not operator.getitem for u in norm.users):
+        return False
+    outs = {u.args[1]: u for u in norm.users}
+    normed, residual_out = outs.get(0), outs.get(1)
+    found = _source_mm(args["x"])
+    if normed is None or found is None:
+        return False
+    mm1, views1 = found
+    after = _through_views(normed)
+    if after is None or not _is_sliced_mm(after[0]) or _call_args(after[0]).get("x") is not (
+            after[1][-1] if after[1] else normed):
+        return False
+    mm2, views2 = after
+    # The first op goes where the norm was, the second where mm2 was: what they read must come
+    # before (the layers' tensors are graph inputs, so they do).
+    first_args = _call_args(mm1)
+    if any(isinstance(a, fx.Node) and order[a] > order[norm] for a in first_args.values()):
+        return False
+    schema1 = mm1.target._schema.arguments
+    with graph.inserting_before(norm):
+        new_residual, g, stats = _call(
+            graph, torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats.default,
+            (first_args["x"], args["x_residual"], args["weight"],
+             *(first_args.get(a.name, a.default_value) for a in schema1[1:])), 3)
+    second_args = _call_args(mm2)
+    with graph.inserting_before(mm2):
+        (y,) = _call(graph, torch.ops.vllm_gqsa.gqsa_stats_norm_mm.default,
+                     (g, stats, args["epsilon"], new_residual, args["weight"],
+                      *(second_args.get(a.name, a.default_value) for a in mm2.target._schema.arguments[1:])), 1)
+    mm2.replace_all_uses_with(y)
+    if residual_out is not None:
+        residual_out.replace_all_uses_with(new_residual)
+    for dead in [mm2, *reversed(views2), normed, *([residual_out] if residual_out is not None else []), norm,
+                 *reversed(views1), mm1]:
+        graph.erase_node(dead)
+    return True
+
+
+def split_norms(graph: fx.Graph) -> int:
+    """Rewrite ``gqsa_mm -> fused_add_rms_norm -> gqsa_mm`` of sliced layers into
+    ``gqsa_mm_add_norm_stats -> gqsa_stats_norm_mm``; returns how many."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    split = sum(_split_one(graph, node, order) for node in list(graph.nodes) if _is_add_norm(node))
+    global fused_total
+    if split:
+        (logger.debug if fused_total else logger.info)(
+            "GQSA: %d RMSNorm(s) split between the GQSA layers around them in a compiled graph", split)
+        fused_total += split
+    return split
+
+
+def _range_applies() -> bool:
+    """Whether the graph being compiled serves only batches the sliced GEMV takes (vLLM compiles
+    a graph per range of batch sizes); True outside vLLM's compiler."""
+    try:
+        from vllm.compilation.passes.inductor_pass import get_pass_context
+
+        compile_range = get_pass_context().compile_range
+    except (ImportError, AssertionError, AttributeError):
+        return True
+    return compile_range is None or compile_range.end <= _split_max_tokens()
+
+
+_Base = _inductor_pass_base()
+
+if _Base is not None:
+    class SplitNormAcrossGQSA(_Base):
+        """The pass as vLLM's pass manager takes it (its uuid, the source hash, keys the compile cache)."""
+
+        def __call__(self, graph: fx.Graph) -> None:
+            if _range_applies():
+                split_norms(graph)
+
+        def __deepcopy__(self, memo):  # vLLM deep-copies its inductor config; the pass is stateless
+            return self
+else:
+    SplitNormAcrossGQSA = None
+
+
+def install() -> bool:
+    """Put the pass in the current vLLM config's compilation config, where vLLM's compiler will
+    add it to its post-grad passes, and give the batches the sliced GEMV serves a compile range of
+    their own (vLLM reads the ranges when it compiles, after the model is built). Called while
+    vLLM builds a GQSA model; True if installed."""
+    if os.environ.get(ENV, "1") == "0" or SplitNormAcrossGQSA is None:
+        return False
+    try:
+        from vllm.config import CompilationMode, get_current_vllm_config
+    except ImportError:
+        return False
+    compilation = get_current_vllm_config().compilation_config
+    if compilation.mode != CompilationMode.VLLM_COMPILE or not hasattr(compilation, "compile_ranges_endpoints"):
+        return False
+    current = compilation.inductor_compile_config.get(PASS_KEY)
+    if isinstance(current, SplitNormAcrossGQSA):
+        return True
+    if current is not None:
+        logger.warning("GQSA: a %s is already set, so each RMSNorm stays a kernel of its own", PASS_KEY)
+        return False
+    compilation.inductor_compile_config[PASS_KEY] = SplitNormAcrossGQSA()
+    endpoints = set(compilation.compile_ranges_endpoints or [])
+    compilation.compile_ranges_endpoints = sorted(endpoints | {_split_max_tokens()})
+    return True
