@@ -673,6 +673,16 @@ __global__ void __launch_bounds__(kDequantThreads)
 // (bf16 only, or fp16 h times a weight over 1) sends the GEMV after the norm to vLLM's normalized x.
 constexpr float kSplitGLimit = 65504.f;
 
+// The norm's weight at channel c in fp32 (split.weight is of x's dtype, or fp32 with weight_fp32;
+// 1 without a weight).
+template <typename T>
+__device__ __forceinline__ float split_weight(const NormSplit& split, int c) {
+  if (split.weight == nullptr) return 1.f;
+  return split.weight_fp32 ? __ldg(static_cast<const float*>(split.weight) + c)
+                           : Act<T>::unpack(static_cast<uint32_t>(
+                                 __ldg(reinterpret_cast<const unsigned short*>(split.weight) + c))).x;
+}
+
 // vLLM's normalized x, T(T(h * r) * weight), from h = split.residual [M, K] and split.weight, into
 // the shared copy as copy_x_to_shared stores x: the split's path for a launch whose g is too large.
 template <typename T, int G, int M, int kThreads>
@@ -691,15 +701,10 @@ __device__ __forceinline__ void copy_normed_x_to_shared(const NormSplit& split, 
     uint32_t out[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      const float2 h = Act<T>::unpack(Act<T>::pack(Act<T>::unpack(hw[k]).x * rm, Act<T>::unpack(hw[k]).y * rm));
-      float2 w = make_float2(1.f, 1.f);
+      const float2 hk = Act<T>::unpack(hw[k]);
+      const float2 h = Act<T>::unpack(Act<T>::pack(hk.x * rm, hk.y * rm));  // T(h * r)
       const int col = c * kWordWeights + 2 * k;
-      if (split.weight != nullptr)
-        w = split.weight_fp32 ? make_float2(__ldg(static_cast<const float*>(split.weight) + col),
-                                            __ldg(static_cast<const float*>(split.weight) + col + 1))
-                              : Act<T>::unpack(__ldg(reinterpret_cast<const unsigned int*>(
-                                    static_cast<const T*>(split.weight) + col)));
-      out[k] = Act<T>::pack(h.x * w.x, h.y * w.y);
+      out[k] = Act<T>::pack(h.x * split_weight<T>(split, col), h.y * split_weight<T>(split, col + 1));
     }
     x_shared[m * shared_x_row_chunks(K) + swizzle_chunk(c)] =
         Act<T>::template x_pairs<kXScaleLog2<G>>(make_uint4(out[0], out[1], out[2], out[3]));
@@ -848,10 +853,7 @@ __global__ void __launch_bounds__(kW * kWarpSize)
         res_bits[m] = row >= 0 ? __ldcg(reinterpret_cast<const unsigned short*>(split.residual) +
                                         static_cast<size_t>(m) * N + row)
                                : 0;
-      if (row >= 0 && split.weight != nullptr)
-        w = split.weight_fp32 ? __ldg(static_cast<const float*>(split.weight) + row)
-                              : Act<T>::unpack(static_cast<uint32_t>(
-                                    __ldg(reinterpret_cast<const unsigned short*>(split.weight) + row))).x;
+      if (row >= 0) w = split_weight<T>(split, row);
     }
   }
 

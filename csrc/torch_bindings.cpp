@@ -243,6 +243,16 @@ void check_dense(const char* op, const char* name, const at::Tensor& t, c10::Int
               t.device().str());
 }
 
+// The split norm's weight, [n] of x's dtype or fp32, or none, checked and set in split.
+void set_norm_weight(const char* op, gqsa::NormSplit& split, const std::optional<at::Tensor>& weight, int64_t n,
+                     const at::Tensor& x) {
+  if (!weight.has_value()) return;
+  const at::ScalarType wt = weight->scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
+  check_dense(op, "weight", *weight, {n}, wt, x.device());
+  split.weight = weight->data_ptr();
+  split.weight_fp32 = wt == at::kFloat;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes, const at::Tensor& meta,
@@ -255,12 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
   gqsa::NormSplit split;
   split.mode = gqsa::NormSplitMode::kAddStats;
   split.residual = residual.data_ptr();
-  if (weight.has_value()) {
-    const at::ScalarType wt = weight->scalar_type() == at::kFloat ? at::kFloat : x.scalar_type();
-    check_dense(op, "weight", *weight, {n_out}, wt, x.device());
-    split.weight = weight->data_ptr();
-    split.weight_fp32 = wt == at::kFloat;
-  }
+  set_norm_weight(op, split, weight, n_out, x);
   at::Tensor residual_out = at::empty_like(residual);
   at::Tensor g = at::empty({M, n_out}, x.options());
   // Every slot is written: a sum by the piece that finishes a slice, 0 by the others.
@@ -289,12 +294,7 @@ at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& st
   gqsa::NormSplit split;
   split.mode = gqsa::NormSplitMode::kFromStats;
   split.residual = residual.data_ptr();
-  if (weight.has_value()) {
-    const at::ScalarType wt = weight->scalar_type() == at::kFloat ? at::kFloat : g.scalar_type();
-    check_dense(op, "weight", *weight, {g.size(1)}, wt, g.device());
-    split.weight = weight->data_ptr();
-    split.weight_fp32 = wt == at::kFloat;
-  }
+  set_norm_weight(op, split, weight, g.size(1), g);
   split.stats = stats.data_ptr<float>();
   split.stats_pieces = static_cast<int>(stats.size(1));
   split.eps = static_cast<float>(eps);

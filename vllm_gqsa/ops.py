@@ -36,6 +36,21 @@ def _gqsa_mm_reference_fake(x, row_ptr, col_idx, qweight, scales, qzeros, n_out,
     return x.new_empty((*x.shape[:-1], n_out))
 
 
+def _cuda_kernels_take(x: torch.Tensor) -> bool:
+    """Whether the CUDA kernels serve activations x (fp16 or bf16 on a GPU, the ops loaded)."""
+    from .kernels import cuda
+
+    return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]
+
+
+def _sliced_gemv_takes(x2: torch.Tensor, xcols, pairs: bool, sell_rows) -> bool:
+    """Whether gqsa_mm runs the sliced GEMV for x2 [M, K]: the split norm's kernels are its variants."""
+    from .kernels import cuda
+
+    return (sell_rows is not None and _cuda_kernels_take(x2)
+            and x2.shape[0] <= cuda.dispatch(xcols is not None, pairs)[0])
+
+
 def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
             schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
             xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None,
@@ -55,7 +70,7 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
         t["counters"] = counters
     if sell_rows is not None:
         t.update(sell_rows=sell_rows, slice_counters=slice_counters)
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]:
+    if _cuda_kernels_take(x):
         gemv_max, tc_max = cuda.dispatch(xcols is not None, pairs)
         if x.shape[0] <= gemv_max:
             return cuda.gemv(x, t, n_out, warps=sell_warps)
@@ -91,12 +106,9 @@ def gqsa_mm_add_norm_stats(x: torch.Tensor, residual: torch.Tensor, norm_weight:
     ``SPLIT_G_LIMIT`` (the second half then normalizes h itself). For a layer in the sliced layout
     and a batch its GEMV serves, the GEMV's CTAs do it in their epilogue (one part each) and y is
     never written."""
-    from .kernels import cuda
-
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.reshape(x2.shape[0], n_out).contiguous()
-    if (x2.is_cuda and x2.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0] and sell_rows is not None
-            and x2.shape[0] <= cuda.dispatch(xcols is not None, pairs)[0]):
+    if _sliced_gemv_takes(x2, xcols, pairs, sell_rows):
         out_residual, g, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
             x2, r2, norm_weight, sell_rows, schedule, codes, meta, slice_counters, n_out,
             sell_warps if sell_warps is not None else [])
@@ -138,10 +150,7 @@ def gqsa_stats_norm_mm(g: torch.Tensor, stats: torch.Tensor, eps: float, residua
     as r is one number per token, returns T(r * gqsa_mm(g)) in fp32, with g copied as a plain x
     is; where a stat marks g too large, it normalizes h as vLLM does instead. Elsewhere it is the
     norm, then ``gqsa_mm``."""
-    from .kernels import cuda
-
-    if (g.is_cuda and cuda.available()[0] and sell_rows is not None
-            and g.shape[0] <= cuda.dispatch(xcols is not None, pairs)[0]):
+    if _sliced_gemv_takes(g, xcols, pairs, sell_rows):
         return torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
             g.contiguous(), stats.contiguous(), eps, residual.contiguous(), norm_weight, sell_rows, schedule, codes,
             meta, slice_counters, n_out, sell_warps if sell_warps is not None else [])
