@@ -16,42 +16,48 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from vllm_gqsa import ops  # noqa: F401
-from vllm_gqsa.format import LayerFormat
-from vllm_gqsa.kernels import cuda
-from vllm_gqsa.kernels.cuda_format import to_kernel_format
-from vllm_gqsa.random_layers import random_gqsa_layer
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from kernel_speed import time_graph  # noqa: E402
+from vllm_gqsa import ops  # noqa: E402,F401
+from vllm_gqsa.format import LayerFormat  # noqa: E402
+from vllm_gqsa.kernels import cuda  # noqa: E402
+from vllm_gqsa.kernels.cuda_format import to_kernel_format  # noqa: E402
+from vllm_gqsa.random_layers import random_gqsa_layer  # noqa: E402
 
 # (first layer N x K, second layer N x K): the second's inputs are the first's outputs.
 PAIRS = {"llama2-7b": {"o>gate_up": ((4096, 4096), (22016, 4096)), "down>qkv": ((4096, 11008), (12288, 4096))},
          "llama3-8b": {"o>gate_up": ((4096, 4096), (28672, 4096)), "down>qkv": ((4096, 14336), (6144, 4096))}}
 LAYERS = 16
 EPS = 1e-5
+REPS = 20
 
 
-def graph_time(fn, reps: int = 20) -> float:
-    """us per call of fn (LAYERS pairs) replayed in a CUDA graph, median of reps."""
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(20):
-        g.replay()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1000)
-    return sorted(times)[len(times) // 2]
+def graph_us(fn) -> float:
+    """us per call of fn (LAYERS layers or pairs) in a CUDA graph: kernel_speed's timing."""
+    return time_graph([fn], REPS) / LAYERS
+
+
+def sliced_layers(N: int, K: int, seed: int, sms: int) -> list[dict]:
+    """LAYERS random W4 S50% g16 layers of N x K in the sliced layout, each its own copy (together
+    they rotate past L2), with the plugin's warps per CTA."""
+    out = []
+    for i in range(LAYERS):
+        t = to_kernel_format(random_gqsa_layer(N, K, LayerFormat(4, 16, 1), 0.5, seed=seed + i, device="cuda"),
+                             2 * sms, layout="sliced", num_sms=sms)
+        t["warps"] = t.pop("sell_warps").tolist()
+        out.append(t)
+    return out
+
+
+def gemv(x, t, N):
+    return torch.ops.vllm_gqsa.gqsa_sliced_gemv(x, t["sell_rows"], t["schedule"], t["codes"], t["meta"],
+                                                t["slice_counters"], N, t["warps"])
 
 
 def main() -> None:
@@ -69,28 +75,14 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
     results = {"device": props.name, "torch": torch.__version__, "pairs_per_graph": LAYERS, "us_per_pair": {}}
-    fmt = LayerFormat(4, 16, 1)
     for model in args.models.split(","):
         for name, ((N1, K1), (N2, K2)) in PAIRS[model].items():
-            def layers(N, K, seed):
-                out = []
-                for i in range(LAYERS):
-                    t = to_kernel_format(random_gqsa_layer(N, K, fmt, 0.5, seed=seed + i, device="cuda"), 2 * sms,
-                                         layout="sliced", num_sms=sms)
-                    t["warps"] = t.pop("sell_warps").tolist()
-                    out.append(t)
-                return out
-
-            first, second = layers(N1, K1, 0), layers(N2, K2, 100)
+            first, second = sliced_layers(N1, K1, 0, sms), sliced_layers(N2, K2, 100, sms)
             for M in (int(m) for m in args.tokens.split(",")):
                 g = torch.Generator(device="cuda").manual_seed(M)
                 x = torch.randn(M, K1, device="cuda", generator=g).half()
                 residual = torch.randn(M, N1, device="cuda", generator=g).half()
                 w = (torch.rand(N1, device="cuda", generator=g) + 0.5).half()
-
-                def gemv(x_in, t, N):
-                    return torch.ops.vllm_gqsa.gqsa_sliced_gemv(x_in, t["sell_rows"], t["schedule"], t["codes"],
-                                                                t["meta"], t["slice_counters"], N, t["warps"])
 
                 def run_gemvs():
                     for t1, t2 in zip(first, second):
@@ -125,7 +117,7 @@ def main() -> None:
                 row = {"warps": [t1["warps"][M - 1], t2["warps"][M - 1]], "rel_diff_split_vs_separate": rel}
                 for label, fn in (("gemvs", run_gemvs), ("separate", run_separate), ("split", run_split),
                                   ("gemvs_again", run_gemvs)):
-                    row[label] = round(graph_time(fn) / LAYERS, 3)
+                    row[label] = round(graph_us(fn), 3)
                 key = f"{model} {name} M={M}"
                 results["us_per_pair"][key] = row
                 print(key, row, flush=True)
