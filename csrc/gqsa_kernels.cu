@@ -792,6 +792,26 @@ __device__ __forceinline__ void copy_split_x_to_shared(const T* __restrict__ g, 
 // row ends (a warp-wide sum, the hand-off, the next bounds); the first version of this loop, with
 // two groups per step, issued about 56 warp instructions per group and lane against its 93
 // (csrc/README.md, "One row per lane").
+// The slots of a cut slice's partial sums (the layer's parts, int32): kEmptyPart until a piece
+// writes its fp32 sum there. A written sum is never kEmptyPart's bits, a NaN that GPU arithmetic
+// does not produce: store_part writes every NaN as the canonical 0x7FFFFFFF.
+constexpr int32_t kEmptyPart = -1;
+constexpr int kPartBatch = 4;  // the last piece's loads of other pieces' sums in flight together
+
+__device__ __forceinline__ int32_t load_part(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.relaxed.gpu.global.b32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void store_part_bits(int32_t* p, int32_t v) {
+  asm volatile("st.relaxed.gpu.global.b32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+}
+
+__device__ __forceinline__ void store_part(int32_t* p, float v) {
+  store_part_bits(p, v != v ? 0x7FFFFFFF : __float_as_int(v));
+}
+
 // A CTA takes one piece (a whole slice, or part of a long one); its warps split the piece's steps
 // evenly, each loading its next step before the current one's math. Padding slots have scale 0.
 
@@ -807,8 +827,8 @@ static_assert(kStepGroups == 4, "a step is two 16-byte loads of codes and one of
 template <typename T, int M, int kW, int kSplit>
 __global__ void __launch_bounds__(kW * kWarpSize)
     sliced_gemv_kernel(const T* __restrict__ x, const int2* __restrict__ places, const int4* __restrict__ pieces,
-                       const uint4* __restrict__ codes, const uint4* __restrict__ meta, float* __restrict__ workspace,
-                       int32_t* __restrict__ counters, T* __restrict__ y, int N, int K, const NormSplit split) {
+                       const uint4* __restrict__ codes, const uint4* __restrict__ meta, int32_t* __restrict__ parts,
+                       int num_part_slots, T* __restrict__ y, int N, int K, const NormSplit split) {
   constexpr bool kAddStats = kSplit == static_cast<int>(NormSplitMode::kAddStats);
   constexpr bool kFromStats = kSplit == static_cast<int>(NormSplitMode::kFromStats);
   constexpr int G = 16;
@@ -924,32 +944,54 @@ __global__ void __launch_bounds__(kW * kWarpSize)
   // piece finishes the slice); every other piece's slot gets 0.
   int stat_slot = blockIdx.x;
   if (n_pieces > 1) {
-    // Each piece of a cut slice leaves its sums in the workspace; the last to finish adds them in
-    // piece order (the same sum whatever the finishing order) and sets the counter back to 0.
-    float* mine = workspace + static_cast<size_t>(blockIdx.x) * kMaxSlicedTokens * kWarpSize;
-#pragma unroll
-    for (int m = 0; m < M; ++m) mine[m * kWarpSize + lane] = v[m];
-    __threadfence();
-    __syncwarp();
-    int done = 0;
-    if (lane == 0) done = atomicAdd(counters + slice, 1);
-    const int first = blockIdx.x - (piece.w & 0xFFFF);
+    // A cut slice: every piece but the last leaves its sums in its own slots of parts and exits.
+    // The last piece reads each sum as soon as it lands, adds them in piece order (the same sum
+    // whatever the timing) and empties the slots again. A slot's value is its own ready flag
+    // (kEmptyPart until written), so no fence or counter stands between the pieces' math and the
+    // sum. Waiting is safe because CTAs start in index order, so the pieces it waits for have
+    // started and wait for nothing (CUB's decoupled look-back relies on the same order).
+    const int k = piece.w & 0xFFFF;
+    const int first = blockIdx.x - k;
+    if (static_cast<int>(blockIdx.x) >= num_part_slots) __trap();  // the layout puts cut slices first
+    int32_t* slots = parts + static_cast<size_t>(first) * kMaxSlicedTokens * kWarpSize + lane;
     if constexpr (kAddStats) {
-      if (lane == 0 && static_cast<int>(blockIdx.x) != first) {
+      if (lane == 0 && k != 0) {
 #pragma unroll
         for (int m = 0; m < M; ++m) split.stats[m * gridDim.x + blockIdx.x] = 0.f;
       }
       stat_slot = first;
     }
-    if (__shfl_sync(0xffffffffu, done, 0) != n_pieces - 1) return;
-    __threadfence();
+    if (k != n_pieces - 1) {
 #pragma unroll
-    for (int m = 0; m < M; ++m) {
-      v[m] = 0.f;
-      for (int q = first; q < first + n_pieces; ++q)
-        v[m] += __ldcg(workspace + (static_cast<size_t>(q) * kMaxSlicedTokens + m) * kWarpSize + lane);
+      for (int m = 0; m < M; ++m)
+        store_part(slots + (static_cast<size_t>(k) * kMaxSlicedTokens + m) * kWarpSize, v[m]);
+      return;
     }
-    if (lane == 0) counters[slice] = 0;
+    float s[M];
+#pragma unroll
+    for (int m = 0; m < M; ++m) s[m] = 0.f;
+    for (int q0 = 0; q0 < k; q0 += kPartBatch) {
+      int bits[kPartBatch][M];
+#pragma unroll
+      for (int j = 0; j < kPartBatch; ++j)
+#pragma unroll
+        for (int m = 0; m < M; ++m)
+          bits[j][m] = q0 + j < k ? load_part(slots + (static_cast<size_t>(q0 + j) * kMaxSlicedTokens + m) * kWarpSize)
+                                  : 0;
+#pragma unroll
+      for (int j = 0; j < kPartBatch; ++j) {
+        if (q0 + j >= k) break;
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          int32_t* slot = slots + (static_cast<size_t>(q0 + j) * kMaxSlicedTokens + m) * kWarpSize;
+          while (bits[j][m] == kEmptyPart) bits[j][m] = load_part(slot);
+          s[m] += __int_as_float(bits[j][m]);
+          store_part_bits(slot, kEmptyPart);
+        }
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < M; ++m) v[m] = s[m] + v[m];
   }
   if constexpr (kAddStats) {
     // h = T(y) + residual, as vLLM adds the layer's rounded output to the residual stream.
@@ -2120,8 +2162,8 @@ struct SlicedArgs {
   int num_pieces;
   const uint4* codes;
   const uint4* meta;
-  float* workspace;
-  int32_t* counters;
+  int32_t* parts;
+  int num_part_slots;
   void* y;
   int N, K;
   cudaStream_t stream;
@@ -2138,7 +2180,7 @@ cudaError_t launch_sliced(const SlicedArgs& a) {
     if (err != cudaSuccess) return err;
   }
   kernel<<<a.num_pieces, kW * kWarpSize, smem, a.stream>>>(static_cast<const T*>(a.x), a.places, a.pieces, a.codes,
-                                                           a.meta, a.workspace, a.counters, static_cast<T*>(a.y),
+                                                           a.meta, a.parts, a.num_part_slots, static_cast<T*>(a.y),
                                                            a.N, a.K, a.split);
   return cudaGetLastError();
 }
@@ -2236,9 +2278,9 @@ cudaError_t gemv(Dtype dtype, const void* x, const int32_t* row_ptr, const int32
 }
 
 cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
-                        const int32_t* codes, const int32_t* meta, float* workspace, int32_t* counters, void* y,
+                        const int32_t* codes, const int32_t* meta, int32_t* parts, int num_part_slots, void* y,
                         int M, int N, int K, const int* warps_for, cudaStream_t stream, const NormSplit& split) {
-  if (!shape_ok(N, K, 16) || M < 0 || num_pieces < 0) return cudaErrorInvalidValue;
+  if (!shape_ok(N, K, 16) || M < 0 || num_pieces < 0 || num_part_slots < 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (num_pieces == 0) return cudaErrorInvalidValue;  // every slice has a piece, and N > 0
   int max_shared = 0;
@@ -2264,7 +2306,7 @@ cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, co
     }
     const SlicedArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem,
                        reinterpret_cast<const int2*>(sell_rows), reinterpret_cast<const int4*>(pieces), num_pieces,
-                       reinterpret_cast<const uint4*>(codes), reinterpret_cast<const uint4*>(meta), workspace, counters,
+                       reinterpret_cast<const uint4*>(codes), reinterpret_cast<const uint4*>(meta), parts, num_part_slots,
                        y == nullptr ? nullptr : static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, N, K,
                        stream, s};
     const int warps = warps_for != nullptr ? warps_for[m - 1] : 8;

@@ -103,16 +103,16 @@ struct NormSplit {
 };
 
 // y[M, N] = x[M, K] @ W.T for a layer in the sliced layout: one CTA per piece, one row per lane,
-// warps_for[m - 1] warps (4, 8 or 16) per CTA for launches of m tokens. A slice cut into pieces
-// leaves each piece's sums in workspace (sliced_workspace_floats(num_pieces) floats, any
-// contents), and the last to finish adds them in piece order; counters (one per slice, zeros)
-// count them and are left zero. Any M: one launch per kMaxSlicedTokens tokens. With split (see
-// NormSplit), x is g for kFromStats, and y is not written for kAddStats.
-constexpr size_t sliced_workspace_floats(int num_pieces) {
-  return static_cast<size_t>(num_pieces) * kMaxSlicedTokens * kSliceRows;
-}
+// warps_for[m - 1] warps (4, 8 or 16) per CTA for launches of m tokens. The pieces of a slice cut
+// into several meet in parts (int32, kMaxSlicedTokens * kSliceRows per piece, every word -1 when
+// unused): each piece but the last writes its sums into its own slots, and the last piece reads
+// them, adds them in piece order and writes -1 back, so parts is all -1 again after every call.
+// Piece p's slots start at p * kMaxSlicedTokens * kSliceRows, and num_part_slots (the pieces that
+// parts has room for) must cover every piece of a cut slice: the layout puts them first. Any M: one
+// launch per kMaxSlicedTokens tokens. With split (see NormSplit), x is g for kFromStats, and y is
+// not written for kAddStats.
 cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
-                        const int32_t* codes, const int32_t* meta, float* workspace, int32_t* counters, void* y,
+                        const int32_t* codes, const int32_t* meta, int32_t* parts, int num_part_slots, void* y,
                         int M, int N, int K, const int* warps_for, cudaStream_t stream,
                         const NormSplit& split = NormSplit{});
 

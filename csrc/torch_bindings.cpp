@@ -8,11 +8,11 @@
 //     per 8 tokens, each reading the weights once: meant for decode-sized M.
 //     x_staging: -1 chooses, 0 reads x from global memory, 1 from shared memory (gqsa::XStaging).
 //   gqsa_sliced_gemv(Tensor x, Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta,
-//                    Tensor counters, int n_out, int[] warps=[]) -> Tensor
+//                    Tensor parts, int n_out, int[] warps=[]) -> Tensor
 //     y = x @ W.T for a layer in the sliced layout (G = 16), one row per lane: meant for 1 to 3
-//     tokens (one launch per 3). pieces is the layout's `schedule`, counters its
-//     `slice_counters` (left zero, like gqsa_tc's). warps: warps per CTA for launches of 1, 2, 3
-//     tokens (4, 8 or 16 each; empty: 8).
+//     tokens (one launch per 3). pieces is the layout's `schedule`, parts its `slice_parts`
+//     (left all -1, as found, like gqsa_tc's counters are left zero). warps: warps per CTA for
+//     launches of 1, 2, 3 tokens (4, 8 or 16 each; empty: 8).
 //   gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out,
 //           int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor
 //     y = x @ W.T on tensor cores, for batches too large for the GEMV (one launch per 64 tokens).
@@ -25,7 +25,7 @@
 //                ScalarType dtype, Tensor? sell_rows=None) -> Tensor
 //     the dense W [n_out, k_in] in dtype (fp16/bf16), zeros where a group was pruned.
 //
-// (row_ptr, codes, meta, schedule, chunks, xcols, counters, sell_rows, ...) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
+// (row_ptr, codes, meta, schedule, chunks, xcols, counters, sell_rows, parts, ...) are in the kernel format of vllm_gqsa/kernels/cuda_format.py.
 // Every tensor argument is checked for device, dtype, contiguity and shape, and a bad one raises
 // a RuntimeError that names it. Their contents are trusted: they are validated when the layer is
 // repacked. The ops allocate their output through torch, launch on the current stream, size the
@@ -170,7 +170,7 @@ int64_t check_sell_rows(const at::Tensor& sell_rows, int64_t n_out, const at::De
 // gqsa_sliced_gemv, with a part of a split norm (gqsa::NormSplit) or none; y is undefined for
 // kAddStats.
 at::Tensor sliced_gemv_call(const at::Tensor& x, const at::Tensor& sell_rows, const at::Tensor& pieces,
-                            const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& counters,
+                            const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& parts,
                             int64_t n_out, c10::IntArrayRef warps, gqsa::NormSplit split) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_sliced_gemv: x must be 2-D [M, K], got shape ", shape(x));
@@ -193,10 +193,11 @@ at::Tensor sliced_gemv_call(const at::Tensor& x, const at::Tensor& sell_rows, co
                   reinterpret_cast<uintptr_t>(pieces.data_ptr()) % 16 == 0,
               "gqsa_sliced_gemv: pieces must have shape [>= ", num(places / gqsa::kSliceRows),
               " (a piece per slice at least), 4], 16-byte aligned, got ", shape(pieces));
-  TORCH_CHECK(counters.device() == x.device() && counters.scalar_type() == at::kInt && counters.is_contiguous() &&
-                  counters.numel() == places / gqsa::kSliceRows,
-              "gqsa_sliced_gemv: counters must be int32 [", num(places / gqsa::kSliceRows), "] (one per slice) on ",
-              x.device().str(), ", got ", shape(counters));
+  constexpr int64_t kPartWords = gqsa::kMaxSlicedTokens * gqsa::kSliceRows;  // one piece's slots
+  TORCH_CHECK(parts.device() == x.device() && parts.scalar_type() == at::kInt && parts.dim() == 1 &&
+                  parts.is_contiguous() && parts.numel() % kPartWords == 0 && parts.numel() / kPartWords <= pieces.size(0),
+              "gqsa_sliced_gemv: parts must be int32 [a multiple of ", num(kPartWords), ", at most ",
+              num(kPartWords), " per piece] on ", x.device().str(), ", got ", shape(parts), " on ", parts.device().str());
   TORCH_CHECK(warps.empty() || warps.size() == gqsa::kMaxSlicedTokens,
               "gqsa_sliced_gemv: warps must be empty or give ", num(gqsa::kMaxSlicedTokens), " counts");
   int warps_for[gqsa::kMaxSlicedTokens];
@@ -214,13 +215,9 @@ at::Tensor sliced_gemv_call(const at::Tensor& x, const at::Tensor& sell_rows, co
   at::Tensor y = add_stats ? at::Tensor() : at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
-  // The cut slices' partial sums: written before they are read in every call, so never zeroed.
-  const at::Tensor workspace =
-      at::empty({static_cast<int64_t>(gqsa::sliced_workspace_floats(static_cast<int>(pieces.size(0))))},
-                x.options().dtype(at::kFloat));
   check_launch(gqsa::sliced_gemv(dtype, x.data_ptr(), sell_rows.data_ptr<int32_t>(), pieces.data_ptr<int32_t>(),
                                  static_cast<int>(pieces.size(0)), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
-                                 workspace.data_ptr<float>(), counters.data_ptr<int32_t>(),
+                                 parts.data_ptr<int32_t>(), static_cast<int>(parts.numel() / kPartWords),
                                  add_stats ? nullptr : y.data_ptr(), static_cast<int>(M), static_cast<int>(n_out),
                                  static_cast<int>(K), warps_for, at::cuda::getCurrentCUDAStream(), split),
                "gqsa_sliced_gemv");
@@ -228,9 +225,9 @@ at::Tensor sliced_gemv_call(const at::Tensor& x, const at::Tensor& sell_rows, co
 }
 
 at::Tensor gqsa_sliced_gemv(const at::Tensor& x, const at::Tensor& sell_rows, const at::Tensor& pieces,
-                            const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& counters,
+                            const at::Tensor& codes, const at::Tensor& meta, const at::Tensor& parts,
                             int64_t n_out, c10::IntArrayRef warps) {
-  return sliced_gemv_call(x, sell_rows, pieces, codes, meta, counters, n_out, warps, gqsa::NormSplit{});
+  return sliced_gemv_call(x, sell_rows, pieces, codes, meta, parts, n_out, warps, gqsa::NormSplit{});
 }
 
 // A contiguous, 16-byte aligned tensor of the given shape, dtype and device, or an error naming it.
@@ -256,7 +253,7 @@ void set_norm_weight(const char* op, gqsa::NormSplit& split, const std::optional
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
     const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
     const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes, const at::Tensor& meta,
-    const at::Tensor& counters, int64_t n_out, c10::IntArrayRef warps) {
+    const at::Tensor& parts, int64_t n_out, c10::IntArrayRef warps) {
   const char* op = "gqsa_sliced_gemv_add_stats";
   kernel_dtype(x.scalar_type(), "x");  // an error unless fp16 or bf16
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x));
@@ -274,14 +271,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
   split.g = g.data_ptr();
   split.stats = stats.data_ptr<float>();
   if (n_out == 0) stats.zero_();  // no GEMV runs: h is empty, and so are its sums
-  sliced_gemv_call(x, sell_rows, pieces, codes, meta, counters, n_out, warps, split);
+  sliced_gemv_call(x, sell_rows, pieces, codes, meta, parts, n_out, warps, split);
   return {residual_out, g, stats};
 }
 
 at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& stats, double eps,
                                        const at::Tensor& residual, const std::optional<at::Tensor>& weight,
                                        const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes,
-                                       const at::Tensor& meta, const at::Tensor& counters, int64_t n_out,
+                                       const at::Tensor& meta, const at::Tensor& parts, int64_t n_out,
                                        c10::IntArrayRef warps) {
   const char* op = "gqsa_sliced_gemv_from_stats";
   kernel_dtype(g.scalar_type(), "g");  // an error unless fp16 or bf16
@@ -298,7 +295,7 @@ at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& st
   split.stats = stats.data_ptr<float>();
   split.stats_pieces = static_cast<int>(stats.size(1));
   split.eps = static_cast<float>(eps);
-  return sliced_gemv_call(g, sell_rows, pieces, codes, meta, counters, n_out, warps, split);
+  return sliced_gemv_call(g, sell_rows, pieces, codes, meta, parts, n_out, warps, split);
 }
 
 // The tensor-core ops' optional layer counters and split count, checked against the layer.
@@ -463,16 +460,17 @@ at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, cons
 }  // namespace
 
 TORCH_LIBRARY(vllm_gqsa, m) {
-  // gqsa_tc's counters are working memory that every call leaves all zero, as it found them, so
-  // the schema does not mark them as written (vLLM's marlin_gemm treats its workspace the same way).
+  // gqsa_tc's counters and the sliced ops' parts are working memory that every call leaves as it
+  // found them (all zero, all -1), so the schema does not mark them as written (vLLM's marlin_gemm
+  // treats its workspace the same way).
   m.def("gqsa_gemv(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor schedule, int n_out, "
         "int x_staging=-1) -> Tensor");
   m.def("gqsa_sliced_gemv(Tensor x, Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta, "
-        "Tensor counters, int n_out, int[] warps=[]) -> Tensor");
+        "Tensor parts, int n_out, int[] warps=[]) -> Tensor");
   m.def("gqsa_sliced_gemv_add_stats(Tensor x, Tensor residual, Tensor? weight, Tensor sell_rows, Tensor pieces, "
-        "Tensor codes, Tensor meta, Tensor counters, int n_out, int[] warps=[]) -> (Tensor, Tensor, Tensor)");
+        "Tensor codes, Tensor meta, Tensor parts, int n_out, int[] warps=[]) -> (Tensor, Tensor, Tensor)");
   m.def("gqsa_sliced_gemv_from_stats(Tensor g, Tensor stats, float eps, Tensor residual, Tensor? weight, "
-        "Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta, Tensor counters, int n_out, int[] warps=[]) "
+        "Tensor sell_rows, Tensor pieces, Tensor codes, Tensor meta, Tensor parts, int n_out, int[] warps=[]) "
         "-> Tensor");
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
         "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");

@@ -9,9 +9,9 @@ import torch
 from vllm_gqsa import ops, reference  # noqa: F401  (ops registers the split norm's ops)
 from vllm_gqsa.format import GQSALayer, LayerFormat, index_dtype, pack_layer
 from vllm_gqsa.kernels import cuda
-from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_K, MAX_SLICED_TOKENS, SLICE_ROWS,
+from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_K, MAX_SLICED_TOKENS, PART_SLOTS, SLICE_ROWS,
                                            SLOTS_PER_STEP, STEP_GROUPS, TC_CHUNK, TC_ROWS, WARPS_PER_CTA, can_implement,
-                                           chunk_table, compact_chunk_table, cta_row_bounds,
+                                           chunk_table, compact_chunk_table, cta_row_bounds, cut_pieces,
                                            dequantize_kernel_format, is_sliced, kernel_weight, make_schedule,
                                            pair_pattern, row_per_cta_schedule, slice_pieces, sliced_layout,
                                            sliced_warps, to_kernel_format, unpack_meta, with_bank_order)
@@ -149,7 +149,9 @@ def test_sliced_layout(pattern, N):
     assert torch.equal(pieces[:, 0].unique(), torch.arange(places // SLICE_ROWS))
     assert (pieces[1:, 1] == pieces[:-1, 2]).all() and pieces[0, 1] == 0
     assert pieces[-1, 2] * SLOTS_PER_STEP == t["meta"].numel()
-    assert torch.equal(t["slice_counters"], torch.zeros(places // SLICE_ROWS, dtype=torch.int32))
+    cut = int(((pieces[:, 3] >> 16) > 1).sum())  # the pieces of cut slices come first, and get slots
+    assert not ((pieces[cut:, 3] >> 16) > 1).any()
+    assert torch.equal(t["slice_parts"], torch.full((cut * PART_SLOTS,), -1, dtype=torch.int32))
 
 
 def test_sliced_layout_refuses_slot_numbers_past_int32(monkeypatch):
@@ -177,6 +179,15 @@ def test_slice_pieces(cut):
         assert torch.equal(mine[:, 3], torch.arange(n) | (n << 16))
         sizes = mine[:, 2] - mine[:, 1]
         assert int(sizes.max() - sizes.min()) <= 1
+
+
+def test_cut_pieces_come_first():
+    """slice_parts has slots for the pieces of cut slices only, which the layout's longest-first
+    order puts at the start of the grid; a grid that does not is refused."""
+    assert cut_pieces(slice_pieces(torch.tensor([0, 40, 50, 50, 51, 60]))) == 4
+    assert cut_pieces(slice_pieces(torch.tensor([0, 10, 20]))) == 0
+    with pytest.raises(ValueError, match="must come first"):
+        cut_pieces(slice_pieces(torch.tensor([0, 10, 50])))  # a slice of 10 steps before one cut in 2
 
 
 def test_sliced_layout_applies_only_where_its_kernels_run():
@@ -486,14 +497,14 @@ def test_gemv_many_tokens(M, gemv):
 @pytest.mark.parametrize("M", [1, 2, 3])
 def test_sliced_gemv_pieces(cut, pattern, M):
     """Slices cut into pieces (from every slice to none): the pieces' sums are added up by the
-    last to finish, and the slice counters are zeros again after every call."""
+    last piece, and the slots of slice_parts are all -1 again after every call."""
     layer = make_layer(333, 16 * 61, 16, pattern, seed=M).to("cuda")
     rows = to_kernel_format(layer, 8, layout="rows")
     t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], 16 * 61, 4, cut)}
     for warps in ([4, 4, 4], [8, 8, 8], [16, 16, 16]):
         for _ in range(2):
             check_gemv(layer, t, M, torch.float16, op=lambda x, t, N, w=warps: cuda.gemv(x, t, N, warps=w))
-            assert not t["slice_counters"].any()
+            assert (t["slice_parts"] == -1).all()
 
 
 @needs_cuda
@@ -823,7 +834,7 @@ def test_opcheck():
     # The sliced layout's ops, a slice cut into pieces included (slices of 24, 12 and 0 steps).
     sl = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9)
     assert sl["schedule"].shape[0] > 3
-    sliced_args = (sl["sell_rows"], sl["schedule"], sl["codes"], sl["meta"], sl["slice_counters"], 70)
+    sliced_args = (sl["sell_rows"], sl["schedule"], sl["codes"], sl["meta"], sl["slice_parts"], 70)
     for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (7, torch.float16)):
         torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sliced_gemv,
                               (torch.randn(M, 16 * 48, device="cuda", dtype=dtype), *sliced_args, [4, 8, 16]))
@@ -893,11 +904,11 @@ def test_bad_sliced_inputs_raise():
     t = to_kernel_format(layer, 2, layout="sliced")
     x = torch.randn(2, 16 * 9, device="cuda", dtype=torch.float16)
     op = torch.ops.vllm_gqsa.gqsa_sliced_gemv
-    a = {k: t[k] for k in ("sell_rows", "schedule", "codes", "meta", "slice_counters")}
+    a = {k: t[k] for k in ("sell_rows", "schedule", "codes", "meta", "slice_parts")}
 
     def call(n_out=40, warps=(), **kw):
         b = {**a, **kw}
-        return op(x, b["sell_rows"], b["schedule"], b["codes"], b["meta"], b["slice_counters"], n_out, list(warps))
+        return op(x, b["sell_rows"], b["schedule"], b["codes"], b["meta"], b["slice_parts"], n_out, list(warps))
 
     assert torch.isfinite(call()).all()
     with pytest.raises(RuntimeError, match="sell_rows must have shape"):
@@ -910,8 +921,12 @@ def test_bad_sliced_inputs_raise():
         call(codes=t["codes"].repeat(1, 2))
     with pytest.raises(RuntimeError, match="pieces must have shape"):
         call(schedule=t["schedule"][:1].contiguous())
-    with pytest.raises(RuntimeError, match="counters must be int32"):
-        call(slice_counters=t["slice_counters"][:1].contiguous())
+    with pytest.raises(RuntimeError, match="parts must be int32"):
+        call(slice_parts=torch.full((95,), -1, dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match="parts must be int32"):
+        call(slice_parts=torch.full((96 * (t["schedule"].shape[0] + 1),), -1, dtype=torch.int32, device="cuda"))
+    with pytest.raises(RuntimeError, match="parts must be int32"):
+        call(slice_parts=torch.full((96,), -1, dtype=torch.int64, device="cuda"))
     with pytest.raises(RuntimeError, match="warps per CTA must be 4, 8 or 16"):
         call(warps=(8, 8, 32))
     with pytest.raises(RuntimeError, match="warps must be empty or give 3"):
@@ -945,7 +960,7 @@ def split_second(second, t2, g, stats, residual, w, eps=1e-6):
     K2, N2 = second.in_features, second.out_features
     y = torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
         g[:, :K2].contiguous(), stats, eps, residual[:, :K2].contiguous(), None if w is None else w[:K2].contiguous(),
-        t2["sell_rows"], t2["schedule"], t2["codes"], t2["meta"], t2["slice_counters"], N2, [])
+        t2["sell_rows"], t2["schedule"], t2["codes"], t2["meta"], t2["slice_parts"], N2, [])
     normed = reference.rms_norm(residual[:, :K2], None, None if w is None else w[:K2], eps)[0]
     return y, normed.double() @ dense_reference(second).cuda().double().T
 
@@ -968,17 +983,17 @@ def test_split_norm_kernels(M, dtype, weight):
     for warps in ([4, 4, 4], [8, 8, 8], [16, 16, 16]):
         y = cuda.gemv(x, t1, N1, warps=warps)  # the first layer's plain output, rounded as it writes it
         new_residual, gw, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
-            x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"], N1, warps)
+            x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_parts"], N1, warps)
         h = y.float() + residual.float()
         assert torch.equal(new_residual, h.to(dtype))
         assert torch.equal(gw, (h * w.float() if w is not None else h).to(dtype))
         assert stats.shape == (M, t1["schedule"].shape[0]) and (stats >= 0).all()
         # A cut slice's sum goes to its first piece's slot, whichever piece finishes it.
         again = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
-            x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"], N1, warps)
+            x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_parts"], N1, warps)
         assert all(torch.equal(a, b) for a, b in zip(again, (new_residual, gw, stats)))
         torch.testing.assert_close(stats.sum(-1), h.pow(2).sum(-1), rtol=1e-5, atol=0)
-        assert not t1["slice_counters"].any()
+        assert (t1["slice_parts"] == -1).all()
     K2 = second.in_features
     stats2 = h[:, :K2].pow(2).sum(-1, keepdim=True)
     for parts in (1, 1500):
@@ -999,7 +1014,7 @@ def test_split_norm_g_too_large_takes_the_normalized_x(dtype):
     residual[1, 7] = 60000.0
     w = torch.full((N1,), 2.0, device="cuda", dtype=dtype)
     new_residual, gw, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
-        x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"], N1, [])
+        x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_parts"], N1, [])
     assert (stats[[0, 2]] >= 0).all() and (stats[1] < 0).sum() == 1
     # The second layer's K inputs are the first N1 outputs rounded down to whole groups: its sums,
     # with the first GEMV's marks.
@@ -1013,7 +1028,7 @@ def test_split_norm_g_too_large_takes_the_normalized_x(dtype):
 @needs_cuda
 def test_split_norm_opcheck_and_bad_inputs():
     sl = to_kernel_format(make_layer(70, 16 * 48, 16, "empty_and_full").to("cuda"), 9)
-    args = (sl["sell_rows"], sl["schedule"], sl["codes"], sl["meta"], sl["slice_counters"], 70)
+    args = (sl["sell_rows"], sl["schedule"], sl["codes"], sl["meta"], sl["slice_parts"], 70)
     P = sl["schedule"].shape[0]
     for M, dtype in ((1, torch.float16), (3, torch.bfloat16), (7, torch.float16)):
         x = torch.randn(M, 16 * 48, device="cuda", dtype=dtype)

@@ -38,7 +38,7 @@ def layers():
 def gqsa(t, x):
     N = t["row_ptr"].numel() - 1
     return torch.ops.vllm_gqsa.gqsa_mm(x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], N, 16,
-                                       None, t["counters"], False, t.get("sell_rows"), t.get("slice_counters"),
+                                       None, t["counters"], False, t.get("sell_rows"), t.get("slice_parts"),
                                        t.get("warps"))
 
 
@@ -146,7 +146,7 @@ def test_split_ops_without_the_kernels(layers, dtype, weight):
     o, up = layers["o"], layers["gate_up"]
     a, r, w = inputs(dtype, weight)
     args = lambda t: (t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], t["row_ptr"].numel() - 1, 16,  # noqa: E731
-                      None, t["counters"], False, t["sell_rows"], t["slice_counters"], t["warps"])
+                      None, t["counters"], False, t["sell_rows"], t["slice_parts"], t["warps"])
     new_residual, g, stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats(a, r, w, *args(o))
     assert stats.shape == (2, o["schedule"].shape[0])
     y = torch.ops.vllm_gqsa.gqsa_stats_norm_mm(g, stats, EPS, new_residual, w, *args(up))
@@ -166,7 +166,7 @@ def test_split_marks_a_g_too_large_for_the_gemv(layers):
     r[1, 3] = 60000.0
     w = torch.full((r.shape[-1],), 2.0, dtype=torch.float16)
     args = lambda t: (t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], t["row_ptr"].numel() - 1, 16,  # noqa: E731
-                      None, t["counters"], False, t["sell_rows"], t["slice_counters"], t["warps"])
+                      None, t["counters"], False, t["sell_rows"], t["slice_parts"], t["warps"])
     new_residual, g, stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats(a, r, w, *args(o))
     h = new_residual.float()
     assert stats[:, 1:].eq(0).all()

@@ -116,7 +116,7 @@ layer = random_gqsa_layer(64, 256, LayerFormat(), density=0.5)
 t = to_kernel_format(layer, num_ctas=4)
 x = torch.randn(3, 256)
 y = torch.ops.vllm_gqsa.gqsa_mm(x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 64, 16,
-                                None, t["counters"], False, t["sell_rows"], t["slice_counters"],
+                                None, t["counters"], False, t["sell_rows"], t["slice_parts"],
                                 t["sell_warps"].tolist())
 eps = {ep.name: (ep.value, str(ep.dist.locate_file("")))
        for ep in md.entry_points(group="vllm.general_plugins")}

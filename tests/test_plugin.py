@@ -108,7 +108,7 @@ def test_ops_pass_opcheck(tiny_checkpoints):
     torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm.default,
                           (x, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
                            layer.chunks, layer.gqsa_n_out, 16, None, layer.counters, False, layer.sell_rows,
-                           layer.slice_counters, layer.gqsa_sell_warps))
+                           layer.slice_parts, layer.gqsa_sell_warps))
     from conftest import random_layer
     from vllm_gqsa.format import LayerFormat
 

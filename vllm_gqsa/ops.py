@@ -55,11 +55,11 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
             schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
             xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None,
             pairs: bool = False, sell_rows: torch.Tensor | None = None,
-            slice_counters: torch.Tensor | None = None, sell_warps: list[int] | None = None) -> torch.Tensor:
+            slice_parts: torch.Tensor | None = None, sell_warps: list[int] | None = None) -> torch.Tensor:
     """``x [M, K] @ W.T`` with W in the CUDA kernel format (``xcols`` for compact tiles,
     ``counters`` for the tensor-core kernels' K splits, ``pairs`` for a layer in the pair pattern,
     which the sparse-tensor-core kernel serves instead of the tensor-core kernel; ``sell_rows``,
-    ``slice_counters`` and ``sell_warps`` for a layer in the sliced layout)."""
+    ``slice_parts`` and ``sell_warps`` for a layer in the sliced layout)."""
     from .kernels import cuda
     from .kernels.cuda_format import dequantize_kernel_format
 
@@ -69,7 +69,7 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
     if counters is not None:
         t["counters"] = counters
     if sell_rows is not None:
-        t.update(sell_rows=sell_rows, slice_counters=slice_counters)
+        t.update(sell_rows=sell_rows, slice_parts=slice_parts)
     if _cuda_kernels_take(x):
         gemv_max, tc_max = cuda.dispatch(xcols is not None, pairs)
         if x.shape[0] <= gemv_max:
@@ -84,7 +84,7 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
 
 
 def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols=None,
-                  counters=None, pairs=False, sell_rows=None, slice_counters=None, sell_warps=None):
+                  counters=None, pairs=False, sell_rows=None, slice_parts=None, sell_warps=None):
     return x.new_empty((*x.shape[:-1], n_out))
 
 
@@ -97,7 +97,7 @@ def gqsa_mm_add_norm_stats(x: torch.Tensor, residual: torch.Tensor, norm_weight:
                            row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, schedule: torch.Tensor,
                            chunks: torch.Tensor, n_out: int, group_size: int, xcols: torch.Tensor | None = None,
                            counters: torch.Tensor | None = None, pairs: bool = False,
-                           sell_rows: torch.Tensor | None = None, slice_counters: torch.Tensor | None = None,
+                           sell_rows: torch.Tensor | None = None, slice_parts: torch.Tensor | None = None,
                            sell_warps: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first half of a norm split between two GEMVs (``gqsa_stats_norm_mm`` is the second):
     ``y = gqsa_mm(x)`` and h = y + residual in fp32 as vLLM's ``fused_add_rms_norm`` adds them;
@@ -110,11 +110,11 @@ def gqsa_mm_add_norm_stats(x: torch.Tensor, residual: torch.Tensor, norm_weight:
     r2 = residual.reshape(x2.shape[0], n_out).contiguous()
     if _sliced_gemv_takes(x2, xcols, pairs, sell_rows):
         out_residual, g, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
-            x2, r2, norm_weight, sell_rows, schedule, codes, meta, slice_counters, n_out,
+            x2, r2, norm_weight, sell_rows, schedule, codes, meta, slice_parts, n_out,
             sell_warps if sell_warps is not None else [])
     else:
         h = gqsa_mm(x2, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs,
-                    sell_rows, slice_counters, sell_warps).float() + r2.float()
+                    sell_rows, slice_parts, sell_warps).float() + r2.float()
         out_residual = h.to(x.dtype)
         g = (h * norm_weight.float() if norm_weight is not None else h).to(x.dtype)
         total = h.pow(2).sum(-1, keepdim=True)
@@ -132,7 +132,7 @@ def _stat_parts(schedule: torch.Tensor, sell_rows: torch.Tensor | None) -> int:
 
 def _gqsa_mm_add_norm_stats_fake(x, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
                                  group_size, xcols=None, counters=None, pairs=False, sell_rows=None,
-                                 slice_counters=None, sell_warps=None):
+                                 slice_parts=None, sell_warps=None):
     M = x.numel() // x.shape[-1]
     return (torch.empty_like(residual), x.new_empty((M, n_out)),
             x.new_empty((M, _stat_parts(schedule, sell_rows)), dtype=torch.float32))
@@ -142,7 +142,7 @@ def gqsa_stats_norm_mm(g: torch.Tensor, stats: torch.Tensor, eps: float, residua
                        norm_weight: torch.Tensor | None, row_ptr: torch.Tensor, codes: torch.Tensor,
                        meta: torch.Tensor, schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
                        xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None, pairs: bool = False,
-                       sell_rows: torch.Tensor | None = None, slice_counters: torch.Tensor | None = None,
+                       sell_rows: torch.Tensor | None = None, slice_parts: torch.Tensor | None = None,
                        sell_warps: list[int] | None = None) -> torch.Tensor:
     """The second half of the split norm: ``gqsa_mm`` of vLLM's RMSNorm of ``residual`` (h, the
     first half's new residual) with ``norm_weight``. For a layer in the sliced layout and a batch
@@ -153,14 +153,14 @@ def gqsa_stats_norm_mm(g: torch.Tensor, stats: torch.Tensor, eps: float, residua
     if _sliced_gemv_takes(g, xcols, pairs, sell_rows):
         return torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
             g.contiguous(), stats.contiguous(), eps, residual.contiguous(), norm_weight, sell_rows, schedule, codes,
-            meta, slice_counters, n_out, sell_warps if sell_warps is not None else [])
+            meta, slice_parts, n_out, sell_warps if sell_warps is not None else [])
     x, _ = rms_norm(residual, None, norm_weight, eps)
     return gqsa_mm(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs, sell_rows,
-                   slice_counters, sell_warps)
+                   slice_parts, sell_warps)
 
 
 def _gqsa_stats_norm_mm_fake(g, stats, eps, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
-                             group_size, xcols=None, counters=None, pairs=False, sell_rows=None, slice_counters=None,
+                             group_size, xcols=None, counters=None, pairs=False, sell_rows=None, slice_parts=None,
                              sell_warps=None):
     return g.new_empty((g.shape[0], n_out))
 

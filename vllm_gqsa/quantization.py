@@ -338,7 +338,7 @@ class GQSALinearMethod(LinearMethodBase):
             y = torch.ops.vllm_gqsa.gqsa_mm(x2, layer.row_ptr, layer.codes, layer.meta, layer.schedule,
                                             layer.chunks, layer.gqsa_n_out, self.fmt.group_size,
                                             getattr(layer, "xcols", None), layer.counters, layer.gqsa_pairs,
-                                            getattr(layer, "sell_rows", None), getattr(layer, "slice_counters", None),
+                                            getattr(layer, "sell_rows", None), getattr(layer, "slice_parts", None),
                                             layer.gqsa_sell_warps)
         else:
             y = torch.ops.vllm_gqsa.gqsa_mm_reference(

@@ -301,7 +301,7 @@ def gemv(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, x_staging: int
         if warps is None:
             warps = t["sell_warps"].tolist() if "sell_warps" in t else []
         y = torch.ops.vllm_gqsa.gqsa_sliced_gemv(x2, t["sell_rows"], t["schedule"], t["codes"], t["meta"],
-                                                 t["slice_counters"], n_out, warps)
+                                                 t["slice_parts"], n_out, warps)
     else:
         y = torch.ops.vllm_gqsa.gqsa_gemv(x2, t["row_ptr"], t["codes"], t["meta"], t["schedule"], n_out,
                                           x_staging)

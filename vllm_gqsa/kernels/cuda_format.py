@@ -98,13 +98,16 @@ chunk entries, indexed by row), and three tensors are added:
                                              (replaces the row GEMV's schedule): piece
                                              ``(s, b, e, k | n << 16)`` is steps
                                              ``b .. e-1`` of slice s, its k-th of n
-``slice_counters``  int32    ``[P / 32]``    zeros, the count of a cut slice's finished
-                                             pieces, set back to 0 by the last
+``slice_parts``      int32    ``[C * 96]``    all -1: ``MAX_SLICED_TOKENS * 32`` slots for each
+                                             of the C pieces of cut slices, which come
+                                             first in the grid (their slices are the longest)
 ==================  =======  ==============  ===========================================
 
 A slice longer than ``SLICE_CUT`` times the mean slice is cut into pieces of about the mean
-(:func:`slice_pieces`); the last piece to finish adds the pieces' sums in piece order, so the
-result does not depend on timing. The tensor-core kernel walks 64 places per tile (two slices:
+(:func:`slice_pieces`). Each piece of a cut slice but the last writes its sums into its slots of
+``slice_parts``; the last piece reads them as they land (-1, a NaN that GPU arithmetic never
+produces, marks a slot not yet written), adds them in piece order, so the result does not depend
+on timing, and writes -1 back. The tensor-core kernel walks 64 places per tile (two slices:
 the tile's copies read whole steps) and writes each place's row; the dequantize kernel finds a
 row's groups through its place. ``to_kernel_format`` also returns ``sell_warps``, a CPU tensor:
 the GEMV's warps per CTA for 1, 2 and 3 tokens (:func:`sliced_warps`), which the plugin passes to
@@ -137,7 +140,7 @@ ZERO_SHIFT = 16
 COL_SHIFT = 20
 TC_CHUNK = 256  # input channels per chunk of the tensor-core kernel (gqsa::kTcChunk)
 TC_ROWS = 64  # rows per tile of the tensor-core kernel (gqsa::kTcRows)
-# and "xcols" for compact tiles, "sell_rows" and "slice_counters" for the sliced layout
+# and "xcols" for compact tiles, "sell_rows" and "slice_parts" for the sliced layout
 SLICE_ROWS = 32  # rows per slice of the sliced layout, one per GEMV lane (gqsa::kSliceRows)
 # Groups of one row in one step: 4 groups of codes are 32 bytes, one DRAM sector, so no sector is
 # shared by two rows (which the kernels reading a row's groups by chunk, the tensor-core and the
@@ -152,6 +155,7 @@ SLOTS_PER_STEP = STEP_GROUPS * SLICE_ROWS
 # kernel, cut at 1.5x: 5.55 against 4.71 (kernels_h100_sliced_small.json).
 SLICE_CUT = 1.5
 MAX_SLICED_TOKENS = 3  # tokens per launch of the sliced GEMV (gqsa::kMaxSlicedTokens)
+PART_SLOTS = MAX_SLICED_TOKENS * SLICE_ROWS  # slice_parts words per piece of a cut slice
 MAX_SLICED_K = 32768  # one token of x must fit the GEMV's shared memory on every supported GPU
 
 
@@ -282,7 +286,7 @@ def sliced_layout_applies(group_size: int, K: int, compact: bool, pairs: bool) -
 def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor, K: int, num_sms: int,
                   cut: float = SLICE_CUT) -> dict[str, torch.Tensor]:
     """The sliced layout (``codes``, ``meta``, ``sell_rows``, ``schedule`` = the pieces,
-    ``slice_counters``) of G = 16 row-layout tensors of a layer with K inputs, on their device,
+    ``slice_parts``) of G = 16 row-layout tensors of a layer with K inputs, on their device,
     and ``sell_warps`` for a GPU of ``num_sms`` SMs (a CPU tensor, :func:`sliced_warps`)."""
     dev = codes.device
     rp = row_ptr.to(torch.int64)
@@ -314,12 +318,13 @@ def sliced_layout(row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor
     out_meta = torch.zeros(slots, dtype=torch.int32, device=dev)  # padding: scale 0
     out_codes[dest] = codes
     out_meta[dest] = meta
-    pieces = slice_pieces(slice_ptr.cpu(), cut).to(dev)
+    pieces_cpu = slice_pieces(slice_ptr.cpu(), cut)
+    pieces = pieces_cpu.to(dev)
     return {"codes": out_codes, "meta": out_meta,
             "sell_rows": torch.stack([rows, base], 1).to(torch.int32),
             "schedule": pieces,
-            "slice_counters": torch.zeros(S, dtype=torch.int32, device=dev),
-            "sell_warps": torch.tensor(sliced_warps(pieces.cpu(), K, num_sms), dtype=torch.int32)}
+            "slice_parts": torch.full((cut_pieces(pieces_cpu) * PART_SLOTS,), -1, dtype=torch.int32, device=dev),
+            "sell_warps": torch.tensor(sliced_warps(pieces_cpu, K, num_sms), dtype=torch.int32)}
 
 
 def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tensor:
@@ -338,6 +343,16 @@ def slice_pieces(slice_ptr: torch.Tensor, cut: float = SLICE_CUT) -> torch.Tenso
     # n < 2**15 always: a slice has at most MAX_SLICED_K / 64 = 512 steps.
     pieces = torch.stack([slice_of, a + st * k // nk, a + st * (k + 1) // nk, k | (nk << 16)], 1)
     return pieces.to(torch.int32).reshape(-1, 4)
+
+
+def cut_pieces(pieces: torch.Tensor) -> int:
+    """How many pieces of a :func:`slice_pieces` grid belong to cut slices: a prefix of it, since
+    slices run longest first, which ``slice_parts`` gives slots (the kernel traps past them)."""
+    cut = (pieces[:, 3] >> 16) > 1
+    count = int(cut.sum())
+    if bool(cut[count:].any()):
+        raise ValueError("the pieces of cut slices must come first in the sliced GEMV's grid")
+    return count
 
 
 def piece_steps(pieces: torch.Tensor) -> torch.Tensor:

@@ -57,7 +57,7 @@ def sliced_layers(N: int, K: int, seed: int, sms: int) -> list[dict]:
 
 def gemv(x, t, N):
     return torch.ops.vllm_gqsa.gqsa_sliced_gemv(x, t["sell_rows"], t["schedule"], t["codes"], t["meta"],
-                                                t["slice_counters"], N, t["warps"])
+                                                t["slice_parts"], N, t["warps"])
 
 
 def main() -> None:
@@ -98,21 +98,21 @@ def main() -> None:
                     for t1, t2 in zip(first, second):
                         hr, gw, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
                             x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"],
-                            t1["slice_counters"], N1, t1["warps"])
+                            t1["slice_parts"], N1, t1["warps"])
                         torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
                             gw, stats, EPS, hr, w, t2["sell_rows"], t2["schedule"], t2["codes"], t2["meta"],
-                            t2["slice_counters"], N2, t2["warps"])
+                            t2["slice_parts"], N2, t2["warps"])
 
                 # Both ways give the same outputs up to the norm's roundings.
                 t1, t2 = first[0], second[0]
                 h, _ = norm(gemv(x, t1, N1), residual, w, EPS)
                 y_ref = gemv(h, t2, N2)
                 hr, gw, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
-                    x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_counters"],
+                    x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_parts"],
                     N1, t1["warps"])
                 y_split = torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
                     gw, stats, EPS, hr, w, t2["sell_rows"], t2["schedule"], t2["codes"], t2["meta"],
-                    t2["slice_counters"], N2, t2["warps"])
+                    t2["slice_parts"], N2, t2["warps"])
                 rel = ((y_split.float() - y_ref.float()).norm() / y_ref.float().norm()).item()
                 row = {"warps": [t1["warps"][M - 1], t2["warps"][M - 1]], "rel_diff_split_vs_separate": rel}
                 for label, fn in (("gemvs", run_gemvs), ("separate", run_separate), ("split", run_split),

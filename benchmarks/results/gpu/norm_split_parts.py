@@ -43,13 +43,13 @@ def main() -> None:
         row = {}
         row["producer plain"] = graph_us(lambda: [gemv(x1, t, N1) for t in first])
         row["producer add_stats"] = graph_us(lambda: [torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
-            x1, residual, w, t["sell_rows"], t["schedule"], t["codes"], t["meta"], t["slice_counters"], N1,
+            x1, residual, w, t["sell_rows"], t["schedule"], t["codes"], t["meta"], t["slice_parts"], N1,
             t["warps"]) for t in first])
         row["consumer plain"] = graph_us(lambda: [gemv(x2, t, N2) for t in second])
         for pieces in (264, 128, 1):
             stats = torch.rand(1, pieces, device="cuda", generator=g) * (K2 / pieces)
             row[f"consumer from_stats P={pieces}"] = graph_us(lambda: [torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
-                gw, stats, EPS, x2, w2, t["sell_rows"], t["schedule"], t["codes"], t["meta"], t["slice_counters"],
+                gw, stats, EPS, x2, w2, t["sell_rows"], t["schedule"], t["codes"], t["meta"], t["slice_parts"],
                 N2, t["warps"]) for t in second])
         row["consumer plain again"] = graph_us(lambda: [gemv(x2, t, N2) for t in second])
         row = {k: round(v, 3) for k, v in row.items()}
