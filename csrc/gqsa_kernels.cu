@@ -940,8 +940,8 @@ __global__ void __launch_bounds__(kW * kWarpSize)
     for (int w = 0; w < kW; ++w) v[m] += part[w][m][lane];
   }
   const int n_pieces = static_cast<int>(static_cast<uint32_t>(piece.w) >> 16);
-  // kAddStats: the slot of stats a slice's sum goes to, its first piece's (the same slot whichever
-  // piece finishes the slice); every other piece's slot gets 0.
+  // kAddStats: the slot of stats a slice's sum goes to, its first piece's (a cut slice's last piece
+  // writes it); every other piece's slot gets 0.
   int stat_slot = blockIdx.x;
   if (n_pieces > 1) {
     // A cut slice: every piece but the last leaves its sums in its own slots of parts and exits.

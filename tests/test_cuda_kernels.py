@@ -988,7 +988,7 @@ def test_split_norm_kernels(M, dtype, weight):
         assert torch.equal(new_residual, h.to(dtype))
         assert torch.equal(gw, (h * w.float() if w is not None else h).to(dtype))
         assert stats.shape == (M, t1["schedule"].shape[0]) and (stats >= 0).all()
-        # A cut slice's sum goes to its first piece's slot, whichever piece finishes it.
+        # A cut slice's sum goes to its first piece's slot (its last piece writes it), the same on every call.
         again = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
             x, residual, w, t1["sell_rows"], t1["schedule"], t1["codes"], t1["meta"], t1["slice_parts"], N1, warps)
         assert all(torch.equal(a, b) for a, b in zip(again, (new_residual, gw, stats)))
