@@ -497,7 +497,8 @@ def test_gemv_many_tokens(M, gemv):
 @pytest.mark.parametrize("M", [1, 2, 3])
 def test_sliced_gemv_pieces(cut, pattern, M):
     """Slices cut into pieces (from every slice to none): the pieces' sums are added up by the
-    last piece, and the slots of slice_parts are all -1 again after every call."""
+    last piece, and the slots of slice_parts are all -1 again after every call. Each call draws a
+    new x, so a last piece that read an earlier call's sums would fail the reference check."""
     layer = make_layer(333, 16 * 61, 16, pattern, seed=M).to("cuda")
     rows = to_kernel_format(layer, 8, layout="rows")
     t = {**rows, **sliced_layout(rows["row_ptr"], rows["codes"], rows["meta"], 16 * 61, 4, cut)}
