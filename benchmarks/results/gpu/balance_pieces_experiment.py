@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """Where the sliced GEMV's balance-test loss comes from: the grid's pieces, cut and ordered other
-ways, with the package's kernel unchanged (the pieces are a host-side choice).
+ways, with a build's kernel unchanged (the pieces are a host-side choice).
 
 On kernel_speed.py's balance matrices (uniform rows, and one block of N/8 rows at 4x the average;
 density 0.25 both), one token, fp16, at 4, 8 and 16 warps per CTA:
@@ -13,8 +13,10 @@ density 0.25 both), one token, fp16, at 4, 8 and 16 warps per CTA:
   middle      the default pieces, the cut slices after the first (pieces - SMs) mod SMs others
   uniform_cut2  (uniform rows) every slice cut in 2: the cost of the cut slices' global fix-up
 It also records which SM each CTA of a Triton probe grid lands on (the dispatch order).
-``--parts`` is for a build whose cut slices meet in per-piece slots (int32, -1 = empty) instead of
-a workspace and per-slice counters: each grid then gets such slots in place of slice_parts.
+``--parts``: the kernels whose cut slices meet in per-piece slots (``slice_parts``, int32, -1 =
+empty), with slots for every piece, since a reordered grid need not put its cut slices first.
+Without it, the build before (commit 631087a): a workspace and one counter per slice (zeros),
+passed in the same argument.
 
     python benchmarks/results/gpu/balance_pieces_experiment.py --out OUT.json
 """
