@@ -98,7 +98,7 @@ chunk entries, indexed by row), and three tensors are added:
                                              (replaces the row GEMV's schedule): piece
                                              ``(s, b, e, k | n << 16)`` is steps
                                              ``b .. e-1`` of slice s, its k-th of n
-``slice_parts``      int32    ``[C * 96]``    all -1: ``MAX_SLICED_TOKENS * 32`` slots for each
+``slice_parts``     int32    ``[C * 96]``    all -1: ``MAX_SLICED_TOKENS * 32`` slots for each
                                              of the C pieces of cut slices, which come
                                              first in the grid (their slices are the longest)
 ==================  =======  ==============  ===========================================
@@ -113,9 +113,10 @@ row's groups through its place. ``to_kernel_format`` also returns ``sell_warps``
 the GEMV's warps per CTA for 1, 2 and 3 tokens (:func:`sliced_warps`), which the plugin passes to
 the op as ints.
 
-``counters`` are working memory that lives with the layer, as Marlin's workspace does, so that a
-call need not zero fresh ones with one more kernel. Calls that share them must be ordered (one CUDA
-stream), which is how a model calls a layer.
+``counters`` and ``slice_parts`` are working memory that lives with the layer, as Marlin's
+workspace does, so that a call need not fill fresh ones with one more kernel; every call leaves
+them as it found them. Calls that share them must be ordered (one CUDA stream), which is how a
+model calls a layer.
 
 ``num_ctas`` is chosen at load time, a few per SM (:func:`vllm_gqsa.kernels.cuda.default_num_ctas`);
 ``row_per_cta_schedule`` gives the classic one-CTA-per-row grid, for comparison.
