@@ -3,7 +3,8 @@
 ways, with a build's kernel unchanged (the pieces are a host-side choice).
 
 On kernel_speed.py's balance matrices (uniform rows, and one block of N/8 rows at 4x the average;
-density 0.25 both), one token, fp16, at 4, 8 and 16 warps per CTA:
+density 0.25 both; or ``--shapes``, ``--density``, ``--uniform-only``), one token, fp16, at 4, 8 and
+16 warps per CTA:
   default     the layout's pieces (slices over 1.5x the mean cut into pieces of about the mean)
   nocut       one piece per slice
   cut2        the cut slices in 2 pieces each instead
@@ -127,21 +128,25 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--parts", action="store_true")
+    p.add_argument("--density", type=float, default=ks.BALANCE_DENSITY,
+                   help="kept groups on average (the balance test's by default)")
+    p.add_argument("--uniform-only", action="store_true", help="no heavy-block matrices")
     args = p.parse_args()
     global PARTS
     PARTS = args.parts
     torch.manual_seed(0)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    max_k = max(int(shape.split("x")[1]) for shape in args.shapes.split(","))
+    x = torch.randn(1, max_k, device="cuda", dtype=torch.float16)
     results = []
     mats = {}
     for shape in args.shapes.split(","):
         N, K = (int(v) for v in shape.split("x"))
-        for heavy in (False, True):
-            base = ks.make_gqsa(N, K, ks.BALANCE_DENSITY, 2 * sms, heavy_block=heavy)
+        for heavy in (False,) if args.uniform_only else (False, True):
+            base = ks.make_gqsa(N, K, args.density, 2 * sms, heavy_block=heavy)
             n = ks.copies_for(ks.gqsa_bytes(base, 1, K))
             mats[(N, K, heavy)] = [with_pieces(t, t["schedule"]) for t in
-                                   (ks.make_gqsa(N, K, ks.BALANCE_DENSITY, 2 * sms, heavy_block=heavy) for _ in range(n))]
+                                   (ks.make_gqsa(N, K, args.density, 2 * sms, heavy_block=heavy) for _ in range(n))]
     for rnd in range(args.rounds):
         for (N, K, heavy), ts in mats.items():
             names = (["default", "nocut", "cut2", "cut2x", "reversed", "spread", "middle"] if heavy
@@ -170,7 +175,7 @@ def main() -> None:
             check[f"{N}x{K}_{heavy}_{name}"] = float((cuda.gemv(x[:, :K], t, N) - ref).abs().max())
     probes = {f"grid{g}_warps{w}": smid_probe(g, w) for g, w in ((176, 8), (616, 4), (264, 4), (128, 16))}
     Path(args.out).write_text(json.dumps({
-        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sms": sms,
+        "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "sms": sms, "density": args.density,
         "command": "python benchmarks/results/gpu/balance_pieces_experiment.py " + " ".join(sys.argv[1:]),
         "parts_build": PARTS, "results": results, "max_abs_diff_vs_default": check, "smid_probe": probes}, indent=1))
 
