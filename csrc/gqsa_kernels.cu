@@ -792,6 +792,7 @@ __device__ __forceinline__ void copy_split_x_to_shared(const T* __restrict__ g, 
 // row ends (a warp-wide sum, the hand-off, the next bounds); the first version of this loop, with
 // two groups per step, issued about 56 warp instructions per group and lane against its 93
 // (csrc/README.md, "One row per lane").
+
 // The slots of a cut slice's partial sums (the layer's parts, int32): kEmptyPart until a piece
 // writes its fp32 sum there. A written sum is never kEmptyPart's bits, a NaN that GPU arithmetic
 // does not produce: store_part writes every NaN as the canonical 0x7FFFFFFF.
