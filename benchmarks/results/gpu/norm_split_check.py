@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -74,7 +75,9 @@ def main() -> None:
     norm = torch.compile(fused_add_rms_norm.impls["native"].impl_fn, dynamic=False)
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
-    results = {"device": props.name, "torch": torch.__version__, "pairs_per_graph": LAYERS, "us_per_pair": {}}
+    results = {"device": props.name, "torch": torch.__version__, "command": " ".join(sys.argv),
+               "env": {k: v for k, v in os.environ.items() if k.startswith("VLLM_GQSA_")},
+               "pairs_per_graph": LAYERS, "us_per_pair": {}}
     for model in args.models.split(","):
         for name, ((N1, K1), (N2, K2)) in PAIRS[model].items():
             first, second = sliced_layers(N1, K1, 0, sms), sliced_layers(N2, K2, 100, sms)
