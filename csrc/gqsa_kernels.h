@@ -108,9 +108,11 @@ struct NormSplit {
 // unused): each piece but the last writes its sums into its own slots, and the last piece reads
 // them, adds them in piece order and writes -1 back, so parts is all -1 again after every call.
 // Piece p's slots start at p * kMaxSlicedTokens * kSliceRows, and num_part_slots (the pieces that
-// parts has room for) must cover every piece of a cut slice: the layout puts them first. Any M: one
-// launch per kMaxSlicedTokens tokens. With split (see NormSplit), x is g for kFromStats, and y is
-// not written for kAddStats.
+// parts has room for) must cover every piece of a cut slice: the layout puts them first. One layer's
+// parts serve one launch at a time: a launch of the same layer on another stream at once could read
+// the other launch's sums (wrong outputs) or leave a last piece waiting forever. Any M: one launch
+// per kMaxSlicedTokens tokens. With split (see NormSplit), x is g for kFromStats, and y is not
+// written for kAddStats.
 cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
                         const int32_t* codes, const int32_t* meta, int32_t* parts, int num_part_slots, void* y,
                         int M, int N, int K, const int* warps_for, cudaStream_t stream,
