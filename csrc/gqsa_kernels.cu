@@ -954,7 +954,9 @@ __global__ void __launch_bounds__(kW * kWarpSize)
     const int k = piece.w & 0xFFFF;
     const int first = blockIdx.x - k;
     if (static_cast<int>(blockIdx.x) >= num_part_slots) __trap();  // the layout puts cut slices first
-    int32_t* slots = parts + static_cast<size_t>(first) * kMaxSlicedTokens * kWarpSize + lane;
+    int32_t* slots = parts + static_cast<size_t>(first) * kSlicedPartWords + lane;
+    // Piece first + q's slot of token m for this lane.
+    auto slot_of = [&](int q, int m) { return slots + (static_cast<size_t>(q) * kMaxSlicedTokens + m) * kWarpSize; };
     if constexpr (kAddStats) {
       if (lane == 0 && k != 0) {
 #pragma unroll
@@ -964,8 +966,7 @@ __global__ void __launch_bounds__(kW * kWarpSize)
     }
     if (k != n_pieces - 1) {
 #pragma unroll
-      for (int m = 0; m < M; ++m)
-        store_part(slots + (static_cast<size_t>(k) * kMaxSlicedTokens + m) * kWarpSize, v[m]);
+      for (int m = 0; m < M; ++m) store_part(slot_of(k, m), v[m]);
       return;
     }
     float s[M];
@@ -977,14 +978,13 @@ __global__ void __launch_bounds__(kW * kWarpSize)
       for (int j = 0; j < kPartBatch; ++j)
 #pragma unroll
         for (int m = 0; m < M; ++m)
-          bits[j][m] = q0 + j < k ? load_part(slots + (static_cast<size_t>(q0 + j) * kMaxSlicedTokens + m) * kWarpSize)
-                                  : 0;
+          bits[j][m] = q0 + j < k ? load_part(slot_of(q0 + j, m)) : 0;
 #pragma unroll
       for (int j = 0; j < kPartBatch; ++j) {
         if (q0 + j >= k) break;
 #pragma unroll
         for (int m = 0; m < M; ++m) {
-          int32_t* slot = slots + (static_cast<size_t>(q0 + j) * kMaxSlicedTokens + m) * kWarpSize;
+          int32_t* slot = slot_of(q0 + j, m);
           while (bits[j][m] == kEmptyPart) bits[j][m] = load_part(slot);
           s[m] += __int_as_float(bits[j][m]);
           store_part_bits(slot, kEmptyPart);

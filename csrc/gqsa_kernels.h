@@ -75,6 +75,8 @@ constexpr int kStepGroups = 4;
 constexpr int kSlotsPerStep = kStepGroups * kSliceRows;
 // Tokens per launch of the sliced GEMV (fewer when x would not fit its shared memory).
 constexpr int kMaxSlicedTokens = 3;
+// Words of a sliced layer's parts per piece of a cut slice: one slot per token and row of its slice.
+constexpr int kSlicedPartWords = kMaxSlicedTokens * kSliceRows;
 
 // A decoder layer's RMSNorm (vLLM's fused_add_rms_norm) split between the two sliced GEMVs around
 // it, o and gate/up or down and the next q/k/v, so that it is no kernel of its own:
@@ -103,16 +105,15 @@ struct NormSplit {
 };
 
 // y[M, N] = x[M, K] @ W.T for a layer in the sliced layout: one CTA per piece, one row per lane,
-// warps_for[m - 1] warps (4, 8 or 16) per CTA for launches of m tokens. The pieces of a slice cut
-// into several meet in parts (int32, kMaxSlicedTokens * kSliceRows per piece, every word -1 when
-// unused): each piece but the last writes its sums into its own slots, and the last piece reads
-// them, adds them in piece order and writes -1 back, so parts is all -1 again after every call.
-// Piece p's slots start at p * kMaxSlicedTokens * kSliceRows, and num_part_slots (the pieces that
-// parts has room for) must cover every piece of a cut slice: the layout puts them first. One layer's
-// parts serve one launch at a time: a launch of the same layer on another stream at once could read
-// the other launch's sums (wrong outputs) or leave a last piece waiting forever. Any M: one launch
-// per kMaxSlicedTokens tokens. With split (see NormSplit), x is g for kFromStats, and y is not
-// written for kAddStats.
+// warps_for[m - 1] warps (4, 8 or 16) per CTA for launches of m tokens. The pieces of a slice cut into
+// several meet in parts (int32, kSlicedPartWords per piece, every word -1 when unused): each piece but
+// the last writes its sums into its own slots, and the last piece reads them, adds them in piece order
+// and writes -1 back, so parts is all -1 again after every call. Piece p's slots start at p *
+// kSlicedPartWords, and num_part_slots (the pieces that parts has room for) must cover every piece of a
+// cut slice: the layout puts them first. One layer's parts serve one launch at a time: a launch of the
+// same layer on another stream at once could read the other launch's sums (wrong outputs) or leave a
+// last piece waiting forever. Any M: one launch per kMaxSlicedTokens tokens. With split (see
+// NormSplit), x is g for kFromStats, and y is not written for kAddStats.
 cudaError_t sliced_gemv(Dtype dtype, const void* x, const int32_t* sell_rows, const int32_t* pieces, int num_pieces,
                         const int32_t* codes, const int32_t* meta, int32_t* parts, int num_part_slots, void* y,
                         int M, int N, int K, const int* warps_for, cudaStream_t stream,

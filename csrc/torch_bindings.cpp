@@ -193,7 +193,7 @@ at::Tensor sliced_gemv_call(const at::Tensor& x, const at::Tensor& sell_rows, co
                   reinterpret_cast<uintptr_t>(pieces.data_ptr()) % 16 == 0,
               "gqsa_sliced_gemv: pieces must have shape [>= ", num(places / gqsa::kSliceRows),
               " (a piece per slice at least), 4], 16-byte aligned, got ", shape(pieces));
-  constexpr int64_t kPartWords = gqsa::kMaxSlicedTokens * gqsa::kSliceRows;  // one piece's slots
+  constexpr int64_t kPartWords = gqsa::kSlicedPartWords;  // one piece's slots
   TORCH_CHECK(parts.device() == x.device() && parts.scalar_type() == at::kInt && parts.dim() == 1 &&
                   parts.is_contiguous() && parts.numel() % kPartWords == 0 && parts.numel() / kPartWords <= pieces.size(0),
               "gqsa_sliced_gemv: parts must be int32 [a multiple of ", num(kPartWords), ", at most ",

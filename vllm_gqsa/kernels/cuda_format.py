@@ -156,7 +156,8 @@ SLOTS_PER_STEP = STEP_GROUPS * SLICE_ROWS
 # kernel, cut at 1.5x: 5.55 against 4.71 (kernels_h100_sliced_small.json).
 SLICE_CUT = 1.5
 MAX_SLICED_TOKENS = 3  # tokens per launch of the sliced GEMV (gqsa::kMaxSlicedTokens)
-PART_SLOTS = MAX_SLICED_TOKENS * SLICE_ROWS  # slice_parts words per piece of a cut slice
+# slice_parts words per piece of a cut slice (gqsa::kSlicedPartWords)
+PART_SLOTS = MAX_SLICED_TOKENS * SLICE_ROWS
 MAX_SLICED_K = 32768  # one token of x must fit the GEMV's shared memory on every supported GPU
 
 

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import kernel_speed as ks  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
-from vllm_gqsa.kernels.cuda_format import kernel_weight  # noqa: E402
+from vllm_gqsa.kernels.cuda_format import PART_SLOTS, SLICE_ROWS, kernel_weight  # noqa: E402
 
 WARPS = (4, 8, 16)
 PARTS = False
@@ -44,10 +44,10 @@ PARTS = False
 def with_pieces(t: dict, pieces: torch.Tensor) -> dict:
     pieces = pieces.to("cuda")
     if PARTS:  # slots for every piece: the reordered grids need not put the cut slices first
-        return dict(t, schedule=pieces, slice_parts=torch.full((pieces.shape[0] * 96,), -1, dtype=torch.int32,
-                                                               device="cuda"))
+        return dict(t, schedule=pieces, slice_parts=torch.full((pieces.shape[0] * PART_SLOTS,), -1,
+                                                               dtype=torch.int32, device="cuda"))
     # the build before: one counter per slice, zeros
-    return dict(t, schedule=pieces, slice_parts=torch.zeros(t["sell_rows"].shape[0] // 32, dtype=torch.int32,
+    return dict(t, schedule=pieces, slice_parts=torch.zeros(t["sell_rows"].shape[0] // SLICE_ROWS, dtype=torch.int32,
                                                             device="cuda"))
 
 
