@@ -10,6 +10,8 @@ shared library) against cuBLAS fp16 in the same run, on random GQSA W4 S50% g16 
 
 WG_ROTATE_MB=B in the environment gives each kernel enough weight copies (at least two) to read B MB
 per rotation, as benchmarks/kernel_speed.py does past the L2 cache; by default two copies alternate.
+WG_PACKAGE=1 also times the plugin's own path for these token counts (its dequantize kernel, then
+cuBLAS), when the package's kernels are built (vllm_gqsa/_C).
 
 V is the kernel's template variant (see the .cu files): 2 waits for each wgmma before the next k-step,
 0 keeps one in flight (wrong results, see csrc/README.md).
@@ -105,6 +107,13 @@ def timed(lib, shapes, tokens, variants):
                 st["i"] = (st["i"] + 1) % n_dense
                 torch.matmul(x, ws[st["i"]].T, out=y)
             r = {"layer": name, "M": M, "copies": [n_gqsa, n_dense], "cublas_us": round(bench(cublas), 1)}
+            if os.environ.get("WG_PACKAGE") == "1":
+                from vllm_gqsa.kernels import cuda
+
+                def package():
+                    st["i"] = (st["i"] + 1) % n_gqsa
+                    torch.matmul(x, cuda.dequant(ts[st["i"]], N, K, 16, torch.half).T, out=y)
+                r["package_us"] = round(bench(package), 1)
             for bn, v in variants:
                 def wg(bn=bn, v=v):
                     st["i"] = (st["i"] + 1) % n_gqsa
