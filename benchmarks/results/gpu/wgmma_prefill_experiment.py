@@ -10,7 +10,8 @@ shared library) against cuBLAS fp16 in the same run, on random GQSA W4 S50% g16 
 
 WG_ROTATE_MB=B in the environment gives each kernel enough weight copies (at least two) to read B MB
 per rotation, as benchmarks/kernel_speed.py does past the L2 cache; by default two copies alternate.
-WG_PACKAGE=1 also times the plugin's own path for these token counts (its dequantize kernel, then
+WG_V=V picks the variant that check, layers, small and tokens run (check: 2 and 0, the others: 2, by
+default). WG_PACKAGE=1 also times the plugin's own path for these token counts (its dequantize kernel, then
 cuBLAS), when the package's kernels are built (vllm_gqsa/_C).
 
 V is the kernel's template variant (see the .cu files): 2 waits for each wgmma before the next k-step,
@@ -72,7 +73,7 @@ def bench(fn, reps=20, inner=10):
 
 def check(lib):
     out = []
-    for v in (2, 0):
+    for v in [int(s) for s in os.environ.get("WG_V", "2,0").split(",")]:
         for bn in (64, 128):
             for M, N, K in [(128, 256, 256), (1, 256, 512), (64, 256, 448), (200, 600, 4096), (513, 4096, 11008)]:
                 t = make(N, K, seed=M + N)
@@ -127,14 +128,15 @@ def timed(lib, shapes, tokens, variants):
 def main():
     lib = ctypes.CDLL(str(Path(sys.argv[1]).resolve()))
     mode = sys.argv[2]
+    V = int(os.environ.get("WG_V", "2"))
     if mode == "check":
         res = check(lib)
     elif mode == "layers":
-        res = timed(lib, LAYERS, (512, 1024, 2048), [(64, 2), (128, 2)])
+        res = timed(lib, LAYERS, (512, 1024, 2048), [(64, V), (128, V)])
     elif mode == "small":
-        res = timed(lib, LAYERS, (16, 32, 64), [(64, 2), (128, 2)])
+        res = timed(lib, LAYERS, (16, 32, 64), [(64, V), (128, V)])
     elif mode == "tokens":
-        res = timed(lib, LAYERS, [int(m) for m in sys.argv[3].split(",")], [(64, 2), (128, 2)])
+        res = timed(lib, LAYERS, [int(m) for m in sys.argv[3].split(",")], [(64, V), (128, V)])
         sys.argv.pop(3)
     else:
         vs = [int(v) for v in sys.argv[3].split(",")]

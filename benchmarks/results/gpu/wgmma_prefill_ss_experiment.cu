@@ -5,26 +5,31 @@
 // into wgmma's register A operand, and every token tile repeated that work between its wgmmas:
 // Nsight Compute put the tensor pipe at 55% busy (csrc/README.md, "The TMA version").
 //   * Warpgroup 0 fills each stage. Thread 0 loads x with TMA (one box of 256 tokens x 64
-//     channels, 128-byte swizzle, zeros past M and K). The 128 rows' 4 group columns of the
-//     stage become 64 fp16 weights a row (zeros for pruned columns) in wgmma's K-major
-//     128-byte-swizzled layout, so A is read by a descriptor like x. Lane l of warp w takes
-//     column l % 4 of rows 8 w + l / 4 + 32 p (p = 0..3): the four lanes of a row load its kept
-//     groups of the stage, which sit next to each other, so a warp's load touches the cache lines
-//     of 8 rows, not 32 (the previous version of this file, one row a thread, was bound by
-//     those loads: csrc/README.md). Each stage's codes and meta are loaded before the stage
-//     before it is dequantized, and the chunk-table entries (16 group columns) an entry ahead.
+//     channels, 128-byte swizzle, zeros past M and K). Thread r dequantizes row r of the CTA's 128
+//     rows: the row's 4 group columns of the stage become 64 fp16 weights (zeros for pruned
+//     columns) in wgmma's K-major 128-byte-swizzled layout, so A is read by a descriptor like x,
+//     then fences them for the async proxy and arrives on the stage's barrier. The row's codes
+//     and meta for the next stage are loaded into registers before this stage is dequantized
+//     (V & 32: copied by cp.async into a ring in shared memory three stages ahead instead), the
+//     chunk-table entries (16 group columns) an entry ahead.
 //   * Warpgroups 1 and 2 (64 rows each) wait on a stage, issue its four m64n256k16 wgmmas (A and
 //     B from shared memory) as one group, wait for the group before, and free that stage.
 //   * Where the grid fills under half the GPU, two CTAs split K: the first leaves its fp32 sums
 //     in a workspace and raises a flag, the second adds them and stores.
+// Earlier versions (csrc/README.md, "A in shared memory, dequantized by a warpgroup of its own";
+// wgmma_prefill_ss_experiment.json): 128-token tiles and two dequantizing warpgroups, clusters of
+// two CTAs sharing A, loads two stages ahead, four lanes a row, in this file's history and
+// wgmma_prefill_ss_row_per_thread.patch.
 // 128 rows by 256 tokens per CTA, 64 input channels per stage, G = 16, fp16 x (K % 8 == 0 for
 // TMA's row stride). Build (from this folder):
 //   nvcc -O3 -std=c++17 -gencode arch=compute_90a,code=sm_90a -shared -Xcompiler -fPIC \
 //     -Xptxas -v -o wg_ss.so wgmma_prefill_ss_experiment.cu
-// Run: python wgmma_prefill_experiment.py wg_ss.so check | layers | tokens 512 | ablate 0,11,12,14
+// Run: [WG_V=42] python wgmma_prefill_experiment.py wg_ss.so check | tokens 512 | ablate 0,11,...
 // (the harness's bn = 64 never splits K, bn = 128 splits it where the grid is small; v = 0 or 2
-// is the kernel, 10 + bits the ablations, whose results are wrong: 1 no code/meta loads (zero
-// codes dequantized), 2 no dequantization or A stores at all, 4 no wgmma).
+// is the kernel, v = 10 + bits a variant: 32 the cp.async version (v = 42), and the ablations,
+// whose results are wrong: 1 no code/meta loads (zero codes dequantized), 2 no dequantization or
+// A stores at all, 4 no wgmma, 8 no proxy fence, 16 each stage's loads after the stage before it
+// is full).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
@@ -85,6 +90,16 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "l"(map), "r"(c0), "r"(c1), "r"(bar)
       : "memory");
 }
+__device__ __forceinline__ uint2 lds64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint32_t lds32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
 __device__ __forceinline__ void sts128(uint32_t addr, uint4 v) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
                : "memory");
@@ -104,22 +119,26 @@ constexpr int kChunkCh = 64;  // input channels per stage: 4 group columns, one 
 constexpr int kProducers = 128;
 constexpr int kConsumers = 256;
 constexpr int kThreads = kProducers + kConsumers;
-constexpr int kPasses = kRows / (kProducers / 4);  // rows a producer thread serves: 4
+constexpr int kSlots = 4;  // group columns of a stage per producer thread (one row each)
 constexpr int kOutPitch = kRows + 8;
 constexpr int kXBytes = kTok * 128;   // x: [256 tokens][64 channels], one TMA box
 constexpr int kABytes = kRows * 128;  // A: [128 rows][64 channels]
 constexpr int kStageBytes = kXBytes + kABytes;
 constexpr int kWgStages = 4;
-constexpr int kSmemBytes = kWgStages * kStageBytes + 2 * kWgStages * 8 + 1024;  // + alignment slack
+// The codes and meta of kRawStages stages in flight, copied by cp.async (V & 32): [128 rows][4
+// columns] of 8 bytes, then of 4.
+constexpr int kRawStages = 4;
+constexpr int kRawBytes = kRows * 4 * 12;
+constexpr int kSmemBytes = kWgStages * kStageBytes + kRawStages * kRawBytes + 2 * kWgStages * 8 + 1024;
 static_assert(kStageBytes % 1024 == 0, "stages keep the 128-byte swizzle's 1024-byte alignment");
 static_assert(kTok * kOutPitch * 2 <= kWgStages * kStageBytes, "the output tile fits");
 static_assert(kSmemBytes <= 227 * 1024, "fits Hopper's shared memory");
 
-// One stage of one producer thread: the codes and meta of its group column in each of its rows,
-// zero for a pruned column (scale 0 dequantizes to zeros, so every column takes one path).
+// One stage of one producer thread: the codes and meta of its row's group columns, zero for a
+// pruned column (scale 0 dequantizes to zeros, so every column takes one path).
 struct Items {
-  uint2 code[kPasses];
-  uint32_t meta[kPasses];
+  uint2 code[kSlots];
+  uint32_t meta[kSlots];
 };
 
 // The 16 weights of one group in channel order, as two 16-byte runs of fp16: (q - z) exact from
@@ -154,7 +173,8 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t raw = smem_addr(smem_raw);
   const uint32_t s0 = (raw + 1023u) & ~1023u;
   unsigned char* smem = smem_raw + (s0 - raw);
-  const uint32_t bars = s0 + kWgStages * kStageBytes;
+  const uint32_t raw_ring = s0 + kWgStages * kStageBytes;
+  const uint32_t bars = raw_ring + kRawStages * kRawBytes;
   auto full_bar = [&](int s) { return bars + 8 * s; };
   auto empty_bar = [&](int s) { return bars + 8 * (kWgStages + s); };
   const int tile = blockIdx.x;
@@ -175,40 +195,32 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
 
   if (threadIdx.x < kProducers) {
-    // ---- the dequantizing warpgroup ----
-    const int c = threadIdx.x % 4;   // this thread's group column of each stage
-    const int r0 = threadIdx.x / 4;  // and its rows r0 + 32 p
+    // ---- the dequantizing warpgroup: thread r owns row r ----
+    const int r = threadIdx.x;
+    const int row = tile * kRows + r;
+    const bool ok = row < N;  // rows past N are never stored, so their A is left as it is
+    const int first = ok ? __ldg(row_ptr + row) : 0;
+    const int32_t* entries = chunks + static_cast<size_t>(ok ? row : 0) * num_entries;
+    uint32_t entry = ok ? static_cast<uint32_t>(__ldg(entries + i0 / 4)) : 0u;
+    uint32_t entry_next = ok && i0 / 4 + 1 < num_entries ? static_cast<uint32_t>(__ldg(entries + i0 / 4 + 1)) : 0u;
     const uint2* code2 = reinterpret_cast<const uint2*>(codes);
-    bool ok[kPasses];  // rows past N are never stored, so their A is left as it is
-    int first[kPasses];
-    const int32_t* entries[kPasses];
-    uint32_t entry[kPasses], entry_next[kPasses];
-#pragma unroll
-    for (int p = 0; p < kPasses; ++p) {
-      const int row = tile * kRows + r0 + 32 * p;
-      ok[p] = row < N;
-      first[p] = ok[p] ? __ldg(row_ptr + row) : 0;
-      entries[p] = chunks + static_cast<size_t>(ok[p] ? row : 0) * num_entries;
-      entry[p] = ok[p] ? static_cast<uint32_t>(__ldg(entries[p] + i0 / 4)) : 0u;
-      entry_next[p] = ok[p] && i0 / 4 + 1 < num_entries ? static_cast<uint32_t>(__ldg(entries[p] + i0 / 4 + 1)) : 0u;
-    }
 
-    // Stage i's codes and meta of this thread's column in its rows (4 stages per entry).
+    // Stage i's codes and meta of this row (4 stages per chunk-table entry).
     auto load = [&](int i, Items& it) {
       const int part = i % 4;
+      if (part == 0 && i > i0) {
+        entry = entry_next;
+        const int e = i / 4 + 1;
+        entry_next = ok && e < num_entries ? static_cast<uint32_t>(__ldg(entries + e)) : 0u;
+      }
+      const uint32_t mask = (entry >> (4 * part)) & 0xFu;
+      const int base = first + static_cast<int>(entry >> 16) + __popc(entry & ((1u << (4 * part)) - 1u));
 #pragma unroll
-      for (int p = 0; p < kPasses; ++p) {
-        if (part == 0 && i > i0) {
-          entry[p] = entry_next[p];
-          const int e = i / 4 + 1;
-          entry_next[p] = ok[p] && e < num_entries ? static_cast<uint32_t>(__ldg(entries[p] + e)) : 0u;
-        }
-        const uint32_t mask = (entry[p] >> (4 * part)) & 0xFu;
+      for (int c = 0; c < kSlots; ++c) {
         const bool kept = !(V & 1) && ((mask >> c) & 1u);
-        const int gi = first[p] + static_cast<int>(entry[p] >> 16) + __popc(entry[p] & ((1u << (4 * part)) - 1u)) +
-                       __popc(mask & ((1u << c) - 1u));
-        it.code[p] = kept ? __ldg(code2 + gi) : make_uint2(0u, 0u);
-        it.meta[p] = kept ? static_cast<uint32_t>(__ldg(meta + gi)) : 0u;
+        const int gi = base + __popc(mask & ((1u << c) - 1u));
+        it.code[c] = kept ? __ldg(code2 + gi) : make_uint2(0u, 0u);
+        it.meta[c] = kept ? static_cast<uint32_t>(__ldg(meta + gi)) : 0u;
       }
     };
     // Stage i: x by TMA (thread 0), this thread's part of A, then the stage is full.
@@ -221,26 +233,78 @@ __global__ void __launch_bounds__(kThreads, 1)
         mbar_expect_tx(full_bar(s), kXBytes);
         tma_load_2d(stage, &x_map, i * kChunkCh, tok0, full_bar(s));
       }
-      if (!(V & 2)) {
+      if (!(V & 2) && ok) {
+        // Row r's 128 bytes; 16-byte unit u sits at unit u ^ (r % 8) (the 128-byte swizzle).
+        const uint32_t a_row = stage + kXBytes + r * 128;
 #pragma unroll
-        for (int p = 0; p < kPasses; ++p) {
-          if (!ok[p]) continue;
-          // Row r's 128 bytes; 16-byte unit u sits at unit u ^ (r % 8) (the 128-byte swizzle).
-          const int r = r0 + 32 * p;
-          const uint32_t a_row = stage + kXBytes + r * 128;
+        for (int c = 0; c < kSlots; ++c) {
           uint4 lo, hi;
-          dequant_group16(it.code[p], it.meta[p], lo, hi);
+          dequant_group16(it.code[c], it.meta[c], lo, hi);
           sts128(a_row + (((2 * c) ^ (r & 7)) << 4), lo);
           sts128(a_row + (((2 * c + 1) ^ (r & 7)) << 4), hi);
         }
       }
-      fence_proxy_async();
+      if (!(V & 8)) fence_proxy_async();
       mbar_arrive(full_bar(s));
     };
 
     // Each stage's loads are issued before the stage before it is dequantized (two register sets
     // in turn, so nothing is copied between them).
+    if constexpr ((V & 32) != 0) {
+      // The codes and meta reach shared memory by cp.async, kRawStages - 1 stages ahead, each
+      // stage its own commit group; this thread reads back only its own copies.
+      uint32_t masks = 0;  // each stage's 4 column bits, at 4 * (its ring slot)
+      auto issue = [&](int i) {
+        const int part = i % 4;
+        if (part == 0 && i > i0) {
+          entry = entry_next;
+          const int e = i / 4 + 1;
+          entry_next = ok && e < num_entries ? static_cast<uint32_t>(__ldg(entries + e)) : 0u;
+        }
+        const uint32_t mask = (entry >> (4 * part)) & 0xFu;
+        const int base = first + static_cast<int>(entry >> 16) + __popc(entry & ((1u << (4 * part)) - 1u));
+        const int k = (i - i0) % kRawStages;
+        masks = (masks & ~(0xFu << (4 * k))) | (mask << (4 * k));
+        const uint32_t q = raw_ring + k * kRawBytes;
+#pragma unroll
+        for (int c = 0; c < kSlots; ++c) {
+          if ((V & 1) || !((mask >> c) & 1u)) continue;
+          const int gi = base + __popc(mask & ((1u << c) - 1u));
+          cp_async<8>(q + r * 32 + c * 8, code2 + gi);
+          cp_async<4>(q + kRows * 32 + r * 16 + c * 4, meta + gi);
+        }
+      };
+      for (int k = 0; k + 1 < kRawStages; ++k) {
+        if (i0 + k < i1) issue(i0 + k);
+        cp_async_commit();
+      }
+      for (int i = i0; i < i1; ++i) {
+        if (i + kRawStages - 1 < i1) issue(i + kRawStages - 1);
+        cp_async_commit();
+        cp_async_wait<kRawStages - 1>();  // stage i's copies have landed
+        const int k = (i - i0) % kRawStages;
+        const uint32_t mask = (masks >> (4 * k)) & 0xFu;
+        const uint32_t q = raw_ring + k * kRawBytes;
+        Items it;
+#pragma unroll
+        for (int c = 0; c < kSlots; ++c) {
+          const bool kept = !(V & 1) && ((mask >> c) & 1u);
+          it.code[c] = kept ? lds64(q + r * 32 + c * 8) : make_uint2(0u, 0u);
+          it.meta[c] = kept ? lds32(q + kRows * 32 + r * 16 + c * 4) : 0u;
+        }
+        produce(i, it);
+      }
+      return;
+    }
     Items a, b;
+    if constexpr ((V & 16) != 0) {
+      // Each stage's loads after the stage before it is fenced and full.
+      for (int i = i0; i < i1; ++i) {
+        load(i, a);
+        produce(i, a);
+      }
+      return;
+    }
     load(i0, a);
     for (int i = i0; i < i1; i += 2) {
       if (i + 1 < i1) load(i + 1, b);
@@ -433,6 +497,13 @@ extern "C" int wg_gemm(const void* x, const int32_t* row_ptr, const int32_t* cod
     case 11: return launch<1>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
     case 12: return launch<2>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
     case 14: return launch<4>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 18: return launch<8>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 26: return launch<16>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 30: return launch<20>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 42: return launch<32>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 43: return launch<33>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 50: return launch<40>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 46: return launch<36>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
     default: return cudaErrorInvalidValue;
   }
 }
