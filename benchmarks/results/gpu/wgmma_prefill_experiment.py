@@ -10,7 +10,9 @@ shared library) against cuBLAS fp16 in the same run, on random GQSA W4 S50% g16 
 
 WG_ROTATE_MB=B in the environment gives each kernel enough weight copies (at least two) to read B MB
 per rotation, as benchmarks/kernel_speed.py does past the L2 cache; by default two copies alternate.
-WG_V=V picks the variant that check, layers, small and tokens run (check: 2 and 0, the others: 2, by
+WG_STAGE_RAW=1 passes, in place of the chunk table, a stage-major copy of each layer's weights
+(stage_raw below) for the experiments' variants that read one (wgmma_prefill_ss_experiment.cu,
+v & 64). WG_V=V picks the variant that check, layers, small and tokens run (check: 2 and 0, the others: 2, by
 default). WG_PACKAGE=1 also times the plugin's own path for these token counts (its dequantize kernel, then
 cuBLAS), when the package's kernels are built (vllm_gqsa/_C).
 
@@ -48,9 +50,28 @@ def make(N, K, density=0.5, seed=0):
             "chunks": chunk_table(row_ptr, cols, K, 16)}
 
 
+def stage_raw(t, N, K):
+    """For each 128-row tile and 64-channel stage: [128 rows][4 group columns] codes (8 bytes), then
+    meta (4 bytes), zeros where a column is pruned (6 KB a stage; uncompressed)."""
+    counts = (t["row_ptr"][1:] - t["row_ptr"][:-1]).long()
+    rows = torch.repeat_interleave(torch.arange(N, device="cuda"), counts)
+    cols = (t["meta"].long() & 0xFFFFFFFF) >> 20
+    tiles, stages = -(-N // 128), -(-K // 64)
+    codes = torch.zeros(tiles * 128, stages * 4, 2, dtype=torch.int32, device="cuda")
+    meta = torch.zeros(tiles * 128, stages * 4, dtype=torch.int32, device="cuda")
+    codes[rows, cols] = t["codes"]
+    meta[rows, cols] = t["meta"]
+    codes = codes.view(tiles, 128, stages, 8).permute(0, 2, 1, 3).reshape(tiles, stages, 1024)
+    meta = meta.view(tiles, 128, stages, 4).permute(0, 2, 1, 3).reshape(tiles, stages, 512)
+    return torch.cat([codes, meta], dim=2).contiguous()
+
+
 def call(lib, t, x, y, M, N, K, bn, v):
+    if os.environ.get("WG_STAGE_RAW") == "1" and "stage_raw" not in t:
+        t["stage_raw"] = stage_raw(t, N, K)
+    chunks = t["stage_raw"] if "stage_raw" in t else t["chunks"]
     err = lib.wg_gemm(P(x.data_ptr()), P(t["row_ptr"].data_ptr()), P(t["codes"].data_ptr()),
-                      P(t["meta"].data_ptr()), P(t["chunks"].data_ptr()), P(y.data_ptr()),
+                      P(t["meta"].data_ptr()), P(chunks.data_ptr()), P(y.data_ptr()),
                       M, N, K, bn, v, P(torch.cuda.current_stream().cuda_stream))
     assert err == 0, err
 
@@ -100,6 +121,9 @@ def timed(lib, shapes, tokens, variants):
             ts = [t0] + [make(N, K, seed=i) for i in range(1, max(n_gqsa, n_dense))]
             ws = [dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, 16).half() for t in ts[:n_dense]]
             ts = ts[:n_gqsa]
+            if os.environ.get("WG_STAGE_RAW") == "1":
+                for t in ts:
+                    t["stage_raw"] = stage_raw(t, N, K)
             x = torch.randn(M, K, device="cuda").half()
             y = torch.empty(M, N, device="cuda").half()
             st = {"i": 0}

@@ -10,8 +10,9 @@
 //     columns) in wgmma's K-major 128-byte-swizzled layout, so A is read by a descriptor like x,
 //     then fences them for the async proxy and arrives on the stage's barrier. The row's codes
 //     and meta for the next stage are loaded into registers before this stage is dequantized
-//     (V & 32: copied by cp.async into a ring in shared memory three stages ahead instead), the
-//     chunk-table entries (16 group columns) an entry ahead.
+//     (V & 32: copied by cp.async into a ring in shared memory three stages ahead instead; V & 64:
+//     brought by one bulk copy a stage from a stage-major copy of the weights that the harness
+//     makes, WG_STAGE_RAW=1), the chunk-table entries (16 group columns) an entry ahead.
 //   * Warpgroups 1 and 2 (64 rows each) wait on a stage, issue its four m64n256k16 wgmmas (A and
 //     B from shared memory) as one group, wait for the group before, and free that stage.
 //   * Where the grid fills under half the GPU, two CTAs split K: the first leaves its fp32 sums
@@ -26,7 +27,8 @@
 //     -Xptxas -v -o wg_ss.so wgmma_prefill_ss_experiment.cu
 // Run: [WG_V=42] python wgmma_prefill_experiment.py wg_ss.so check | tokens 512 | ablate 0,11,...
 // (the harness's bn = 64 never splits K, bn = 128 splits it where the grid is small; v = 0 or 2
-// is the kernel, v = 10 + bits a variant: 32 the cp.async version (v = 42), and the ablations,
+// is the kernel, v = 10 + bits a variant: 32 the cp.async version (v = 42), 64 the bulk-copy
+// version (v = 74, with WG_STAGE_RAW=1), and the ablations,
 // whose results are wrong: 1 no code/meta loads (zero codes dequantized), 2 no dequantization or
 // A stores at all, 4 no wgmma, 8 no proxy fence, 16 each stage's loads after the stage before it
 // is full).
@@ -83,6 +85,15 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, int parity) {
       "r"(parity)
       : "memory");
 }
+// One bulk copy of `bytes` (a multiple of 16) from global to shared memory, counted on `bar`.
+__device__ __forceinline__ void bulk_copy(uint32_t dst, const void* src, int bytes, uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
@@ -129,7 +140,7 @@ constexpr int kWgStages = 4;
 // columns] of 8 bytes, then of 4.
 constexpr int kRawStages = 4;
 constexpr int kRawBytes = kRows * 4 * 12;
-constexpr int kSmemBytes = kWgStages * kStageBytes + kRawStages * kRawBytes + 2 * kWgStages * 8 + 1024;
+constexpr int kSmemBytes = kWgStages * kStageBytes + kRawStages * kRawBytes + (2 * kWgStages + kRawStages) * 8 + 1024;
 static_assert(kStageBytes % 1024 == 0, "stages keep the 128-byte swizzle's 1024-byte alignment");
 static_assert(kTok * kOutPitch * 2 <= kWgStages * kStageBytes, "the output tile fits");
 static_assert(kSmemBytes <= 227 * 1024, "fits Hopper's shared memory");
@@ -177,6 +188,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const uint32_t bars = raw_ring + kRawStages * kRawBytes;
   auto full_bar = [&](int s) { return bars + 8 * s; };
   auto empty_bar = [&](int s) { return bars + 8 * (kWgStages + s); };
+  auto raw_bar = [&](int k) { return bars + 8 * (2 * kWgStages + k); };  // V & 64: a raw stage landed
   const int tile = blockIdx.x;
   const int tok0 = blockIdx.y * kTok;
   // K split blockIdx.z runs stages i0 .. i1 - 1 (split_stages is a multiple of 4: whole entries).
@@ -190,6 +202,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_init(full_bar(s), kProducers);
       mbar_init(empty_bar(s), kConsumers / kWarpSize);
     }
+    for (int k = 0; k < kRawStages; ++k) mbar_init(raw_bar(k), 1);
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
   __syncthreads();
@@ -250,6 +263,40 @@ __global__ void __launch_bounds__(kThreads, 1)
 
     // Each stage's loads are issued before the stage before it is dequantized (two register sets
     // in turn, so nothing is copied between them).
+    if constexpr ((V & 64) != 0) {
+      // A stage-major copy of the weights (the harness's WG_STAGE_RAW, passed as `chunks`): for
+      // each 128-row tile and stage, [128 rows][4 columns] codes then meta, zeros where pruned,
+      // 6 KB that one bulk copy brings into the ring, kRawStages - 1 stages ahead. A test of what
+      // a layout made for this kernel would give, not a layout the package has (it is
+      // uncompressed: 6 bits a weight).
+      const unsigned char* tile_raw = reinterpret_cast<const unsigned char*>(chunks) +
+                                      static_cast<size_t>(tile) * num_stages_k * kRawBytes;
+      auto fetch = [&](int i) {
+        const int k = (i - i0) % kRawStages;
+        mbar_arrive_expect_tx(raw_bar(k), kRawBytes);
+        bulk_copy(raw_ring + k * kRawBytes, tile_raw + static_cast<size_t>(i) * kRawBytes, kRawBytes, raw_bar(k));
+      };
+      if (threadIdx.x == 0) {
+        for (int k = 0; k + 1 < kRawStages && i0 + k < i1; ++k) fetch(i0 + k);
+      }
+      for (int i = i0; i < i1; ++i) {
+        const int j = i - i0;
+        // Every producer thread has read stage j - 1's ring slot, which the next fetch refills.
+        if (j > 0) asm volatile("bar.sync 1, %0;" ::"n"(kProducers));
+        if (threadIdx.x == 0 && i + kRawStages - 1 < i1) fetch(i + kRawStages - 1);
+        const int k = j % kRawStages;
+        mbar_wait(raw_bar(k), (j / kRawStages) & 1);
+        const uint32_t q = raw_ring + k * kRawBytes;
+        Items it;
+#pragma unroll
+        for (int c = 0; c < kSlots; ++c) {
+          it.code[c] = (V & 1) ? make_uint2(0u, 0u) : lds64(q + r * 32 + c * 8);
+          it.meta[c] = (V & 1) ? 0u : lds32(q + kRows * 32 + r * 16 + c * 4);
+        }
+        produce(i, it);
+      }
+      return;
+    }
     if constexpr ((V & 32) != 0) {
       // The codes and meta reach shared memory by cp.async, kRawStages - 1 stages ahead, each
       // stage its own commit group; this thread reads back only its own copies.
@@ -504,6 +551,9 @@ extern "C" int wg_gemm(const void* x, const int32_t* row_ptr, const int32_t* cod
     case 43: return launch<33>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
     case 50: return launch<40>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
     case 46: return launch<36>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 74: return launch<64>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 75: return launch<65>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
+    case 78: return launch<68>(x, row_ptr, codes, meta, chunks, y, M, N, K, s, split);
     default: return cudaErrorInvalidValue;
   }
 }
