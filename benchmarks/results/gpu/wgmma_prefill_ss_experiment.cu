@@ -218,16 +218,22 @@ __global__ void __launch_bounds__(kThreads, 1)
     uint32_t entry_next = ok && i0 / 4 + 1 < num_entries ? static_cast<uint32_t>(__ldg(entries + i0 / 4 + 1)) : 0u;
     const uint2* code2 = reinterpret_cast<const uint2*>(codes);
 
-    // Stage i's codes and meta of this row (4 stages per chunk-table entry).
-    auto load = [&](int i, Items& it) {
+    // Stage i's 4 column bits of this row, and the index of its first kept group in them (4 stages
+    // per chunk-table entry; called for i0, i0 + 1, ... in turn, it moves to the next entry).
+    auto stage_mask = [&](int i, int& base) {
       const int part = i % 4;
       if (part == 0 && i > i0) {
         entry = entry_next;
         const int e = i / 4 + 1;
         entry_next = ok && e < num_entries ? static_cast<uint32_t>(__ldg(entries + e)) : 0u;
       }
-      const uint32_t mask = (entry >> (4 * part)) & 0xFu;
-      const int base = first + static_cast<int>(entry >> 16) + __popc(entry & ((1u << (4 * part)) - 1u));
+      base = first + static_cast<int>(entry >> 16) + __popc(entry & ((1u << (4 * part)) - 1u));
+      return (entry >> (4 * part)) & 0xFu;
+    };
+    // Stage i's codes and meta of this row.
+    auto load = [&](int i, Items& it) {
+      int base;
+      const uint32_t mask = stage_mask(i, base);
 #pragma unroll
       for (int c = 0; c < kSlots; ++c) {
         const bool kept = !(V & 1) && ((mask >> c) & 1u);
@@ -302,14 +308,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       // stage its own commit group; this thread reads back only its own copies.
       uint32_t masks = 0;  // each stage's 4 column bits, at 4 * (its ring slot)
       auto issue = [&](int i) {
-        const int part = i % 4;
-        if (part == 0 && i > i0) {
-          entry = entry_next;
-          const int e = i / 4 + 1;
-          entry_next = ok && e < num_entries ? static_cast<uint32_t>(__ldg(entries + e)) : 0u;
-        }
-        const uint32_t mask = (entry >> (4 * part)) & 0xFu;
-        const int base = first + static_cast<int>(entry >> 16) + __popc(entry & ((1u << (4 * part)) - 1u));
+        int base;
+        const uint32_t mask = stage_mask(i, base);
         const int k = (i - i0) % kRawStages;
         masks = (masks & ~(0xFu << (4 * k))) | (mask << (4 * k));
         const uint32_t q = raw_ring + k * kRawBytes;
