@@ -46,8 +46,11 @@ def make(N, K, density=0.5, seed=0):
     scales = (torch.rand(nnz, device="cuda", generator=g) * 0.02 + 0.01).half()
     zeros = torch.randint(0, 16, (nnz,), device="cuda", generator=g)
     codes = torch.randint(-2**31, 2**31 - 1, (nnz, 2), dtype=torch.int32, device="cuda", generator=g)
-    return {"row_ptr": row_ptr, "codes": codes, "meta": pack_meta(scales, zeros, cols),
-            "chunks": chunk_table(row_ptr, cols, K, 16)}
+    t = {"row_ptr": row_ptr, "codes": codes, "meta": pack_meta(scales, zeros, cols),
+         "chunks": chunk_table(row_ptr, cols, K, 16)}
+    if os.environ.get("WG_STAGE_RAW") == "1":
+        t["stage_raw"] = stage_raw(t, N, K)
+    return t
 
 
 def stage_raw(t, N, K):
@@ -67,8 +70,6 @@ def stage_raw(t, N, K):
 
 
 def call(lib, t, x, y, M, N, K, bn, v):
-    if os.environ.get("WG_STAGE_RAW") == "1" and "stage_raw" not in t:
-        t["stage_raw"] = stage_raw(t, N, K)
     chunks = t["stage_raw"] if "stage_raw" in t else t["chunks"]
     err = lib.wg_gemm(P(x.data_ptr()), P(t["row_ptr"].data_ptr()), P(t["codes"].data_ptr()),
                       P(t["meta"].data_ptr()), P(chunks.data_ptr()), P(y.data_ptr()),
@@ -121,9 +122,6 @@ def timed(lib, shapes, tokens, variants):
             ts = [t0] + [make(N, K, seed=i) for i in range(1, max(n_gqsa, n_dense))]
             ws = [dequantize_kernel_format(t["row_ptr"], t["codes"], t["meta"], N, K, 16).half() for t in ts[:n_dense]]
             ts = ts[:n_gqsa]
-            if os.environ.get("WG_STAGE_RAW") == "1":
-                for t in ts:
-                    t["stage_raw"] = stage_raw(t, N, K)
             x = torch.randn(M, K, device="cuda").half()
             y = torch.empty(M, N, device="cuda").half()
             st = {"i": 0}
