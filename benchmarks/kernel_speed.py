@@ -96,6 +96,7 @@ SLICE_CUT_USED = SLICE_CUT  # --slice-cut: slices longer than this times the mea
 WARPS_SWEEP = False  # --sliced-warps-sweep: also time the sliced GEMV at each of SLICED_WARPS
 SLICED_WARPS = (4, 8, 16)  # the warps per CTA the sliced GEMV is built for
 SP_TIMED_MAX_TOKENS = 256  # the sparse-tensor-core kernel, timed on pair-pattern layers up to here
+SP_WGMMA_TIMED_MIN_TOKENS = 16  # the fused pair-pattern kernel (sm_90), timed from here up
 # What each shape is compared with (--baselines); the read floor counts as one.
 BASELINES = ("cublas_fp16", "sparse24", "marlin", "machete", "exllama_w2", "read_floor")
 SELECTED = frozenset(BASELINES)
@@ -172,6 +173,7 @@ PATH_TENSORS = {"gemv": ("row_ptr", "codes", "meta", "schedule"),
                 "gemv_sliced": ("sell_rows", "codes", "meta", "schedule"),
                 "tc": ("row_ptr", "codes", "meta", "chunks", "xcols", "sell_rows"),
                 "sp": ("row_ptr", "codes", "meta"),
+                "sp_wgmma": ("codes", "meta"),
                 "dequant_cublas": ("row_ptr", "codes", "meta", "sell_rows")}
 
 
@@ -304,6 +306,8 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
     if path == "sp":
         return [lambda t=t: cuda.sp(x, t, N, TC_SPLITS) for t in ts]
+    if path == "sp_wgmma":
+        return [lambda t=t: cuda.sp_wgmma(x, t, N) for t in ts]
     if path == "tc_by_channel":  # compact tiles walked by channel chunks instead
         ts = [{**{k: v for k, v in t.items() if k != "xcols"}, "chunks": t["chunks_by_channel"]} for t in ts]
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
@@ -459,9 +463,12 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["tc_by_channel"] = timed(gqsa_calls(gq, x, N, K, "tc_by_channel"))
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = timed(gqsa_calls(gq, x, N, K, "dequant_cublas"))
+        if PAIRS and M >= SP_WGMMA_TIMED_MIN_TOKENS and cuda.sp_wgmma_takes(x):
+            paths["sp_wgmma"] = timed(gqsa_calls(gq, x, N, K, "sp_wgmma"))
         gemv_max, tc_max = cuda.dispatch(compact, PAIRS)
         middle = "sp" if PAIRS else "tc"
-        kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else "dequant_cublas"
+        large = "sp_wgmma" if "sp_wgmma" in paths else "dequant_cublas"  # as ops.gqsa_mm picks
+        kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else large
         us = paths[kernel]
         nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,

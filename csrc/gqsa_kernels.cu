@@ -41,10 +41,17 @@
 // reach the tensor cores, as the 2:4-sparse A operand of mma.sp once each pair's channels are
 // interleaved (in the order of k, which leaves x as it is).
 //
+// Prefill of a layer in the pair pattern on Hopper (sm_90a), see sp_wgmma_kernel: TMA copies of x
+// and of each 128-row tile's codes and meta, and only kept weights multiplied by wgmma's sparse
+// form, with x permuted to the kernel's order of k first.
+//
 // Dequantize to dense: one CTA per row writes the row of W in the activation dtype; the plugin
 // uses it for large M (prefill), followed by cuBLAS.
 
 #include "gqsa_kernels.h"
+
+#include <cuda.h>  // CUtensorMap (TMA), for sp_wgmma_kernel
+#include <cudaTypedefs.h>
 
 #include <algorithm>
 #include <atomic>
@@ -2216,6 +2223,379 @@ cudaError_t sliced_for_tokens(const SlicedArgs& a, int M, int warps) {
   }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prefill of a layer in the pair pattern on Hopper's sparse tensor cores (sm_90a): sp_wgmma_kernel.
+//
+// Row n's j-th kept group is pair j's, at n * K / 32 + j, so a stage's codes and meta for 128 rows
+// are one 2D box each: one producer thread fills a stage with three TMA copies (x, codes, meta)
+// and no chunk table. Two consumer warpgroups of 64 rows build the A operand of
+// wgmma.mma_async.sp.m64nNk32 in registers with sp_kernel's helpers (tc_a_pair with sp_a_sel,
+// sp_metadata), a whole stage ahead into one of two register sets while the stage before runs as
+// one commit group of back-to-back wgmmas: only kept weights are dequantized and multiplied. wgmma
+// reads B (x) from shared memory in the order of k, so sp_wgmma_permute_kernel first writes x with
+// sp_kernel's order of k (fp16; bf16 scaled by 2^-kTcXScaleLog2 as for the other tensor-core
+// kernels). One Llama-2-7B layer on an H100 at 512 / 1024 / 2048 tokens: 1.03x / 0.90x / 0.80x
+// cuBLAS fp16's time on the dense weights, against 1.66x for dequantize + cuBLAS (csrc/README.md,
+// "Sparse wgmma for the pair pattern").
+
+constexpr int kSpwRows = 128;       // rows per CTA: two consumer warpgroups of 64
+constexpr int kSpwPairs = 4;        // pairs of group columns (32 channels, one wgmma) per stage
+constexpr int kSpwChunk = 32 * kSpwPairs;
+constexpr int kSpwBox = 64;         // channels per 128-byte swizzled row of x (one TMA box)
+constexpr int kSpwProducers = 128;  // one warpgroup, of which one thread issues the copies
+constexpr int kSpwConsumers = 2 * 128;
+constexpr int kSpwThreads = kSpwProducers + kSpwConsumers;
+
+// One stage: x as kSpwChunk / 64 swizzled boxes of [kTok tokens][64 channels] (1024-byte
+// aligned), then [kSpwRows][kSpwPairs] codes (8 bytes each) and meta (4 bytes), as TMA lays them.
+// 256-token tiles halve how often each weight is dequantized but need three stages (shared
+// memory) and setmaxnreg (the 128 accumulators of m64n256 and two register sets).
+template <int kTok>
+struct SpwLayout {
+  static constexpr int kXBoxBytes = kTok * kSpwBox * 2;
+  static constexpr int kXBytes = kSpwChunk / kSpwBox * kXBoxBytes;
+  static constexpr int kCodeBytes = kSpwRows * kSpwPairs * 8;
+  static constexpr int kMetaBytes = kSpwRows * kSpwPairs * 4;
+  static constexpr int kTxBytes = kXBytes + kCodeBytes + kMetaBytes;
+  static constexpr int kStageBytes = (kTxBytes + 1023) / 1024 * 1024;
+  static constexpr int kStages = kTok == 256 ? 3 : 5;
+  static constexpr int kOutPitch = kSpwRows + 8;  // halves per token row of the staged output tile
+  static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers, alignment slack
+  static_assert(kTok * kOutPitch * 2 <= kStages * kStageBytes, "the output tile fits in the stages");
+  static_assert(kBytes <= 227 * 1024, "fits Hopper's shared memory");
+};
+
+// x' = x with each pair's 32 channels in sp_kernel's order of k: k = 2q + 8r + {0, 1} (q, r = 0..3)
+// is channel 8 p(q) + 2r + {0, 1}, p = (0, 2, 1, 3) (sp_x_offset): in 4-byte words of the pair's 64
+// bytes, out[q + 4r] = in[4 p(q) + r]. One thread per 16 bytes of x': a warp's four loads read 512
+// contiguous bytes (L1 serves three of them) and its store writes them, coalesced.
+template <typename T>
+__global__ void sp_wgmma_permute_kernel(const uint32_t* __restrict__ x, uint4* __restrict__ out, int units) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= units) return;
+  const uint32_t* in = x + 4 * static_cast<size_t>(i & ~3) + (i & 3);  // the pair's word r = i % 4
+  uint32_t w[4] = {__ldg(in), __ldg(in + 8), __ldg(in + 4), __ldg(in + 12)};
+  if constexpr (kTcXScaleLog2<T> != 0) {
+    constexpr float scale = 1.0f / (1 << kTcXScaleLog2<T>);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float2 f = Act<T>::unpack(w[j]);
+      w[j] = half2_bits(__floats2half2_rn(f.x * scale, f.y * scale));
+    }
+  }
+  out[i] = make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)  // the device code of sm_90a alone (no other target uses it)
+// The PTX the kernel needs beyond sm_80's: mbarriers, TMA, wgmma. Addresses are shared::cta.
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(bar), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(bar) : "memory");
+}
+// Predicated in the PTX: a branch around it, which the compiler cannot see is uniform, makes
+// ptxas serialize the wgmmas (C7518).
+__device__ __forceinline__ void mbarrier_arrive_if(uint32_t bar, bool p) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %1, 0;\n@p mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar),
+      "r"(static_cast<int>(p))
+      : "memory");
+}
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT_%=:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra WAIT_%=;\n}\n" ::"r"(
+          bar),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_copy_2d(uint32_t dst, const CUtensorMap* map, int c0, int c1, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];" ::"r"(
+          dst),
+      "l"(map), "r"(c0), "r"(c1), "r"(bar)
+      : "memory");
+}
+__device__ __forceinline__ uint2 ld_shared_u64(uint32_t addr) {
+  uint2 v;
+  asm volatile("ld.shared.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_shared_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+// wgmma descriptor of a K-major operand in the 128-byte swizzle: 8-row groups 1024 bytes apart.
+__device__ __forceinline__ uint64_t kmajor_sw128_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr >> 4) & 0x3FFF) | (static_cast<uint64_t>(1) << 16) |
+         (static_cast<uint64_t>(1024 >> 4) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+// Keeps the compiler from moving accumulator accesses across the wgmma fences and waits.
+template <int n>
+__device__ __forceinline__ void pin_accumulators(float (&d)[n]) {
+#pragma unroll
+  for (int i = 0; i < n; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+// d (64 rows x N tokens, fp32) += a (64 x 32 with 2:4 sparsity, given as its 64 x 16 kept values in
+// mma.sp's register fragments, and metadata e as sp_metadata gives it) * b (32 x N: x' in shared
+// memory, descriptor b).
+__device__ __forceinline__ void wgmma_sp_m64k32(float (&d)[64], const uint32_t (&a)[4], uint64_t b, uint32_t e) {
+  asm volatile(
+      "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "{%64, %65, %66, %67}, %68, %69, 0, 1, 1, 1, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e));
+}
+
+__device__ __forceinline__ void wgmma_sp_m64k32(float (&d)[128], const uint32_t (&a)[4], uint64_t b, uint32_t e) {
+  asm volatile(
+      "wgmma.mma_async.sp.sync.aligned.m64n256k32.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, %133, 0, 1, 1, 1, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]), "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e));
+}
+
+// One stage of one consumer thread: rows row_a and row_a + 8 of each pair as wgmma's sparse A
+// registers and metadata.
+template <int kTok>
+__device__ __forceinline__ void spw_dequant_stage(uint32_t (&a)[kSpwPairs][4], uint32_t (&e)[kSpwPairs],
+                                                  uint32_t stage, int row_a, uint32_t sel) {
+  using L = SpwLayout<kTok>;
+  const uint32_t code_a = stage + L::kXBytes + row_a * (kSpwPairs * 8);
+  const uint32_t meta_a = stage + L::kXBytes + L::kCodeBytes + row_a * (kSpwPairs * 4);
+#pragma unroll
+  for (int kk = 0; kk < kSpwPairs; ++kk) {
+    const uint32_t ma = ld_shared_u32(meta_a + 4 * kk);
+    const uint32_t mb = ld_shared_u32(meta_a + 8 * (kSpwPairs * 4) + 4 * kk);
+    tc_a_pair(ld_shared_u64(code_a + 8 * kk), ma, sel, a[kk][0], a[kk][2]);
+    tc_a_pair(ld_shared_u64(code_a + 8 * (kSpwPairs * 8) + 8 * kk), mb, sel, a[kk][1], a[kk][3]);
+    e[kk] = sp_metadata(ma, mb);
+  }
+}
+
+// One stage's wgmmas as one commit group: pair kk is box kk / 2, 64 bytes (32 channels) into its
+// swizzled rows.
+template <int kTok>
+__device__ __forceinline__ void spw_issue_stage(float (&acc)[kTok / 2], uint32_t (&a)[kSpwPairs][4],
+                                                const uint32_t (&e)[kSpwPairs], uint32_t stage) {
+  using L = SpwLayout<kTok>;
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+  pin_accumulators(acc);
+#pragma unroll
+  for (int kk = 0; kk < kSpwPairs; ++kk) {
+    wgmma_sp_m64k32(acc, a[kk], kmajor_sw128_desc(stage + (kk / 2) * L::kXBoxBytes + (kk % 2) * 64), e[kk]);
+  }
+  pin_accumulators(acc);
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+
+template <int n>
+__device__ __forceinline__ void wgmma_wait_groups() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
+}
+
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
+// y[M, N] = x'[M, K] @ W.T for a layer in the pair pattern: CTA (tile, t) computes rows
+// tile * kSpwRows .. + kSpwRows - 1 for tokens t * kTok .. + kTok - 1 over num_stages stages of
+// kSpwChunk channels (an even number: the host adds a stage past K, which TMA fills with zeros).
+// Rows past N and tokens past M are zeros too (TMA), and not stored.
+template <typename T, int kTok>
+__global__ void __launch_bounds__(kSpwThreads, 1)
+    sp_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
+                    const __grid_constant__ CUtensorMap meta_map, int num_stages, T* __restrict__ y, int M, int N) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using L = SpwLayout<kTok>;
+  extern __shared__ unsigned char spw_smem[];
+  // 1024-byte alignment for the swizzled boxes.
+  const uint32_t raw = smem_addr(spw_smem);
+  const uint32_t s0 = (raw + 1023u) & ~1023u;
+  const uint32_t bars = s0 + L::kStages * L::kStageBytes;
+  auto full_bar = [&](int i) { return bars + 8 * (i % L::kStages); };
+  auto empty_bar = [&](int i) { return bars + 8 * (L::kStages + i % L::kStages); };
+  auto stage_at = [&](int i) { return s0 + (i % L::kStages) * L::kStageBytes; };
+  const int tile = blockIdx.x;
+  const int tok0 = blockIdx.y * kTok;
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < L::kStages; ++s) {
+      // Full: the producer arrives once with the stage's TMA bytes. Empty: every consumer thread.
+      mbarrier_init(full_bar(s), 1);
+      mbarrier_init(empty_bar(s), kSpwConsumers);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (threadIdx.x < kSpwProducers) {
+    // Producer: one thread, three TMA copies a stage. With 256 tokens the warpgroup first gives
+    // registers to the consumers: 40 x 128 + 232 x 256 = 168 x 384, what the launch allocated.
+    if constexpr (kTok == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+    if (threadIdx.x != 0) return;
+    for (int i = 0; i < num_stages; ++i) {
+      if (i >= L::kStages) mbarrier_wait(empty_bar(i), ((i / L::kStages) - 1) & 1);
+      const uint32_t stage = stage_at(i);
+      mbarrier_arrive_expect_tx(full_bar(i), L::kTxBytes);
+#pragma unroll
+      for (int b = 0; b < kSpwChunk / kSpwBox; ++b) {
+        tma_copy_2d(stage + b * L::kXBoxBytes, &x_map, i * kSpwChunk + b * kSpwBox, tok0, full_bar(i));
+      }
+      tma_copy_2d(stage + L::kXBytes, &code_map, i * kSpwPairs * 2, tile * kSpwRows, full_bar(i));
+      tma_copy_2d(stage + L::kXBytes + L::kCodeBytes, &meta_map, i * kSpwPairs, tile * kSpwRows, full_bar(i));
+    }
+    return;
+  }
+
+  // Consumers.
+  if constexpr (kTok == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+  const int ct = threadIdx.x - kSpwProducers;
+  const int lane = ct % kWarpSize;
+  const int g = lane / 4;
+  const int q = lane % 4;
+  const uint32_t sel = sp_a_sel(q);
+  const int row_a = (ct / 128) * 64 + ((ct / kWarpSize) % 4) * 16 + g;  // and row_a + 8
+
+  float acc[kTok / 2];
+#pragma unroll
+  for (int j = 0; j < kTok / 2; ++j) acc[j] = 0.f;
+
+  // Stage i + 1 is dequantized while stage i's wgmmas run; the stage before is freed once they
+  // are the only ones in flight. The loop takes stages in pairs (register sets 0 and 1) and the
+  // last two are peeled off it, so no branch on the stage index sits around the wgmmas (ptxas would
+  // serialize them) and nothing is in flight when it ends: ptxas may move the epilogue's reads of
+  // the accumulators above a final wait (csrc/README.md, "A correctness trap").
+  auto wait_full = [&](int i) { mbarrier_wait(full_bar(i), (i / L::kStages) & 1); };
+  uint32_t a0[kSpwPairs][4], e0[kSpwPairs], a1[kSpwPairs][4], e1[kSpwPairs];
+  wait_full(0);
+  spw_dequant_stage<kTok>(a0, e0, stage_at(0), row_a, sel);
+  int i = 0;
+  for (; i + 2 < num_stages; i += 2) {
+    spw_issue_stage<kTok>(acc, a0, e0, stage_at(i));
+    wgmma_wait_groups<1>();
+    mbarrier_arrive_if(empty_bar(i + L::kStages - 1), i > 0);
+    wait_full(i + 1);
+    spw_dequant_stage<kTok>(a1, e1, stage_at(i + 1), row_a, sel);
+    spw_issue_stage<kTok>(acc, a1, e1, stage_at(i + 1));
+    wgmma_wait_groups<1>();
+    mbarrier_arrive(empty_bar(i));
+    wait_full(i + 2);
+    spw_dequant_stage<kTok>(a0, e0, stage_at(i + 2), row_a, sel);
+  }
+  spw_issue_stage<kTok>(acc, a0, e0, stage_at(i));
+  wgmma_wait_groups<1>();
+  mbarrier_arrive_if(empty_bar(i + L::kStages - 1), i > 0);
+  wait_full(i + 1);
+  spw_dequant_stage<kTok>(a1, e1, stage_at(i + 1), row_a, sel);
+  spw_issue_stage<kTok>(acc, a1, e1, stage_at(i + 1));
+  wgmma_wait_groups<0>();
+  pin_accumulators(acc);
+
+  // Stage the tile as [token][row] in T (the consumers alone: named barrier 1), then store 16-byte
+  // runs of rows. Every stage's last fill was consumed, so shared memory is free.
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  asm volatile("bar.sync 1, %0;" ::"n"(kSpwConsumers));
+  T* out = reinterpret_cast<T*>(spw_smem + (s0 - raw));
+#pragma unroll
+  for (int j = 0; j < kTok / 8; ++j) {
+    const int tt = 8 * j + 2 * q;
+    out[tt * L::kOutPitch + row_a] = Act<T>::from_float(acc[4 * j + 0] * kOutScale);
+    out[(tt + 1) * L::kOutPitch + row_a] = Act<T>::from_float(acc[4 * j + 1] * kOutScale);
+    out[tt * L::kOutPitch + row_a + 8] = Act<T>::from_float(acc[4 * j + 2] * kOutScale);
+    out[(tt + 1) * L::kOutPitch + row_a + 8] = Act<T>::from_float(acc[4 * j + 3] * kOutScale);
+  }
+  asm volatile("bar.sync 1, %0;" ::"n"(kSpwConsumers));
+  const bool n_vec = N % 8 == 0;
+  for (int u = ct; u < kTok * (kSpwRows / 8); u += kSpwConsumers) {
+    const int tt = u / (kSpwRows / 8);
+    const int r = (u % (kSpwRows / 8)) * 8;
+    const int tok = tok0 + tt;
+    const int row = tile * kSpwRows + r;
+    if (tok >= M || row >= N) continue;
+    const T* src = out + tt * L::kOutPitch + r;
+    T* dst = y + static_cast<size_t>(tok) * N + row;
+    if (n_vec) {
+      *reinterpret_cast<uint4*>(dst) = *reinterpret_cast<const uint4*>(src);
+    } else {
+      for (int k = 0; k < 8 && row + k < N; ++k) dst[k] = src[k];
+    }
+  }
+#else
+  __trap();  // built only for sm_90a; sp_wgmma_gemm launches it on no other GPU
+#endif
+}
+// A 2D TMA tensor map of rows x cols elements (row-major, 16-byte aligned rows), boxes of
+// box_cols x box_rows, zeros outside the tensor. The driver's encoder is looked up at run time,
+// so nothing links libcuda.
+cudaError_t make_tensor_map(CUtensorMap* map, CUtensorMapDataType type, int elem_bytes, const void* ptr, int cols,
+                            int rows, int box_cols, int box_rows, CUtensorMapSwizzle swizzle) {
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+  if (encode == nullptr) {
+    cudaDriverEntryPointQueryResult found;
+    void* fn = nullptr;
+    const cudaError_t err =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+    if (err != cudaSuccess) return err;
+    if (found != cudaDriverEntryPointSuccess || fn == nullptr) return cudaErrorNotSupported;
+    encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(cols) * elem_bytes};
+  const cuuint32_t box[2] = {static_cast<cuuint32_t>(box_cols), static_cast<cuuint32_t>(box_rows)};
+  const cuuint32_t elem_strides[2] = {1, 1};
+  const CUresult r = encode(map, type, 2, const_cast<void*>(ptr), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <typename T, int kTok>
+cudaError_t launch_sp_wgmma(const CUtensorMap& x_map, const CUtensorMap& code_map, const CUtensorMap& meta_map,
+                            int num_stages, void* y, int M, int N, cudaStream_t stream) {
+  using L = SpwLayout<kTok>;
+  const auto kernel = sp_wgmma_kernel<T, kTok>;
+  const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+  if (allowed != cudaSuccess) return allowed;
+  const dim3 grid((N + kSpwRows - 1) / kSpwRows, (M + kTok - 1) / kTok);
+  kernel<<<grid, kSpwThreads, L::kBytes, stream>>>(x_map, code_map, meta_map, num_stages, static_cast<T*>(y), M, N);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* meta, void* y, void* x_scratch, int M,
+                         int N, int K, int num_sms, cudaStream_t stream) {
+  const int units = static_cast<int>(static_cast<size_t>(M) * K / 8);
+  sp_wgmma_permute_kernel<T><<<(units + 255) / 256, 256, 0, stream>>>(static_cast<const uint32_t*>(x),
+                                                                      static_cast<uint4*>(x_scratch), units);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  // 256-token tiles where they still fill the GPU, else 128 (one Llama-2-7B layer at 512 tokens,
+  // H100: the o and down shapes make 64 CTAs of 256 tokens, and take 36.6 and 96.2 us against 30.7
+  // and 74.1 for cuBLAS; with 128-token tiles down takes 73.3 against 75.4).
+  const int tiles = (N + kSpwRows - 1) / kSpwRows;
+  const bool wide = static_cast<long long>(tiles) * ((M + 255) / 256) >= num_sms;
+  CUtensorMap x_map, code_map, meta_map;
+  err = make_tensor_map(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x_scratch, K, M, kSpwBox, wide ? 256 : 128,
+                        CU_TENSOR_MAP_SWIZZLE_128B);
+  if (err == cudaSuccess) {
+    err = make_tensor_map(&code_map, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, codes, K / 16, N, 2 * kSpwPairs, kSpwRows,
+                          CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (err == cudaSuccess) {
+    err = make_tensor_map(&meta_map, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, meta, K / 32, N, kSpwPairs, kSpwRows,
+                          CU_TENSOR_MAP_SWIZZLE_NONE);
+  }
+  if (err != cudaSuccess) return err;
+  const int stages = K / kSpwChunk;
+  const int num_stages = stages + stages % 2;  // even: the kernel takes stages in pairs
+  return wide ? launch_sp_wgmma<T, 256>(x_map, code_map, meta_map, num_stages, y, M, N, stream)
+              : launch_sp_wgmma<T, 128>(x_map, code_map, meta_map, num_stages, y, M, N, stream);
+}
+
 bool shape_ok(int N, int K, int group_size) {
   return N >= 0 && K >= 0 && group_size > 0 && K % group_size == 0 && K / group_size <= kMaxGroupCols;
 }
@@ -2409,6 +2789,37 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
+}
+
+bool sp_wgmma_supported(int K) {
+  if (K <= 0 || K % kSpwChunk != 0) return false;
+  int device = 0, major = 0, minor = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) return false;
+  return major == 9 && minor == 0;
+}
+
+cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
+                          void* x_scratch, int M, int N, int K, cudaStream_t stream) {
+  if (M < 0 || N < 0 || K < 0 || K / 16 > kMaxGroupCols) return cudaErrorInvalidValue;
+  if (M == 0 || N == 0) return cudaSuccess;
+  if (static_cast<size_t>(M) * K >= (static_cast<size_t>(1) << 31)) return cudaErrorInvalidValue;
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(x_scratch) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(codes) % 16 != 0 || reinterpret_cast<uintptr_t>(meta) % 16 != 0) {
+    return cudaErrorInvalidValue;
+  }
+  if (!sp_wgmma_supported(K)) return cudaErrorNotSupported;
+  int device = 0, num_sms = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  if (err != cudaSuccess) return err;
+  switch (dtype) {
+    case Dtype::kFloat16: return sp_wgmma_for<__half>(x, codes, meta, y, x_scratch, M, N, K, num_sms, stream);
+    case Dtype::kBFloat16:
+      return sp_wgmma_for<__nv_bfloat16>(x, codes, meta, y, x_scratch, M, N, K, num_sms, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* sell_rows, int num_places,

@@ -174,6 +174,18 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
                     void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
                     cudaStream_t stream);
 
+// Whether sp_wgmma_gemm serves input size K on the current GPU: an sm_90 GPU (the kernel is
+// built for sm_90a) and K % 128 == 0 (whole stages; TMA's row strides of codes and meta).
+bool sp_wgmma_supported(int K);
+
+// y[M, N] = x[M, K] @ W.T for a layer in the pair pattern (as sp_gemm; row_ptr is not read: row n's
+// groups start at n * K / 32) on Hopper's sparse tensor cores (wgmma.mma_async.sp), for large
+// batches: x_scratch [M, K] 2-byte elements receives x with each pair's channels in the kernel's
+// order of k (bf16 as scaled fp16) before the multiply. x, codes, meta and x_scratch must be 16-byte
+// aligned. cudaErrorNotSupported where sp_wgmma_supported(K) is false.
+cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
+                          void* x_scratch, int M, int N, int K, cudaStream_t stream);
+
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 // sell_rows: the sliced layout's (num_places of them), or null for the row layout.
 cudaError_t dequantize(Dtype dtype, const int32_t* row_ptr, const int32_t* sell_rows, int num_places,

@@ -429,6 +429,37 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   return y;
 }
 
+at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
+                         const at::Tensor& meta, int64_t n_out) {
+  const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
+  TORCH_CHECK(x.dim() == 2, "gqsa_sp_wgmma: x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(x.is_contiguous(), "gqsa_sp_wgmma: x must be contiguous");
+  const int64_t group_size = check_layer(row_ptr, codes, meta, n_out, x.device());
+  TORCH_CHECK(group_size == 16, "gqsa_sp_wgmma: the pair pattern's kernel takes G = 16, got codes of shape ",
+              shape(codes));
+  const int64_t M = x.size(0), K = x.size(1);
+  check_input_size(K, group_size);
+  TORCH_CHECK(M * K < (int64_t{1} << 31), "gqsa_sp_wgmma: x of ", num(M), " x ", num(K), " activations is too large");
+  // The kernel reads row n's groups at n * K / 32 + j for j < K / 32: the pair pattern's count.
+  TORCH_CHECK(K % 32 == 0 && codes.size(0) == n_out * (K / 32), "gqsa_sp_wgmma: a layer in the pair pattern keeps ",
+              "K / 32 groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
+  const c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(gqsa::sp_wgmma_supported(static_cast<int>(K)), "gqsa_sp_wgmma: needs an sm_90 GPU and an input size ",
+              "that is a multiple of 128, got K=", num(K));
+  // TMA reads x (its permuted copy), codes and meta from 16-byte aligned addresses.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(meta.data_ptr()) % 16 == 0,
+              "gqsa_sp_wgmma: x and meta must be 16-byte aligned");
+
+  at::Tensor y = at::empty({M, n_out}, x.options());
+  if (M == 0 || n_out == 0) return y;
+  at::Tensor x_scratch = at::empty({M, K}, x.options().dtype(at::kHalf));
+  check_launch(gqsa::sp_wgmma_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
+                                   y.data_ptr(), x_scratch.data_ptr(), static_cast<int>(M), static_cast<int>(n_out),
+                                   static_cast<int>(K), at::cuda::getCurrentCUDAStream()),
+               "gqsa_sp_wgmma");
+  return y;
+}
+
 at::Tensor gqsa_dequant(const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
                         int64_t n_out, int64_t k_in, int64_t group_size, at::ScalarType dtype,
                         const std::optional<at::Tensor>& sell_rows) {
@@ -476,6 +507,7 @@ TORCH_LIBRARY(vllm_gqsa, m) {
         "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");
   m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
         "Tensor? counters=None) -> Tensor");
+  m.def("gqsa_sp_wgmma(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype, Tensor? sell_rows=None) -> Tensor");
 }
@@ -487,6 +519,7 @@ TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
   m.impl("gqsa_sliced_gemv_from_stats", &gqsa_sliced_gemv_from_stats);
   m.impl("gqsa_tc", &gqsa_tc);
   m.impl("gqsa_sp", &gqsa_sp);
+  m.impl("gqsa_sp_wgmma", &gqsa_sp_wgmma);
   m.impl("gqsa_dequant", &gqsa_dequant);
 }
 

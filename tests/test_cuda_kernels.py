@@ -777,6 +777,80 @@ def test_plugin_op_runs_pairs_on_sparse_tensor_cores():
     assert (y.float() - ref.float()).norm() / ref.float().norm() < REL_TOL[torch.float16]
 
 
+needs_sm90 = pytest.mark.skipif(not cuda.available()[0] or torch.cuda.get_device_capability() != (9, 0),
+                                reason="the fused pair-pattern kernel (gqsa_sp_wgmma) runs on sm_90 GPUs")
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [1, 129, 300, 513])
+def test_sp_wgmma(dtype, M):
+    """The fused sparse-wgmma kernel on a pair-pattern layer: N no multiple of its 128-row tiles, an
+    odd number of 128-channel stages (the host adds one of zeros), tokens past its token tiles."""
+    N, K = 301, 128 * 3
+    layer = pair_layer(N, K, seed=M).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, 8), M, dtype, op=cuda.sp_wgmma)
+
+
+@needs_sm90
+@pytest.mark.parametrize("N,K,M", [(12288, 4096, 512), (4096, 4096, 512), (4096, 11008, 600), (8, 128, 3)],
+                         ids=["256_token_tiles", "128_token_tiles", "down", "one_stage"])
+def test_sp_wgmma_shapes(N, K, M):
+    """Both tile widths (256 tokens where the grid still fills the GPU, as for q/k/v at 512 tokens;
+    128 for o), Llama-2-7B's down shape, one 128-channel stage and fewer rows than a tile."""
+    layer = pair_layer(N, K, seed=N + K).to("cuda")
+    check_gemv(layer, to_kernel_format(layer, 8), M, torch.float16, op=cuda.sp_wgmma)
+
+
+@needs_sm90
+def test_sp_wgmma_large_activations_graph_and_refusals():
+    """bf16 beyond fp16's range (x * 2^-8 in fp16); deterministic and capturable in a CUDA graph;
+    opcheck; layers and sizes it does not serve are refused before any launch."""
+    layer = pair_layer(96, 128 * 5, seed=5).to("cuda")
+    t = to_kernel_format(layer, 8)
+    x = (torch.randn(200, 128 * 5, device="cuda") * 1e6).to(torch.bfloat16)
+    y = cuda.sp_wgmma(x, t, 96)
+    ref = x.double() @ dense_reference(layer).cuda().double().T
+    assert torch.isfinite(y).all()
+    assert (y.double() - ref).norm() / ref.norm() < REL_TOL[torch.bfloat16]
+
+    graph = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        with torch.cuda.graph(graph):
+            yg = cuda.sp_wgmma(x, t, 96)
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(yg, y), "the kernel must be deterministic and capturable"
+
+    op = torch.ops.vllm_gqsa.gqsa_sp_wgmma
+    torch.library.opcheck(op, (torch.randn(130, 128 * 5, device="cuda", dtype=torch.float16), t["row_ptr"],
+                               t["codes"], t["meta"], 96))
+    with pytest.raises(RuntimeError, match="multiple of 128"):
+        p = to_kernel_format(pair_layer(70, 16 * 42).to("cuda"), 8)  # K = 672
+        op(torch.randn(300, 16 * 42, device="cuda", dtype=torch.float16), p["row_ptr"], p["codes"], p["meta"], 70)
+    u = to_kernel_format(make_layer(70, 128 * 4, 16, "uniform").to("cuda"), 8)
+    with pytest.raises(RuntimeError, match="pair pattern keeps"):
+        op(torch.randn(300, 128 * 4, device="cuda", dtype=torch.float16), u["row_ptr"], u["codes"], u["meta"], 70)
+    assert not cuda.sp_wgmma_takes(torch.randn(4, 16 * 42, device="cuda", dtype=torch.float16))
+
+
+@needs_sm90
+def test_plugin_op_runs_large_pair_batches_fused(monkeypatch):
+    """Above the sparse-tensor-core kernel's batches, gqsa_mm takes the fused kernel for pair layers
+    on sm_90 (not dequantize + cuBLAS) where VLLM_GQSA_PAIRS_WGMMA allows it."""
+    import vllm_gqsa.ops  # noqa: F401  (registers gqsa_mm)
+
+    monkeypatch.setattr(cuda, "PAIRS_WGMMA", True)
+
+    layer = pair_layer(130, 128 * 8, seed=3).to("cuda")
+    t = to_kernel_format(layer, 8)
+    x = torch.randn(cuda.PAIRS_SP_MAX_TOKENS + 1, 128 * 8, device="cuda", dtype=torch.float16)
+    args = (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 130, 16, None, t["counters"])
+    assert torch.equal(torch.ops.vllm_gqsa.gqsa_mm(*args, True), cuda.sp_wgmma(x, t, 130))
+
+
 @needs_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("op,M", [(cuda.gemv, 4), (cuda.tc, 24), (cuda.tc, 64), (cuda.sp, 24), (cuda.sp, 64)],

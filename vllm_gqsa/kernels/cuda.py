@@ -64,6 +64,12 @@ COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "6
 # kernel's own K splits (245.5 / 253.1 / 281.1 us at 128, kernels_pairs_h200_sp_splits.json).
 PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1"))
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
+# Above that, on an sm_90 GPU, layers in the pair pattern with K % 128 == 0 run the fused kernel on
+# Hopper's sparse tensor cores (gqsa_sp_wgmma) instead of dequantize + cuBLAS: one Llama-2-7B layer
+# on an H100 at 512 / 1024 / 2048 tokens in 1.03x / 0.90x / 0.80x cuBLAS fp16's time, where dequantize +
+# cuBLAS takes 1.66x / 1.31x / 1.21x (benchmarks/results/gpu/wgmma_prefill_sp_experiment.json).
+# Off until the package's build of it has passed its GPU tests: VLLM_GQSA_PAIRS_WGMMA=1 turns it on.
+PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "0") != "0"
 # The kernel layout of the layers that can take either (cuda_format.sliced_layout_applies):
 # "auto", the sliced layout, whose one-row-per-lane GEMV made a decoder layer 9-10% faster at one
 # token on the Llama-2-7B and Llama-3-8B shapes (1% on Qwen2.5-7B) and 13-21% at two, while its
@@ -190,6 +196,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("vllm_gqsa::gqsa_sp")
     def _sp_fake(x, row_ptr, codes, meta, n_out, splits=0, counters=None):
+        return x.new_empty((x.shape[0], n_out))
+
+    @torch.library.register_fake("vllm_gqsa::gqsa_sp_wgmma")
+    def _sp_wgmma_fake(x, row_ptr, codes, meta, n_out):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
@@ -327,6 +337,23 @@ def sp(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     y = torch.ops.vllm_gqsa.gqsa_sp(x2, t["row_ptr"], t["codes"], t["meta"], n_out, splits, t.get("counters"))
+    return y.reshape(*lead, n_out)
+
+
+def sp_wgmma_takes(x: torch.Tensor) -> bool:
+    """Whether :func:`sp_wgmma` serves x ``[..., K]`` (a layer in the pair pattern assumed): an sm_90
+    GPU, K % 128 == 0, fp16 or bf16, and ``VLLM_GQSA_PAIRS_WGMMA`` not 0."""
+    return (PAIRS_WGMMA and x.is_cuda and x.shape[-1] > 0 and x.shape[-1] % 128 == 0
+            and x.dtype in (torch.float16, torch.bfloat16) and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def sp_wgmma(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int) -> torch.Tensor:
+    """``x @ W.T`` for x ``[..., K]`` and a layer in the pair pattern on Hopper's sparse tensor
+    cores, fused (no dense copy of W); where :func:`sp_wgmma_takes`. For large batches."""
+    _require()
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    y = torch.ops.vllm_gqsa.gqsa_sp_wgmma(x2, t["row_ptr"], t["codes"], t["meta"], n_out)
     return y.reshape(*lead, n_out)
 
 

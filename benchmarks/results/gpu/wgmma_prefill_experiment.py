@@ -13,8 +13,11 @@ per rotation, as benchmarks/kernel_speed.py does past the L2 cache; by default t
 WG_STAGE_RAW=1 passes, in place of the chunk table, a stage-major copy of each layer's weights
 (stage_raw below) for the experiments' variants that read one (wgmma_prefill_ss_experiment.cu,
 v & 64). WG_V=V picks the variant that check, layers, small and tokens run (check: 2 and 0, the others: 2, by
-default). WG_PACKAGE=1 also times the plugin's own path for these token counts (its dequantize kernel, then
-cuBLAS), when the package's kernels are built (vllm_gqsa/_C).
+default). WG_PAIRS=1 makes the layers in the pair pattern (each row keeps one group of every aligned pair
+of group columns, as `--pattern pairs` does) and check's shapes with K % 128 == 0, for
+wgmma_prefill_sp_experiment.cu. WG_PACKAGE=1 also times the plugin's own path for these token counts (its dequantize kernel, then
+cuBLAS; with WG_PAIRS=1 up to 128 tokens also its sparse-tensor-core kernel), when the package's kernels
+are built (vllm_gqsa/_C).
 
 V is the kernel's template variant (see the .cu files): 2 waits for each wgmma before the next k-step,
 0 keeps one in flight (wrong results, see csrc/README.md).
@@ -34,11 +37,18 @@ from vllm_gqsa.kernels.cuda_format import chunk_table, dequantize_kernel_format,
 
 P = ctypes.c_void_p
 LAYERS = [("qkv", 12288, 4096), ("o", 4096, 4096), ("gate_up", 22016, 4096), ("down", 4096, 11008)]
+# check's (M, N, K): tile edges in M and N, one stage, an odd stage count, Llama-2-7B's down shape.
+CHECK = [(128, 256, 256), (1, 256, 512), (64, 256, 448), (200, 600, 4096), (513, 4096, 11008)]
+CHECK_PAIRS = [(128, 256, 256), (1, 256, 512), (64, 256, 384), (200, 600, 4096), (513, 4096, 11008)]
 
 
 def make(N, K, density=0.5, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
-    keep = torch.rand(N, K // 16, device="cuda", generator=g) < density
+    if os.environ.get("WG_PAIRS") == "1":
+        odd = torch.randint(0, 2, (N, K // 32, 1), device="cuda", generator=g)
+        keep = torch.zeros(N, K // 32, 2, dtype=torch.bool, device="cuda").scatter_(2, odd, True).view(N, K // 16)
+    else:
+        keep = torch.rand(N, K // 16, device="cuda", generator=g) < density
     row_ptr = torch.zeros(N + 1, dtype=torch.int32, device="cuda")
     row_ptr[1:] = torch.cumsum(keep.sum(1), 0)
     cols = torch.nonzero(keep)[:, 1]
@@ -97,7 +107,7 @@ def check(lib):
     out = []
     for v in [int(s) for s in os.environ.get("WG_V", "2,0").split(",")]:
         for bn in (64, 128):
-            for M, N, K in [(128, 256, 256), (1, 256, 512), (64, 256, 448), (200, 600, 4096), (513, 4096, 11008)]:
+            for M, N, K in CHECK_PAIRS if os.environ.get("WG_PAIRS") == "1" else CHECK:
                 t = make(N, K, seed=M + N)
                 x = torch.randn(M, K, device="cuda").half()
                 y = torch.full((M, N), float("nan"), device="cuda").half()
@@ -137,6 +147,11 @@ def timed(lib, shapes, tokens, variants):
                     st["i"] = (st["i"] + 1) % n_gqsa
                     torch.matmul(x, cuda.dequant(ts[st["i"]], N, K, 16, torch.half).T, out=y)
                 r["package_us"] = round(bench(package), 1)
+                if os.environ.get("WG_PAIRS") == "1" and M <= 128:
+                    def package_sp():  # the package's sparse-tensor-core kernel for pair layers
+                        st["i"] = (st["i"] + 1) % n_gqsa
+                        cuda.sp(x, ts[st["i"]], N)
+                    r["package_sp_us"] = round(bench(package_sp), 1)
             for bn, v in variants:
                 def wg(bn=bn, v=v):
                     st["i"] = (st["i"] + 1) % n_gqsa
