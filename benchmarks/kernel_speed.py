@@ -467,8 +467,9 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["sp_wgmma"] = timed(gqsa_calls(gq, x, N, K, "sp_wgmma"))
         gemv_max, tc_max = cuda.dispatch(compact, PAIRS)
         middle = "sp" if PAIRS else "tc"
-        large = "sp_wgmma" if "sp_wgmma" in paths else "dequant_cublas"  # as ops.gqsa_mm picks
-        kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else large
+        kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else "dequant_cublas"
+        if "sp_wgmma" in paths and M >= cuda.PAIRS_WGMMA_MIN_TOKENS:  # as ops.gqsa_mm picks
+            kernel = "sp_wgmma"
         us = paths[kernel]
         nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)
         r = {"model": model, "layer": name, "N": N, "K": K, "M": M, "gqsa_kernel": kernel,

@@ -2573,11 +2573,14 @@ cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* met
                                                                       static_cast<uint4*>(x_scratch), units);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // 256-token tiles where they still fill the GPU, else 128 (one Llama-2-7B layer at 512 tokens,
-  // H100: the o and down shapes make 64 CTAs of 256 tokens, and take 36.6 and 96.2 us against 30.7
-  // and 74.1 for cuBLAS; with 128-token tiles down takes 73.3 against 75.4).
+  // 256-token tiles where they pad M no more than 128-token tiles do and still fill the GPU, else
+  // 128. One Llama-2-7B layer at 512 tokens on the H100: the o and down shapes make 64 CTAs of 256
+  // tokens, and take 36.6 and 96.2 us against 30.7 and 74.1 for cuBLAS; with 128-token tiles down
+  // takes 73.3 against 75.4. At 64 and 128 tokens on the H200, 256-token tiles took gate/up 113.9
+  // and 88.4 us, 128-token ones q/k/v (56% of its rows) 31.7 and 23.7.
   const int tiles = (N + kSpwRows - 1) / kSpwRows;
-  const bool wide = static_cast<long long>(tiles) * ((M + 255) / 256) >= num_sms;
+  const bool wide = (M + 255) / 256 * 2 == (M + 127) / 128 &&
+                    static_cast<long long>(tiles) * ((M + 255) / 256) >= num_sms;
   CUtensorMap x_map, code_map, meta_map;
   err = make_tensor_map(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x_scratch, K, M, kSpwBox, wide ? 256 : 128,
                         CU_TENSOR_MAP_SWIZZLE_128B);

@@ -838,17 +838,19 @@ def test_sp_wgmma_large_activations_graph_and_refusals():
 
 @needs_sm90
 def test_plugin_op_runs_large_pair_batches_fused(monkeypatch):
-    """Above the sparse-tensor-core kernel's batches, gqsa_mm takes the fused kernel for pair layers
-    on sm_90 (not dequantize + cuBLAS) where VLLM_GQSA_PAIRS_WGMMA allows it."""
+    """From PAIRS_WGMMA_MIN_TOKENS, gqsa_mm takes the fused kernel for pair layers on sm_90 (not the
+    sparse-tensor-core kernel, nor dequantize + cuBLAS above it), unless VLLM_GQSA_PAIRS_WGMMA is 0."""
     import vllm_gqsa.ops  # noqa: F401  (registers gqsa_mm)
 
     monkeypatch.setattr(cuda, "PAIRS_WGMMA", True)
-
     layer = pair_layer(130, 128 * 8, seed=3).to("cuda")
     t = to_kernel_format(layer, 8)
-    x = torch.randn(cuda.PAIRS_SP_MAX_TOKENS + 1, 128 * 8, device="cuda", dtype=torch.float16)
-    args = (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 130, 16, None, t["counters"])
-    assert torch.equal(torch.ops.vllm_gqsa.gqsa_mm(*args, True), cuda.sp_wgmma(x, t, 130))
+    for M in (cuda.PAIRS_WGMMA_MIN_TOKENS, cuda.PAIRS_SP_MAX_TOKENS + 1):
+        x = torch.randn(M, 128 * 8, device="cuda", dtype=torch.float16)
+        args = (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 130, 16, None, t["counters"])
+        assert torch.equal(torch.ops.vllm_gqsa.gqsa_mm(*args, True), cuda.sp_wgmma(x, t, 130))
+    monkeypatch.setattr(cuda, "PAIRS_WGMMA", False)
+    assert torch.equal(torch.ops.vllm_gqsa.gqsa_mm(*args, True), x @ cuda.dequant(t, 130, 128 * 8, 16, x.dtype).T)
 
 
 @needs_cuda

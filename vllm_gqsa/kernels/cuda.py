@@ -64,12 +64,17 @@ COMPACT_TC_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_COMPACT_TC_MAX_TOKENS", "6
 # kernel's own K splits (245.5 / 253.1 / 281.1 us at 128, kernels_pairs_h200_sp_splits.json).
 PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1"))
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
-# Above that, on an sm_90 GPU, layers in the pair pattern with K % 128 == 0 run the fused kernel on
-# Hopper's sparse tensor cores (gqsa_sp_wgmma) instead of dequantize + cuBLAS: one Llama-2-7B layer
-# on an H100 at 512 / 1024 / 2048 tokens in 1.03x / 0.90x / 0.80x cuBLAS fp16's time, where dequantize +
-# cuBLAS takes 1.66x / 1.31x / 1.21x (benchmarks/results/gpu/wgmma_prefill_sp_experiment.json).
-# Off until the package's build of it has passed its GPU tests: VLLM_GQSA_PAIRS_WGMMA=1 turns it on.
-PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "0") != "0"
+# On an sm_90 GPU, layers in the pair pattern with K % 128 == 0 run the fused kernel on Hopper's
+# sparse tensor cores (gqsa_sp_wgmma) from PAIRS_WGMMA_MIN_TOKENS tokens, in place of the sparse-
+# tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H200: 188.2 against
+# 248.2 us at 128 tokens (the sparse-tensor-core kernel), 276.5 against 454.4 at 512 and 919.1
+# against 1380.9 at 2048 (dequantize + cuBLAS; cuBLAS fp16 alone 132.6 / 317.0 / 1304.3); at 64
+# tokens the sparse-tensor-core kernel is faster on every shape (125.9 against 220.8 us;
+# benchmarks/results/gpu/kernels_pairs_h200_sp_wgmma.json). On the H100 the experiment's kernel took
+# 1.03x / 0.91x / 0.80x cuBLAS fp16's time at 512 / 1024 / 2048 tokens
+# (benchmarks/results/gpu/wgmma_prefill_sp_experiment.json). VLLM_GQSA_PAIRS_WGMMA=0 turns it off.
+PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "1") != "0"
+PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "65"))
 # The kernel layout of the layers that can take either (cuda_format.sliced_layout_applies):
 # "auto", the sliced layout, whose one-row-per-lane GEMV made a decoder layer 9-10% faster at one
 # token on the Llama-2-7B and Llama-3-8B shapes (1% on Qwen2.5-7B) and 13-21% at two, while its
@@ -278,7 +283,8 @@ def _require() -> None:
 def dispatch(compact: bool, pairs: bool = False) -> tuple[int, int]:
     """The most tokens the GEMV, then the tensor-core kernel (the sparse-tensor-core kernel for a
     layer in the pair pattern), serve for a layer (with compact tiles or not); dequantize + cuBLAS
-    serves larger batches."""
+    serves larger batches. (On sm_90 the fused kernel serves pair layers from
+    PAIRS_WGMMA_MIN_TOKENS tokens: :func:`sp_wgmma_takes`.)"""
     if pairs:
         return PAIRS_GEMV_MAX_TOKENS, PAIRS_SP_MAX_TOKENS
     if compact:
