@@ -2234,9 +2234,9 @@ cudaError_t sliced_for_tokens(const SlicedArgs& a, int M, int warps) {
 // one commit group of back-to-back wgmmas: only kept weights are dequantized and multiplied. wgmma
 // reads B (x) from shared memory in the order of k, so sp_wgmma_permute_kernel first writes x with
 // sp_kernel's order of k (fp16; bf16 scaled by 2^-kTcXScaleLog2 as for the other tensor-core
-// kernels). One Llama-2-7B layer on an H100 at 512 / 1024 / 2048 tokens: 1.03x / 0.90x / 0.80x
-// cuBLAS fp16's time on the dense weights, against 1.66x for dequantize + cuBLAS (csrc/README.md,
-// "Sparse wgmma for the pair pattern").
+// kernels). One Llama-2-7B layer on an H100 at 512 / 1024 / 2048 tokens: 0.87x / 0.86x / 0.73x
+// cuBLAS fp16's time on the dense weights, against 1.51x / 1.32x / 1.12x for dequantize + cuBLAS
+// (csrc/README.md, "Sparse wgmma for the pair pattern").
 
 constexpr int kSpwRows = 128;       // rows per CTA: two consumer warpgroups of 64
 constexpr int kSpwPairs = 4;        // pairs of group columns (32 channels, one wgmma) per stage

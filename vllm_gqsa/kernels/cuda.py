@@ -66,13 +66,12 @@ PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
 # On an sm_90 GPU, layers in the pair pattern with K % 128 == 0 run the fused kernel on Hopper's
 # sparse tensor cores (gqsa_sp_wgmma) from PAIRS_WGMMA_MIN_TOKENS tokens, in place of the sparse-
-# tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H200: 188.2 against
-# 248.2 us at 128 tokens (the sparse-tensor-core kernel), 276.5 against 454.4 at 512 and 919.1
-# against 1380.9 at 2048 (dequantize + cuBLAS; cuBLAS fp16 alone 132.6 / 317.0 / 1304.3); at 64
-# tokens the sparse-tensor-core kernel is faster on every shape (125.9 against 220.8 us;
-# benchmarks/results/gpu/kernels_pairs_h200_sp_wgmma.json). On the H100 the experiment's kernel took
-# 1.03x / 0.91x / 0.80x cuBLAS fp16's time at 512 / 1024 / 2048 tokens
-# (benchmarks/results/gpu/wgmma_prefill_sp_experiment.json). VLLM_GQSA_PAIRS_WGMMA=0 turns it off.
+# tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H100: 161.0 / 152.4 /
+# 145.8 us at 65 / 96 / 128 tokens against 172.6 / 205.0 / 248.0 for the sparse-tensor-core kernel,
+# and 276.8 / 527.1 / 943.8 at 512 / 1024 / 2048 against 482.4 / 815.2 / 1444.9 for dequantize +
+# cuBLAS (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4); at 64 tokens the sparse-tensor-core kernel is
+# faster (125.2 against 160.3 us; benchmarks/results/gpu/kernels_pairs_h100_sp_wgmma.json).
+# VLLM_GQSA_PAIRS_WGMMA=0 turns it off.
 PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "1") != "0"
 PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "65"))
 # The kernel layout of the layers that can take either (cuda_format.sliced_layout_applies):
