@@ -463,12 +463,12 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["tc_by_channel"] = timed(gqsa_calls(gq, x, N, K, "tc_by_channel"))
         if M > MAX_GEMV_TOKENS:
             paths["dequant_cublas"] = timed(gqsa_calls(gq, x, N, K, "dequant_cublas"))
-        if PAIRS and M >= SP_WGMMA_TIMED_MIN_TOKENS and cuda.sp_wgmma_takes(x):
+        if PAIRS and M >= SP_WGMMA_TIMED_MIN_TOKENS and cuda.sp_wgmma_runs(x):
             paths["sp_wgmma"] = timed(gqsa_calls(gq, x, N, K, "sp_wgmma"))
         gemv_max, tc_max = cuda.dispatch(compact, PAIRS)
         middle = "sp" if PAIRS else "tc"
         kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else "dequant_cublas"
-        if "sp_wgmma" in paths and M >= cuda.PAIRS_WGMMA_MIN_TOKENS:  # as ops.gqsa_mm picks
+        if "sp_wgmma" in paths and cuda.sp_wgmma_takes(x):  # as ops.gqsa_mm picks
             kernel = "sp_wgmma"
         us = paths[kernel]
         nbytes = sum(gqsa_bytes(t, M, K, kernel) for t in gq) / len(gq)

@@ -833,9 +833,9 @@ def test_sp_wgmma_large_activations_graph_and_refusals():
     u = to_kernel_format(make_layer(70, 128 * 4, 16, "uniform").to("cuda"), 8)
     with pytest.raises(RuntimeError, match="pair pattern keeps"):
         op(torch.randn(300, 128 * 4, device="cuda", dtype=torch.float16), u["row_ptr"], u["codes"], u["meta"], 70)
-    assert not cuda.sp_wgmma_takes(torch.randn(4, 16 * 42, device="cuda", dtype=torch.float16))
+    assert not cuda.sp_wgmma_runs(torch.randn(4, 16 * 42, device="cuda", dtype=torch.float16))
     shifted = torch.randn(2 * 128 * 5 + 4, device="cuda", dtype=torch.float16)[4:].view(2, 128 * 5)  # 8 bytes in
-    assert cuda.sp_wgmma_takes(shifted.clone(), t) and not cuda.sp_wgmma_takes(shifted, t)
+    assert cuda.sp_wgmma_runs(shifted.clone(), t) and not cuda.sp_wgmma_runs(shifted, t)
 
 
 @needs_sm90

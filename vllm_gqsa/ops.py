@@ -74,7 +74,7 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
         gemv_max, tc_max = cuda.dispatch(xcols is not None, pairs)
         if x.shape[0] <= gemv_max:
             return cuda.gemv(x, t, n_out, warps=sell_warps)
-        if pairs and x.shape[0] >= cuda.PAIRS_WGMMA_MIN_TOKENS and cuda.sp_wgmma_takes(x, t):
+        if pairs and cuda.sp_wgmma_takes(x, t):
             return cuda.sp_wgmma(x, t, n_out)
         if x.shape[0] <= tc_max:
             return cuda.sp(x, t, n_out) if pairs else cuda.tc(x, t, n_out)

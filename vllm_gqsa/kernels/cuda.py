@@ -345,14 +345,20 @@ def sp(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
     return y.reshape(*lead, n_out)
 
 
-def sp_wgmma_takes(x: torch.Tensor, t: dict[str, torch.Tensor] | None = None) -> bool:
-    """Whether :func:`sp_wgmma` serves x ``[..., K]`` (a layer in the pair pattern assumed): an sm_90
-    GPU, K % 128 == 0, fp16 or bf16, ``VLLM_GQSA_PAIRS_WGMMA`` not 0, and x (and t's codes and meta,
-    if given) 16-byte aligned, as its TMA copies need; anything else takes another kernel."""
+def sp_wgmma_runs(x: torch.Tensor, t: dict[str, torch.Tensor] | None = None) -> bool:
+    """Whether :func:`sp_wgmma` can serve x ``[..., K]`` (a layer in the pair pattern assumed): an
+    sm_90 GPU, K % 128 == 0, fp16 or bf16, and x (and t's codes and meta, if given) 16-byte
+    aligned, as its TMA copies need."""
     aligned = [x] + ([t["codes"], t["meta"]] if t is not None else [])
-    return (PAIRS_WGMMA and x.is_cuda and x.shape[-1] > 0 and x.shape[-1] % 128 == 0
-            and x.dtype in (torch.float16, torch.bfloat16) and all(a.data_ptr() % 16 == 0 for a in aligned)
-            and torch.cuda.get_device_capability(x.device) == (9, 0))
+    return (x.is_cuda and x.shape[-1] > 0 and x.shape[-1] % 128 == 0 and x.dtype in (torch.float16, torch.bfloat16)
+            and all(a.data_ptr() % 16 == 0 for a in aligned) and torch.cuda.get_device_capability(x.device) == (9, 0))
+
+
+def sp_wgmma_takes(x: torch.Tensor, t: dict[str, torch.Tensor] | None = None) -> bool:
+    """Whether the plugin serves x with :func:`sp_wgmma` for a layer in the pair pattern: it can
+    (:func:`sp_wgmma_runs`), ``VLLM_GQSA_PAIRS_WGMMA`` is not 0, and x has at least
+    ``PAIRS_WGMMA_MIN_TOKENS`` tokens; anything else takes another kernel."""
+    return PAIRS_WGMMA and x.shape[:-1].numel() >= PAIRS_WGMMA_MIN_TOKENS and sp_wgmma_runs(x, t)
 
 
 def sp_wgmma(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int) -> torch.Tensor:
