@@ -123,8 +123,10 @@ def test_gpu_accuracy_script_steps_on_the_cpu(tiny_models, tmp_path):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     text = os.path.join(root, "LICENSE")  # more than one 2048-token window of the byte tokenizer
+    # LIMIT: the interrupt comes 20 ms in, within Python's start or its standard library's imports.
+    # At 0.5 s it came within third-party imports, and once the conversion still ran to the end.
     env = dict(os.environ, CALIB=text, TEXT=text, N_SAMPLES="4", SEQ_LEN="32", DEVICE="cpu",
-               MAX_WINDOWS="1", VLLM="0", LIMIT="0.5", PATH=os.path.dirname(sys.executable) + os.pathsep
+               MAX_WINDOWS="1", VLLM="0", LIMIT="0.02", PATH=os.path.dirname(sys.executable) + os.pathsep
                + os.environ.get("PATH", ""))
     work, out = tmp_path / "work", tmp_path / "out"
 
@@ -135,7 +137,7 @@ def test_gpu_accuracy_script_steps_on_the_cpu(tiny_models, tmp_path):
         return r.stdout
 
     step("dense")
-    assert "run this step again" in step("gqsa")  # stopped after half a second
+    assert "run this step again" in step("gqsa")  # stopped at once
     env["LIMIT"] = "500"
     step("gqsa")
     step("baselines")
