@@ -2804,7 +2804,7 @@ bool sp_wgmma_supported(int K) {
 }
 
 cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
-                          void* x_scratch, int M, int N, int K, cudaStream_t stream) {
+                          void* x_scratch, int M, int N, int K, int num_sms, cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0 || K / 16 > kMaxGroupCols) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (static_cast<size_t>(M) * K >= (static_cast<size_t>(1) << 31)) return cudaErrorInvalidValue;
@@ -2813,10 +2813,6 @@ cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, cons
     return cudaErrorInvalidValue;
   }
   if (!sp_wgmma_supported(K)) return cudaErrorNotSupported;
-  int device = 0, num_sms = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  if (err != cudaSuccess) return err;
   switch (dtype) {
     case Dtype::kFloat16: return sp_wgmma_for<__half>(x, codes, meta, y, x_scratch, M, N, K, num_sms, stream);
     case Dtype::kBFloat16:

@@ -182,9 +182,10 @@ bool sp_wgmma_supported(int K);
 // groups start at n * K / 32) on Hopper's sparse tensor cores (wgmma.mma_async.sp), for large
 // batches: x_scratch [M, K] 2-byte elements receives x with each pair's channels in the kernel's
 // order of k (bf16 as scaled fp16) before the multiply. x, codes, meta and x_scratch must be 16-byte
-// aligned. cudaErrorNotSupported where sp_wgmma_supported(K) is false.
+// aligned. num_sms: the GPU's SMs (the caller's cached device properties), for the choice of tile.
+// cudaErrorNotSupported where sp_wgmma_supported(K) is false.
 cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
-                          void* x_scratch, int M, int N, int K, cudaStream_t stream);
+                          void* x_scratch, int M, int N, int K, int num_sms, cudaStream_t stream);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 // sell_rows: the sliced layout's (num_places of them), or null for the row layout.

@@ -444,8 +444,10 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
   TORCH_CHECK(K % 32 == 0 && codes.size(0) == n_out * (K / 32), "gqsa_sp_wgmma: a layer in the pair pattern keeps ",
               "K / 32 groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(gqsa::sp_wgmma_supported(static_cast<int>(K)), "gqsa_sp_wgmma: needs an sm_90 GPU and an input size ",
-              "that is a multiple of 128, got K=", num(K));
+  // ATen's cached properties: sp_wgmma_gemm checks the GPU again itself, as a last guard.
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  TORCH_CHECK(props->major == 9 && props->minor == 0 && K % 128 == 0, "gqsa_sp_wgmma: needs an sm_90 GPU and an ",
+              "input size that is a multiple of 128, got K=", num(K), " on sm_", props->major, props->minor);
   // TMA reads x (its permuted copy), codes and meta from 16-byte aligned addresses.
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(meta.data_ptr()) % 16 == 0,
               "gqsa_sp_wgmma: x and meta must be 16-byte aligned");
@@ -455,7 +457,7 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
   at::Tensor x_scratch = at::empty({M, K}, x.options().dtype(at::kHalf));
   check_launch(gqsa::sp_wgmma_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
                                    y.data_ptr(), x_scratch.data_ptr(), static_cast<int>(M), static_cast<int>(n_out),
-                                   static_cast<int>(K), at::cuda::getCurrentCUDAStream()),
+                                   static_cast<int>(K), props->multiProcessorCount, at::cuda::getCurrentCUDAStream()),
                "gqsa_sp_wgmma");
   return y;
 }
