@@ -326,7 +326,8 @@ def gqsa_dispatch() -> dict:
     return {"gemv_max_tokens": cuda.GEMV_MAX_TOKENS, "tc_max_tokens": cuda.TC_MAX_TOKENS,
             "compact_gemv_max_tokens": cuda.COMPACT_GEMV_MAX_TOKENS,
             "compact_tc_max_tokens": cuda.COMPACT_TC_MAX_TOKENS,
-            "pairs_gemv_max_tokens": cuda.PAIRS_GEMV_MAX_TOKENS, "pairs_sp_max_tokens": cuda.PAIRS_SP_MAX_TOKENS}
+            "pairs_gemv_max_tokens": cuda.PAIRS_GEMV_MAX_TOKENS, "pairs_sp_max_tokens": cuda.PAIRS_SP_MAX_TOKENS,
+            "pairs_wgmma": cuda.PAIRS_WGMMA, "pairs_wgmma_min_tokens": cuda.PAIRS_WGMMA_MIN_TOKENS}
 
 
 def main(argv=None) -> int:

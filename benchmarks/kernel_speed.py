@@ -308,6 +308,8 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
         return [lambda t=t: cuda.sp(x, t, N, TC_SPLITS) for t in ts]
     if path == "sp_wgmma":
         return [lambda t=t: cuda.sp_wgmma(x, t, N) for t in ts]
+    if path == "sp_wgmma_one_split":  # ablation: one CTA per output tile, K not split
+        return [lambda t=t: cuda.sp_wgmma(x, t, N, splits=1) for t in ts]
     if path == "tc_by_channel":  # compact tiles walked by channel chunks instead
         ts = [{**{k: v for k, v in t.items() if k != "xcols"}, "chunks": t["chunks_by_channel"]} for t in ts]
         return [lambda t=t: cuda.tc(x, t, N, TC_SPLITS) for t in ts]
@@ -465,6 +467,7 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
             paths["dequant_cublas"] = timed(gqsa_calls(gq, x, N, K, "dequant_cublas"))
         if PAIRS and M >= SP_WGMMA_TIMED_MIN_TOKENS and cuda.sp_wgmma_runs(x):
             paths["sp_wgmma"] = timed(gqsa_calls(gq, x, N, K, "sp_wgmma"))
+            paths["sp_wgmma_one_split"] = timed(gqsa_calls(gq, x, N, K, "sp_wgmma_one_split"))
         gemv_max, tc_max = cuda.dispatch(compact, PAIRS)
         middle = "sp" if PAIRS else "tc"
         kernel = "gemv" if M <= gemv_max else middle if M <= tc_max else "dequant_cublas"

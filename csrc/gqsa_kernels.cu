@@ -2242,14 +2242,20 @@ constexpr int kSpwRows = 128;       // rows per CTA: two consumer warpgroups of 
 constexpr int kSpwPairs = 4;        // pairs of group columns (32 channels, one wgmma) per stage
 constexpr int kSpwChunk = 32 * kSpwPairs;
 constexpr int kSpwBox = 64;         // channels per 128-byte swizzled row of x (one TMA box)
-constexpr int kSpwProducers = 128;  // one warpgroup, of which one thread issues the copies
-constexpr int kSpwConsumers = 2 * 128;
-constexpr int kSpwThreads = kSpwProducers + kSpwConsumers;
+constexpr int kSpwConsumers = 2 * 128;  // threads 0..255; the producer threads follow them
+// K splits: up to kSpwMaxSplits CTAs of one cluster share a tile's K (the portable cluster size),
+// each at least kSpwMinSplitPairs stage pairs, and sum their fp32 partial tiles through
+// distributed shared memory, staged as [token][row] with kSpwPartPitch floats per token.
+constexpr int kSpwMaxSplits = 8;
+constexpr int kSpwMinSplitPairs = 2;
+constexpr int kSpwPartPitch = kSpwRows + 4;  // 16-byte rows; the consumers' writes miss bank conflicts
 
 // One stage: x as kSpwChunk / 64 swizzled boxes of [kTok tokens][64 channels] (1024-byte
 // aligned), then [kSpwRows][kSpwPairs] codes (8 bytes each) and meta (4 bytes), as TMA lays them.
 // 256-token tiles halve how often each weight is dequantized but need three stages (shared
-// memory) and setmaxnreg (the 128 accumulators of m64n256 and two register sets).
+// memory) and setmaxnreg (the 128 accumulators of m64n256 and two register sets). 64-token tiles,
+// for up to 64 tokens, pad less and fit two CTAs on an SM (four stages each, one producer warp),
+// so one CTA's dequantization overlaps the other's wgmmas.
 template <int kTok>
 struct SpwLayout {
   static constexpr int kXBoxBytes = kTok * kSpwBox * 2;
@@ -2258,11 +2264,15 @@ struct SpwLayout {
   static constexpr int kMetaBytes = kSpwRows * kSpwPairs * 4;
   static constexpr int kTxBytes = kXBytes + kCodeBytes + kMetaBytes;
   static constexpr int kStageBytes = (kTxBytes + 1023) / 1024 * 1024;
-  static constexpr int kStages = kTok == 256 ? 3 : 5;
+  static constexpr int kStages = kTok == 256 ? 3 : kTok == 128 ? 5 : 4;
+  static constexpr int kCtasPerSm = kTok == 64 ? 2 : 1;
+  static constexpr int kProducers = kTok == 64 ? 32 : 128;  // a warp, or a warpgroup for setmaxnreg
+  static constexpr int kThreads = kSpwConsumers + kProducers;
   static constexpr int kOutPitch = kSpwRows + 8;  // halves per token row of the staged output tile
   static constexpr int kBytes = kStages * kStageBytes + 2 * kStages * 8 + 1024;  // + barriers, alignment slack
   static_assert(kTok * kOutPitch * 2 <= kStages * kStageBytes, "the output tile fits in the stages");
-  static_assert(kBytes <= 227 * 1024, "fits Hopper's shared memory");
+  static_assert(kTok * kSpwPartPitch * 4 <= kStages * kStageBytes, "the fp32 partial tile fits in the stages");
+  static_assert(kCtasPerSm * (kBytes + 1024) <= 228 * 1024, "fits Hopper's shared memory");
 };
 
 // x' = x with each pair's 32 channels in sp_kernel's order of k: k = 2q + 8r + {0, 1} (q, r = 0..3)
@@ -2344,6 +2354,14 @@ __device__ __forceinline__ void pin_accumulators(float (&d)[n]) {
 // d (64 rows x N tokens, fp32) += a (64 x 32 with 2:4 sparsity, given as its 64 x 16 kept values in
 // mma.sp's register fragments, and metadata e as sp_metadata gives it) * b (32 x N: x' in shared
 // memory, descriptor b).
+__device__ __forceinline__ void wgmma_sp_m64k32(float (&d)[32], const uint32_t (&a)[4], uint64_t b, uint32_t e) {
+  asm volatile(
+      "wgmma.mma_async.sp.sync.aligned.m64n64k32.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, %37, 0, 1, 1, 1, 0;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(e));
+}
+
 __device__ __forceinline__ void wgmma_sp_m64k32(float (&d)[64], const uint32_t (&a)[4], uint64_t b, uint32_t e) {
   asm volatile(
       "wgmma.mma_async.sp.sync.aligned.m64n128k32.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
@@ -2399,14 +2417,70 @@ __device__ __forceinline__ void wgmma_wait_groups() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(n) : "memory");
 }
 
+// Every thread of every CTA of the cluster arrives and waits: what each wrote to its shared memory
+// before is visible to all after (release / acquire at cluster scope).
+__device__ __forceinline__ void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+}
+// 16 bytes at shared-memory address addr of CTA rank (of the cluster).
+__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr, int rank) {
+  uint32_t remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(addr), "r"(rank));
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(remote)
+               : "memory");
+  return v;
+}
+
+// The end of a K split: each split's CTA holds its fp32 partial tile at part ([token][row],
+// kSpwPartPitch); split s sums tokens s * kTok / splits .. (s + 1) * kTok / splits - 1 over all
+// splits, in split order (the same sums whichever CTA adds them, so the result is deterministic),
+// and stores them 4 rows at a time. Every thread of the CTA calls it.
+template <typename T, int kTok>
+__device__ __forceinline__ void spw_reduce_splits(uint32_t part, T* __restrict__ y, int M, int N, int tile,
+                                                  int tok0, int split, int splits) {
+  using L = SpwLayout<kTok>;
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  cluster_sync();  // every split's partial tile is written
+  const int t_begin = split * kTok / splits;
+  const int t_end = (split + 1) * kTok / splits;
+  const bool n_vec = N % 4 == 0;
+  for (int u = threadIdx.x; u < (t_end - t_begin) * (kSpwRows / 4); u += L::kThreads) {
+    const int tt = t_begin + u / (kSpwRows / 4);
+    const int r = (u % (kSpwRows / 4)) * 4;
+    const int tok = tok0 + tt;
+    const int row = tile * kSpwRows + r;
+    if (tok >= M || row >= N) continue;
+    const uint32_t addr = part + 4 * (tt * kSpwPartPitch + r);
+    float4 sum = ld_cluster_f32x4(addr, 0);
+    for (int c = 1; c < splits; ++c) {
+      const float4 v = ld_cluster_f32x4(addr, c);
+      sum.x += v.x, sum.y += v.y, sum.z += v.z, sum.w += v.w;
+    }
+    const T out[4] = {Act<T>::from_float(sum.x * kOutScale), Act<T>::from_float(sum.y * kOutScale),
+                      Act<T>::from_float(sum.z * kOutScale), Act<T>::from_float(sum.w * kOutScale)};
+    T* dst = y + static_cast<size_t>(tok) * N + row;
+    if (n_vec) {
+      *reinterpret_cast<uint2*>(dst) = *reinterpret_cast<const uint2*>(out);
+    } else {
+      for (int k = 0; k < 4 && row + k < N; ++k) dst[k] = out[k];
+    }
+  }
+  cluster_sync();  // no CTA exits while another still reads its shared memory
+}
+
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
-// y[M, N] = x'[M, K] @ W.T for a layer in the pair pattern: CTA (tile, t) computes rows
-// tile * kSpwRows .. + kSpwRows - 1 for tokens t * kTok .. + kTok - 1 over num_stages stages of
-// kSpwChunk channels (an even number: the host adds a stage past K, which TMA fills with zeros).
+// y[M, N] = x'[M, K] @ W.T for a layer in the pair pattern: CTA (tile, t, split) computes rows
+// tile * kSpwRows .. + kSpwRows - 1 for tokens t * kTok .. + kTok - 1 over its share of the
+// num_stages stages of kSpwChunk channels (an even number: the host adds a stage past K, which TMA
+// fills with zeros): stage pairs split * P / splits .. (split + 1) * P / splits - 1 of P, splits =
+// gridDim.z, the CTAs of one cluster, which then sum their partial tiles (spw_reduce_splits).
 // Rows past N and tokens past M are zeros too (TMA), and not stored.
 template <typename T, int kTok>
-__global__ void __launch_bounds__(kSpwThreads, 1)
+__global__ void __launch_bounds__(SpwLayout<kTok>::kThreads, 1)
     sp_wgmma_kernel(const __grid_constant__ CUtensorMap x_map, const __grid_constant__ CUtensorMap code_map,
                     const __grid_constant__ CUtensorMap meta_map, int num_stages, T* __restrict__ y, int M, int N) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2421,6 +2495,10 @@ __global__ void __launch_bounds__(kSpwThreads, 1)
   auto stage_at = [&](int i) { return s0 + (i % L::kStages) * L::kStageBytes; };
   const int tile = blockIdx.x;
   const int tok0 = blockIdx.y * kTok;
+  const int split = blockIdx.z;
+  const int splits = gridDim.z;
+  const int first = 2 * (split * (num_stages / 2) / splits);                // this split's first stage
+  const int count = 2 * ((split + 1) * (num_stages / 2) / splits) - first;  // and how many (even, >= 2)
 
   if (threadIdx.x == 0) {
     for (int s = 0; s < L::kStages; ++s) {
@@ -2432,28 +2510,34 @@ __global__ void __launch_bounds__(kSpwThreads, 1)
   }
   __syncthreads();
 
-  if (threadIdx.x < kSpwProducers) {
+  if (threadIdx.x >= kSpwConsumers) {
     // Producer: one thread, three TMA copies a stage. With 256 tokens the warpgroup first gives
     // registers to the consumers: 40 x 128 + 232 x 256 = 168 x 384, what the launch allocated.
     if constexpr (kTok == 256) asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
-    if (threadIdx.x != 0) return;
-    for (int i = 0; i < num_stages; ++i) {
-      if (i >= L::kStages) mbarrier_wait(empty_bar(i), ((i / L::kStages) - 1) & 1);
-      const uint32_t stage = stage_at(i);
-      mbarrier_arrive_expect_tx(full_bar(i), L::kTxBytes);
+    if (threadIdx.x == kSpwConsumers) {
+      for (int i = 0; i < count; ++i) {
+        if (i >= L::kStages) mbarrier_wait(empty_bar(i), ((i / L::kStages) - 1) & 1);
+        const uint32_t stage = stage_at(i);
+        const int k_stage = first + i;
+        mbarrier_arrive_expect_tx(full_bar(i), L::kTxBytes);
 #pragma unroll
-      for (int b = 0; b < kSpwChunk / kSpwBox; ++b) {
-        tma_copy_2d(stage + b * L::kXBoxBytes, &x_map, i * kSpwChunk + b * kSpwBox, tok0, full_bar(i));
+        for (int b = 0; b < kSpwChunk / kSpwBox; ++b) {
+          tma_copy_2d(stage + b * L::kXBoxBytes, &x_map, k_stage * kSpwChunk + b * kSpwBox, tok0, full_bar(i));
+        }
+        tma_copy_2d(stage + L::kXBytes, &code_map, k_stage * kSpwPairs * 2, tile * kSpwRows, full_bar(i));
+        tma_copy_2d(stage + L::kXBytes + L::kCodeBytes, &meta_map, k_stage * kSpwPairs, tile * kSpwRows, full_bar(i));
       }
-      tma_copy_2d(stage + L::kXBytes, &code_map, i * kSpwPairs * 2, tile * kSpwRows, full_bar(i));
-      tma_copy_2d(stage + L::kXBytes + L::kCodeBytes, &meta_map, i * kSpwPairs, tile * kSpwRows, full_bar(i));
+    }
+    // (256-token tiles never take K splits: their producers keep 40 registers.)
+    if constexpr (kTok != 256) {
+      if (splits > 1) spw_reduce_splits<T, kTok>(s0, y, M, N, tile, tok0, split, splits);
     }
     return;
   }
 
   // Consumers.
   if constexpr (kTok == 256) asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
-  const int ct = threadIdx.x - kSpwProducers;
+  const int ct = threadIdx.x;
   const int lane = ct % kWarpSize;
   const int g = lane / 4;
   const int q = lane % 4;
@@ -2474,7 +2558,7 @@ __global__ void __launch_bounds__(kSpwThreads, 1)
   wait_full(0);
   spw_dequant_stage<kTok>(a0, e0, stage_at(0), row_a, sel);
   int i = 0;
-  for (; i + 2 < num_stages; i += 2) {
+  for (; i + 2 < count; i += 2) {
     spw_issue_stage<kTok>(acc, a0, e0, stage_at(i));
     wgmma_wait_groups<1>();
     mbarrier_arrive_if(empty_bar(i + L::kStages - 1), i > 0);
@@ -2495,10 +2579,25 @@ __global__ void __launch_bounds__(kSpwThreads, 1)
   wgmma_wait_groups<0>();
   pin_accumulators(acc);
 
-  // Stage the tile as [token][row] in T (the consumers alone: named barrier 1), then store 16-byte
-  // runs of rows. Every stage's last fill was consumed, so shared memory is free.
-  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  // Every stage's last fill was consumed, so shared memory is free once all consumers are done
+  // with it (named barrier 1).
   asm volatile("bar.sync 1, %0;" ::"n"(kSpwConsumers));
+  if (splits > 1) {
+    // The fp32 partial tile as [token][row]; the cluster sums the splits' tiles.
+    float* part = reinterpret_cast<float*>(spw_smem + (s0 - raw));
+#pragma unroll
+    for (int j = 0; j < kTok / 8; ++j) {
+      const int tt = 8 * j + 2 * q;
+      part[tt * kSpwPartPitch + row_a] = acc[4 * j + 0];
+      part[(tt + 1) * kSpwPartPitch + row_a] = acc[4 * j + 1];
+      part[tt * kSpwPartPitch + row_a + 8] = acc[4 * j + 2];
+      part[(tt + 1) * kSpwPartPitch + row_a + 8] = acc[4 * j + 3];
+    }
+    spw_reduce_splits<T, kTok>(s0, y, M, N, tile, tok0, split, splits);
+    return;
+  }
+  // Stage the tile as [token][row] in T, then store 16-byte runs of rows.
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
   T* out = reinterpret_cast<T*>(spw_smem + (s0 - raw));
 #pragma unroll
   for (int j = 0; j < kTok / 8; ++j) {
@@ -2553,36 +2652,101 @@ cudaError_t make_tensor_map(CUtensorMap* map, CUtensorMapDataType type, int elem
   return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// The launch of a tile kernel with `splits` CTAs a cluster along z (no cluster for 1), its shared
+// memory allowed: for cudaLaunchKernelEx and for the occupancy query alike.
+template <typename T, int kTok>
+struct SpwLaunch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster = {};
+  cudaError_t allowed;
+  SpwLaunch(dim3 grid, int splits, cudaStream_t stream) {
+    using L = SpwLayout<kTok>;
+    allowed = cudaFuncSetAttribute(sp_wgmma_kernel<T, kTok>, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
+    config.gridDim = dim3(grid.x, grid.y, splits);
+    config.blockDim = dim3(L::kThreads);
+    config.dynamicSmemBytes = L::kBytes;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = splits;
+    config.attrs = &cluster;
+    config.numAttrs = splits > 1 ? 1 : 0;
+  }
+  SpwLaunch(const SpwLaunch&) = delete;  // config.attrs points into this object
+};
+
+// How many clusters of `splits` CTAs of the tile kernel fit on the GPU at once (0 where the runtime
+// cannot say), asked once per device and cluster size.
+template <typename T, int kTok>
+int max_active_clusters(int splits) {
+  constexpr int kDevices = 64;
+  static std::atomic<int> known[kDevices][kSpwMaxSplits + 1] = {};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || splits < 2 || splits > kSpwMaxSplits) return 0;
+  if (device < kDevices && known[device][splits].load(std::memory_order_relaxed) > 0) {
+    return known[device][splits].load(std::memory_order_relaxed);
+  }
+  const SpwLaunch<T, kTok> launch(dim3(1, 1), splits, nullptr);
+  int clusters = 0;
+  if (launch.allowed != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters, sp_wgmma_kernel<T, kTok>, &launch.config) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: the caller goes on with fewer splits
+    return 0;
+  }
+  if (device < kDevices) known[device][splits].store(clusters, std::memory_order_relaxed);
+  return clusters;
+}
+
+// The K splits of a grid of `grid` CTAs (tiles x token tiles) over `pairs` stage pairs, where
+// `requested` is 0: as many as fill the GPU's SMs in one wave (kCtasPerSm CTAs each), up to
+// kSpwMaxSplits and with at least kSpwMinSplitPairs stage pairs each, and fewer where the
+// clusters would not all fit at once (a cluster's CTAs share a GPC).
+template <typename T, int kTok>
+int sp_wgmma_splits(int grid, int pairs, int num_sms, int requested) {
+  if (requested > 0) return requested;
+  int splits = std::max(1, std::min({num_sms * SpwLayout<kTok>::kCtasPerSm / std::max(grid, 1),
+                                     pairs / kSpwMinSplitPairs, kSpwMaxSplits}));
+  while (splits > 1 && max_active_clusters<T, kTok>(splits) < grid) --splits;
+  return splits;
+}
+
 template <typename T, int kTok>
 cudaError_t launch_sp_wgmma(const CUtensorMap& x_map, const CUtensorMap& code_map, const CUtensorMap& meta_map,
-                            int num_stages, void* y, int M, int N, cudaStream_t stream) {
-  using L = SpwLayout<kTok>;
-  const auto kernel = sp_wgmma_kernel<T, kTok>;
-  const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
-  if (allowed != cudaSuccess) return allowed;
-  const dim3 grid((N + kSpwRows - 1) / kSpwRows, (M + kTok - 1) / kTok);
-  kernel<<<grid, kSpwThreads, L::kBytes, stream>>>(x_map, code_map, meta_map, num_stages, static_cast<T*>(y), M, N);
-  return cudaGetLastError();
+                            int num_stages, void* y, int M, int N, int splits, cudaStream_t stream) {
+  const SpwLaunch<T, kTok> launch(dim3((N + kSpwRows - 1) / kSpwRows, (M + kTok - 1) / kTok), splits, stream);
+  if (launch.allowed != cudaSuccess) return launch.allowed;
+  T* out = static_cast<T*>(y);
+  return cudaLaunchKernelEx(&launch.config, sp_wgmma_kernel<T, kTok>, x_map, code_map, meta_map, num_stages, out, M,
+                            N);
 }
 
 template <typename T>
 cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* meta, void* y, void* x_scratch, int M,
-                         int N, int K, int num_sms, cudaStream_t stream) {
+                         int N, int K, int requested_splits, int num_sms, cudaStream_t stream) {
   const int units = static_cast<int>(static_cast<size_t>(M) * K / 8);
   sp_wgmma_permute_kernel<T><<<(units + 255) / 256, 256, 0, stream>>>(static_cast<const uint32_t*>(x),
                                                                       static_cast<uint4*>(x_scratch), units);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  // 256-token tiles where they pad M no more than 128-token tiles do and still fill the GPU, else
-  // 128. One Llama-2-7B layer at 512 tokens on the H100: the o and down shapes make 64 CTAs of 256
-  // tokens, and take 36.6 and 96.2 us against 30.7 and 74.1 for cuBLAS; with 128-token tiles down
-  // takes 73.3 against 75.4. At 64 and 128 tokens on the H200, 256-token tiles took gate/up 113.9
-  // and 88.4 us, 128-token ones q/k/v (56% of its rows) 31.7 and 23.7.
+  const int stages = K / kSpwChunk;
+  const int num_stages = stages + stages % 2;  // even: the kernel takes stages in pairs
+  // 64-token tiles up to 64 tokens. Above, 256-token tiles where they pad M no more than 128-token
+  // tiles do and still fill the GPU without K splits, else 128. One Llama-2-7B layer at 512 tokens
+  // on the H100: the o and down shapes make 64 CTAs of 256 tokens, and take 36.6 and 96.2 us
+  // against 30.7 and 74.1 for cuBLAS; with 128-token tiles down takes 73.3 against 75.4. At 64
+  // and 128 tokens on the H200, 256-token tiles took gate/up 113.9 and 88.4 us, 128-token ones
+  // q/k/v (56% of its rows) 31.7 and 23.7.
   const int tiles = (N + kSpwRows - 1) / kSpwRows;
-  const bool wide = (M + 255) / 256 * 2 == (M + 127) / 128 &&
+  const int tok = M <= 64 ? 64 : 128;
+  const int grid = tiles * ((M + tok - 1) / tok);
+  const int splits = tok == 64 ? sp_wgmma_splits<T, 64>(grid, num_stages / 2, num_sms, requested_splits)
+                               : sp_wgmma_splits<T, 128>(grid, num_stages / 2, num_sms, requested_splits);
+  const bool wide = tok == 128 && splits == 1 && (M + 255) / 256 * 2 == (M + 127) / 128 &&
                     static_cast<long long>(tiles) * ((M + 255) / 256) >= num_sms;
+  const int box_tokens = wide ? 256 : tok;
   CUtensorMap x_map, code_map, meta_map;
-  err = make_tensor_map(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x_scratch, K, M, kSpwBox, wide ? 256 : 128,
+  err = make_tensor_map(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x_scratch, K, M, kSpwBox, box_tokens,
                         CU_TENSOR_MAP_SWIZZLE_128B);
   if (err == cudaSuccess) {
     err = make_tensor_map(&code_map, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, codes, K / 16, N, 2 * kSpwPairs, kSpwRows,
@@ -2593,10 +2757,9 @@ cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* met
                           CU_TENSOR_MAP_SWIZZLE_NONE);
   }
   if (err != cudaSuccess) return err;
-  const int stages = K / kSpwChunk;
-  const int num_stages = stages + stages % 2;  // even: the kernel takes stages in pairs
-  return wide ? launch_sp_wgmma<T, 256>(x_map, code_map, meta_map, num_stages, y, M, N, stream)
-              : launch_sp_wgmma<T, 128>(x_map, code_map, meta_map, num_stages, y, M, N, stream);
+  if (wide) return launch_sp_wgmma<T, 256>(x_map, code_map, meta_map, num_stages, y, M, N, 1, stream);
+  return tok == 64 ? launch_sp_wgmma<T, 64>(x_map, code_map, meta_map, num_stages, y, M, N, splits, stream)
+                   : launch_sp_wgmma<T, 128>(x_map, code_map, meta_map, num_stages, y, M, N, splits, stream);
 }
 
 bool shape_ok(int N, int K, int group_size) {
@@ -2803,9 +2966,15 @@ bool sp_wgmma_supported(int K) {
   return major == 9 && minor == 0;
 }
 
+int sp_wgmma_max_splits(int K) {
+  const int stages = K > 0 ? K / kSpwChunk : 0;
+  return std::min(kSpwMaxSplits, (stages + stages % 2) / 2);
+}
+
 cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
-                          void* x_scratch, int M, int N, int K, int num_sms, cudaStream_t stream) {
+                          void* x_scratch, int M, int N, int K, int splits, int num_sms, cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0 || K / 16 > kMaxGroupCols) return cudaErrorInvalidValue;
+  if (splits < 0 || splits > sp_wgmma_max_splits(K)) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (static_cast<size_t>(M) * K >= (static_cast<size_t>(1) << 31)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(x_scratch) % 16 != 0 ||
@@ -2814,9 +2983,9 @@ cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, cons
   }
   if (!sp_wgmma_supported(K)) return cudaErrorNotSupported;
   switch (dtype) {
-    case Dtype::kFloat16: return sp_wgmma_for<__half>(x, codes, meta, y, x_scratch, M, N, K, num_sms, stream);
+    case Dtype::kFloat16: return sp_wgmma_for<__half>(x, codes, meta, y, x_scratch, M, N, K, splits, num_sms, stream);
     case Dtype::kBFloat16:
-      return sp_wgmma_for<__nv_bfloat16>(x, codes, meta, y, x_scratch, M, N, K, num_sms, stream);
+      return sp_wgmma_for<__nv_bfloat16>(x, codes, meta, y, x_scratch, M, N, K, splits, num_sms, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -178,14 +178,20 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
 // built for sm_90a) and K % 128 == 0 (whole stages; TMA's row strides of codes and meta).
 bool sp_wgmma_supported(int K);
 
+// The most K splits sp_wgmma_gemm takes for input size K: 8 (one portable cluster), and one per
+// pair of 128-channel stages at least.
+int sp_wgmma_max_splits(int K);
+
 // y[M, N] = x[M, K] @ W.T for a layer in the pair pattern (as sp_gemm; row_ptr is not read: row n's
-// groups start at n * K / 32) on Hopper's sparse tensor cores (wgmma.mma_async.sp), for large
-// batches: x_scratch [M, K] 2-byte elements receives x with each pair's channels in the kernel's
-// order of k (bf16 as scaled fp16) before the multiply. x, codes, meta and x_scratch must be 16-byte
-// aligned. num_sms: the GPU's SMs (the caller's cached device properties), for the choice of tile.
+// groups start at n * K / 32) on Hopper's sparse tensor cores (wgmma.mma_async.sp), for batches
+// from tens of tokens: x_scratch [M, K] 2-byte elements receives x with each pair's channels in
+// the kernel's order of k (bf16 as scaled fp16) before the multiply. x, codes, meta and x_scratch
+// must be 16-byte aligned. splits: how many CTAs (one cluster) share each tile's K, 1..
+// sp_wgmma_max_splits(K), or 0 to choose from the grid and num_sms (the GPU's SMs, from the
+// caller's cached device properties), which also choose the tile.
 // cudaErrorNotSupported where sp_wgmma_supported(K) is false.
 cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
-                          void* x_scratch, int M, int N, int K, int num_sms, cudaStream_t stream);
+                          void* x_scratch, int M, int N, int K, int splits, int num_sms, cudaStream_t stream);
 
 // w[N, K] = the dense weight in `dtype` (zeros where a group was pruned). w must be 16-byte aligned.
 // sell_rows: the sliced layout's (num_places of them), or null for the row layout.

@@ -430,7 +430,7 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
 }
 
 at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
-                         const at::Tensor& meta, int64_t n_out) {
+                         const at::Tensor& meta, int64_t n_out, int64_t splits) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_sp_wgmma: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_sp_wgmma: x must be contiguous");
@@ -448,6 +448,9 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   TORCH_CHECK(props->major == 9 && props->minor == 0 && K % 128 == 0, "gqsa_sp_wgmma: needs an sm_90 GPU and an ",
               "input size that is a multiple of 128, got K=", num(K), " on sm_", props->major, props->minor);
+  const int max_splits = gqsa::sp_wgmma_max_splits(static_cast<int>(K));
+  TORCH_CHECK(splits >= 0 && splits <= max_splits, "gqsa_sp_wgmma: splits must be 0 (choose) or 1..", max_splits,
+              " (at most 8, and one pair of 128-channel stages each) for K=", num(K), ", got ", num(splits));
   // TMA reads x (its permuted copy), codes and meta from 16-byte aligned addresses.
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(meta.data_ptr()) % 16 == 0,
               "gqsa_sp_wgmma: x and meta must be 16-byte aligned");
@@ -457,7 +460,8 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
   at::Tensor x_scratch = at::empty({M, K}, x.options().dtype(at::kHalf));
   check_launch(gqsa::sp_wgmma_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
                                    y.data_ptr(), x_scratch.data_ptr(), static_cast<int>(M), static_cast<int>(n_out),
-                                   static_cast<int>(K), props->multiProcessorCount, at::cuda::getCurrentCUDAStream()),
+                                   static_cast<int>(K), static_cast<int>(splits), props->multiProcessorCount,
+                                   at::cuda::getCurrentCUDAStream()),
                "gqsa_sp_wgmma");
   return y;
 }
@@ -509,7 +513,7 @@ TORCH_LIBRARY(vllm_gqsa, m) {
         "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");
   m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
         "Tensor? counters=None) -> Tensor");
-  m.def("gqsa_sp_wgmma(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out) -> Tensor");
+  m.def("gqsa_sp_wgmma(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype, Tensor? sell_rows=None) -> Tensor");
 }

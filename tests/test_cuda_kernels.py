@@ -793,13 +793,33 @@ def test_sp_wgmma(dtype, M):
 
 
 @needs_sm90
-@pytest.mark.parametrize("N,K,M", [(12288, 4096, 512), (4096, 4096, 512), (4096, 11008, 600), (8, 128, 3)],
-                         ids=["256_token_tiles", "128_token_tiles", "down", "one_stage"])
+@pytest.mark.parametrize("N,K,M", [(12288, 4096, 512), (4096, 4096, 512), (4096, 11008, 600), (8, 128, 3),
+                                   (4096, 4096, 64), (4096, 11008, 100), (12288, 4096, 40)],
+                         ids=["256_token_tiles", "128_token_tiles", "down", "one_stage", "o_64_tokens",
+                              "down_100_tokens", "qkv_40_tokens"])
 def test_sp_wgmma_shapes(N, K, M):
-    """Both tile widths (256 tokens where the grid still fills the GPU, as for q/k/v at 512 tokens;
-    128 for o), Llama-2-7B's down shape, one 128-channel stage and fewer rows than a tile."""
+    """All three tile widths (256 tokens where the grid still fills the GPU, as for q/k/v at 512
+    tokens; 128 for o; 64 up to 64 tokens), Llama-2-7B's down shape, one 128-channel stage and fewer
+    rows than a tile, and the small grids that the kernel fills with K splits (o and down at 64 and
+    100 tokens: 32 tiles)."""
     layer = pair_layer(N, K, seed=N + K).to("cuda")
     check_gemv(layer, to_kernel_format(layer, 8), M, torch.float16, op=cuda.sp_wgmma)
+
+
+@needs_sm90
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M", [7, 64, 65, 130])
+def test_sp_wgmma_splits(dtype, M):
+    """Every number of K splits (1..8 CTAs of a cluster sum their partial tiles) on both tile
+    widths that take them (64 tokens up to 64, else 128), with N no multiple of the 128-row tiles:
+    each against the reference, and the same bits on a second run."""
+    N, K = 301, 2048
+    layer = pair_layer(N, K, seed=M).to("cuda")
+    t = to_kernel_format(layer, 8)
+    for splits in range(1, 9):
+        check_gemv(layer, t, M, dtype, op=lambda x, t, n: cuda.sp_wgmma(x, t, n, splits))
+        x = torch.randn(M, K, device="cuda", dtype=dtype)
+        assert torch.equal(cuda.sp_wgmma(x, t, N, splits), cuda.sp_wgmma(x, t, N, splits)), splits
 
 
 @needs_sm90
@@ -814,19 +834,26 @@ def test_sp_wgmma_large_activations_graph_and_refusals():
     assert torch.isfinite(y).all()
     assert (y.double() - ref).norm() / ref.norm() < REL_TOL[torch.bfloat16]
 
+    y3 = cuda.sp_wgmma(x, t, 96, 3)  # three K splits: a cluster launch
+    assert (y3.double() - ref).norm() / ref.norm() < REL_TOL[torch.bfloat16]
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
     with torch.cuda.stream(s):
         with torch.cuda.graph(graph):
             yg = cuda.sp_wgmma(x, t, 96)
+            yg3 = cuda.sp_wgmma(x, t, 96, 3)
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
-        assert torch.equal(yg, y), "the kernel must be deterministic and capturable"
+        assert torch.equal(yg, y) and torch.equal(yg3, y3), "the kernel must be deterministic and capturable"
 
     op = torch.ops.vllm_gqsa.gqsa_sp_wgmma
     torch.library.opcheck(op, (torch.randn(130, 128 * 5, device="cuda", dtype=torch.float16), t["row_ptr"],
                                t["codes"], t["meta"], 96))
+    x5 = torch.randn(130, 128 * 5, device="cuda", dtype=torch.float16)
+    for splits in (-1, 4, 9):  # K = 640: three pairs of stages, so at most three splits
+        with pytest.raises(RuntimeError, match=r"splits must be 0 \(choose\) or 1..3 .*got " + str(splits)):
+            op(x5, t["row_ptr"], t["codes"], t["meta"], 96, splits)
     with pytest.raises(RuntimeError, match="multiple of 128"):
         p = to_kernel_format(pair_layer(70, 16 * 42).to("cuda"), 8)  # K = 672
         op(torch.randn(300, 16 * 42, device="cuda", dtype=torch.float16), p["row_ptr"], p["codes"], p["meta"], 70)

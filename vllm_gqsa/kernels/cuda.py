@@ -69,11 +69,13 @@ PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128")
 # tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H100: 161.0 / 152.4 /
 # 145.8 us at 65 / 96 / 128 tokens against 172.6 / 205.0 / 248.0 for the sparse-tensor-core kernel,
 # and 276.8 / 527.1 / 943.8 at 512 / 1024 / 2048 against 482.4 / 815.2 / 1444.9 for dequantize +
-# cuBLAS (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4); at 64 tokens the sparse-tensor-core kernel is
-# faster (125.2 against 160.3 us; benchmarks/results/gpu/kernels_pairs_h100_sp_wgmma.json).
+# cuBLAS (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4; kernels_pairs_h100_sp_wgmma.json). Since its 64-token tiles and K splits in
+# clusters it also wins at 64 tokens: 92.0 against 125.7 us, 112.4 against 247.0 at 128 (without
+# the splits 116.1 and 146.6); at 32 the sparse-tensor-core kernel is faster, 85.4 against 96.7
+# (benchmarks/results/gpu/kernels_pairs_h100_sp_wgmma_splits.json).
 # VLLM_GQSA_PAIRS_WGMMA=0 turns it off.
 PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "1") != "0"
-PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "65"))
+PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "64"))
 # The kernel layout of the layers that can take either (cuda_format.sliced_layout_applies):
 # "auto", the sliced layout, whose one-row-per-lane GEMV made a decoder layer 9-10% faster at one
 # token on the Llama-2-7B and Llama-3-8B shapes (1% on Qwen2.5-7B) and 13-21% at two, while its
@@ -203,7 +205,7 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_sp_wgmma")
-    def _sp_wgmma_fake(x, row_ptr, codes, meta, n_out):
+    def _sp_wgmma_fake(x, row_ptr, codes, meta, n_out, splits=0):
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_dequant")
@@ -361,13 +363,14 @@ def sp_wgmma_takes(x: torch.Tensor, t: dict[str, torch.Tensor] | None = None) ->
     return PAIRS_WGMMA and x.shape[:-1].numel() >= PAIRS_WGMMA_MIN_TOKENS and sp_wgmma_runs(x, t)
 
 
-def sp_wgmma(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int) -> torch.Tensor:
+def sp_wgmma(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0) -> torch.Tensor:
     """``x @ W.T`` for x ``[..., K]`` and a layer in the pair pattern on Hopper's sparse tensor
-    cores, fused (no dense copy of W); where :func:`sp_wgmma_takes`. For large batches."""
+    cores, fused (no dense copy of W); where :func:`sp_wgmma_takes`. splits: how many CTAs of one
+    cluster share each tile's K (0 chooses, enough to fill the GPU where the grid is small)."""
     _require()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.vllm_gqsa.gqsa_sp_wgmma(x2, t["row_ptr"], t["codes"], t["meta"], n_out)
+    y = torch.ops.vllm_gqsa.gqsa_sp_wgmma(x2, t["row_ptr"], t["codes"], t["meta"], n_out, splits)
     return y.reshape(*lead, n_out)
 
 
