@@ -69,10 +69,10 @@ PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128")
 # tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H100: 161.0 / 152.4 /
 # 145.8 us at 65 / 96 / 128 tokens against 172.6 / 205.0 / 248.0 for the sparse-tensor-core kernel,
 # and 276.8 / 527.1 / 943.8 at 512 / 1024 / 2048 against 482.4 / 815.2 / 1444.9 for dequantize +
-# cuBLAS (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4; kernels_pairs_h100_sp_wgmma.json). Since its 64-token tiles and K splits in
-# clusters it also wins at 64 tokens: 92.0 against 125.7 us, 112.4 against 247.0 at 128 (without
-# the splits 116.1 and 146.6); at 32 the sparse-tensor-core kernel is faster, 85.4 against 96.7
-# (benchmarks/results/gpu/kernels_pairs_h100_sp_wgmma_splits.json).
+# cuBLAS (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4; kernels_pairs_h100_sp_wgmma.json). Since its
+# 64-token tiles and K splits in clusters it also wins at 64 tokens: 92.0 against 125.7 us, 112.4
+# against 247.0 at 128 (without the splits 116.1 and 146.6); at 32 the sparse-tensor-core kernel is
+# faster, 85.4 against 96.7 (benchmarks/results/gpu/kernels_pairs_h100_sp_wgmma_splits.json).
 # VLLM_GQSA_PAIRS_WGMMA=0 turns it off.
 PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "1") != "0"
 PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "64"))
