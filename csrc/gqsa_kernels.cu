@@ -2280,9 +2280,14 @@ struct SpwLayout {
 // bytes, out[q + 4r] = in[4 p(q) + r]. One thread per 16 bytes of x': a warp's four loads read 512
 // contiguous bytes (L1 serves three of them) and its store writes them, coalesced.
 template <typename T>
-__global__ void sp_wgmma_permute_kernel(const uint32_t* __restrict__ x, uint4* __restrict__ out, int units) {
+__global__ void sp_wgmma_permute_kernel(const uint32_t* __restrict__ x, uint4* __restrict__ out, int units,
+                                        int padded_units) {
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= units) return;
+  if (i >= padded_units) return;
+  if (i >= units) {  // the rows past M, up to the token tile
+    out[i] = make_uint4(0, 0, 0, 0);
+    return;
+  }
   const uint32_t* in = x + 4 * static_cast<size_t>(i & ~3) + (i & 3);  // the pair's word r = i % 4
   uint32_t w[4] = {__ldg(in), __ldg(in + 8), __ldg(in + 4), __ldg(in + 12)};
   if constexpr (kTcXScaleLog2<T> != 0) {
@@ -2721,12 +2726,20 @@ cudaError_t launch_sp_wgmma(const CUtensorMap& x_map, const CUtensorMap& code_ma
                             N);
 }
 
+// The fused kernel's token tile for M tokens, before the 256-token tiles that sp_wgmma_for takes
+// where they pad M no more.
+constexpr int spw_token_tile(int M) { return M <= 64 ? 64 : 128; }
+
 template <typename T>
 cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* meta, void* y, void* x_scratch, int M,
                          int N, int K, int requested_splits, int num_sms, cudaStream_t stream) {
+  // x_scratch holds whole token tiles, the rows past M zeros, so that no TMA box reaches past the
+  // tensor's last row (on 128-token tiles 65 tokens took longer than 128; csrc/README.md).
+  const int rows = sp_wgmma_scratch_tokens(M);
   const int units = static_cast<int>(static_cast<size_t>(M) * K / 8);
-  sp_wgmma_permute_kernel<T><<<(units + 255) / 256, 256, 0, stream>>>(static_cast<const uint32_t*>(x),
-                                                                      static_cast<uint4*>(x_scratch), units);
+  const int padded_units = static_cast<int>(static_cast<size_t>(rows) * K / 8);
+  sp_wgmma_permute_kernel<T><<<(padded_units + 255) / 256, 256, 0, stream>>>(
+      static_cast<const uint32_t*>(x), static_cast<uint4*>(x_scratch), units, padded_units);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const int stages = K / kSpwChunk;
@@ -2738,7 +2751,7 @@ cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* met
   // and 128 tokens on the H200, 256-token tiles took gate/up 113.9 and 88.4 us, 128-token ones
   // q/k/v (56% of its rows) 31.7 and 23.7.
   const int tiles = (N + kSpwRows - 1) / kSpwRows;
-  const int tok = M <= 64 ? 64 : 128;
+  const int tok = spw_token_tile(M);
   const int grid = tiles * ((M + tok - 1) / tok);
   const int splits = tok == 64 ? sp_wgmma_splits<T, 64>(grid, num_stages / 2, num_sms, requested_splits)
                                : sp_wgmma_splits<T, 128>(grid, num_stages / 2, num_sms, requested_splits);
@@ -2746,7 +2759,7 @@ cudaError_t sp_wgmma_for(const void* x, const int32_t* codes, const int32_t* met
                     static_cast<long long>(tiles) * ((M + 255) / 256) >= num_sms;
   const int box_tokens = wide ? 256 : tok;
   CUtensorMap x_map, code_map, meta_map;
-  err = make_tensor_map(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x_scratch, K, M, kSpwBox, box_tokens,
+  err = make_tensor_map(&x_map, CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 2, x_scratch, K, rows, kSpwBox, box_tokens,
                         CU_TENSOR_MAP_SWIZZLE_128B);
   if (err == cudaSuccess) {
     err = make_tensor_map(&code_map, CU_TENSOR_MAP_DATA_TYPE_INT32, 4, codes, K / 16, N, 2 * kSpwPairs, kSpwRows,
@@ -2966,6 +2979,11 @@ bool sp_wgmma_supported(int K) {
   return major == 9 && minor == 0;
 }
 
+int sp_wgmma_scratch_tokens(int M) {
+  const int tile = spw_token_tile(M);  // sp_wgmma_for's 256-token tiles pad M no more than 128-token ones
+  return M <= 0 ? 0 : (M + tile - 1) / tile * tile;
+}
+
 int sp_wgmma_max_splits(int K) {
   const int stages = K > 0 ? K / kSpwChunk : 0;
   return std::min(kSpwMaxSplits, (stages + stages % 2) / 2);
@@ -2976,7 +2994,7 @@ cudaError_t sp_wgmma_gemm(Dtype dtype, const void* x, const int32_t* codes, cons
   if (M < 0 || N < 0 || K < 0 || K / 16 > kMaxGroupCols) return cudaErrorInvalidValue;
   if (splits < 0 || splits > sp_wgmma_max_splits(K)) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
-  if (static_cast<size_t>(M) * K >= (static_cast<size_t>(1) << 31)) return cudaErrorInvalidValue;
+  if (static_cast<size_t>(sp_wgmma_scratch_tokens(M)) * K >= (static_cast<size_t>(1) << 31)) return cudaErrorInvalidValue;
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0 || reinterpret_cast<uintptr_t>(x_scratch) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(codes) % 16 != 0 || reinterpret_cast<uintptr_t>(meta) % 16 != 0) {
     return cudaErrorInvalidValue;

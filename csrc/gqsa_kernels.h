@@ -182,9 +182,13 @@ bool sp_wgmma_supported(int K);
 // pair of 128-channel stages at least.
 int sp_wgmma_max_splits(int K);
 
+// The rows of x_scratch that sp_wgmma_gemm needs for M tokens: M rounded up to its token tile (64
+// up to 64 tokens, else 128), the rows past M zeros, so that no TMA box reaches past the tensor.
+int sp_wgmma_scratch_tokens(int M);
+
 // y[M, N] = x[M, K] @ W.T for a layer in the pair pattern (as sp_gemm; row_ptr is not read: row n's
 // groups start at n * K / 32) on Hopper's sparse tensor cores (wgmma.mma_async.sp), for batches
-// from tens of tokens: x_scratch [M, K] 2-byte elements receives x with each pair's channels in
+// from tens of tokens: x_scratch [sp_wgmma_scratch_tokens(M), K] 2-byte elements receives x with each pair's channels in
 // the kernel's order of k (bf16 as scaled fp16) before the multiply. x, codes, meta and x_scratch
 // must be 16-byte aligned. splits: how many CTAs (one cluster) share each tile's K, 1..
 // sp_wgmma_max_splits(K), or 0 to choose from the grid and num_sms (the GPU's SMs, from the

@@ -439,7 +439,8 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
               shape(codes));
   const int64_t M = x.size(0), K = x.size(1);
   check_input_size(K, group_size);
-  TORCH_CHECK(M * K < (int64_t{1} << 31), "gqsa_sp_wgmma: x of ", num(M), " x ", num(K), " activations is too large");
+  TORCH_CHECK((M + 127) * K < (int64_t{1} << 31), "gqsa_sp_wgmma: x of ", num(M), " x ", num(K),
+              " activations is too large");
   // The kernel reads row n's groups at n * K / 32 + j for j < K / 32: the pair pattern's count.
   TORCH_CHECK(K % 32 == 0 && codes.size(0) == n_out * (K / 32), "gqsa_sp_wgmma: a layer in the pair pattern keeps ",
               "K / 32 groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
@@ -457,7 +458,7 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
 
   at::Tensor y = at::empty({M, n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
-  at::Tensor x_scratch = at::empty({M, K}, x.options().dtype(at::kHalf));
+  at::Tensor x_scratch = at::empty({gqsa::sp_wgmma_scratch_tokens(static_cast<int>(M)), K}, x.options().dtype(at::kHalf));
   check_launch(gqsa::sp_wgmma_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
                                    y.data_ptr(), x_scratch.data_ptr(), static_cast<int>(M), static_cast<int>(n_out),
                                    static_cast<int>(K), static_cast<int>(splits), props->multiProcessorCount,

@@ -66,16 +66,17 @@ PAIRS_GEMV_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_GEMV_MAX_TOKENS", "1
 PAIRS_SP_MAX_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_SP_MAX_TOKENS", "128"))
 # On an sm_90 GPU, layers in the pair pattern with K % 128 == 0 run the fused kernel on Hopper's
 # sparse tensor cores (gqsa_sp_wgmma) from PAIRS_WGMMA_MIN_TOKENS tokens, in place of the sparse-
-# tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H100: 161.0 / 152.4 /
-# 145.8 us at 65 / 96 / 128 tokens against 172.6 / 205.0 / 248.0 for the sparse-tensor-core kernel,
-# and 276.8 / 527.1 / 943.8 at 512 / 1024 / 2048 against 482.4 / 815.2 / 1444.9 for dequantize +
-# cuBLAS (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4; kernels_pairs_h100_sp_wgmma.json). Since its
-# 64-token tiles and K splits in clusters it also wins at 64 tokens: 92.0 against 125.7 us, 112.4
-# against 247.0 at 128 (without the splits 116.1 and 146.6); at 32 the sparse-tensor-core kernel is
-# faster, 85.4 against 96.7 (benchmarks/results/gpu/kernels_pairs_h100_sp_wgmma_splits.json).
+# tensor-core kernel and of dequantize + cuBLAS. One Llama-2-7B layer on the H100: 276.8 / 527.1 /
+# 943.8 us at 512 / 1024 / 2048 tokens against 482.4 / 815.2 / 1444.9 for dequantize + cuBLAS
+# (cuBLAS fp16 alone 319.6 / 615.4 / 1292.4; kernels_pairs_h100_sp_wgmma.json). With its 64-token
+# tiles, K splits in clusters and x padded to whole token tiles it takes 92.6 / 93.4 / 111.6 / 112.6
+# / 114.4 us at 48 / 64 / 65 / 96 / 128 tokens against 121.5 / 126.5 / 174.0 / 206.0 / 249.7 for the
+# sparse-tensor-core kernel, whose 64-token instance runs from 33 tokens; at 32 that kernel is
+# faster, 86.5 against 91.7 (Llama-3-8B the same way: 90.3 against 93.1 at 32, 126.9 against 93.9
+# at 48; benchmarks/results/gpu/kernels_pairs_h100_padded_x_ab_padded_r*.json).
 # VLLM_GQSA_PAIRS_WGMMA=0 turns it off.
 PAIRS_WGMMA = os.environ.get("VLLM_GQSA_PAIRS_WGMMA", "1") != "0"
-PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "64"))
+PAIRS_WGMMA_MIN_TOKENS = int(os.environ.get("VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS", "33"))
 # The kernel layout of the layers that can take either (cuda_format.sliced_layout_applies):
 # "auto", the sliced layout, whose one-row-per-lane GEMV made a decoder layer 9-10% faster at one
 # token on the Llama-2-7B and Llama-3-8B shapes (1% on Qwen2.5-7B) and 13-21% at two, while its
