@@ -17,7 +17,9 @@ the differences measured here, so each batch's tokens/s (and each time to first 
 median over the starts, with every start's own numbers kept and, against Marlin, the ratio of each
 round's pair of starts. ``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layout
 (``VLLM_GQSA_LAYOUT=rows``) instead of the sliced one, for an A/B of the two layouts in one run,
-and ``gqsa-s50-unfused`` with each RMSNorm left a kernel of its own (``VLLM_GQSA_SPLIT_NORM=0``).
+``gqsa-s50-unfused`` with each RMSNorm left a kernel of its own (``VLLM_GQSA_SPLIT_NORM=0``), and
+``gqsa-s50-pairs-switch64`` the pair pattern with its fused kernel only from 64 tokens
+(``VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS=64``; the default is 33), for batches of 33 to 63.
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
@@ -91,8 +93,12 @@ CONFIGS = {
                           "modules_in_block_to_quantize": [*GPTQ["modules_in_block_to_quantize"], ["lm_head"]]},
                          {"linear_backend": "marlin"}),
     # The pair pattern (gqsa-convert --pattern pairs: one group of each aligned pair kept per row),
-    # served by the sparse-tensor-core kernel from 2 to 128 tokens.
+    # served by the sparse-tensor-core kernel from 2 tokens (on Hopper by the fused kernel from 33).
     "gqsa-s50-pairs": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "pattern": "pairs"}, {}),
+    # The same with the fused kernel only from 64 tokens (VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS=64, the
+    # switch before its copy of x was padded to whole token tiles), for an A/B at 33 to 63 tokens.
+    "gqsa-s50-pairs-switch64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5,
+                                 "pattern": "pairs"}, {}),
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
     # The default checkpoint in the row layout instead of the sliced one (VLLM_GQSA_LAYOUT=rows,
@@ -103,7 +109,8 @@ CONFIGS = {
     "gqsa-s50-unfused": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5}, {}),
 }
 # Environment variables a configuration's process runs with (read by the plugin at load time).
-CONFIG_ENV = {"gqsa-s50-rows": {"VLLM_GQSA_LAYOUT": "rows"}, "gqsa-s50-unfused": {"VLLM_GQSA_SPLIT_NORM": "0"}}
+CONFIG_ENV = {"gqsa-s50-rows": {"VLLM_GQSA_LAYOUT": "rows"}, "gqsa-s50-unfused": {"VLLM_GQSA_SPLIT_NORM": "0"},
+              "gqsa-s50-pairs-switch64": {"VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS": "64"}}
 PROMPT_LEN, GEN_LEN = 128, 256
 # --profile-batches: decode steps in the profiled generation (after its prefill).
 PROFILE_STEPS = 64

@@ -863,6 +863,11 @@ def test_sp_wgmma_large_activations_graph_and_refusals():
     assert not cuda.sp_wgmma_runs(torch.randn(4, 16 * 42, device="cuda", dtype=torch.float16))
     shifted = torch.randn(2 * 128 * 5 + 4, device="cuda", dtype=torch.float16)[4:].view(2, 128 * 5)  # 8 bytes in
     assert cuda.sp_wgmma_runs(shifted.clone(), t) and not cuda.sp_wgmma_runs(shifted, t)
+    # The largest batch whose copy of x, padded to whole token tiles, stays under 2^31 elements;
+    # one more token and the plugin takes dequantize + cuBLAS instead (views: no memory).
+    row = torch.randn(1, 4096, device="cuda", dtype=torch.float16)
+    largest = 2**31 // 4096 - 128
+    assert cuda.sp_wgmma_runs(row.expand(largest, 4096)) and not cuda.sp_wgmma_runs(row.expand(largest + 1, 4096))
 
 
 @needs_sm90

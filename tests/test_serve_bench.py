@@ -4,7 +4,9 @@ accept, with the options it means (the runs themselves need a GPU)."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -98,10 +100,16 @@ def test_e2e_config_environments(monkeypatch):
     assert set(e2e.CONFIG_ENV) <= set(e2e.CONFIGS)
     for same in ("gqsa-s50-rows", "gqsa-s50-unfused"):  # the checkpoint, served otherwise
         assert e2e.CONFIGS[same] == e2e.CONFIGS["gqsa-s50"]
+    assert e2e.CONFIGS["gqsa-s50-pairs-switch64"] == e2e.CONFIGS["gqsa-s50-pairs"]
     for name, env in e2e.CONFIG_ENV.items():
         for k, v in env.items():
             monkeypatch.setenv(k, v)
     assert cuda.kernel_layout() == "rows"
+    # The fused kernel's switch is read when the plugin's kernels module is imported.
+    read = "from vllm_gqsa.kernels import cuda; print(cuda.PAIRS_WGMMA_MIN_TOKENS)"
+    env = {**os.environ, **e2e.CONFIG_ENV["gqsa-s50-pairs-switch64"]}
+    out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "64" != str(cuda.PAIRS_WGMMA_MIN_TOKENS)
 
 
 def test_e2e_combine_starts():

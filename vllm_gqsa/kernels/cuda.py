@@ -350,10 +350,13 @@ def sp(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
 
 def sp_wgmma_runs(x: torch.Tensor, t: dict[str, torch.Tensor] | None = None) -> bool:
     """Whether :func:`sp_wgmma` can serve x ``[..., K]`` (a layer in the pair pattern assumed): an
-    sm_90 GPU, K % 128 == 0, fp16 or bf16, and x (and t's codes and meta, if given) 16-byte
-    aligned, as its TMA copies need."""
+    sm_90 GPU, K % 128 == 0, fp16 or bf16, x (and t's codes and meta, if given) 16-byte aligned,
+    as its TMA copies need, and x's permuted copy, padded by up to 127 tokens to whole token tiles,
+    under 2^31 elements (the kernel's int32 offsets; larger batches take dequantize + cuBLAS)."""
     aligned = [x] + ([t["codes"], t["meta"]] if t is not None else [])
-    return (x.is_cuda and x.shape[-1] > 0 and x.shape[-1] % 128 == 0 and x.dtype in (torch.float16, torch.bfloat16)
+    K = x.shape[-1]
+    return (x.is_cuda and K > 0 and K % 128 == 0 and x.dtype in (torch.float16, torch.bfloat16)
+            and (x.shape[:-1].numel() + 127) * K < 2**31
             and all(a.data_ptr() % 16 == 0 for a in aligned) and torch.cuda.get_device_capability(x.device) == (9, 0))
 
 
