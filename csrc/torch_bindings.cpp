@@ -439,6 +439,8 @@ at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const a
               shape(codes));
   const int64_t M = x.size(0), K = x.size(1);
   check_input_size(K, group_size);
+  // Its permuted copy has sp_wgmma_scratch_tokens(M) rows, at most M + 127 (cuda.sp_wgmma_runs
+  // applies the same bound, so the plugin never sends a batch this refuses).
   TORCH_CHECK((M + 127) * K < (int64_t{1} << 31), "gqsa_sp_wgmma: x of ", num(M), " x ", num(K),
               " activations is too large");
   // The kernel reads row n's groups at n * K / 32 + j for j < K / 32: the pair pattern's count.
