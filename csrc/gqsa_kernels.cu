@@ -61,8 +61,6 @@
 
 #include <utility>
 
-// Which threads' bits of mma.sp's metadata word hold which rows (see sp_metadata).
-
 namespace gqsa {
 namespace {
 
@@ -1240,20 +1238,22 @@ struct XCopies {
       : tok(threadIdx.x / kTcChunkUnits),
         cu(threadIdx.x % kTcChunkUnits),
         dst(stage0 + tok * L::kXRowBytes + 16 * cu),
-        src(x + static_cast<size_t>(tok) * K + cu * kWordWeights),
+        src(x + static_cast<size_t>(tok < M ? tok : 0) * K + cu * kWordWeights),
         tok_ok(0) {
 #pragma unroll
     for (int j = 0; j < kCopies; ++j) tok_ok |= static_cast<uint32_t>(tok + j * kTokenStep < M) << j;
   }
 
-  // Into the stage at byte offset stage, this thread's units from from (its unit of token tok),
-  // or zeros where !ok; x is any valid address, read by no copy.
+  // Into the stage at byte offset stage, this thread's units from from (its unit of token tok, or
+  // of token 0 when tok >= M), or zeros where !ok or the token is past M. A copy of zeros reads
+  // nothing, but its address stays inside x: x where !ok, else from (a unit of a token below M).
+  // No select of 64-bit addresses per copy: j * kTokenStep * K is under 64 * 2^19 (kMaxGroupCols).
   __device__ __forceinline__ void issue(uint32_t stage, const T* from, bool ok, const T* x, int K) const {
+    if (!ok) from = x;
 #pragma unroll
     for (int j = 0; j < kCopies; ++j) {
       const bool valid = ok && ((tok_ok >> j) & 1u);
-      cp_async16_ca_zfill(dst + stage + kTokenStep * L::kXRowBytes * j,
-                          valid ? from + static_cast<size_t>(j * kTokenStep) * K : x, valid);
+      cp_async16_ca_zfill(dst + stage + kTokenStep * L::kXRowBytes * j, from + (valid ? j * kTokenStep * K : 0), valid);
     }
   }
 };
@@ -1495,7 +1495,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
   // this thread copies unit xc.cu % kUnitsPerGroup of slot xc.cu / kUnitsPerGroup. Its column for
   // the chunk it copies next is loaded one chunk ahead, so no copy waits on that load.
   constexpr int kUnitsPerGroup = G / kWordWeights;
-  const T* x_gather = x + static_cast<size_t>(xc.tok) * K + (xc.cu % kUnitsPerGroup) * kWordWeights;
+  const T* x_gather = x + static_cast<size_t>(xc.tok < M ? xc.tok : 0) * K + (xc.cu % kUnitsPerGroup) * kWordWeights;
   const int32_t* xcol_src =
       kCompact ? xcols + (static_cast<size_t>(tile) * num_chunks + c_begin) * L::kCols + xc.cu / kUnitsPerGroup : nullptr;
   int xcol = kCompact && n_local > 0 ? __ldg(xcol_src) : -1;
@@ -1744,9 +1744,14 @@ __device__ __forceinline__ void mma_sp_16832(float (&d)[4], const uint32_t (&a)[
 // g's chunks in bits 0-15 and row g + 8's in bits 16-31 (thread 0 for the pair's chunks 0-3,
 // thread 1 for 4-7); every chunk of a row says the same, so every lane computes the same word. (The
 // other reading, thread 0 holding row g's 8 chunks and thread 1 row g + 8's, gave relative errors
-// of 0.7 on the H200, this one 3e-4.)
+// of 0.7 on the H200, this one 3e-4.) The word is 0x44 | (0xAA where the row keeps b) in every byte:
+// a shift takes each row's column parity (bit kColShift) to bit 31, the sign of byte 3, which PRMT's
+// sign mode (selector nibble 8 + byte) repeats over whole bytes, and one LOP3 makes the pattern; four
+// instructions where the multiply form (0x44444444 + parity * 0xAAAA + ...) compiled to six.
 __device__ __forceinline__ uint32_t sp_metadata(uint32_t meta_a, uint32_t meta_b) {
-  return 0x44444444u + ((meta_a >> kColShift) & 1u) * 0xAAAAu + ((meta_b >> kColShift) & 1u) * 0xAAAA0000u;
+  uint32_t keeps_b;  // 0xFF in bytes 0-1 when row g keeps b, in bytes 2-3 when row g + 8 does
+  asm("prmt.b32 %0, %1, %2, 0xFFBB;" : "=r"(keeps_b) : "r"(meta_a << (31 - kColShift)), "r"(meta_b << (31 - kColShift)));
+  return lop3<kLutAndOr>(keeps_b, 0xAAAAAAAAu, 0x44444444u);
 }
 
 // Registers per thread: what leaves room for the CTAs that shared memory allows per SM on Hopper
@@ -1845,8 +1850,10 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     const uint32_t stage = static_cast<uint32_t>(s * L::kStageBytes);
     const int c = c_begin + i;
     if constexpr (kFull) {
-      cp_async16_zfill(code_dst + stage, row_ok ? code_src + 2 * L::kPairs * c : codes, row_ok);
-      if (threadIdx.x < 2 * kTcRows) cp_async16_zfill(meta_dst + stage, meta_ok ? meta_src + L::kPairs * c : meta, meta_ok);
+      // Rows past N copy zeros, from codes and meta themselves plus one row's worth at most (a
+      // chunk's offset): addresses inside them, with no select in the loop.
+      cp_async16_zfill(code_dst + stage, code_src + 2 * L::kPairs * c, row_ok);
+      if (threadIdx.x < 2 * kTcRows) cp_async16_zfill(meta_dst + stage, meta_src + L::kPairs * c, meta_ok);
     } else {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
