@@ -1049,8 +1049,15 @@ __device__ __forceinline__ void cp_async(uint32_t smem, const void* gmem) {
   }
 }
 
+// With kLine, L2 reads the whole 128-byte line from DRAM (the .L2::128B prefetch size) rather than
+// only the sectors asked for: see sp_l2_lines.
+template <bool kLine = false>
 __device__ __forceinline__ void cp_async16_zfill(uint32_t smem, const void* gmem, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+  if constexpr (kLine) {
+    asm volatile("cp.async.cg.shared.global.L2::128B [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+  } else {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem), "l"(gmem), "r"(valid ? 16 : 0));
+  }
 }
 
 // The same through L1 (.ca): for x, which the CTAs sharing an SM copy again and again.
@@ -1675,7 +1682,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 //
 // A layer converted with --pattern pairs keeps, in every row, exactly one group of each aligned
 // pair of 16-channel group columns (2j, 2j + 1), so row r's j-th kept group is in pair j and lies
-// at row_ptr[r] + j. Taking the 32 channels of a pair as the k of mma.sp.m16n8k32 in the order
+// at r * K / 32 + j (row_ptr[r] = r * K / 32; the kernel reads no row pointers). Taking the 32 channels of a pair as the k of mma.sp.m16n8k32 in the order
 //   a0 a1 b0 b1 | a8 a9 b8 b9 | a2 a3 b2 b3 | a10 a11 b10 b11 | ...   (a = group 2j, b = 2j + 1)
 // puts exactly two of a row's kept weights in every 4 k, which is the 2:4 sparsity that mma.sp
 // multiplies at the cost of a dense mma of half the size: the A operand is each row's kept group,
@@ -1800,9 +1807,10 @@ __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)
 // ceil(K / kTcChunk) chunks; splits as in tc_kernel.
 // kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
 // at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
-template <typename T, int MT, bool kXScaled, bool kFull>
+// kLines (with kFull): those copies ask L2 for whole 128-byte lines (sp_l2_lines).
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines>
 __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
-    sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ row_ptr, const int32_t* __restrict__ codes,
+    sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
               int32_t* __restrict__ counters, int M, int N, int K, int splits) {
   using L = SpLayout<MT>;
@@ -1834,13 +1842,16 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
   const int copy_part = threadIdx.x % 4;
   const int grow = tile * kTcRows + copy_row;
   const bool row_ok = grow < N;
-  const int32_t* code_src = codes + 2 * static_cast<size_t>(row_ok ? __ldg(row_ptr + grow) + 2 * copy_part : 0);
+  // Row n's groups start at n * pairs (the pair pattern), so no row pointer is read before the first
+  // copies: a dependent load that cost every launch a memory round trip.
+  const int32_t* code_src = codes + 2 * (row_ok ? static_cast<size_t>(grow) * pairs + 2 * copy_part : 0);
   uint32_t code_dst = stage0 + L::kXBytes + copy_row * L::kCodeRowBytes + 16 * copy_part;
   const int meta_row = kFull ? threadIdx.x / 2 : copy_row;
   const int meta_part = kFull ? threadIdx.x % 2 : copy_part;
   constexpr int kMetaGroups = kFull ? 4 : 2;  // per copying thread
   const bool meta_ok = kFull ? threadIdx.x < 2 * kTcRows && tile * kTcRows + meta_row < N : row_ok;
-  const int32_t* meta_src = meta + (meta_ok ? __ldg(row_ptr + tile * kTcRows + meta_row) + kMetaGroups * meta_part : 0);
+  const int32_t* meta_src =
+      meta + (meta_ok ? static_cast<size_t>(tile * kTcRows + meta_row) * pairs + kMetaGroups * meta_part : 0);
   uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + meta_row * L::kMetaRowBytes + 4 * kMetaGroups * meta_part;
   const int first_pair = 2 * copy_part;  // of the chunk, this thread's first (non-kFull bounds)
   XCopies<T, L> xc(x, stage0, M, K);
@@ -1852,8 +1863,8 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     if constexpr (kFull) {
       // Rows past N copy zeros, from codes and meta themselves plus one row's worth at most (a
       // chunk's offset): addresses inside them, with no select in the loop.
-      cp_async16_zfill(code_dst + stage, code_src + 2 * L::kPairs * c, row_ok);
-      if (threadIdx.x < 2 * kTcRows) cp_async16_zfill(meta_dst + stage, meta_src + L::kPairs * c, meta_ok);
+      cp_async16_zfill<kLines>(code_dst + stage, code_src + 2 * L::kPairs * c, row_ok);
+      if (threadIdx.x < 2 * kTcRows) cp_async16_zfill<kLines>(meta_dst + stage, meta_src + L::kPairs * c, meta_ok);
     } else {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -2121,7 +2132,6 @@ cudaError_t tc_for_group(const TcArgs& a, int group_size) {
 // One launch of sp_kernel: at most kMaxTcTokens tokens (x_scratch as in TcArgs).
 struct SpArgs {
   const void* x;
-  const int32_t* row_ptr;
   const int32_t* codes;
   const int32_t* meta;
   void* y;
@@ -2132,14 +2142,32 @@ struct SpArgs {
   cudaStream_t stream;
 };
 
+// Whether sp_kernel's code and meta copies ask L2 for whole 128-byte lines: where the grid has
+// more than two CTAs per SM. A CTA reads each of its 64 rows' codes and meta 64 and 32 bytes per
+// chunk, rows K / 4 and K / 8 bytes apart; a line holds two chunks of a row's codes or four of its
+// meta, so one DRAM fetch serves the copies of several chunks. On one H100 with whole lines everywhere, at 2 tokens, the gate/up layers (344 to
+// 592 CTAs on 132 SMs) were 12-15% faster and q/k/v, o and down (64 to 256 CTAs) up to 3% slower
+// (benchmarks/results/gpu/kernels_pairs_h100_prefetch_size_experiment_*.json); with this rule one
+// decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
+bool sp_l2_lines(int ctas) {
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    return false;
+  }
+  return ctas > 2 * sms;
+}
+
 template <typename T, int MT, bool kXScaled>
 cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
   using L = SpLayout<MT>;
-  const auto kernel = a.K % kTcChunk == 0 ? sp_kernel<T, MT, kXScaled, true> : sp_kernel<T, MT, kXScaled, false>;
+  const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
+  const auto kernel = a.K % kTcChunk != 0            ? sp_kernel<T, MT, kXScaled, false, false>
+                      : sp_l2_lines(grid.x * grid.y) ? sp_kernel<T, MT, kXScaled, true, true>
+                                                     : sp_kernel<T, MT, kXScaled, true, false>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
-  const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
-  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.row_ptr, a.codes, a.meta,
+  kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.codes, a.meta,
                                                     (a.K + kTcChunk - 1) / kTcChunk, static_cast<T*>(a.y),
                                                     a.workspace, a.counters, a.M, a.N, a.K, a.splits);
   return cudaGetLastError();
@@ -2954,8 +2982,8 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
   return cudaSuccess;
 }
 
-cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                    void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
+cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
+                    float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
                     cudaStream_t stream) {
   if (!shape_ok(N, K, 16) || K % 32 != 0 || M < 0 || splits < 1) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
@@ -2964,7 +2992,7 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
   for (int m0 = 0; m0 < M; m0 += kMaxTcTokens) {
     const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
     void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
-    const SpArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, row_ptr, codes, meta,
+    const SpArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, codes, meta,
                    static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
                    m, N, K, splits, stream};
     cudaError_t err = cudaErrorInvalidValue;

@@ -167,11 +167,12 @@ bool tc_converts_x_once(Dtype dtype, int M);
 
 // y[M, N] = x[M, K] @ W.T on sparse tensor cores (mma.sp) for a layer in the pair pattern: G = 16,
 // K % 32 == 0, and every row keeps exactly one group of each aligned pair of group columns
-// (2j, 2j + 1), so that row n's groups are row_ptr[n] .. row_ptr[n] + K / 32 - 1, the j-th in pair j
-// (vllm_gqsa/kernels/cuda_format.py checks this at load time; the kernel trusts it). Grid,
-// splits, workspace, counters and x_scratch as for tc_gemm (num_chunks = ceil(K / kTcChunk)).
-cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const int32_t* codes, const int32_t* meta,
-                    void* y, float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
+// (2j, 2j + 1), so that row n's groups are n * K / 32 .. (n + 1) * K / 32 - 1, the j-th in pair j
+// (vllm_gqsa/kernels/cuda_format.py checks this at load time; the kernel trusts it and reads no
+// row pointers). Grid, splits, workspace, counters and x_scratch as for tc_gemm (num_chunks =
+// ceil(K / kTcChunk)).
+cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
+                    float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
                     cudaStream_t stream);
 
 // Whether sp_wgmma_gemm serves input size K on the current GPU: an sm_90 GPU (the kernel is

@@ -410,7 +410,7 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   TORCH_CHECK(M < INT32_MAX / 2, "gqsa_sp: M=", num(M), " is out of range");
   check_input_size(K, group_size);
   TORCH_CHECK(K % 32 == 0, "gqsa_sp: input size ", num(K), " is not a whole number of pairs of groups (32 channels)");
-  // The kernel reads row n's groups at row_ptr[n] + j for j < K / 32: the pair pattern's count.
+  // The kernel reads row n's groups at n * K / 32 + j for j < K / 32: the pair pattern's count.
   TORCH_CHECK(codes.size(0) == n_out * (K / 32), "gqsa_sp: a layer in the pair pattern keeps K / 32 = ", num(K / 32),
               " groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
   const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
@@ -421,7 +421,7 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();
   const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits, gqsa::sp_splits);
-  check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), row_ptr.data_ptr<int32_t>(), codes.data_ptr<int32_t>(),
+  check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(),
                              meta.data_ptr<int32_t>(), y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
                              b.x_scratch_ptr(), static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K),
                              b.splits, at::cuda::getCurrentCUDAStream()),

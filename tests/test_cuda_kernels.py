@@ -714,6 +714,19 @@ def test_sp_input_sizes(K):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp_whole_lines(dtype):
+    """A grid of more than two CTAs per SM, where the code and meta copies read whole L2 lines: rows
+    past N in the last tile, whole chunks."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    N = 64 * (2 * sms + 1) + 37
+    layer = pair_layer(N, 16 * 32, seed=3).to("cuda")
+    t = to_kernel_format(layer, 8)
+    for M in (2, 16):
+        check_gemv(layer, t, M, dtype, op=cuda.sp)
+
+
+@needs_cuda
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 def test_sp_splits(splits):
     """Any split of K over CTAs, deterministic from run to run, counters left at zero."""
