@@ -1682,7 +1682,8 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 //
 // A layer converted with --pattern pairs keeps, in every row, exactly one group of each aligned
 // pair of 16-channel group columns (2j, 2j + 1), so row r's j-th kept group is in pair j and lies
-// at r * K / 32 + j (row_ptr[r] = r * K / 32; the kernel reads no row pointers). Taking the 32 channels of a pair as the k of mma.sp.m16n8k32 in the order
+// at r * K / 32 + j (row_ptr[r] = r * K / 32; the kernel reads no row pointers). Taking the 32
+// channels of a pair as the k of mma.sp.m16n8k32 in the order
 //   a0 a1 b0 b1 | a8 a9 b8 b9 | a2 a3 b2 b3 | a10 a11 b10 b11 | ...   (a = group 2j, b = 2j + 1)
 // puts exactly two of a row's kept weights in every 4 k, which is the 2:4 sparsity that mma.sp
 // multiplies at the cost of a dense mma of half the size: the A operand is each row's kept group,
@@ -2145,8 +2146,9 @@ struct SpArgs {
 // Whether sp_kernel's code and meta copies ask L2 for whole 128-byte lines: where the grid has
 // more than two CTAs per SM. A CTA reads each of its 64 rows' codes and meta 64 and 32 bytes per
 // chunk, rows K / 4 and K / 8 bytes apart; a line holds two chunks of a row's codes or four of its
-// meta, so one DRAM fetch serves the copies of several chunks. On one H100 with whole lines everywhere, at 2 tokens, the gate/up layers (344 to
-// 592 CTAs on 132 SMs) were 12-15% faster and q/k/v, o and down (64 to 256 CTAs) up to 3% slower
+// meta, so one DRAM fetch serves the copies of several chunks. On one H100 with whole lines
+// everywhere, at 2 tokens, the gate/up layers (344 to 592 CTAs on 132 SMs) were 12-15% faster and
+// q/k/v, o and down (64 to 256 CTAs) up to 3% slower
 // (benchmarks/results/gpu/kernels_pairs_h100_prefetch_size_experiment_*.json); with this rule one
 // decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
 bool sp_l2_lines(int ctas) {
