@@ -2148,7 +2148,7 @@ struct SpArgs {
 // chunk, rows K / 4 and K / 8 bytes apart; a line holds two chunks of a row's codes or four of its
 // meta, so one DRAM fetch serves the copies of several chunks. On one H100 with whole lines
 // everywhere, at 2 tokens, the gate/up layers (344 to 592 CTAs on 132 SMs) were 12-15% faster and
-// q/k/v, o and down (64 to 256 CTAs) up to 3% slower
+// q/k/v, o and down (256 CTAs or fewer) up to 3% slower
 // (benchmarks/results/gpu/kernels_pairs_h100_prefetch_size_experiment_*.json); with this rule one
 // decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
 bool sp_l2_lines(int ctas) {
