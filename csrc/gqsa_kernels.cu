@@ -2139,7 +2139,7 @@ struct SpArgs {
   float* workspace;
   int32_t* counters;
   void* x_scratch;
-  int M, N, K, splits;
+  int M, N, K, splits, num_sms;
   cudaStream_t stream;
 };
 
@@ -2151,22 +2151,15 @@ struct SpArgs {
 // q/k/v, o and down (256 CTAs or fewer) up to 3% slower
 // (benchmarks/results/gpu/kernels_pairs_h100_prefetch_size_experiment_*.json); with this rule one
 // decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
-bool sp_l2_lines(int ctas) {
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    return false;
-  }
-  return ctas > 2 * sms;
-}
+bool sp_l2_lines(int ctas, int num_sms) { return ctas > 2 * num_sms; }
 
 template <typename T, int MT, bool kXScaled>
 cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
   using L = SpLayout<MT>;
   const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
-  const auto kernel = a.K % kTcChunk != 0            ? sp_kernel<T, MT, kXScaled, false, false>
-                      : sp_l2_lines(grid.x * grid.y) ? sp_kernel<T, MT, kXScaled, true, true>
-                                                     : sp_kernel<T, MT, kXScaled, true, false>;
+  const auto kernel = a.K % kTcChunk != 0                       ? sp_kernel<T, MT, kXScaled, false, false>
+                      : sp_l2_lines(grid.x * grid.y, a.num_sms) ? sp_kernel<T, MT, kXScaled, true, true>
+                                                                : sp_kernel<T, MT, kXScaled, true, false>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.codes, a.meta,
@@ -2986,7 +2979,7 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
 
 cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
                     float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
-                    cudaStream_t stream) {
+                    int num_sms, cudaStream_t stream) {
   if (!shape_ok(N, K, 16) || K % 32 != 0 || M < 0 || splits < 1) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
@@ -2996,7 +2989,7 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int3
     void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
     const SpArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, codes, meta,
                    static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
-                   m, N, K, splits, stream};
+                   m, N, K, splits, num_sms, stream};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
       case Dtype::kFloat16: err = sp_for_tokens<__half>(a); break;

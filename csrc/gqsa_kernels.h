@@ -170,10 +170,11 @@ bool tc_converts_x_once(Dtype dtype, int M);
 // (2j, 2j + 1), so that row n's groups are n * K / 32 .. (n + 1) * K / 32 - 1, the j-th in pair j
 // (vllm_gqsa/kernels/cuda_format.py checks this at load time; the kernel trusts it and reads no
 // row pointers). Grid, splits, workspace, counters and x_scratch as for tc_gemm (num_chunks =
-// ceil(K / kTcChunk)).
+// ceil(K / kTcChunk)); num_sms, the GPU's SMs (from the caller's cached device properties), picks
+// the copies' kind per launch.
 cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
                     float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
-                    cudaStream_t stream);
+                    int num_sms, cudaStream_t stream);
 
 // Whether sp_wgmma_gemm serves input size K on the current GPU: an sm_90 GPU (the kernel is
 // built for sm_90a) and K % 128 == 0 (whole stages; TMA's row strides of codes and meta).

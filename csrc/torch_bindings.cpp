@@ -424,7 +424,8 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(),
                              meta.data_ptr<int32_t>(), y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
                              b.x_scratch_ptr(), static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K),
-                             b.splits, at::cuda::getCurrentCUDAStream()),
+                             b.splits, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
+                             at::cuda::getCurrentCUDAStream()),
                "gqsa_sp");
   return y;
 }
