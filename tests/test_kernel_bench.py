@@ -125,6 +125,63 @@ def test_gemv_timeline_tail():
     assert tail["grid_mean_us"] == pytest.approx((10 * 23 + 28) / 23)
 
 
+def _sp_records(n_calls: int, ctas: int, sms: int):
+    """Timeline records as benchmarks/sp_timeline_experiment.patch writes them: call c starts at
+    c * 12 us; CTA j enters at 10 ns * j, lands its first chunk 1 us later, loops 6 us plus 1 us
+    more on SMs that run two CTAs, and ends 0.5 us after its loop."""
+    import torch
+    from sp_timeline import FIELDS, SLOTS
+
+    t = torch.zeros((SLOTS, FIELDS), dtype=torch.int64)
+    base = 1_764_000_000_123_456_789
+    per_sm = torch.bincount(torch.arange(ctas) % sms, minlength=sms)
+    for c in range(n_calls):
+        j = torch.arange(ctas)
+        entry = base + 12_000 * c + 10 * j
+        loop = entry + 1000 + 6000 + 1000 * (per_sm[j % sms] - 1)
+        seq = c * ctas + j
+        rec = torch.stack([entry, entry + 1000, loop, loop + 500, j % sms, j, torch.zeros_like(j), seq], dim=1)
+        t[seq % SLOTS] = rec
+    return t
+
+
+def test_sp_timeline_calls_and_gaps():
+    """benchmarks/sp_timeline.py: records grouped into calls by sequence number, times taken in
+    integers (globaltimer stamps near 2^61 ns), the gap between calls, and CTAs grouped by how many
+    CTAs their SM ran."""
+    from sp_timeline import calls_of, summarize
+
+    t = _sp_records(n_calls=3, ctas=6, sms=4)  # SMs 0 and 1 run two CTAs, SMs 2 and 3 one
+    calls = calls_of(t, ctas=6, n_calls=3)
+    assert len(calls) == 3
+    s = summarize(calls)
+    # The last CTA (j = 5, on SM 1 with two) ends at 50 ns + 1 + 6 + 1 + 0.5 us.
+    assert s["span_us"] == pytest.approx(8.55)
+    assert s["gap_us"] == pytest.approx(12.0 - 8.55)
+    assert s["first_chunk_us_p50"] == pytest.approx(1.0)
+    assert s["loop_us_max"] == pytest.approx(7.0)
+    loads = s["calls"][-1]["by_ctas_on_sm"]
+    assert sorted(loads) == [1, 2]
+    assert loads[2]["ctas"] == 4 and loads[1]["ctas"] == 2
+    assert loads[2]["loop_us"] == pytest.approx(7.0) and loads[1]["loop_us"] == pytest.approx(6.0)
+    assert loads[1]["last_end_us"] == pytest.approx(7.53)  # j = 3 on SM 3
+
+
+def test_sp_timeline_keeps_only_whole_calls():
+    """benchmarks/sp_timeline.py: once the array wraps, the calls partly overwritten are left out,
+    and a record count that is not calls x CTAs (another launch went through the kernel) stops."""
+    from sp_timeline import SLOTS, calls_of
+
+    ctas = SLOTS // 2 + 1  # one whole call fits; the one before it was partly overwritten
+    t = _sp_records(n_calls=3, ctas=ctas, sms=132)
+    calls = calls_of(t, ctas=ctas, n_calls=3)
+    assert len(calls) == 1 and calls[0].shape[0] == ctas
+    assert int(calls[0][:, 7].min()) == 2 * ctas  # the last call's records
+    assert len(calls_of(_sp_records(n_calls=5, ctas=SLOTS // 2, sms=132), ctas=SLOTS // 2, n_calls=5)) == 2
+    with pytest.raises(SystemExit, match="another kernel launch"):
+        calls_of(_sp_records(n_calls=2, ctas=6, sms=4), ctas=6, n_calls=3)
+
+
 def test_sliced_warps_fit(tmp_path):
     """benchmarks/fit_sliced_warps.py replays the warps rule over fixed costs against swept times:
     times made to follow the rule at one fixed cost are fitted best there."""
