@@ -33,33 +33,13 @@ from kernel_speed import capture_graph, copies_for, gqsa_bytes, make_gqsa, repla
 
 kernel_speed.LAYOUT = "rows"  # the patch instruments the row layout's task-centric GEMV
 
+from timelines import SHAPES, instrumented_library, quantiles  # noqa: E402
+
 from vllm_gqsa.kernels import cuda  # noqa: E402
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 SLOTS, FIELDS = 8192, 16  # the patch's gqsa_timeline[kTimelineSlots][16]
 # Field i (0..5) is the globaltimer at event i, 8 + i its clock64; 6 is the SM, 7 the warp's cycles.
 EVENTS = ("entry", "schedule_read", "x_copied", "first_batch_done", "loop_done", "end")
-
-
-def timeline_library() -> ctypes.CDLL:
-    """The loaded kernel library, if it is an instrumented build."""
-    ok, why = cuda.available()
-    if not ok:
-        sys.exit(f"gemv_timeline: the GQSA CUDA kernels are not available ({why})")
-    import vllm_gqsa._C as ext
-
-    lib = ctypes.CDLL(ext.__file__)
-    if not hasattr(lib, "gqsa_timeline_copy"):
-        sys.exit("gemv_timeline: vllm_gqsa._C has no timeline; build it with "
-                 "benchmarks/results/gpu/gemv_timeline_experiment.patch applied")
-    return lib
-
-
-def quantiles(xs: list[float]) -> dict[str, float] | None:
-    xs = sorted(xs)
-    if not xs:
-        return None
-    return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (0, 10, 50, 90, 100)}
 
 
 def tail(t: torch.Tensor) -> dict | None:
@@ -116,7 +96,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="JSON file to write")
     p.add_argument("--reps", type=int, default=10, help="graph replays for the per-call time")
     args = p.parse_args()
-    lib = timeline_library()
+    lib = instrumented_library("gemv_timeline", "gqsa_timeline_copy", "gemv_timeline_experiment.patch")
     host = torch.zeros((SLOTS, FIELDS), dtype=torch.int64)
 
     def grab() -> torch.Tensor:

@@ -31,6 +31,7 @@ import argparse
 import ctypes
 import json
 import sys
+from statistics import fmean as mean
 from pathlib import Path
 
 import torch
@@ -41,34 +42,12 @@ from kernel_speed import capture_graph, copies_for, gqsa_bytes, make_gqsa, repla
 
 kernel_speed.PAIRS = True  # the pair pattern, which sp_kernel serves
 
+from timelines import SHAPES, instrumented_library, quantiles  # noqa: E402
+
 from vllm_gqsa.kernels import cuda  # noqa: E402
 
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 SLOTS, FIELDS = 16384, 8  # the patch's gqsa_sp_timeline[kSpTimelineSlots][8]
 ENTRY, FIRST, LOOP, END, SM, TILE, SPLIT, SEQ = range(FIELDS)
-
-
-def timeline_library() -> ctypes.CDLL:
-    """The loaded kernel library, if it is an instrumented build."""
-    ok, why = cuda.available()
-    if not ok:
-        sys.exit(f"sp_timeline: the GQSA CUDA kernels are not available ({why})")
-    import vllm_gqsa._C as ext
-
-    lib = ctypes.CDLL(ext.__file__)
-    if not hasattr(lib, "gqsa_sp_timeline_copy"):
-        sys.exit("sp_timeline: vllm_gqsa._C has no timeline; build it with "
-                 "benchmarks/results/gpu/sp_timeline_experiment.patch applied")
-    return lib
-
-
-def quantiles(xs: list[float]) -> dict[str, float]:
-    xs = sorted(xs)
-    return {f"p{p}": xs[min(len(xs) - 1, int(p / 100 * len(xs)))] for p in (0, 10, 50, 90, 100)}
-
-
-def mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs)
 
 
 def calls_of(t: torch.Tensor, ctas: int, n_calls: int) -> list[torch.Tensor]:
@@ -138,7 +117,7 @@ def main() -> None:
     p.add_argument("--tokens", default="2,16", help="comma-separated token counts (at most 64)")
     p.add_argument("--reps", type=int, default=10, help="graph replays for the per-call time")
     args = p.parse_args()
-    lib = timeline_library()
+    lib = instrumented_library("sp_timeline", "gqsa_sp_timeline_copy", "sp_timeline_experiment.patch")
     host = torch.zeros((SLOTS, FIELDS), dtype=torch.int64)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     out = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "sm_count": sms,
