@@ -72,7 +72,11 @@ MODELS = {
                    ("down", 4096, 14336)],
     "qwen2.5-7b": [("qkv", 4608, 3584), ("o", 3584, 3584), ("gate_up", 37888, 3584),
                    ("down", 3584, 18944)],
+    # A small model's shapes (not in the default run): grids of fewer CTAs than SMs.
+    "qwen2.5-1.5b": [("qkv", 2048, 1536), ("o", 1536, 1536), ("gate_up", 17920, 1536),
+                     ("down", 1536, 8960)],
 }
+DEFAULT_MODELS = ("llama-2-7b", "llama-3-8b", "qwen2.5-7b")
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 512)
 QUICK_MODELS = {"llama-2-7b": MODELS["llama-2-7b"][:2]}
 QUICK_TOKENS = (1, 4, 8, 16)
@@ -670,7 +674,7 @@ def main() -> None:
     read_bw = measure_read_bandwidth()
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}: measured read bandwidth {read_bw:.0f} GB/s, GEMV grid {num_ctas} CTAs")
-    models = QUICK_MODELS if args.quick else MODELS
+    models = QUICK_MODELS if args.quick else {m: MODELS[m] for m in DEFAULT_MODELS}
     if args.models:
         models = {m: MODELS[m] for m in args.models.split(",")}
     tokens = QUICK_TOKENS if args.quick else TOKENS

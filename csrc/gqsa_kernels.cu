@@ -1144,12 +1144,11 @@ constexpr int kSmemPerSm = 100 * 1024;
 constexpr int kSmemPerSm = 228 * 1024;
 #endif
 
-// Shared memory that tc_finish needs: every warp's sums in fp32, kTcRows rows of each token of
-// each part. Rows of a token are kTcRows + 4 floats apart, so a warp's 8 rows of 4 tokens (two
+// Shared memory that tc_finish needs: every warp's sums in fp32, kRows rows of each token of
+// each part. Rows of a token are kRows + 4 floats apart, so a warp's 8 rows of 4 tokens (two
 // apart) fall in 32 different banks.
-constexpr int kFinishPitch = kTcRows + 4;
-template <int MT, int P>
-constexpr int kFinishBytes = P * 8 * MT * kFinishPitch * 4;
+template <int MT, int P, int kRows = kTcRows>
+constexpr int kFinishBytes = P * 8 * MT * (kRows + 4) * 4;
 
 // Shared memory of tc_kernel. Each pipeline stage holds one chunk: x (kTokens rows of the chunk's
 // activations) and, for each of the tile's rows, the chunk's codes and meta at their dense
@@ -1277,14 +1276,15 @@ struct XCopies {
 // tiles per warp) that left 3 of every 4 warps idle for the stores and the split sums. The shared
 // version also made tc_kernel 1-3% faster from 4 to 16 tokens and 3-7% at 32 and 64 (three models'
 // layers on the H200, benchmarks/results/gpu/kernels_groups_h200_finish_ab_*.json).
-template <typename T, int R, int MT, int P>
+template <typename T, int R, int MT, int P, int kRows = kTcRows>
 __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned char* smem, int tile, int split,
                                           int row_group, int part, int lane, T* __restrict__ y,
                                           float* __restrict__ workspace, int32_t* __restrict__ counters, int M,
                                           int N, int splits, const int2* __restrict__ places = nullptr,
                                           int n_out = -1) {
   constexpr int kTokens = 8 * MT;
-  static_assert(kTcRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
+  constexpr int kPitch = kRows + 4;  // kFinishBytes
+  static_assert(kRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
   __shared__ int is_last_split;
   const int g = lane / 4;
   const int q = lane % 4;
@@ -1299,7 +1299,7 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
       for (int j = 0; j < 4; ++j) {
         const int tok = 8 * t + 2 * q + j % 2;
         const int row = 16 * (R * row_group + r) + g + 8 * (j / 2);
-        sums[(part * kTokens + tok) * kFinishPitch + row] = acc[r][t][j];
+        sums[(part * kTokens + tok) * kPitch + row] = acc[r][t][j];
       }
     }
   }
@@ -1307,18 +1307,18 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
 
   constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
   // Each thread's outputs, a compile-time count so that the loops below unroll: output
-  // threadIdx.x + k * kTcThreads is token i / kTcRows, row i % kTcRows of the tile.
-  constexpr int kOutputs = kTcRows * kTokens / kTcThreads;
-  static_assert(kOutputs * kTcThreads == kTcRows * kTokens, "the threads share the outputs evenly");
+  // threadIdx.x + k * kTcThreads is token i / kRows, row i % kRows of the tile.
+  constexpr int kOutputs = kRows * kTokens / kTcThreads;
+  static_assert(kOutputs * kTcThreads == kRows * kTokens, "the threads share the outputs evenly");
   const int tokens = M < kTokens ? M : kTokens;
-  const int rows = N - tile * kTcRows < kTcRows ? N - tile * kTcRows : kTcRows;
-  auto output_ok = [&](int i) { return i / kTcRows < tokens && i % kTcRows < rows; };
-  auto output_at = [&](int i) { return static_cast<size_t>(i / kTcRows) * N + tile * kTcRows + i % kTcRows; };
+  const int rows = N - tile * kRows < kRows ? N - tile * kRows : kRows;
+  auto output_ok = [&](int i) { return i / kRows < tokens && i % kRows < rows; };
+  auto output_at = [&](int i) { return static_cast<size_t>(i / kRows) * N + tile * kRows + i % kRows; };
   // Where output i goes in y: its row, or in the sliced layout its place's row (none for padding).
   auto y_at = [&](int i) -> ptrdiff_t {
     if (places == nullptr) return static_cast<ptrdiff_t>(output_at(i));
-    const int r = __ldg(&places[tile * kTcRows + i % kTcRows].x);
-    return r < 0 ? -1 : static_cast<ptrdiff_t>(i / kTcRows) * n_out + r;
+    const int r = __ldg(&places[tile * kRows + i % kRows].x);
+    return r < 0 ? -1 : static_cast<ptrdiff_t>(i / kRows) * n_out + r;
   };
   float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
 #pragma unroll
@@ -1327,7 +1327,7 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
     if (!output_ok(i)) continue;
     float sum = 0.f;
 #pragma unroll
-    for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + i / kTcRows) * kFinishPitch + i % kTcRows];
+    for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + i / kRows) * kPitch + i % kRows];
     if (out == nullptr) {
       const ptrdiff_t at = y_at(i);
       if (at >= 0) y[at] = Act<T>::from_float(sum * kOutScale);
@@ -1696,7 +1696,7 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 // (SpLayout::kStages), K splits summed in split order by the last CTA of a tile.
 
 // Shared memory of sp_kernel, per stage: x, then each row's 8 groups of the chunk (codes, meta).
-template <int MT>
+template <int MT, int kRows = kTcRows>
 struct SpLayout {
   static constexpr int kTokens = 8 * MT;
   static constexpr int kPairs = kTcChunk / 32;  // pairs of group columns in a chunk (8)
@@ -1709,9 +1709,9 @@ struct SpLayout {
   // different 8-byte bank pairs (and rows stay 16-byte aligned for 16-byte copies). Meta: 16 bytes
   // of 4 pairs per row, 48 bytes apart, also conflict-free over 8 rows.
   static constexpr int kCodeRowBytes = kPairs * 8 + 16;
-  static constexpr int kCodeBytes = kTcRows * kCodeRowBytes;
+  static constexpr int kCodeBytes = kRows * kCodeRowBytes;
   static constexpr int kMetaRowBytes = kPairs * 4 + 16;
-  static constexpr int kMetaBytes = kTcRows * kMetaRowBytes;
+  static constexpr int kMetaBytes = kRows * kMetaRowBytes;
   static constexpr int kStageBytes = kXBytes + kCodeBytes + kMetaBytes;
   // A chunk's math is short here (8 k-steps of pairs, only kept weights), too short to cover a
   // DRAM round trip, so copies go out kStages - 1 chunks ahead. One Llama-2-7B layer on the H200 at
@@ -1793,8 +1793,10 @@ constexpr int kSpRowTiles = MT >= 2 ? 2 : 1;
 // tile, 2 with two), in one load.
 template <int n>
 __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)[n]) {
-  static_assert(n == 2 || n == 4, "2 or 4 words");
-  if constexpr (n == 4) {
+  static_assert(n == 1 || n == 2 || n == 4, "1, 2 or 4 words");
+  if constexpr (n == 1) {
+    w[0] = *reinterpret_cast<const uint32_t*>(p);
+  } else if constexpr (n == 4) {
     const uint4 v = *reinterpret_cast<const uint4*>(p);
     w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
   } else {
@@ -1809,21 +1811,22 @@ __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)
 // kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
 // at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
 // kLines (with kFull): those copies ask L2 for whole 128-byte lines (sp_l2_lines).
-template <typename T, int MT, bool kXScaled, bool kFull, bool kLines>
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows = kTcRows>
 __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
               int32_t* __restrict__ counters, int M, int N, int K, int splits) {
-  using L = SpLayout<MT>;
+  using L = SpLayout<MT, kRows>;
+  static_assert(kRows == kTcRows || kFull, "narrow tiles copy whole 16-byte units only");
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
   // Warp w multiplies rows 16 R (w % kRowGroups) .. + 16 R - 1 of the tile over part w / kRowGroups
   // of each chunk's pairs (kPartPairs of them).
   constexpr int R = kSpRowTiles<MT>;
-  constexpr int kRowGroups = kTcRows / (16 * R);
+  constexpr int kRowGroups = kRows / (16 * R);
   constexpr int kParts = kTcThreads / kWarpSize / kRowGroups;
   constexpr int kPartPairs = L::kPairs / kParts;
   static_assert(kPartPairs * kParts == L::kPairs, "the parts split a chunk's pairs");
-  static_assert(kFinishBytes<MT, kParts> <= L::kBytes, "tc_finish's sums fit in shared memory");
+  static_assert(kFinishBytes<MT, kParts, kRows> <= L::kBytes, "tc_finish's sums fit in shared memory");
   extern __shared__ __align__(16) unsigned char sp_smem[];
 
   const int tile = blockIdx.x;
@@ -1841,7 +1844,7 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
   // same, or with kFull 2 threads per row (the first 128 threads), 4 groups each.
   const int copy_row = threadIdx.x / 4;
   const int copy_part = threadIdx.x % 4;
-  const int grow = tile * kTcRows + copy_row;
+  const int grow = tile * kRows + copy_row;
   const bool row_ok = grow < N;
   // Row n's groups start at n * pairs (the pair pattern), so no row pointer is read before the first
   // copies: a dependent load that cost every launch a memory round trip.
@@ -1850,9 +1853,9 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
   const int meta_row = kFull ? threadIdx.x / 2 : copy_row;
   const int meta_part = kFull ? threadIdx.x % 2 : copy_part;
   constexpr int kMetaGroups = kFull ? 4 : 2;  // per copying thread
-  const bool meta_ok = kFull ? threadIdx.x < 2 * kTcRows && tile * kTcRows + meta_row < N : row_ok;
+  const bool meta_ok = kFull ? threadIdx.x < 2 * kRows && tile * kRows + meta_row < N : row_ok;
   const int32_t* meta_src =
-      meta + (meta_ok ? static_cast<size_t>(tile * kTcRows + meta_row) * pairs + kMetaGroups * meta_part : 0);
+      meta + (meta_ok ? static_cast<size_t>(tile * kRows + meta_row) * pairs + kMetaGroups * meta_part : 0);
   uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + meta_row * L::kMetaRowBytes + 4 * kMetaGroups * meta_part;
   const int first_pair = 2 * copy_part;  // of the chunk, this thread's first (non-kFull bounds)
   XCopies<T, L> xc(x, stage0, M, K);
@@ -1864,8 +1867,10 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     if constexpr (kFull) {
       // Rows past N copy zeros, from codes and meta themselves plus one row's worth at most (a
       // chunk's offset): addresses inside them, with no select in the loop.
-      cp_async16_zfill<kLines>(code_dst + stage, code_src + 2 * L::kPairs * c, row_ok);
-      if (threadIdx.x < 2 * kTcRows) cp_async16_zfill<kLines>(meta_dst + stage, meta_src + L::kPairs * c, meta_ok);
+      if (kRows == kTcRows || threadIdx.x < 4 * kRows) {  // 4 threads a row
+        cp_async16_zfill<kLines>(code_dst + stage, code_src + 2 * L::kPairs * c, row_ok);
+      }
+      if (threadIdx.x < 2 * kRows) cp_async16_zfill<kLines>(meta_dst + stage, meta_src + L::kPairs * c, meta_ok);
     } else {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
@@ -1963,7 +1968,7 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
     });
   }
 
-  tc_finish<T, R, MT, kParts>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters, M, N, splits);
+  tc_finish<T, R, MT, kParts, kRows>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters, M, N, splits);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2153,19 +2158,80 @@ struct SpArgs {
 // decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
 bool sp_l2_lines(int ctas, int num_sms) { return ctas > 2 * num_sms; }
 
-template <typename T, int MT, bool kXScaled>
-cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
-  using L = SpLayout<MT>;
-  const dim3 grid((a.N + kTcRows - 1) / kTcRows, a.splits);
-  const auto kernel = a.K % kTcChunk != 0                       ? sp_kernel<T, MT, kXScaled, false, false>
-                      : sp_l2_lines(grid.x * grid.y, a.num_sms) ? sp_kernel<T, MT, kXScaled, true, true>
-                                                                : sp_kernel<T, MT, kXScaled, true, false>;
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows>
+cudaError_t launch_sp_instance(const SpArgs& a, const void* x) {
+  using L = SpLayout<MT, kRows>;
+  const auto kernel = sp_kernel<T, MT, kXScaled, kFull, kLines, kRows>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
+  const dim3 grid((a.N + kRows - 1) / kRows, a.splits);
   kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.codes, a.meta,
                                                     (a.K + kTcChunk - 1) / kTcChunk, static_cast<T*>(a.y),
                                                     a.workspace, a.counters, a.M, a.N, a.K, a.splits);
   return cudaGetLastError();
+}
+
+// Narrow tiles: an unsplit grid of 1 to 16 tokens runs 32-row tiles where that puts fewer rows on
+// the busiest SM and every CTA still fits on the GPU at once. With 64-row tiles the Llama-2-7B q/k/v
+// (192 CTAs on 132 SMs) leaves 72 SMs one tile and 60 two, and the SMs with two end about 3 us later
+// (sp_timeline.py); 384 tiles of 32 rows put 2 or 3 on each SM, 96 rows at most instead of 128.
+// With this rule that layer takes 9-12% less time at 2 and 16 tokens, and Qwen2.5-1.5B's q/k/v and
+// o (grids of 24 to 32 CTAs) 15-19% less; the other layers keep their instance (one H100,
+// benchmarks/results/gpu/sp_narrow_*_h100.json). Narrow tiles everywhere lost: 5-13% on gate/up at
+// 16 tokens, where twice the CTAs no longer fit at once, and 4-17% on q/k/v and gate/up at 32
+// tokens, whatever the SMs' loads (sp_rows32_*_h100.json).
+constexpr int kSpNarrowRows = 32;
+
+// Rows of a grid of `rows`-row tiles on its busiest SM, if every CTA is resident at once.
+int sp_busiest_sm_rows(int N, int rows, int num_sms) {
+  const int ctas = (N + rows - 1) / rows;
+  return (ctas + num_sms - 1) / num_sms * rows;
+}
+
+// CTAs of a narrow-tile instance that one SM holds at once (0 if the query fails: no narrow tiles).
+// Registers set it on sm_90a: 64 a thread at 1 to 8 tokens (4 CTAs), 71 at 16 (3 CTAs), so of the
+// three 7B-8B shapes only the Llama-2-7B q/k/v (384 narrow CTAs, 132 SMs) takes narrow tiles.
+// Asked once per instance: the plugin serves one GPU model per process.
+template <typename T, int MT, bool kXScaled, bool kLines>
+int sp_narrow_ctas_per_sm() {
+  static const int per_sm = [] {
+    using L = SpLayout<MT, kSpNarrowRows>;
+    const auto kernel = sp_kernel<T, MT, kXScaled, true, kLines, kSpNarrowRows>;
+    int n = 0;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kTcThreads, L::kBytes) != cudaSuccess) {
+      cudaGetLastError();  // a failed query leaves no error for the launch that follows
+      return 0;
+    }
+    return n;
+  }();
+  return per_sm;
+}
+
+template <typename T, int MT, bool kXScaled, bool kLines>
+bool sp_narrow_tiles(const SpArgs& a) {
+  if (a.splits != 1 || a.num_sms <= 0) return false;
+  const int ctas = (a.N + kSpNarrowRows - 1) / kSpNarrowRows;
+  return sp_busiest_sm_rows(a.N, kSpNarrowRows, a.num_sms) < sp_busiest_sm_rows(a.N, kTcRows, a.num_sms) &&
+         ctas <= sp_narrow_ctas_per_sm<T, MT, kXScaled, kLines>() * a.num_sms;
+}
+
+template <typename T, int MT, bool kXScaled>
+cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
+  if (a.K % kTcChunk != 0) return launch_sp_instance<T, MT, kXScaled, false, false, kTcRows>(a, x);
+  if constexpr (MT <= 2) {
+    const int narrow_ctas = (a.N + kSpNarrowRows - 1) / kSpNarrowRows;
+    if (sp_l2_lines(narrow_ctas, a.num_sms)) {
+      if (sp_narrow_tiles<T, MT, kXScaled, true>(a)) {
+        return launch_sp_instance<T, MT, kXScaled, true, true, kSpNarrowRows>(a, x);
+      }
+    } else if (sp_narrow_tiles<T, MT, kXScaled, false>(a)) {
+      return launch_sp_instance<T, MT, kXScaled, true, false, kSpNarrowRows>(a, x);
+    }
+  }
+  const int ctas = (a.N + kTcRows - 1) / kTcRows * a.splits;
+  if (sp_l2_lines(ctas, a.num_sms)) return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows>(a, x);
+  return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows>(a, x);
 }
 
 template <typename T, int MT>
