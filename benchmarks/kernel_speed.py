@@ -23,6 +23,9 @@ each row's groups reordered so that a warp's x reads meet fewer bank conflicts
 (``cuda_format.bank_order``, ``gqsa_gemv_bank_order_us``). The
 summary adds up each model's linear layers at each M: one decoder layer's time and bandwidth.
 
+(The file is not called ``kernels.py``: a script's folder comes first on ``sys.path``, so that
+name would shadow the ``kernels`` package that transformers imports when it is installed.)
+
     python benchmarks/kernel_speed.py [--quick] [--models llama-2-7b,...] [--tokens 1,16,...]
                                  [--baselines all|none|marlin,...]
                                  [--out benchmarks/results/kernels.json]
