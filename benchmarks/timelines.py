@@ -8,10 +8,12 @@ from __future__ import annotations
 import ctypes
 import sys
 
+from kernel_speed import MODELS
+
 from vllm_gqsa.kernels import cuda
 
-# Llama-2-7B's linear layers (N, K), as kernel_speed.py names them.
-SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
+# Llama-2-7B's linear layers, name -> (N, K), from kernel_speed.py's table.
+SHAPES = {name: (n, k) for name, n, k in MODELS["llama-2-7b"]}
 
 
 def instrumented_library(tool: str, symbol: str, patch: str) -> ctypes.CDLL:
