@@ -727,6 +727,19 @@ def test_sp_whole_lines(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp_narrow_tiles(dtype):
+    """Unsplit grids of whole chunks at 1 to 16 tokens, where sp_kernel runs 32-row tiles: a grid
+    of a few CTAs (rows past N in its last tile) and, on a GPU of 132 SMs, the Llama-2-7B q/k/v's
+    384 narrow CTAs, whose copies ask for whole L2 lines; 17 tokens takes 64-row tiles again."""
+    for N, K in ((300, 16 * 64), (12288, 256)):
+        layer = pair_layer(N, K, seed=N).to("cuda")
+        t = to_kernel_format(layer, 8)
+        for M in (1, 2, 9, 16, 17):
+            check_gemv(layer, t, M, dtype, op=cuda.sp)
+
+
+@needs_cuda
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 def test_sp_splits(splits):
     """Any split of K over CTAs, deterministic from run to run, counters left at zero."""
