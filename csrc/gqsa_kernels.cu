@@ -1696,7 +1696,9 @@ __global__ void __launch_bounds__(kTcThreads, (MT <= 2 ? TcLayout<G, MT>::kMinCt
 // (SpLayout::kStages), K splits summed in split order by the last CTA of a tile.
 
 // Shared memory of sp_kernel, per stage: x, then each row's 8 groups of the chunk (codes, meta).
-template <int MT, int kRows = kTcRows>
+// kPacked: the 9-16 token instance with one stage less and a register cap that fit 4 CTAs on an
+// SM instead of 3 (sp_packed below).
+template <int MT, int kRows = kTcRows, bool kPacked = false>
 struct SpLayout {
   static constexpr int kTokens = 8 * MT;
   static constexpr int kPairs = kTcChunk / 32;  // pairs of group columns in a chunk (8)
@@ -1718,8 +1720,9 @@ struct SpLayout {
   // 4 / 8 / 16 / 32 / 64 tokens: 69.3 / 70.9 / 79.5 / 112.7 / 186.8 us with 2 stages, 59.4 / 60.6 /
   // 76.2 / 109.2 with 4, 57.1 / 59.2 / 77.0 / 116.1 / 239.6 with 3 (64 tokens: one CTA per SM);
   // benchmarks/results/gpu/kernels_pairs_h200_stages_{2,4,3}.json (measured with x in 4-byte copies).
-  static constexpr int kStages = MT <= 4 ? 4 : 2;
+  static constexpr int kStages = kPacked ? 3 : MT <= 4 ? 4 : 2;
   static constexpr int kBytes = kStages * kStageBytes;
+  static_assert(!kPacked || MT == 2, "only the 9-16 token instance is packed");
   static_assert(kStageBytes % 16 == 0, "stages stay 16-byte aligned");
 };
 
@@ -1766,8 +1769,9 @@ __device__ __forceinline__ uint32_t sp_metadata(uint32_t meta_a, uint32_t meta_b
 // (4 of 256 threads at 8 tokens, 3 at 16, 2 above). Left to itself, ptxas (CUDA 13.0) gave MT = 4
 // 64 registers and 96 bytes of spill loads per thread, and MT = 8 80 registers and 24 bytes; with
 // these caps nothing spills.
-template <int MT>
-constexpr int kSpMaxRegisters = MT == 1 ? 64 : MT == 2 ? 80 : 128;
+// The packed instance is capped at 64, which with its 3 stages fits 4 CTAs on an SM.
+template <int MT, bool kPacked = false>
+constexpr int kSpMaxRegisters = MT == 1 || kPacked ? 64 : MT == 2 ? 80 : 128;
 #if defined(__CUDACC_VER_MAJOR__) && (__CUDACC_VER_MAJOR__ * 100 + __CUDACC_VER_MINOR__ >= 1204)
 #define GQSA_MAXNREG(n) __maxnreg__(n)
 #else
@@ -1811,12 +1815,12 @@ __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)
 // kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
 // at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
 // kLines (with kFull): those copies ask L2 for whole 128-byte lines (sp_l2_lines).
-template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows = kTcRows>
-__global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG(kSpMaxRegisters<MT>)
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows = kTcRows, bool kPacked = false>
+__global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, kPacked>))
     sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
               int32_t* __restrict__ counters, int M, int N, int K, int splits) {
-  using L = SpLayout<MT, kRows>;
+  using L = SpLayout<MT, kRows, kPacked>;
   static_assert(kRows == kTcRows || kFull, "narrow tiles copy whole 16-byte units only");
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
   // Warp w multiplies rows 16 R (w % kRowGroups) .. + 16 R - 1 of the tile over part w / kRowGroups
@@ -2158,10 +2162,10 @@ struct SpArgs {
 // decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
 bool sp_l2_lines(int ctas, int num_sms) { return ctas > 2 * num_sms; }
 
-template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows>
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows, bool kPacked = false>
 cudaError_t launch_sp_instance(const SpArgs& a, const void* x) {
-  using L = SpLayout<MT, kRows>;
-  const auto kernel = sp_kernel<T, MT, kXScaled, kFull, kLines, kRows>;
+  using L = SpLayout<MT, kRows, kPacked>;
+  const auto kernel = sp_kernel<T, MT, kXScaled, kFull, kLines, kRows, kPacked>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   const dim3 grid((a.N + kRows - 1) / kRows, a.splits);
@@ -2188,15 +2192,16 @@ int sp_busiest_sm_rows(int N, int rows, int num_sms) {
   return (ctas + num_sms - 1) / num_sms * rows;
 }
 
-// CTAs of a narrow-tile instance that one SM holds at once (0 if the query fails: no narrow tiles).
-// Registers set it on sm_90a: 64 a thread at 1 to 8 tokens (4 CTAs), 71 at 16 (3 CTAs), so of the
-// three 7B-8B shapes only the Llama-2-7B q/k/v (384 narrow CTAs, 132 SMs) takes narrow tiles.
-// Asked once per instance: the plugin serves one GPU model per process.
-template <typename T, int MT, bool kXScaled, bool kLines>
-int sp_narrow_ctas_per_sm() {
+// CTAs of an sp_kernel instance that one SM holds at once (0 if the query fails: the instance is
+// not picked). Registers set it on sm_90a for the narrow tiles: 64 a thread at 1 to 8 tokens (4
+// CTAs), 71 at 16 (3 CTAs), so of the three 7B-8B shapes only the Llama-2-7B q/k/v (384 narrow
+// CTAs, 132 SMs) takes narrow tiles. Asked once per instance: the plugin serves one GPU model per
+// process.
+template <typename T, int MT, bool kXScaled, bool kLines, int kRows, bool kPacked = false>
+int sp_ctas_per_sm() {
   static const int per_sm = [] {
-    using L = SpLayout<MT, kSpNarrowRows>;
-    const auto kernel = sp_kernel<T, MT, kXScaled, true, kLines, kSpNarrowRows>;
+    using L = SpLayout<MT, kRows, kPacked>;
+    const auto kernel = sp_kernel<T, MT, kXScaled, true, kLines, kRows, kPacked>;
     int n = 0;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes) != cudaSuccess ||
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kTcThreads, L::kBytes) != cudaSuccess) {
@@ -2213,7 +2218,19 @@ bool sp_narrow_tiles(const SpArgs& a) {
   if (a.splits != 1 || a.num_sms <= 0) return false;
   const int ctas = (a.N + kSpNarrowRows - 1) / kSpNarrowRows;
   return sp_busiest_sm_rows(a.N, kSpNarrowRows, a.num_sms) < sp_busiest_sm_rows(a.N, kTcRows, a.num_sms) &&
-         ctas <= sp_narrow_ctas_per_sm<T, MT, kXScaled, kLines>() * a.num_sms;
+         ctas <= sp_ctas_per_sm<T, MT, kXScaled, kLines, kSpNarrowRows>() * a.num_sms;
+}
+
+// Packed CTAs at 9 to 16 tokens: a grid of more CTAs than SMs, all resident at once, runs the
+// instance with 3 stages and 64 registers, 4 CTAs an SM instead of 3, where that query says so.
+// More warps an SM hide more of the dequantization's dependent instructions ("wait", the largest
+// stall at 16 tokens). bf16 x is converted once from 9 tokens (kTcScaleXOnceTokens), so the
+// instance that converts it in every CTA has no packed form.
+template <typename T, int MT, bool kXScaled, bool kLines>
+bool sp_packed(int ctas, int num_sms) {
+  if (num_sms <= 0 || ctas <= num_sms) return false;
+  const int packed = sp_ctas_per_sm<T, MT, kXScaled, kLines, kTcRows, true>();
+  return packed > sp_ctas_per_sm<T, MT, kXScaled, kLines, kTcRows>() && ctas <= packed * num_sms;
 }
 
 template <typename T, int MT, bool kXScaled>
@@ -2230,6 +2247,15 @@ cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
     }
   }
   const int ctas = (a.N + kTcRows - 1) / kTcRows * a.splits;
+  if constexpr (MT == 2 && (kTcXScaleLog2<T> == 0 || kXScaled)) {
+    if (sp_l2_lines(ctas, a.num_sms)) {
+      if (sp_packed<T, MT, kXScaled, true>(ctas, a.num_sms)) {
+        return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows, true>(a, x);
+      }
+    } else if (sp_packed<T, MT, kXScaled, false>(ctas, a.num_sms)) {
+      return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows, true>(a, x);
+    }
+  }
   if (sp_l2_lines(ctas, a.num_sms)) return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows>(a, x);
   return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows>(a, x);
 }
