@@ -743,7 +743,7 @@ def test_sp_narrow_tiles(dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_sp_packed_ctas(dtype):
     """Grids of more CTAs than SMs that all fit at 4 an SM run the packed 9-16 token instance (3
-    stages): unsplit with whole L2 lines (2.6 CTAs an SM, as the Llama-2-7B gate/up) and in 4 K
+    stages): unsplit with whole L2 lines (about 2.5 CTAs an SM, as the Llama-2-7B gate/up) and in 4 K
     splits without (about 2 an SM, as the down layers); 8 and 17 tokens take other instances."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     for N, K, splits in ((64 * (2 * sms + sms // 2) + 40, 512, 1), (64 * (sms // 2), 16 * 256, 4)):
