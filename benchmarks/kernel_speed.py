@@ -61,6 +61,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vllm_gqsa.format import SUPPORTED_GROUP_SIZES  # noqa: E402
+from vllm_gqsa import reference  # noqa: E402
 from vllm_gqsa.kernels import cuda  # noqa: E402
 from vllm_gqsa.kernels.cuda_format import (MAX_GEMV_TOKENS, MAX_SLICED_TOKENS, SLICE_CUT,  # noqa: E402
                                            chunk_table, compact_chunk_table, make_schedule, pack_meta, piece_steps,
@@ -323,6 +324,23 @@ def gqsa_calls(ts: list, x: torch.Tensor, N: int, K: int, path: str, x_staging: 
     return [lambda t=t: torch.matmul(x, cuda.dequant(t, N, K, GROUP_SIZE, DTYPE).T) for t in ts]
 
 
+@functools.cache
+def vllm_silu_and_mul():
+    """What runs between gate/up and down without the fusion: vLLM's SiLU-and-mul kernel (a compiled
+    model runs Inductor's kernel for it, of the same traffic), or the reference without vLLM."""
+    try:
+        import vllm._C  # noqa: F401  (registers torch.ops._C)
+        op = torch.ops._C.silu_and_mul
+    except (ImportError, AttributeError, RuntimeError):
+        return reference.silu_and_mul
+
+    def run(y):
+        out = y.new_empty((*y.shape[:-1], y.shape[-1] // 2))
+        op(out, y)
+        return out
+    return run
+
+
 def dense_tag() -> str:
     """How the dense and 2:4 baselines are named in the results: by their activation dtype."""
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}[DTYPE]
@@ -489,6 +507,14 @@ def bench_shape(model: str, name: str, N: int, K: int, tokens, reps: int, read_b
              **{f"gqsa_{k}_us": v for k, v in paths.items()}}
         if sliced and M <= MAX_SLICED_TOKENS:
             r.update(sliced_stats(gq[0], M))
+        if PAIRS and name == "gate_up" and kernel == "sp":
+            # SiLU-and-mul in the kernel's finish (what vLLM runs from 2 to 32 tokens, fusion.py),
+            # against the kernel and then vLLM's own SiLU-and-mul.
+            act = vllm_silu_and_mul()
+            r["gqsa_sp_silu_mul_us"] = timed([lambda t=t: cuda.sp(x, t, N, TC_SPLITS, silu_mul=True) for t in gq])
+            r["gqsa_sp_then_silu_mul_us"] = timed([lambda t=t: act(cuda.sp(x, t, N, TC_SPLITS)) for t in gq])
+            print(f"{model:11s} {name:8s} M={M:<4d} SiLU-and-mul fused {r['gqsa_sp_silu_mul_us']:8.2f} us, "
+                  f"after it {r['gqsa_sp_then_silu_mul_us']:8.2f} us", flush=True)
         if floor_us is not None:
             r.update({"read_floor_us": floor_us, "read_floor_kernel": floor_kernel,
                       "read_floor_pct_read_bw": 100 * t0 / floor_us / 1e3 / read_bw,

@@ -1264,6 +1264,94 @@ struct XCopies {
   }
 };
 
+// After a CTA has written its split's fp32 partials of a tile: whether it is the last of the tile's
+// splits to get here, and so the one to sum them (every other split's partials then visible to it).
+// That CTA sets the counter back to 0 when it is done.
+__device__ __forceinline__ bool last_split_arrives(int32_t* __restrict__ counters, int tile, int splits) {
+  __shared__ int is_last_split;
+  __threadfence();  // this thread's partials are visible to the split that sums them
+  __syncthreads();
+  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
+  __syncthreads();
+  if (!is_last_split) return false;
+  __threadfence();
+  return true;
+}
+
+// vLLM's SiLU-and-mul of one gate output and its up output, given as fp32 sums: each rounded to T,
+// as the layer's output would be, then T(T(silu(g)) * u) with silu(g) = g / (1 + exp(-g)) in fp32,
+// the roundings of vLLM's silu_and_mul kernel and of PyTorch's F.silu(g) * u.
+template <typename T>
+__device__ __forceinline__ T silu_mul(float gate, float up) {
+  const float g = static_cast<float>(Act<T>::from_float(gate));
+  const float u = static_cast<float>(Act<T>::from_float(up));
+  const float s = static_cast<float>(Act<T>::from_float(g / (1.f + expf(-g))));
+  return Act<T>::from_float(s * u);
+}
+
+// tc_finish for a gate/up layer fused with the SiLU-and-mul after it (gate_rows > 0): W's rows
+// 0 .. gate_rows - 1 are gate's and gate_rows .. 2 gate_rows - 1 up's, the tile's first kRows / 2
+// rows gate rows tile * kRows / 2 + j and the others the up rows gate_rows + the same (sp_kernel),
+// and y is [M, gate_rows] = silu(gate) * up. sums as tc_finish leaves them in shared memory. K
+// splits keep fp32 partials of the tile's rows at their rows of W in the workspace.
+template <typename T, int MT, int P, int kRows>
+__device__ __forceinline__ void silu_mul_finish(const float* sums, int tile, int split, T* __restrict__ y,
+                                                float* __restrict__ workspace, int32_t* __restrict__ counters,
+                                                int M, int N, int splits, int gate_rows) {
+  constexpr int kTokens = 8 * MT;
+  constexpr int kPitch = kRows + 4;
+  constexpr int kHalf = kRows / 2;
+  constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
+  // Output i is token i / kHalf, gate row j = i % kHalf of the tile (and up row j + kHalf).
+  constexpr int kOutputs = kHalf * kTokens / kTcThreads;
+  static_assert(kOutputs * kTcThreads == kHalf * kTokens, "the threads share the outputs evenly");
+  const int tokens = M < kTokens ? M : kTokens;
+  const int first = tile * kHalf;  // the tile's first gate row
+  const int rows = gate_rows - first < kHalf ? gate_rows - first : kHalf;
+  auto output_ok = [&](int i) { return i / kHalf < tokens && i % kHalf < rows; };
+  auto gate_at = [&](int i) { return static_cast<size_t>(i / kHalf) * N + first + i % kHalf; };
+  auto y_at = [&](int i) { return static_cast<size_t>(i / kHalf) * gate_rows + first + i % kHalf; };
+  float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
+#pragma unroll
+  for (int k = 0; k < kOutputs; ++k) {
+    const int i = threadIdx.x + k * kTcThreads;
+    if (!output_ok(i)) continue;
+    float gate = 0.f, up = 0.f;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      gate += sums[(p * kTokens + i / kHalf) * kPitch + i % kHalf];
+      up += sums[(p * kTokens + i / kHalf) * kPitch + kHalf + i % kHalf];
+    }
+    if (out == nullptr) {
+      y[y_at(i)] = silu_mul<T>(gate * kOutScale, up * kOutScale);
+    } else {
+      out[gate_at(i)] = gate;
+      out[gate_at(i) + gate_rows] = up;
+    }
+  }
+  if (splits == 1 || !last_split_arrives(counters, tile, splits)) return;
+  float gates[kOutputs], ups[kOutputs];
+#pragma unroll
+  for (int k = 0; k < kOutputs; ++k) gates[k] = ups[k] = 0.f;
+  for (int sp = 0; sp < splits; ++sp) {  // in split order, as tc_finish
+    const float* partial = workspace + static_cast<size_t>(sp) * M * N;
+#pragma unroll
+    for (int k = 0; k < kOutputs; ++k) {
+      const int i = threadIdx.x + k * kTcThreads;
+      if (output_ok(i)) {
+        gates[k] += __ldcg(partial + gate_at(i));
+        ups[k] += __ldcg(partial + gate_at(i) + gate_rows);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kOutputs; ++k) {
+    const int i = threadIdx.x + k * kTcThreads;
+    if (output_ok(i)) y[y_at(i)] = silu_mul<T>(gates[k] * kOutScale, ups[k] * kOutScale);
+  }
+  if (threadIdx.x == 0) counters[tile] = 0;
+}
+
 // The end of tc_kernel and sp_kernel, once the pipeline is drained. A warp holds R row tiles of 16
 // rows: rows 16 (R row_group + r) .. + 15 of the tile, for part `part` of each chunk's k-steps;
 // acc[r][t][j] is row g + 8 * (j / 2) of row tile r, token 8t + 2q + j % 2 (g = lane / 4, q = lane
@@ -1281,11 +1369,10 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
                                           int row_group, int part, int lane, T* __restrict__ y,
                                           float* __restrict__ workspace, int32_t* __restrict__ counters, int M,
                                           int N, int splits, const int2* __restrict__ places = nullptr,
-                                          int n_out = -1) {
+                                          int n_out = -1, int gate_rows = 0) {
   constexpr int kTokens = 8 * MT;
   constexpr int kPitch = kRows + 4;  // kFinishBytes
   static_assert(kRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
-  __shared__ int is_last_split;
   const int g = lane / 4;
   const int q = lane % 4;
   cp_async_wait<0>();
@@ -1304,6 +1391,12 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
     }
   }
   __syncthreads();
+  if constexpr (kRows == kTcRows) {  // sp_kernel fuses SiLU-and-mul with 64-row tiles only
+    if (gate_rows > 0) {
+      silu_mul_finish<T, MT, P, kRows>(sums, tile, split, y, workspace, counters, M, N, splits, gate_rows);
+      return;
+    }
+  }
 
   constexpr float kOutScale = static_cast<float>(1 << kTcXScaleLog2<T>);
   // Each thread's outputs, a compile-time count so that the loops below unroll: output
@@ -1335,14 +1428,7 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
       out[output_at(i)] = sum;
     }
   }
-  if (splits == 1) return;
-
-  __threadfence();  // this thread's partials are visible to the split that sums them
-  __syncthreads();
-  if (threadIdx.x == 0) is_last_split = atomicAdd(counters + tile, 1) == splits - 1;
-  __syncthreads();
-  if (!is_last_split) return;
-  __threadfence();
+  if (splits == 1 || !last_split_arrives(counters, tile, splits)) return;
   // The partials come from L2, so each split's loads of all this thread's outputs go out together:
   // one round trip per split. A loop of one output at a time (its splits' loads, then the next
   // output's) made this CTA, the last of its tile and so at the end of the kernel, wait up to 16
@@ -1811,7 +1897,9 @@ __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)
 
 // y[M, N] = x[M, K] @ W.T for M <= 8 * MT and a layer in the pair pattern (K % 32 == 0, G = 16):
 // CTA (tile, split) computes rows tile * kTcRows .. + kTcRows - 1 over its range of the
-// ceil(K / kTcChunk) chunks; splits as in tc_kernel.
+// ceil(K / kTcChunk) chunks; splits as in tc_kernel. With gate_rows > 0 (64-row tiles) W is a
+// gate/up layer, gate's rows then up's, and y [M, gate_rows] = silu(gate) * up (silu_mul_finish):
+// the tile's first 32 rows are gate rows tile * 32 .., the others the up rows of the same outputs.
 // kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
 // at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
 // kLines (with kFull): those copies ask L2 for whole 128-byte lines (sp_l2_lines).
@@ -1819,7 +1907,7 @@ template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows 
 __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, kPacked>))
     sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
-              int32_t* __restrict__ counters, int M, int N, int K, int splits) {
+              int32_t* __restrict__ counters, int M, int N, int K, int splits, int gate_rows) {
   using L = SpLayout<MT, kRows, kPacked>;
   static_assert(kRows == kTcRows || kFull, "narrow tiles copy whole 16-byte units only");
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
@@ -1846,10 +1934,18 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
 
   // Codes: 4 threads per row, each copying groups 2 * part and 2 * part + 1 of the chunk. Meta: the
   // same, or with kFull 2 threads per row (the first 128 threads), 4 groups each.
+  // The tile's row r: W's row tile * kRows + r, or with gate_rows the gate row tile * kRows / 2 + r
+  // for r < kRows / 2 and its up row (gate_rows further) for the others. (Narrow tiles never fuse
+  // SiLU-and-mul: a constant 0 there keeps their registers as they were.)
+  const int gate = kRows == kTcRows ? gate_rows : 0;
+  auto w_row = [&](int r) {
+    return gate > 0 ? tile * (kRows / 2) + r % (kRows / 2) + (r < kRows / 2 ? 0 : gate) : tile * kRows + r;
+  };
+  auto w_row_ok = [&](int r) { return gate > 0 ? tile * (kRows / 2) + r % (kRows / 2) < gate : tile * kRows + r < N; };
   const int copy_row = threadIdx.x / 4;
   const int copy_part = threadIdx.x % 4;
-  const int grow = tile * kRows + copy_row;
-  const bool row_ok = grow < N;
+  const int grow = w_row(copy_row);
+  const bool row_ok = w_row_ok(copy_row);
   // Row n's groups start at n * pairs (the pair pattern), so no row pointer is read before the first
   // copies: a dependent load that cost every launch a memory round trip.
   const int32_t* code_src = codes + 2 * (row_ok ? static_cast<size_t>(grow) * pairs + 2 * copy_part : 0);
@@ -1857,9 +1953,9 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
   const int meta_row = kFull ? threadIdx.x / 2 : copy_row;
   const int meta_part = kFull ? threadIdx.x % 2 : copy_part;
   constexpr int kMetaGroups = kFull ? 4 : 2;  // per copying thread
-  const bool meta_ok = kFull ? threadIdx.x < 2 * kRows && tile * kRows + meta_row < N : row_ok;
+  const bool meta_ok = kFull ? threadIdx.x < 2 * kRows && w_row_ok(meta_row) : row_ok;
   const int32_t* meta_src =
-      meta + (meta_ok ? static_cast<size_t>(tile * kRows + meta_row) * pairs + kMetaGroups * meta_part : 0);
+      meta + (meta_ok ? static_cast<size_t>(w_row(meta_row)) * pairs + kMetaGroups * meta_part : 0);
   uint32_t meta_dst = stage0 + L::kXBytes + L::kCodeBytes + meta_row * L::kMetaRowBytes + 4 * kMetaGroups * meta_part;
   const int first_pair = 2 * copy_part;  // of the chunk, this thread's first (non-kFull bounds)
   XCopies<T, L> xc(x, stage0, M, K);
@@ -1972,7 +2068,8 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
     });
   }
 
-  tc_finish<T, R, MT, kParts, kRows>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters, M, N, splits);
+  tc_finish<T, R, MT, kParts, kRows>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters, M, N,
+                                     splits, nullptr, -1, gate);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2150,6 +2247,9 @@ struct SpArgs {
   void* x_scratch;
   int M, N, K, splits, num_sms;
   cudaStream_t stream;
+  int gate_rows;  // > 0: a gate/up layer fused with SiLU-and-mul (sp_kernel), y [M, gate_rows]
+  // Row tiles of 64 rows (each 32 gate rows and their up rows with gate_rows).
+  int tiles() const { return gate_rows > 0 ? (gate_rows + kTcRows / 2 - 1) / (kTcRows / 2) : (N + kTcRows - 1) / kTcRows; }
 };
 
 // Whether sp_kernel's code and meta copies ask L2 for whole 128-byte lines: where the grid has
@@ -2168,10 +2268,11 @@ cudaError_t launch_sp_instance(const SpArgs& a, const void* x) {
   const auto kernel = sp_kernel<T, MT, kXScaled, kFull, kLines, kRows, kPacked>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
-  const dim3 grid((a.N + kRows - 1) / kRows, a.splits);
+  const dim3 grid(kRows == kTcRows ? a.tiles() : (a.N + kRows - 1) / kRows, a.splits);
   kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.codes, a.meta,
                                                     (a.K + kTcChunk - 1) / kTcChunk, static_cast<T*>(a.y),
-                                                    a.workspace, a.counters, a.M, a.N, a.K, a.splits);
+                                                    a.workspace, a.counters, a.M, a.N, a.K, a.splits,
+                                                    kRows == kTcRows ? a.gate_rows : 0);
   return cudaGetLastError();
 }
 
@@ -2215,7 +2316,7 @@ int sp_ctas_per_sm() {
 
 template <typename T, int MT, bool kXScaled, bool kLines>
 bool sp_narrow_tiles(const SpArgs& a) {
-  if (a.splits != 1 || a.num_sms <= 0) return false;
+  if (a.splits != 1 || a.num_sms <= 0 || a.gate_rows > 0) return false;
   const int ctas = (a.N + kSpNarrowRows - 1) / kSpNarrowRows;
   return sp_busiest_sm_rows(a.N, kSpNarrowRows, a.num_sms) < sp_busiest_sm_rows(a.N, kTcRows, a.num_sms) &&
          ctas <= sp_ctas_per_sm<T, MT, kXScaled, kLines, kSpNarrowRows>() * a.num_sms;
@@ -2246,7 +2347,7 @@ cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
       return launch_sp_instance<T, MT, kXScaled, true, false, kSpNarrowRows>(a, x);
     }
   }
-  const int ctas = (a.N + kTcRows - 1) / kTcRows * a.splits;
+  const int ctas = a.tiles() * a.splits;
   if constexpr (MT == 2 && (kTcXScaleLog2<T> == 0 || kXScaled)) {
     if (sp_l2_lines(ctas, a.num_sms)) {
       if (sp_packed<T, MT, kXScaled, true>(ctas, a.num_sms)) {
@@ -3071,17 +3172,20 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
 
 cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
                     float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
-                    int num_sms, cudaStream_t stream) {
+                    int num_sms, cudaStream_t stream, bool silu_mul) {
   if (!shape_ok(N, K, 16) || K % 32 != 0 || M < 0 || splits < 1) return cudaErrorInvalidValue;
+  if (silu_mul && N % 2 != 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
   if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
   const size_t elem = 2;  // fp16 and bf16
+  const int gate_rows = silu_mul ? N / 2 : 0;
+  const int y_cols = silu_mul ? N / 2 : N;
   for (int m0 = 0; m0 < M; m0 += kMaxTcTokens) {
     const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
     void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
     const SpArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, codes, meta,
-                   static_cast<char*>(y) + static_cast<size_t>(m0) * N * elem, workspace, counters, scratch,
-                   m, N, K, splits, num_sms, stream};
+                   static_cast<char*>(y) + static_cast<size_t>(m0) * y_cols * elem, workspace, counters, scratch,
+                   m, N, K, splits, num_sms, stream, gate_rows};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
       case Dtype::kFloat16: err = sp_for_tokens<__half>(a); break;

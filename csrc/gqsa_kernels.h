@@ -171,10 +171,12 @@ bool tc_converts_x_once(Dtype dtype, int M);
 // (vllm_gqsa/kernels/cuda_format.py checks this at load time; the kernel trusts it and reads no
 // row pointers). Grid, splits, workspace, counters and x_scratch as for tc_gemm (num_chunks =
 // ceil(K / kTcChunk)); num_sms, the GPU's SMs (from the caller's cached device properties), picks
-// the copies' kind per launch.
+// the copies' kind per launch. silu_mul: W is a gate/up layer (N even, gate's N / 2 rows then up's)
+// and y [M, N / 2] receives vLLM's SiLU-and-mul of its output, T(T(silu(gate)) * up), instead of the
+// output itself; the workspace stays [splits, M, N] fp32.
 cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
                     float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
-                    int num_sms, cudaStream_t stream);
+                    int num_sms, cudaStream_t stream, bool silu_mul = false);
 
 // Whether sp_wgmma_gemm serves input size K on the current GPU: an sm_90 GPU (the kernel is
 // built for sm_90a) and K % 128 == 0 (whole stages; TMA's row strides of codes and meta).

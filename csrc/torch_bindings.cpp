@@ -400,7 +400,7 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
 }
 
 at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
-                   int64_t n_out, int64_t splits, const std::optional<at::Tensor>& counters) {
+                   int64_t n_out, int64_t splits, const std::optional<at::Tensor>& counters, bool silu_mul) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
   TORCH_CHECK(x.dim() == 2, "gqsa_sp: x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(x.is_contiguous(), "gqsa_sp: x must be contiguous");
@@ -415,8 +415,10 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
               " groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
   const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
   check_splits("gqsa_sp", x, counters, n_out, num_chunks, splits);
+  TORCH_CHECK(!silu_mul || n_out % 2 == 0, "gqsa_sp: silu_mul takes a gate/up layer of an even number of rows, got ",
+              num(n_out));
 
-  at::Tensor y = at::empty({M, n_out}, x.options());
+  at::Tensor y = at::empty({M, silu_mul ? n_out / 2 : n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();
@@ -425,7 +427,7 @@ at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
                              meta.data_ptr<int32_t>(), y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
                              b.x_scratch_ptr(), static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K),
                              b.splits, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-                             at::cuda::getCurrentCUDAStream()),
+                             at::cuda::getCurrentCUDAStream(), silu_mul),
                "gqsa_sp");
   return y;
 }
@@ -516,7 +518,7 @@ TORCH_LIBRARY(vllm_gqsa, m) {
   m.def("gqsa_tc(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, Tensor chunks, int n_out, "
         "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");
   m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
-        "Tensor? counters=None) -> Tensor");
+        "Tensor? counters=None, bool silu_mul=False) -> Tensor");
   m.def("gqsa_sp_wgmma(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype, Tensor? sell_rows=None) -> Tensor");

@@ -754,6 +754,64 @@ def test_sp_packed_ctas(dtype):
 
 
 @needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp_silu_mul(dtype):
+    """gqsa_sp with silu_mul (a gate/up layer and vLLM's SiLU-and-mul after it, each CTA a tile of
+    32 gate rows and their up rows): the layer's output through the reference's SiLU-and-mul, at 2 to
+    32 tokens (every token class, the 9-16 token class packed or not); gate rows a multiple of 32
+    and not (a last tile part padding), K in whole chunks and not, unsplit and K split 3 ways; and
+    the grids of the Llama-2-7B gate/up (whole L2 lines, packed at 16 tokens)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [(96, 512, 1), (40, 16 * 40, 1), (200, 16 * 256, 3), (200, 16 * 42, 2), (11008, 512, 1)]
+    for half, K, splits in cases:
+        layer = pair_layer(2 * half, K, seed=half + K).to("cuda")
+        t = to_kernel_format(layer, 8)
+        w = dense_reference(layer).cuda()
+        for M in (2, 8, 9, 16, 17, 32):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            y = cuda.sp(x, t, 2 * half, splits, silu_mul=True)
+            assert y.shape == (M, half)
+            full = cuda.sp(x, t, 2 * half, splits)
+            # The same fp32 sums, rounded as vLLM's SiLU-and-mul rounds the layer's output.
+            expect = reference.silu_and_mul(full)
+            torch.testing.assert_close(y, expect, rtol=2e-3 if dtype == torch.float16 else 1.6e-2, atol=1e-5,
+                                       msg=lambda m: f"half={half} K={K} splits={splits} M={M}: {m}")
+            ref = reference.silu_and_mul((x.double() @ w.double().T).to(dtype))
+            assert (y.double() - ref.double()).norm() / ref.double().norm() < 2 * REL_TOL[dtype]
+            if splits > 1:
+                assert torch.equal(y, cuda.sp(x, t, 2 * half, splits, silu_mul=True))
+                assert not t["counters"].any()
+    assert (11008 + 31) // 32 > 2 * sms  # the last case's grid asks for whole lines
+
+
+@needs_cuda
+def test_gqsa_mm_silu_mul_op():
+    """The op vLLM's graph calls: the fused kernel where the sparse kernel serves the batch (2 to 32
+    tokens here), gqsa_mm and the reference's SiLU-and-mul elsewhere (the GEMV at 1 token, the fused
+    wgmma kernel or dequantize + cuBLAS from 33); the same result either way, within a rounding."""
+    layer = pair_layer(2 * 256, 1024, seed=7).to("cuda")
+    t = to_kernel_format(layer, 8)
+    for M in (1, 2, 16, 32, 33, 200):
+        x = torch.randn(M, 1024, device="cuda", dtype=torch.float16)
+        args = (t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 512, 16, None, t["counters"], True)
+        y = torch.ops.vllm_gqsa.gqsa_mm_silu_mul(x, *args)
+        expect = reference.silu_and_mul(torch.ops.vllm_gqsa.gqsa_mm(x, *args))
+        assert y.shape == (M, 256)
+        torch.testing.assert_close(y, expect, rtol=2e-3, atol=1e-5)
+        assert ops._sp_silu_mul_takes(x, t, 512, True, None) == (2 <= M <= 32 or (
+            M == 33 and not cuda.sp_wgmma_takes(x, t)))
+
+
+@needs_cuda
+def test_sp_silu_mul_refuses_an_odd_layer():
+    layer = pair_layer(97, 512, seed=1).to("cuda")
+    t = to_kernel_format(layer, 8)
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        cuda.sp(x, t, 97, silu_mul=True)
+
+
+@needs_cuda
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 def test_sp_splits(splits):
     """Any split of K over CTAs, deterministic from run to run, counters left at zero."""

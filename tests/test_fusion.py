@@ -97,7 +97,7 @@ def compile_and_count(fn, layers, a, r, w, compile_range=None):
     torch._dynamo.reset()
     before = fusion.fused_total
     ctx = pass_context(Range(*compile_range)) if compile_range else contextlib.nullcontext()
-    with ctx, torch._inductor.config.patch(post_grad_custom_post_pass=fusion.SplitNormAcrossGQSA(),
+    with ctx, torch._inductor.config.patch(post_grad_custom_post_pass=fusion.GQSAFusionPass(),
                                            force_disable_caches=True):
         # The weight a constant of the graph, as a module's parameter is in vLLM's graphs.
         out = torch.compile(lambda a, r: fn(layers, a, r, w), dynamic=False)(a, r)
@@ -195,25 +195,37 @@ def test_reference_norm_is_vllms(dtype, weight):
 def test_pass_is_one_vllm_takes():
     from vllm.compilation.passes.inductor_pass import InductorPass
 
-    p = fusion.SplitNormAcrossGQSA()
+    p = fusion.GQSAFusionPass()
     assert isinstance(p, InductorPass)  # vLLM's pass manager adds only these
     assert copy.deepcopy(p) is p  # vLLM deep-copies its inductor config
-    assert p.uuid() == fusion.SplitNormAcrossGQSA().uuid()  # a stable key for the compile cache
+    assert p.uuid() == fusion.GQSAFusionPass().uuid()  # a stable key for the compile cache
 
 
-@pytest.mark.parametrize("mode, env, taken, installed", [
-    ("VLLM_COMPILE", None, False, True),
-    ("NONE", None, False, False),             # --enforce-eager: nothing compiles
-    ("VLLM_COMPILE", "0", False, False),      # VLLM_GQSA_SPLIT_NORM=0
-    ("VLLM_COMPILE", None, True, False),      # a user's own post-grad pass is left alone
+def test_pass_key_follows_its_settings(monkeypatch):
+    """A graph compiled with SiLU-and-mul fused is not taken from vLLM's cache for a process that
+    turned it off (or the other way round)."""
+    key = fusion.GQSAFusionPass().uuid()
+    monkeypatch.setenv(fusion.SILU_MUL_ENV, "0")
+    assert fusion.GQSAFusionPass().uuid() != key
+
+
+@pytest.mark.parametrize("mode, split, silu_mul, taken, endpoints", [
+    ("VLLM_COMPILE", None, None, False, [1, 32, 2048]),  # one token, and 2 to 32, get graphs of their own
+    ("NONE", None, None, False, None),                   # --enforce-eager: nothing compiles
+    ("VLLM_COMPILE", "0", None, False, [1, 32, 2048]),   # VLLM_GQSA_SPLIT_NORM=0
+    ("VLLM_COMPILE", None, "0", False, [1, 2048]),       # VLLM_GQSA_FUSE_SILU_MUL=0
+    ("VLLM_COMPILE", "0", "0", False, None),
+    ("VLLM_COMPILE", None, None, True, None),            # a user's own post-grad pass is left alone
 ])
-def test_install(monkeypatch, mode, env, taken, installed):
+def test_install(monkeypatch, mode, split, silu_mul, taken, endpoints):
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm_cpu import setup_cpu_vllm
 
     setup_cpu_vllm()
-    if env is not None:
-        monkeypatch.setenv(fusion.ENV, env)
+    installed = endpoints is not None
+    for env, value in ((fusion.ENV, split), (fusion.SILU_MUL_ENV, silu_mul)):
+        if value is not None:
+            monkeypatch.setenv(env, value)
     config = VllmConfig(compilation_config=CompilationConfig())
     config.compilation_config.mode = getattr(CompilationMode, mode)  # (the CPU platform picks another)
     config.compilation_config.compile_ranges_endpoints = [2048]
@@ -229,15 +241,14 @@ def test_install(monkeypatch, mode, env, taken, installed):
         assert fusion.install() is installed
         assert fusion.install() is installed  # once per model, however many layers ask
     current = config.compilation_config.inductor_compile_config.get(fusion.PASS_KEY)
-    assert isinstance(current, fusion.SplitNormAcrossGQSA) is installed
-    # One token gets a graph of its own, where the pass applies.
-    assert config.compilation_config.compile_ranges_endpoints == ([1, 2048] if installed else [2048])
+    assert isinstance(current, fusion.GQSAFusionPass) is installed
+    assert config.compilation_config.compile_ranges_endpoints == (endpoints if installed else [2048])
     if taken:
         assert current is theirs
 
 
-@pytest.mark.parametrize("value, endpoint", [("1", 1), ("2", 2), ("3", 3), ("8", 3)])
-def test_install_wider_range(monkeypatch, value, endpoint):
+@pytest.mark.parametrize("value, endpoints", [("1", [1]), ("2", [1, 2]), ("3", [1, 3]), ("8", [1, 3])])
+def test_install_wider_range(monkeypatch, value, endpoints):
     """VLLM_GQSA_SPLIT_NORM_TOKENS sets the split's compile range, never past the GEMV's batches."""
     from vllm.config import CompilationConfig, CompilationMode, VllmConfig, set_current_vllm_config
     from vllm_cpu import setup_cpu_vllm
@@ -249,7 +260,7 @@ def test_install_wider_range(monkeypatch, value, endpoint):
     config.compilation_config.compile_ranges_endpoints = [2048]
     with set_current_vllm_config(config):
         assert fusion.install()
-    assert config.compilation_config.compile_ranges_endpoints == [endpoint, 2048]
+    assert config.compilation_config.compile_ranges_endpoints == [*endpoints, 32, 2048]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
@@ -257,3 +268,121 @@ def test_split_tokens_must_be_a_count(monkeypatch, value):
     monkeypatch.setenv(fusion.TOKENS_ENV, value)
     with pytest.raises(ValueError, match=fusion.TOKENS_ENV):
         fusion._split_max_tokens()
+
+
+# SiLU-and-mul done by the gate/up layer (fusion.fuse_silu_mul): vLLM's SiluAndMul traced after a
+# gate/up layer in the pair pattern.
+D = 48  # gate/up's outputs per half
+
+
+@pytest.fixture(scope="module")
+def gate_up():
+    fmt = LayerFormat(4, 16, 1)
+    return {"pairs": to_kernel_format(random_gqsa_layer(2 * D, K, fmt, 0.5, seed=3, pairs=True), 4, layout="rows"),
+            "groups": to_kernel_format(random_gqsa_layer(2 * D, K, fmt, 0.5, seed=3), 4, layout="rows")}
+
+
+def gate_up_mm(t, x, pairs=True):
+    return torch.ops.vllm_gqsa.gqsa_mm(x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 2 * D, 16,
+                                       None, t["counters"], pairs)
+
+
+def silu_and_mul(y):
+    from vllm.model_executor.layers.activation import SiluAndMul
+
+    return SiluAndMul.forward_native(y)
+
+
+def mlp(ls, x):  # as vLLM's LlamaMLP between gate/up and down
+    return silu_and_mul(gate_up_mm(ls["pairs"], x))
+
+
+def through_a_view(ls, x):
+    return silu_and_mul(gate_up_mm(ls["pairs"], x).reshape(-1, 2 * D))
+
+
+def sigmoid_form(ls, x):
+    y = gate_up_mm(ls["pairs"], x)
+    g = y[..., :D].float()
+    return (g * torch.sigmoid(g)).to(y.dtype) * y[..., D:]
+
+
+def not_pairs(ls, x):  # the tensor-core kernel does not fuse it
+    return silu_and_mul(gate_up_mm(ls["groups"], x, pairs=False))
+
+
+def output_used_twice(ls, x):
+    y = gate_up_mm(ls["pairs"], x)
+    return silu_and_mul(y) + y.sum()
+
+
+def halves_swapped(ls, x):
+    y = gate_up_mm(ls["pairs"], x)
+    return torch.nn.functional.silu(y[..., D:]) * y[..., :D]
+
+
+def other_activation(ls, x):
+    y = gate_up_mm(ls["pairs"], x)
+    return torch.nn.functional.gelu(y[..., :D]) * y[..., D:]
+
+
+def sum_not_product(ls, x):
+    y = gate_up_mm(ls["pairs"], x)
+    return torch.nn.functional.silu(y[..., :D]) + y[..., D:]
+
+
+def uneven_halves(ls, x):
+    y = gate_up_mm(ls["pairs"], x)
+    return torch.nn.functional.silu(y[..., :D - 16]) * y[..., D - 16:-32]
+
+
+SILU_CASES = {f.__name__: (f, n) for f, n in [
+    (mlp, 1), (through_a_view, 1), (sigmoid_form, 1), (not_pairs, 0), (output_used_twice, 0), (halves_swapped, 0),
+    (other_activation, 0), (sum_not_product, 0), (uneven_halves, 0)]}
+
+
+def compile_and_count_silu(fn, ls, x, compile_range=None):
+    from vllm.compilation.passes.inductor_pass import pass_context
+    from vllm.config.utils import Range
+
+    torch._dynamo.reset()
+    before = fusion.silu_mul_total
+    ctx = pass_context(Range(*compile_range)) if compile_range else contextlib.nullcontext()
+    with ctx, torch._inductor.config.patch(post_grad_custom_post_pass=fusion.GQSAFusionPass(),
+                                           force_disable_caches=True):
+        out = torch.compile(lambda x: fn(ls, x), dynamic=False)(x)
+    return out, fusion.silu_mul_total - before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", SILU_CASES)
+def test_pass_fuses_only_silu_and_mul_after_a_pair_gate_up(gate_up, case, dtype):
+    fn, expect = SILU_CASES[case]
+    x = (torch.randn(5, K, generator=torch.Generator().manual_seed(4)) * 3).to(dtype)
+    compiled, fused = compile_and_count_silu(fn, gate_up, x)
+    assert fused == expect
+    # Inductor's own SiLU-and-mul may skip the rounding of silu(g) before the product: one unit in
+    # the last place.
+    torch.testing.assert_close(compiled, fn(gate_up, x), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("compile_range, env, expect", [
+    ((2, 32), None, 1), ((2, 8), None, 1), ((1, 1), None, 0), ((2, 2048), None, 0), ((33, 2048), None, 0),
+    ((2, 32), "0", 0)])
+def test_silu_mul_pass_only_in_its_range(gate_up, monkeypatch, compile_range, env, expect):
+    if env is not None:
+        monkeypatch.setenv(fusion.SILU_MUL_ENV, env)
+    x = torch.randn(5, K, dtype=torch.float16)
+    assert compile_and_count_silu(mlp, gate_up, x, compile_range)[1] == expect
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_silu_mul_op_without_the_kernels(gate_up, dtype):
+    """On the CPU the fused op is gqsa_mm, then vLLM's SiLU-and-mul, bit for bit."""
+    t = gate_up["pairs"]
+    x = (torch.randn(3, K, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    y = torch.ops.vllm_gqsa.gqsa_mm_silu_mul(x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"],
+                                             2 * D, 16, None, t["counters"], True)
+    assert y.shape == (3, D)
+    assert torch.equal(y, silu_and_mul(gate_up_mm(t, x)))
+    assert torch.equal(reference.silu_and_mul(gate_up_mm(t, x)), silu_and_mul(gate_up_mm(t, x)))

@@ -245,11 +245,17 @@ def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference
 
 
 # A checkpoint converted with --pattern pairs: every decoder layer is served by the pair pattern's
-# kernels (the GEMV alone, the sparse-tensor-core kernel for the ten prompts together).
+# kernels (the GEMV alone, the sparse-tensor-core kernel for the ten prompts together, with the
+# SiLU-and-mul in the gate/up layer's kernel in the graph compiled for 2 to 32 tokens).
 def test_vllm_engine_serves_the_pair_pattern(prompts, references, tmp_path_factory, monkeypatch):
+    from vllm_gqsa import fusion
+
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")  # so that the pass runs
     ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp("pairs"), "llama", torch.float16, pattern="pairs")
+    fused_before = fusion.silu_mul_total
     served = serve_in_process(ckpt, "float16", False, prompts)
+    assert fusion.silu_mul_total > fused_before, "the gate/up layers' SiLU-and-mul was not fused"
     assert served["kernels"] == [["kernel_format"]] and served["pairs"] == [[True]]
     assert served["layouts"] == [["rows"]]  # the pair pattern's kernels read the row layout
     model = references(ckpt, torch.float16)

@@ -1,5 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A torch.compile pass that splits a decoder layer's RMSNorm between the two GQSA GEMVs around it.
+"""torch.compile rewrites around GQSA layers: an RMSNorm split between the two GEMVs around it (one
+token), and SiLU-and-mul done by the gate/up layer's kernel (2 to 32 tokens).
+
+**SiLU-and-mul.** vLLM's Llama-style MLP runs gate/up, then ``SiluAndMul`` (``silu(y[..., :d]) *
+y[..., d:]``), then down. For a gate/up layer in the pair pattern the pass replaces ``gqsa_mm`` and
+the SiLU-and-mul traced after it (slices, silu in one of its decomposed forms, mul) with
+``gqsa_mm_silu_mul``: each CTA of the sparse-tensor-core kernel computes a gate row tile and its
+up rows together and writes silu(gate) * up, so the [M, 2d] output is never written or read back
+and the activation is no kernel of its own. It runs in the graph vLLM compiles for 2 to 32 tokens
+(``install`` adds that range), the batches that kernel serves; ``VLLM_GQSA_FUSE_SILU_MUL=0`` turns
+it off.
+
+**RMSNorm.**
 
 In a Llama-style decoder layer, vLLM's ``fused_add_rms_norm`` (the residual add and the norm)
 sits between two linear layers: o and gate/up, and down and the next layer's q/k/v. At one token
@@ -19,14 +31,18 @@ tokens, which the sliced GEMV also serves, the split was slower on an H100 for o
 against 29 us at 2 tokens, benchmarks/results/gpu/norm_split_v4_h100.json);
 ``VLLM_GQSA_SPLIT_NORM_TOKENS=n`` widens the range to 1 to n tokens (at most the GEMV's). It does
 nothing with ``--enforce-eager`` or ``VLLM_GQSA_SPLIT_NORM=0``.
+
+Both run in one pass, vLLM's ``post_grad_custom_post_pass``, each in its own compile range.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import operator
 import os
+import sys
 
 import torch
 from torch import fx
@@ -35,9 +51,11 @@ from . import ops  # noqa: F401  (registers torch.ops.vllm_gqsa)
 
 logger = logging.getLogger("vllm.gqsa")  # under "vllm." so that vLLM's logging prints it
 fused_total = 0  # norms split in this process, over every compiled graph
+silu_mul_total = 0  # SiLU-and-muls fused into gate/up layers, the same way
 
 ENV = "VLLM_GQSA_SPLIT_NORM"
 TOKENS_ENV = "VLLM_GQSA_SPLIT_NORM_TOKENS"
+SILU_MUL_ENV = "VLLM_GQSA_FUSE_SILU_MUL"
 PASS_KEY = "post_grad_custom_post_pass"
 
 _VIEWS = (torch.ops.aten.view.default, torch.ops.aten.reshape.default, torch.ops.aten._unsafe_view.default)
@@ -208,40 +226,182 @@ def split_norms(graph: fx.Graph) -> int:
     return split
 
 
-def _range_applies() -> bool:
-    """Whether the graph being compiled serves only batches the sliced GEMV takes (vLLM compiles
-    a graph per range of batch sizes); True outside vLLM's compiler."""
+_CONVERT = torch.ops.prims.convert_element_type.default
+
+
+def _is(node, op) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is op
+
+
+def _only_used_by(node: fx.Node, users: set[fx.Node]) -> bool:
+    return len(node.users) > 0 and set(node.users) <= users
+
+
+def _silu_input(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
+    """(a, the nodes from a to node) where node computes silu(a) in a form that tracing SiluAndMul
+    gives: ``silu(a)``, ``a / (1 + exp(-a))`` or ``a * sigmoid(a)``, in fp32 between conversions
+    or not; None otherwise, or where a node on the way has a use outside."""
+    inner = node.args[0] if _is(node, _CONVERT) else node
+    if _is(inner, torch.ops.aten.silu.default):
+        a, chain = inner.args[0], [inner]
+    elif _is(inner, torch.ops.aten.div.Tensor):
+        a, den = inner.args
+        if not _is(den, torch.ops.aten.add.Tensor) or 1 not in den.args:
+            return None
+        exp = den.args[0] if den.args[1] == 1 else den.args[1]
+        if not (_is(exp, torch.ops.aten.exp.default) and _is(exp.args[0], torch.ops.aten.neg.default)
+                and exp.args[0].args[0] is a):
+            return None
+        chain = [exp.args[0], exp, den, inner]
+    elif _is(inner, torch.ops.aten.mul.Tensor):
+        sig = next((v for v in inner.args if _is(v, torch.ops.aten.sigmoid.default)), None)
+        if sig is None or len(inner.args) != 2:
+            return None
+        a = inner.args[1] if inner.args[0] is sig else inner.args[0]
+        if sig.args[0] is not a:
+            return None
+        chain = [sig, inner]
+    else:
+        return None
+    if not isinstance(a, fx.Node):
+        return None
+    if inner is not node:
+        chain.append(node)
+    if _is(a, _CONVERT):  # computed in fp32
+        chain.insert(0, a)
+        a = a.args[0]
+    # Every node but the last is used only inside the chain, the last only once (by the mul).
+    inside = set(chain)
+    if not all(_only_used_by(n, inside) for n in chain[:-1]) or len(node.users) != 1:
+        return None
+    return a, chain
+
+
+def _slice_of(node: fx.Node, y: fx.Node) -> tuple[int, int] | None:
+    """(start, end) where node is y[..., start:end] (one slice of y's last dimension)."""
+    if not _is(node, torch.ops.aten.slice.Tensor) or node.args[0] is not y or node.kwargs:
+        return None
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    ndim = len(_shape(y) or ())
+    if dim not in (-1, ndim - 1) or step != 1:
+        return None
+    return start if start is not None else 0, end
+
+
+def _fuse_silu_mul_one(graph: fx.Graph, mm: fx.Node) -> bool:
+    args = _call_args(mm)
+    n_out = args.get("n_out")
+    if not args.get("pairs") or args.get("sell_rows") is not None or args.get("xcols") is not None or n_out % 2:
+        return False
+    d = n_out // 2
+    y, chain = mm, [mm]
+    while len(y.users) == 1:  # views that keep the shape
+        (user,) = y.users
+        if user.target not in _VIEWS or not _same_shape(_shape(user), _shape(y)):
+            break
+        y = user
+        chain.append(y)
+    halves = {_slice_of(u, y): u for u in y.users}
+    if len(y.users) != 2 or None in halves:
+        return False
+    gate = halves.get((0, d))
+    up = next((u for (start, end), u in halves.items() if start == d and end is not None and end >= n_out), None)
+    if gate is None or up is None or len(up.users) != 1:
+        return False
+    (mul,) = up.users
+    if not _is(mul, torch.ops.aten.mul.Tensor) or len(mul.args) != 2 or up not in mul.args:
+        return False
+    act = mul.args[1] if mul.args[0] is up else mul.args[0]
+    found = _silu_input(act) if isinstance(act, fx.Node) else None
+    if found is None or found[0] is not gate or len(gate.users) != 1:
+        return False
+    val, out = mul.meta.get("val"), mm.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype != out.dtype or not _same_shape(_shape(mul), _shape(gate)):
+        return False
+    schema = torch.ops.vllm_gqsa.gqsa_mm_silu_mul.default._schema.arguments
+    with graph.inserting_before(mul):
+        (fused,) = _call(graph, torch.ops.vllm_gqsa.gqsa_mm_silu_mul.default,
+                         tuple(args.get(a.name, a.default_value) for a in schema), 1)
+    mul.replace_all_uses_with(fused)
+    for dead in [mul, *reversed(found[1]), up, gate, *reversed(chain)]:
+        graph.erase_node(dead)
+    return True
+
+
+def fuse_silu_mul(graph: fx.Graph) -> int:
+    """Rewrite ``gqsa_mm`` of a gate/up layer in the pair pattern, followed by SiLU-and-mul, into
+    ``gqsa_mm_silu_mul``; returns how many."""
+    fused = sum(_fuse_silu_mul_one(graph, node) for node in list(graph.nodes)
+                if node.target is torch.ops.vllm_gqsa.gqsa_mm.default)
+    global silu_mul_total
+    if fused:
+        (logger.debug if silu_mul_total else logger.info)(
+            "GQSA: %d SiLU-and-mul(s) done by the gate/up layer before them in a compiled graph", fused)
+        silu_mul_total += fused
+    return fused
+
+
+def _silu_mul_max_tokens() -> int:
+    """The largest batch of gqsa_mm_silu_mul's compile range: the sparse-tensor-core kernel's, below
+    the fused wgmma kernel's first batch."""
+    from .kernels import cuda
+
+    return min(cuda.dispatch(False, True)[1], cuda.PAIRS_WGMMA_MIN_TOKENS - 1)
+
+
+def _compile_range():
+    """The range of batch sizes the graph being compiled serves (vLLM compiles a graph per range),
+    or None outside vLLM's compiler."""
     try:
         from vllm.compilation.passes.inductor_pass import get_pass_context
 
-        compile_range = get_pass_context().compile_range
+        return get_pass_context().compile_range
     except (ImportError, AssertionError, AttributeError):
-        return True
-    return compile_range is None or compile_range.end <= _split_max_tokens()
+        return None
+
+
+def _split_enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+def _silu_mul_enabled() -> bool:
+    return os.environ.get(SILU_MUL_ENV, "1") != "0"
 
 
 _Base = _inductor_pass_base()
 
 if _Base is not None:
-    class SplitNormAcrossGQSA(_Base):
-        """The pass as vLLM's pass manager takes it (its uuid, the source hash, keys the compile cache)."""
+    class GQSAFusionPass(_Base):
+        """The pass as vLLM's pass manager takes it (its uuid, the source hash, keys the compile
+        cache): the norm split in the graph for the batches the sliced GEMV serves, SiLU-and-mul
+        fused in the one for 2 to 32 tokens; outside vLLM's compiler, both."""
 
         def __call__(self, graph: fx.Graph) -> None:
-            if _range_applies():
+            compile_range = _compile_range()
+            if _split_enabled() and (compile_range is None or compile_range.end <= _split_max_tokens()):
                 split_norms(graph)
+            if _silu_mul_enabled() and (compile_range is None or (
+                    compile_range.start >= 2 and compile_range.end <= _silu_mul_max_tokens())):
+                fuse_silu_mul(graph)
+
+        def uuid(self) -> str:
+            # The key of vLLM's compile cache: this module's source (the rewrites live outside the
+            # class, whose source alone is the default key) and the settings read while compiling.
+            settings = f"{_split_enabled()} {_silu_mul_enabled()} {os.environ.get(TOKENS_ENV)}"
+            return self.hash_source(inspect.getsource(sys.modules[__name__]), settings)
 
         def __deepcopy__(self, memo):  # vLLM deep-copies its inductor config; the pass is stateless
             return self
 else:
-    SplitNormAcrossGQSA = None
+    GQSAFusionPass = None
 
 
 def install() -> bool:
     """Put the pass in the current vLLM config's compilation config, where vLLM's compiler will
-    add it to its post-grad passes, and give the batches the sliced GEMV serves a compile range of
+    add it to its post-grad passes, and give the batches each rewrite serves a compile range of
     their own (vLLM reads the ranges when it compiles, after the model is built). Called while
     vLLM builds a GQSA model; True if installed."""
-    if os.environ.get(ENV, "1") == "0" or SplitNormAcrossGQSA is None:
+    if not (_split_enabled() or _silu_mul_enabled()) or GQSAFusionPass is None:
         return False
     try:
         from vllm.config import CompilationMode, get_current_vllm_config
@@ -251,12 +411,17 @@ def install() -> bool:
     if compilation.mode != CompilationMode.VLLM_COMPILE or not hasattr(compilation, "compile_ranges_endpoints"):
         return False
     current = compilation.inductor_compile_config.get(PASS_KEY)
-    if isinstance(current, SplitNormAcrossGQSA):
+    if isinstance(current, GQSAFusionPass):
         return True
     if current is not None:
-        logger.warning("GQSA: a %s is already set, so each RMSNorm stays a kernel of its own", PASS_KEY)
+        logger.warning("GQSA: a %s is already set, so each RMSNorm and SiLU-and-mul stays a kernel of its own",
+                       PASS_KEY)
         return False
-    compilation.inductor_compile_config[PASS_KEY] = SplitNormAcrossGQSA()
+    compilation.inductor_compile_config[PASS_KEY] = GQSAFusionPass()
     endpoints = set(compilation.compile_ranges_endpoints or [])
-    compilation.compile_ranges_endpoints = sorted(endpoints | {_split_max_tokens()})
+    if _split_enabled():
+        endpoints.add(_split_max_tokens())
+    if _silu_mul_enabled():
+        endpoints |= {1, _silu_mul_max_tokens()}
+    compilation.compile_ranges_endpoints = sorted(endpoints)
     return True

@@ -10,6 +10,10 @@ batch-size-dependent kernel choice happens inside the op, where Dynamo cannot fr
 the GEMV for a few tokens (the sliced one where the layer is in the sliced layout), the tensor-core kernel (or, for a layer in the pair
 pattern, the sparse-tensor-core kernel) for tens, dequantize + cuBLAS for more. Without the compiled
 extension (or on the CPU) it decodes the kernel format in torch.
+
+The others are ``gqsa_mm`` fused with the op around it, which the torch.compile passes of
+``fusion.py`` put in its place: ``gqsa_mm_silu_mul`` (a gate/up layer and the SiLU-and-mul after
+it), ``gqsa_mm_add_norm_stats`` and ``gqsa_stats_norm_mm`` (an RMSNorm split between two GEMVs).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .format import GQSALayer, LayerFormat
-from .reference import dequantize, rms_norm
+from .reference import dequantize, rms_norm, silu_and_mul
 
 _LIB = torch.library.Library("vllm_gqsa", "FRAGMENT")  # kept alive for the ops' lifetime
 
@@ -88,6 +92,40 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
 def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols=None,
                   counters=None, pairs=False, sell_rows=None, slice_parts=None, sell_warps=None):
     return x.new_empty((*x.shape[:-1], n_out))
+
+
+def _sp_silu_mul_takes(x2: torch.Tensor, t: dict, n_out: int, pairs: bool, sell_rows) -> bool:
+    """Whether gqsa_mm runs the sparse-tensor-core kernel for x2 [M, K], which then can do the
+    SiLU-and-mul in its finish (a pair layer of an even number of rows)."""
+    from .kernels import cuda
+
+    gemv_max, sp_max = cuda.dispatch(False, True)
+    return (pairs and sell_rows is None and n_out % 2 == 0 and _cuda_kernels_take(x2)
+            and gemv_max < x2.shape[0] <= sp_max and not cuda.sp_wgmma_takes(x2, t))
+
+
+def gqsa_mm_silu_mul(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
+                     schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
+                     xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None,
+                     pairs: bool = False, sell_rows: torch.Tensor | None = None,
+                     slice_parts: torch.Tensor | None = None, sell_warps: list[int] | None = None) -> torch.Tensor:
+    """vLLM's SiLU-and-mul of ``gqsa_mm``'s output for a gate/up layer (gate's ``n_out / 2`` rows,
+    then up's): ``silu(y[..., :n_out / 2]) * y[..., n_out / 2:]``, ``[..., n_out / 2]``. Where the
+    sparse-tensor-core kernel serves the batch, its CTAs do it in their finish, and the gate/up
+    output is never written; elsewhere it is ``gqsa_mm``, then the reference's SiLU-and-mul."""
+    from .kernels import cuda
+
+    t = {"row_ptr": row_ptr, "codes": codes, "meta": meta, "counters": counters}
+    x2 = x.reshape(-1, x.shape[-1])
+    if _sp_silu_mul_takes(x2, t, n_out, pairs, sell_rows):
+        return cuda.sp(x, t, n_out, silu_mul=True)
+    return silu_and_mul(gqsa_mm(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters,
+                                pairs, sell_rows, slice_parts, sell_warps))
+
+
+def _gqsa_mm_silu_mul_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols=None,
+                           counters=None, pairs=False, sell_rows=None, slice_parts=None, sell_warps=None):
+    return x.new_empty((*x.shape[:-1], n_out // 2))
 
 
 # The largest |h * norm_weight| the split norm's fast path takes (gqsa_kernels.cu, kSplitGLimit):
@@ -178,5 +216,6 @@ def register_op(name, func, fake):
 
 register_op("gqsa_mm_reference", gqsa_mm_reference, _gqsa_mm_reference_fake)
 register_op("gqsa_mm", gqsa_mm, _gqsa_mm_fake)
+register_op("gqsa_mm_silu_mul", gqsa_mm_silu_mul, _gqsa_mm_silu_mul_fake)
 register_op("gqsa_mm_add_norm_stats", gqsa_mm_add_norm_stats, _gqsa_mm_add_norm_stats_fake)
 register_op("gqsa_stats_norm_mm", gqsa_stats_norm_mm, _gqsa_stats_norm_mm_fake)

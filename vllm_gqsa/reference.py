@@ -42,3 +42,10 @@ def rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     if weight is not None:
         h = h.to(weight.dtype) * weight
     return h.to(x.dtype), out_residual
+
+
+def silu_and_mul(y: torch.Tensor) -> torch.Tensor:
+    """vLLM's SiLU-and-mul (``SiluAndMul.forward_native``): ``silu(y[..., :d]) * y[..., d:]`` with
+    d = half of y's last size, each rounded to y's dtype."""
+    d = y.shape[-1] // 2
+    return torch.nn.functional.silu(y[..., :d]) * y[..., d:]

@@ -338,14 +338,18 @@ def tc(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0)
     return y.reshape(*lead, n_out)
 
 
-def sp(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0) -> torch.Tensor:
+def sp(x: torch.Tensor, t: dict[str, torch.Tensor], n_out: int, splits: int = 0,
+       silu_mul: bool = False) -> torch.Tensor:
     """``x @ W.T`` for x ``[..., K]`` on sparse tensor cores, for a layer in the pair pattern
-    (``cuda_format.pair_pattern``); t from ``to_kernel_format``. As :func:`tc` otherwise."""
+    (``cuda_format.pair_pattern``); t from ``to_kernel_format``. As :func:`tc` otherwise.
+    silu_mul: W is a gate/up layer (gate's ``n_out / 2`` rows, then up's), and the result is
+    vLLM's SiLU-and-mul of ``x @ W.T`` (``reference.silu_and_mul``), ``[..., n_out / 2]``."""
     _require()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
-    y = torch.ops.vllm_gqsa.gqsa_sp(x2, t["row_ptr"], t["codes"], t["meta"], n_out, splits, t.get("counters"))
-    return y.reshape(*lead, n_out)
+    y = torch.ops.vllm_gqsa.gqsa_sp(x2, t["row_ptr"], t["codes"], t["meta"], n_out, splits, t.get("counters"),
+                                    silu_mul)
+    return y.reshape(*lead, y.shape[-1])
 
 
 def sp_wgmma_runs(x: torch.Tensor, t: dict[str, torch.Tensor] | None = None) -> bool:
