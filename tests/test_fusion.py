@@ -386,3 +386,12 @@ def test_silu_mul_op_without_the_kernels(gate_up, dtype):
     assert y.shape == (3, D)
     assert torch.equal(y, silu_and_mul(gate_up_mm(t, x)))
     assert torch.equal(reference.silu_and_mul(gate_up_mm(t, x)), silu_and_mul(gate_up_mm(t, x)))
+
+
+def test_silu_mul_op_opcheck(gate_up):
+    """The op's schema, fake (meta) function and dispatch agree, as torch.compile relies on."""
+    t = gate_up["pairs"]
+    x = torch.randn(3, K, dtype=torch.float16)
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_mm_silu_mul,
+                          (x, t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], 2 * D, 16, None,
+                           t["counters"], True))
