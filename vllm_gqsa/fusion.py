@@ -11,9 +11,7 @@ and the activation is no kernel of its own. It runs in the graph vLLM compiles f
 (``install`` adds that range), the batches that kernel serves; ``VLLM_GQSA_FUSE_SILU_MUL=0`` turns
 it off.
 
-**RMSNorm.**
-
-In a Llama-style decoder layer, vLLM's ``fused_add_rms_norm`` (the residual add and the norm)
+**RMSNorm.** In a Llama-style decoder layer, vLLM's ``fused_add_rms_norm`` (the residual add and the norm)
 sits between two linear layers: o and gate/up, and down and the next layer's q/k/v. At one token
 it is a kernel of its own, about 2 us plus a launch gap. Both linear layers are sliced GEMVs, so:
   - the first (``gqsa_mm_add_norm_stats``) adds the residual to its outputs in its epilogue and
