@@ -217,11 +217,15 @@ def split_norms(graph: fx.Graph) -> int:
     order = {n: i for i, n in enumerate(graph.nodes)}
     split = sum(_split_one(graph, node, order) for node in list(graph.nodes) if _is_add_norm(node))
     global fused_total
-    if split:
-        (logger.debug if fused_total else logger.info)(
-            "GQSA: %d RMSNorm(s) split between the GQSA layers around them in a compiled graph", split)
-        fused_total += split
+    fused_total = _logged(split, fused_total, "RMSNorm(s) split between the GQSA layers around them")
     return split
+
+
+def _logged(count: int, total: int, what: str) -> int:
+    """total + count, saying once a process (then at debug level) how many of what a graph got."""
+    if count:
+        (logger.debug if total else logger.info)("GQSA: %d %s in a compiled graph", count, what)
+    return total + count
 
 
 _CONVERT = torch.ops.prims.convert_element_type.default
@@ -332,10 +336,7 @@ def fuse_silu_mul(graph: fx.Graph) -> int:
     fused = sum(_fuse_silu_mul_one(graph, node) for node in list(graph.nodes)
                 if node.target is torch.ops.vllm_gqsa.gqsa_mm.default)
     global silu_mul_total
-    if fused:
-        (logger.debug if silu_mul_total else logger.info)(
-            "GQSA: %d SiLU-and-mul(s) done by the gate/up layer before them in a compiled graph", fused)
-        silu_mul_total += fused
+    silu_mul_total = _logged(fused, silu_mul_total, "SiLU-and-mul(s) done by the gate/up layer before them")
     return fused
 
 

@@ -47,12 +47,27 @@ def _cuda_kernels_take(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and cuda.available()[0]
 
 
-def _sliced_gemv_takes(x2: torch.Tensor, xcols, pairs: bool, sell_rows) -> bool:
-    """Whether gqsa_mm runs the sliced GEMV for x2 [M, K]: the split norm's kernels are its variants."""
+def _kernel_for(x2: torch.Tensor, t: dict | None, compact: bool, pairs: bool) -> str:
+    """The kernel gqsa_mm runs for x2 [M, K] (t: the layer's tensors, for the fused kernel's
+    alignment check, or None not to check them): "gemv", "sp_wgmma", "sp", "tc", "dequant_cublas", or "torch" without the CUDA
+    kernels."""
     from .kernels import cuda
 
-    return (sell_rows is not None and _cuda_kernels_take(x2)
-            and x2.shape[0] <= cuda.dispatch(xcols is not None, pairs)[0])
+    if not _cuda_kernels_take(x2):
+        return "torch"
+    gemv_max, tc_max = cuda.dispatch(compact, pairs)
+    if x2.shape[0] <= gemv_max:
+        return "gemv"
+    if pairs and cuda.sp_wgmma_takes(x2, t):
+        return "sp_wgmma"
+    if x2.shape[0] <= tc_max:
+        return "sp" if pairs else "tc"
+    return "dequant_cublas"
+
+
+def _sliced_gemv_takes(x2: torch.Tensor, xcols, pairs: bool, sell_rows) -> bool:
+    """Whether gqsa_mm runs the sliced GEMV for x2 [M, K]: the split norm's kernels are its variants."""
+    return sell_rows is not None and _kernel_for(x2, None, xcols is not None, pairs) == "gemv"
 
 
 def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
@@ -74,14 +89,14 @@ def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: t
         t["counters"] = counters
     if sell_rows is not None:
         t.update(sell_rows=sell_rows, slice_parts=slice_parts)
-    if _cuda_kernels_take(x):
-        gemv_max, tc_max = cuda.dispatch(xcols is not None, pairs)
-        if x.shape[0] <= gemv_max:
-            return cuda.gemv(x, t, n_out, warps=sell_warps)
-        if pairs and cuda.sp_wgmma_takes(x, t):
-            return cuda.sp_wgmma(x, t, n_out)
-        if x.shape[0] <= tc_max:
-            return cuda.sp(x, t, n_out) if pairs else cuda.tc(x, t, n_out)
+    kernel = _kernel_for(x, t, xcols is not None, pairs)
+    if kernel == "gemv":
+        return cuda.gemv(x, t, n_out, warps=sell_warps)
+    if kernel == "sp_wgmma":
+        return cuda.sp_wgmma(x, t, n_out)
+    if kernel in ("sp", "tc"):
+        return cuda.sp(x, t, n_out) if pairs else cuda.tc(x, t, n_out)
+    if kernel == "dequant_cublas":
         # Many tokens: the GEMM's arithmetic dwarfs one pass over the weights, so densify
         # and let cuBLAS run at tensor-core speed.
         return x @ cuda.dequant(t, n_out, x.shape[-1], group_size, x.dtype).T
@@ -97,11 +112,7 @@ def _gqsa_mm_fake(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, 
 def _sp_silu_mul_takes(x2: torch.Tensor, t: dict, n_out: int, pairs: bool, sell_rows) -> bool:
     """Whether gqsa_mm runs the sparse-tensor-core kernel for x2 [M, K], which then can do the
     SiLU-and-mul in its finish (a pair layer of an even number of rows)."""
-    from .kernels import cuda
-
-    gemv_max, sp_max = cuda.dispatch(False, True)
-    return (pairs and sell_rows is None and n_out % 2 == 0 and _cuda_kernels_take(x2)
-            and gemv_max < x2.shape[0] <= sp_max and not cuda.sp_wgmma_takes(x2, t))
+    return pairs and sell_rows is None and n_out % 2 == 0 and _kernel_for(x2, t, False, pairs) == "sp"
 
 
 def gqsa_mm_silu_mul(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
