@@ -21,7 +21,9 @@ round's pair of starts. ``gqsa-s50-rows`` is ``gqsa-s50`` served in the row layo
 ``gqsa-s50-pairs-switch64`` the pair pattern with its fused kernel only from 64 tokens
 (``VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS=64``; the default is 33), for batches of 33 to 63, and
 ``gqsa-s50-pairs-act`` the pair pattern with SiLU-and-mul a kernel of its own
-(``VLLM_GQSA_FUSE_SILU_MUL=0``) instead of done by the gate/up layer's kernel.
+(``VLLM_GQSA_FUSE_SILU_MUL=0``) instead of done by the gate/up layer's kernel, and
+``gqsa-s50-pairs-split`` the pair pattern with each RMSNorm split between the layers around it at 2
+to 32 tokens (``VLLM_GQSA_SPLIT_NORM_PAIRS=1``) instead of a kernel of its own.
 
     python benchmarks/e2e.py --shape llama2-7b --batches 1,4,16,64,128 --ttft-prompts 512,2048,8192 \
         --configs fp16,gptq-marlin,gptq-machete,awq,sparse24,gptq-w2,gqsa-s50 --out benchmarks/results/e2e.json
@@ -103,6 +105,9 @@ CONFIGS = {
                                  "pattern": "pairs"}, {}),
     # The same with SiLU-and-mul a kernel of its own (VLLM_GQSA_FUSE_SILU_MUL=0), for an A/B.
     "gqsa-s50-pairs-act": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "pattern": "pairs"}, {}),
+    # The same with each RMSNorm split between the layers around it (VLLM_GQSA_SPLIT_NORM_PAIRS=1).
+    "gqsa-s50-pairs-split": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5,
+                              "pattern": "pairs"}, {}),
     "gqsa-s50-r16": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 16}, {}),
     "gqsa-s50-r64": ({"quant_method": "gqsa", "bits": 4, "group_size": 16, "sparsity": 0.5, "block_rows": 64}, {}),
     # The default checkpoint in the row layout instead of the sliced one (VLLM_GQSA_LAYOUT=rows,
@@ -115,7 +120,8 @@ CONFIGS = {
 # Environment variables a configuration's process runs with (read by the plugin at load time).
 CONFIG_ENV = {"gqsa-s50-rows": {"VLLM_GQSA_LAYOUT": "rows"}, "gqsa-s50-unfused": {"VLLM_GQSA_SPLIT_NORM": "0"},
               "gqsa-s50-pairs-switch64": {"VLLM_GQSA_PAIRS_WGMMA_MIN_TOKENS": "64"},
-              "gqsa-s50-pairs-act": {"VLLM_GQSA_FUSE_SILU_MUL": "0"}}
+              "gqsa-s50-pairs-act": {"VLLM_GQSA_FUSE_SILU_MUL": "0"},
+              "gqsa-s50-pairs-split": {"VLLM_GQSA_SPLIT_NORM_PAIRS": "1"}}
 PROMPT_LEN, GEN_LEN = 128, 256
 # --profile-batches: decode steps in the profiled generation (after its prefill).
 PROFILE_STEPS = 64

@@ -59,6 +59,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <type_traits>
 #include <utility>
 
 namespace gqsa {
@@ -1293,11 +1294,13 @@ __device__ __forceinline__ T silu_mul(float gate, float up) {
 // 0 .. gate_rows - 1 are gate's and gate_rows .. 2 gate_rows - 1 up's, the tile's first kRows / 2
 // rows gate rows tile * kRows / 2 + j and the others the up rows gate_rows + the same (sp_kernel),
 // and y is [M, gate_rows] = silu(gate) * up. sums as tc_finish leaves them in shared memory. K
-// splits keep fp32 partials of the tile's rows at their rows of W in the workspace.
+// splits keep fp32 partials of the tile's rows at their rows of W in the workspace. norm_r (the
+// second part of a split norm, kFromStats, or null): each token's factor, applied to gate and up
+// before the SiLU-and-mul, as it would be to the layer's outputs.
 template <typename T, int MT, int P, int kRows>
 __device__ __forceinline__ void silu_mul_finish(const float* sums, int tile, int split, T* __restrict__ y,
                                                 float* __restrict__ workspace, int32_t* __restrict__ counters,
-                                                int M, int N, int splits, int gate_rows) {
+                                                int M, int N, int splits, int gate_rows, const float* norm_r) {
   constexpr int kTokens = 8 * MT;
   constexpr int kPitch = kRows + 4;
   constexpr int kHalf = kRows / 2;
@@ -1311,6 +1314,7 @@ __device__ __forceinline__ void silu_mul_finish(const float* sums, int tile, int
   auto output_ok = [&](int i) { return i / kHalf < tokens && i % kHalf < rows; };
   auto gate_at = [&](int i) { return static_cast<size_t>(i / kHalf) * N + first + i % kHalf; };
   auto y_at = [&](int i) { return static_cast<size_t>(i / kHalf) * gate_rows + first + i % kHalf; };
+  auto scale = [&](int i) { return norm_r == nullptr ? kOutScale : kOutScale * norm_r[i / kHalf]; };
   float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) {
@@ -1323,7 +1327,7 @@ __device__ __forceinline__ void silu_mul_finish(const float* sums, int tile, int
       up += sums[(p * kTokens + i / kHalf) * kPitch + kHalf + i % kHalf];
     }
     if (out == nullptr) {
-      y[y_at(i)] = silu_mul<T>(gate * kOutScale, up * kOutScale);
+      y[y_at(i)] = silu_mul<T>(gate * scale(i), up * scale(i));
     } else {
       out[gate_at(i)] = gate;
       out[gate_at(i) + gate_rows] = up;
@@ -1347,9 +1351,96 @@ __device__ __forceinline__ void silu_mul_finish(const float* sums, int tile, int
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) {
     const int i = threadIdx.x + k * kTcThreads;
-    if (output_ok(i)) y[y_at(i)] = silu_mul<T>(gates[k] * kOutScale, ups[k] * kOutScale);
+    if (output_ok(i)) y[y_at(i)] = silu_mul<T>(gates[k] * scale(i), ups[k] * scale(i));
   }
   if (threadIdx.x == 0) counters[tile] = 0;
+}
+
+// sp_kernel's part of a split norm (NormSplit): none, the first part (o or down: the residual add
+// and sums of h^2 in its finish) or the second (gate/up or q/k/v: g as x, scaled in its finish).
+constexpr int kNormNone = static_cast<int>(NormSplitMode::kNone);
+constexpr int kNormAddStats = static_cast<int>(NormSplitMode::kAddStats);
+constexpr int kNormFromStats = static_cast<int>(NormSplitMode::kFromStats);
+
+// The second part's factors, r[m] = rsqrt(mean(h^2) + eps) for tokens m < M, from the first part's
+// sums stats[m, 0 .. stats_pieces) (a negative one, -1 - the sum, marks g too large). Warp w sums
+// tokens w, w + 8, ...: each lane's first kStatLoads loads of all its tokens go out together, then
+// any rest, and the lanes meet in a fixed order, so every CTA computes the same r. Returns, after
+// a barrier, whether any stat is marked (the same in every CTA): then the CTA copies vLLM's
+// normalized x instead of g (sp_normed_x) and does not scale its outputs.
+template <int MT>
+__device__ __forceinline__ bool sp_norm_factors(const NormSplit& s, int M, int K, float* r) {
+  constexpr int kWarps = kTcThreads / kWarpSize;
+  constexpr int kTokensPerWarp = 8 * MT / kWarps;
+  constexpr int kStatLoads = 4;
+  static_assert(kTokensPerWarp * kWarps == 8 * MT, "the warps share the tokens evenly");
+  __shared__ int warp_over[kWarps];
+  const int warp = threadIdx.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  const int pieces = s.stats_pieces;
+  float v[kTokensPerWarp][kStatLoads];
+#pragma unroll
+  for (int j = 0; j < kTokensPerWarp; ++j) {
+    const int m = warp + kWarps * j;
+#pragma unroll
+    for (int l = 0; l < kStatLoads; ++l) {
+      const int p = lane + kWarpSize * l;
+      v[j][l] = m < M && p < pieces ? __ldcg(s.stats + static_cast<size_t>(m) * pieces + p) : 0.f;
+    }
+  }
+  bool over = false;
+#pragma unroll
+  for (int j = 0; j < kTokensPerWarp; ++j) {
+    const int m = warp + kWarps * j;
+    float t = 0.f;
+#pragma unroll
+    for (int l = 0; l < kStatLoads; ++l) {
+      over |= v[j][l] < 0.f;
+      t += v[j][l] < 0.f ? -1.f - v[j][l] : v[j][l];
+    }
+    if (m < M) {
+      for (int p = lane + kWarpSize * kStatLoads; p < pieces; p += kWarpSize) {
+        const float stat = __ldcg(s.stats + static_cast<size_t>(m) * pieces + p);
+        over |= stat < 0.f;
+        t += stat < 0.f ? -1.f - stat : stat;
+      }
+    }
+    t = warp_sum(t);
+    if (lane == 0 && m < M) r[m] = rsqrtf(t / static_cast<float>(K) + s.eps);
+  }
+  over = __any_sync(0xFFFFFFFFu, over);
+  if (lane == 0) warp_over[warp] = over;
+  __syncthreads();
+  bool any_over = false;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) any_over |= warp_over[w] != 0;
+  return any_over;
+}
+
+// The second part's x where g was too large: vLLM's normalized x, T(T(h * r) * weight), from h =
+// s.residual [M, K], over a stage's copy of chunk c of g (tokens below M; the zeros past M stay),
+// in the form the copy left x there: T, or the scaled fp16 of scale_x_once (kXScaled). The caller
+// synchronizes before and after.
+template <typename T, typename L, bool kXScaled>
+__device__ __forceinline__ void sp_normed_x(const NormSplit& s, const float* r, unsigned char* stage, int c, int M,
+                                            int K) {
+  const uint4* h = static_cast<const uint4*>(s.residual);
+  for (int u = threadIdx.x; u < M * kTcChunkUnits; u += kTcThreads) {
+    const int m = u / kTcChunkUnits;
+    const int col = c * kTcChunk + (u % kTcChunkUnits) * kWordWeights;
+    const uint4 hv = __ldcg(h + (static_cast<size_t>(m) * K + col) / kWordWeights);
+    const uint32_t hw[4] = {hv.x, hv.y, hv.z, hv.w};
+    uint32_t out[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 hk = Act<T>::unpack(hw[k]);
+      const float2 n = Act<T>::unpack(Act<T>::pack(hk.x * r[m], hk.y * r[m]));  // T(h * r)
+      out[k] = Act<T>::pack(n.x * split_weight<T>(s, col + 2 * k), n.y * split_weight<T>(s, col + 2 * k + 1));
+    }
+    uint4 v = make_uint4(out[0], out[1], out[2], out[3]);
+    if constexpr (kXScaled && kTcXScaleLog2<T> != 0) v = bf16_to_half_scaled<kTcXScaleLog2<T>>(v);
+    *reinterpret_cast<uint4*>(stage + m * L::kXRowBytes + 16 * (u % kTcChunkUnits)) = v;
+  }
 }
 
 // The end of tc_kernel and sp_kernel, once the pipeline is drained. A warp holds R row tiles of 16
@@ -1364,12 +1455,16 @@ __device__ __forceinline__ void silu_mul_finish(const float* sums, int tile, int
 // tiles per warp) that left 3 of every 4 warps idle for the stores and the split sums. The shared
 // version also made tc_kernel 1-3% faster from 4 to 16 tokens and 3-7% at 32 and 64 (three models'
 // layers on the H200, benchmarks/results/gpu/kernels_groups_h200_finish_ab_*.json).
-template <typename T, int R, int MT, int P, int kRows = kTcRows>
+// sp_kernel's part of a split norm (kNorm, with norm): kFromStats scales each token's outputs by
+// norm_r (unless null: g was too large, and x was normalized instead); kAddStats writes, instead
+// of y, the new residual, g and a sum of h^2 per token and 32 rows (add_stats_output).
+template <typename T, int R, int MT, int P, int kRows = kTcRows, int kNorm = kNormNone>
 __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned char* smem, int tile, int split,
                                           int row_group, int part, int lane, T* __restrict__ y,
                                           float* __restrict__ workspace, int32_t* __restrict__ counters, int M,
                                           int N, int splits, const int2* __restrict__ places = nullptr,
-                                          int n_out = -1, int gate_rows = 0) {
+                                          int n_out = -1, int gate_rows = 0, const NormSplit* norm = nullptr,
+                                          const float* norm_r = nullptr) {
   constexpr int kTokens = 8 * MT;
   constexpr int kPitch = kRows + 4;  // kFinishBytes
   static_assert(kRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
@@ -1393,7 +1488,7 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   __syncthreads();
   if constexpr (kRows == kTcRows) {  // sp_kernel fuses SiLU-and-mul with 64-row tiles only
     if (gate_rows > 0) {
-      silu_mul_finish<T, MT, P, kRows>(sums, tile, split, y, workspace, counters, M, N, splits, gate_rows);
+      silu_mul_finish<T, MT, P, kRows>(sums, tile, split, y, workspace, counters, M, N, splits, gate_rows, norm_r);
       return;
     }
   }
@@ -1413,17 +1508,59 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
     const int r = __ldg(&places[tile * kRows + i % kRows].x);
     return r < 0 ? -1 : static_cast<ptrdiff_t>(i / kRows) * n_out + r;
   };
+  // Output i's value from its fp32 sum: scaled back, and by the split norm's factor.
+  auto value = [&](int i, float sum) {
+    if constexpr (kNorm == kNormFromStats) {
+      if (norm_r != nullptr) return sum * kOutScale * norm_r[i / kRows];
+    }
+    return sum * kOutScale;
+  };
+  // The first part of a split norm, for output i (ok: it exists) of the sum given: h = T(y) +
+  // residual in fp32, as vLLM adds the layer's rounded output to the residual stream; the new
+  // residual T(h) and g = T(h * weight) go out, and a warp's sum of h^2, which covers 32 rows of
+  // one token (i / kRows is the same over a warp, the rows 32-aligned), goes to the token's stat
+  // of those rows, -1 - the sum where g is too large (kSplitGLimit). Every lane must call it.
+  auto add_stats_output = [&](int i, bool ok, float sum) {
+    const int tok = i / kRows;
+    const int row = tile * kRows + i % kRows;
+    float h = 0.f;
+    bool over = false;
+    if (ok) {
+      const size_t at = static_cast<size_t>(tok) * N + row;
+      h = static_cast<float>(Act<T>::from_float(sum * kOutScale)) +
+          static_cast<float>(static_cast<const T*>(norm->residual)[at]);
+      static_cast<T*>(norm->residual_out)[at] = Act<T>::from_float(h);
+      const float g = static_cast<float>(Act<T>::from_float(h * split_weight<T>(*norm, row)));
+      static_cast<T*>(norm->g)[at] = Act<T>::from_float(g);
+      over = !(fabsf(g) <= kSplitGLimit);  // NaN too
+    }
+    const float h2 = warp_sum(h * h);
+    over = __any_sync(0xFFFFFFFFu, over);
+    const int first_row = row - lane;
+    if (lane == 0 && tok < tokens && first_row < N) {
+      norm->stats[static_cast<size_t>(tok) * norm->stats_pieces + first_row / kWarpSize] = over ? -1.f - h2 : h2;
+    }
+  };
   float* out = splits == 1 ? nullptr : workspace + static_cast<size_t>(split) * M * N;
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) {
     const int i = threadIdx.x + k * kTcThreads;
+    if constexpr (kNorm == kNormAddStats) {
+      if (out == nullptr) {  // the whole warp, outputs or not
+        float sum = 0.f;
+#pragma unroll
+        for (int p = 0; p < P; ++p) sum += output_ok(i) ? sums[(p * kTokens + i / kRows) * kPitch + i % kRows] : 0.f;
+        add_stats_output(i, output_ok(i), sum);
+        continue;
+      }
+    }
     if (!output_ok(i)) continue;
     float sum = 0.f;
 #pragma unroll
     for (int p = 0; p < P; ++p) sum += sums[(p * kTokens + i / kRows) * kPitch + i % kRows];
     if (out == nullptr) {
       const ptrdiff_t at = y_at(i);
-      if (at >= 0) y[at] = Act<T>::from_float(sum * kOutScale);
+      if (at >= 0) y[at] = Act<T>::from_float(value(i, sum));
     } else {
       out[output_at(i)] = sum;
     }
@@ -1449,8 +1586,12 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
 #pragma unroll
   for (int k = 0; k < kOutputs; ++k) {
     const int i = threadIdx.x + k * kTcThreads;
-    const ptrdiff_t at = output_ok(i) ? y_at(i) : -1;
-    if (at >= 0) y[at] = Act<T>::from_float(total[k] * kOutScale);
+    if constexpr (kNorm == kNormAddStats) {
+      add_stats_output(i, output_ok(i), total[k]);
+    } else {
+      const ptrdiff_t at = output_ok(i) ? y_at(i) : -1;
+      if (at >= 0) y[at] = Act<T>::from_float(value(i, total[k]));
+    }
   }
   if (threadIdx.x == 0) counters[tile] = 0;
 }
@@ -1903,13 +2044,17 @@ __device__ __forceinline__ void load_words(const unsigned char* p, uint32_t (&w)
 // kFull: K is a multiple of kTcChunk, so every chunk is whole and each row's groups of a chunk start
 // at an even group (16-byte codes) and a multiple of 4 (16-byte meta): the copies are 16 bytes.
 // kLines (with kFull): those copies ask L2 for whole 128-byte lines (sp_l2_lines).
-template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows = kTcRows, bool kPacked = false>
+// kNorm (with kFull, at most 32 tokens): a part of a split norm, norm (NormSplit). The second
+// part's x is g; its CTAs sum the first part's stats while their first copies are in flight.
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows = kTcRows, bool kPacked = false,
+          int kNorm = kNormNone>
 __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, kPacked>))
     sp_kernel(const T* __restrict__ x, const int32_t* __restrict__ codes,
               const int32_t* __restrict__ meta, int num_chunks, T* __restrict__ y, float* __restrict__ workspace,
-              int32_t* __restrict__ counters, int M, int N, int K, int splits, int gate_rows) {
+              int32_t* __restrict__ counters, int M, int N, int K, int splits, int gate_rows, const NormSplit norm) {
   using L = SpLayout<MT, kRows, kPacked>;
   static_assert(kRows == kTcRows || kFull, "narrow tiles copy whole 16-byte units only");
+  static_assert(kNorm == kNormNone || (kFull && MT <= 4), "the split norm takes whole chunks and 32 tokens at most");
   constexpr bool kConvertX = kTcXScaleLog2<T> != 0 && !kXScaled;
   // Warp w multiplies rows 16 R (w % kRowGroups) .. + 16 R - 1 of the tile over part w / kRowGroups
   // of each chunk's pairs (kPartPairs of them).
@@ -1988,6 +2133,14 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
     if (i < n_local) issue(i, i);
     cp_async_commit();
   }
+  // The second part of a split norm: each token's factor, and whether x must be normalized here.
+  float* norm_factors = nullptr;
+  bool renorm = false;
+  if constexpr (kNorm == kNormFromStats) {
+    __shared__ float factors[8 * MT];
+    norm_factors = factors;
+    renorm = sp_norm_factors<MT>(norm, M, K, factors);
+  }
 
   const int g = lane / 4;
   const int q = lane % 4;
@@ -2007,7 +2160,8 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
     }
   }
 
-  auto chunk = [&](int i, auto stage) {
+  // kRenorm (a std::bool_constant): x is normalized in shared memory (g too large, sp_norm_factors).
+  auto chunk = [&](int i, auto stage, auto kRenorm) {
     const int s = stage_of(stage);
     // Per-thread addresses stay in registers across chunks (see keep_in_register).
     keep_in_register(code_dst);
@@ -2019,6 +2173,10 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
     cp_async_wait<L::kStages - 2>();  // this thread's copies of chunk i have landed
     __syncthreads();                  // and everyone's; chunk i - 1's stage is free
     unsigned char* xs_stage = sp_smem + s * L::kStageBytes;
+    if constexpr (decltype(kRenorm)::value) {
+      sp_normed_x<T, L, kXScaled>(norm, norm_factors, xs_stage, c_begin + i, M, K);
+      __syncthreads();
+    }
     if constexpr (kConvertX) {
       for (int u = threadIdx.x; u < L::kTokens * (kTcChunk / 8); u += kTcThreads) {
         uint4* v = reinterpret_cast<uint4*>(xs_stage + (u / (kTcChunk / 8)) * L::kXRowBytes) + u % (kTcChunk / 8);
@@ -2061,15 +2219,29 @@ __global__ void __launch_bounds__(kTcThreads) GQSA_MAXNREG((kSpMaxRegisters<MT, 
       }
     }
   };
-  // kStages chunks per iteration, each with its stage as a compile-time constant.
-  for (int i = 0; i < n_local; i += L::kStages) {
-    for_each_stage(std::make_integer_sequence<int, L::kStages>{}, [&](auto stage) {
-      if (i + stage_of(stage) < n_local) chunk(i + stage_of(stage), stage);
-    });
+  // kStages chunks per iteration, each with its stage as a compile-time constant. The rare
+  // normalizing loop is a copy of its own, and the usual one is the plain kernel's, written out
+  // (the same loop as a lambda called twice cost the narrow 1-8 token instance a predicate
+  // recomputed in every chunk).
+  if (renorm) {
+    if constexpr (kNorm == kNormFromStats) {
+      for (int i = 0; i < n_local; i += L::kStages) {
+        for_each_stage(std::make_integer_sequence<int, L::kStages>{}, [&](auto stage) {
+          if (i + stage_of(stage) < n_local) chunk(i + stage_of(stage), stage, std::true_type{});
+        });
+      }
+    }
+  } else {
+    for (int i = 0; i < n_local; i += L::kStages) {
+      for_each_stage(std::make_integer_sequence<int, L::kStages>{}, [&](auto stage) {
+        if (i + stage_of(stage) < n_local) chunk(i + stage_of(stage), stage, std::false_type{});
+      });
+    }
   }
 
-  tc_finish<T, R, MT, kParts, kRows>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters, M, N,
-                                     splits, nullptr, -1, gate);
+  tc_finish<T, R, MT, kParts, kRows, kNorm>(acc, sp_smem, tile, split, row_group, part, lane, y, workspace, counters,
+                                            M, N, splits, nullptr, -1, gate, &norm,
+                                            kNorm == kNormFromStats && !renorm ? norm_factors : nullptr);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2248,6 +2420,7 @@ struct SpArgs {
   int M, N, K, splits, num_sms;
   cudaStream_t stream;
   int gate_rows;  // > 0: a gate/up layer fused with SiLU-and-mul (sp_kernel), y [M, gate_rows]
+  NormSplit norm;  // a part of a split norm, or none
   // Row tiles of 64 rows (each 32 gate rows and their up rows with gate_rows).
   int tiles() const { return gate_rows > 0 ? (gate_rows + kTcRows / 2 - 1) / (kTcRows / 2) : (N + kTcRows - 1) / kTcRows; }
 };
@@ -2262,17 +2435,18 @@ struct SpArgs {
 // decoder layer is 5-8% faster at 2 to 8 tokens and 2.5-5% at 16 (..._l2_lines_*.json).
 bool sp_l2_lines(int ctas, int num_sms) { return ctas > 2 * num_sms; }
 
-template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows, bool kPacked = false>
+template <typename T, int MT, bool kXScaled, bool kFull, bool kLines, int kRows, bool kPacked = false,
+          int kNorm = kNormNone>
 cudaError_t launch_sp_instance(const SpArgs& a, const void* x) {
   using L = SpLayout<MT, kRows, kPacked>;
-  const auto kernel = sp_kernel<T, MT, kXScaled, kFull, kLines, kRows, kPacked>;
+  const auto kernel = sp_kernel<T, MT, kXScaled, kFull, kLines, kRows, kPacked, kNorm>;
   const cudaError_t allowed = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, L::kBytes);
   if (allowed != cudaSuccess) return allowed;
   const dim3 grid(kRows == kTcRows ? a.tiles() : (a.N + kRows - 1) / kRows, a.splits);
   kernel<<<grid, kTcThreads, L::kBytes, a.stream>>>(static_cast<const T*>(x), a.codes, a.meta,
                                                     (a.K + kTcChunk - 1) / kTcChunk, static_cast<T*>(a.y),
                                                     a.workspace, a.counters, a.M, a.N, a.K, a.splits,
-                                                    kRows == kTcRows ? a.gate_rows : 0);
+                                                    kRows == kTcRows ? a.gate_rows : 0, a.norm);
   return cudaGetLastError();
 }
 
@@ -2334,51 +2508,72 @@ bool sp_packed(int ctas, int num_sms) {
   return packed > sp_ctas_per_sm<T, MT, kXScaled, kLines, kTcRows>() && ctas <= packed * num_sms;
 }
 
-template <typename T, int MT, bool kXScaled>
+// kNorm: the instances of a split norm's part (whole chunks only; sp_gemm checks).
+template <typename T, int MT, bool kXScaled, int kNorm>
 cudaError_t launch_sp_kernel(const SpArgs& a, const void* x) {
-  if (a.K % kTcChunk != 0) return launch_sp_instance<T, MT, kXScaled, false, false, kTcRows>(a, x);
+  if (a.K % kTcChunk != 0) {
+    if constexpr (kNorm != kNormNone) {
+      return cudaErrorInvalidValue;
+    } else {
+      return launch_sp_instance<T, MT, kXScaled, false, false, kTcRows>(a, x);
+    }
+  }
   if constexpr (MT <= 2) {
     const int narrow_ctas = (a.N + kSpNarrowRows - 1) / kSpNarrowRows;
     if (sp_l2_lines(narrow_ctas, a.num_sms)) {
       if (sp_narrow_tiles<T, MT, kXScaled, true>(a)) {
-        return launch_sp_instance<T, MT, kXScaled, true, true, kSpNarrowRows>(a, x);
+        return launch_sp_instance<T, MT, kXScaled, true, true, kSpNarrowRows, false, kNorm>(a, x);
       }
     } else if (sp_narrow_tiles<T, MT, kXScaled, false>(a)) {
-      return launch_sp_instance<T, MT, kXScaled, true, false, kSpNarrowRows>(a, x);
+      return launch_sp_instance<T, MT, kXScaled, true, false, kSpNarrowRows, false, kNorm>(a, x);
     }
   }
   const int ctas = a.tiles() * a.splits;
   if constexpr (MT == 2 && (kTcXScaleLog2<T> == 0 || kXScaled)) {
     if (sp_l2_lines(ctas, a.num_sms)) {
       if (sp_packed<T, MT, kXScaled, true>(ctas, a.num_sms)) {
-        return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows, true>(a, x);
+        return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows, true, kNorm>(a, x);
       }
     } else if (sp_packed<T, MT, kXScaled, false>(ctas, a.num_sms)) {
-      return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows, true>(a, x);
+      return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows, true, kNorm>(a, x);
     }
   }
-  if (sp_l2_lines(ctas, a.num_sms)) return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows>(a, x);
-  return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows>(a, x);
+  if (sp_l2_lines(ctas, a.num_sms)) return launch_sp_instance<T, MT, kXScaled, true, true, kTcRows, false, kNorm>(a, x);
+  return launch_sp_instance<T, MT, kXScaled, true, false, kTcRows, false, kNorm>(a, x);
 }
 
-template <typename T, int MT>
+template <typename T, int MT, int kNorm>
 cudaError_t launch_sp(const SpArgs& a) {
   if constexpr (kTcXScaleLog2<T> != 0) {
     if (a.x_scratch != nullptr) {
       const cudaError_t err = scale_x_once<T>(a.x, a.x_scratch, a.M, a.K, a.stream);
       if (err != cudaSuccess) return err;
-      return launch_sp_kernel<T, MT, true>(a, a.x_scratch);
+      return launch_sp_kernel<T, MT, true, kNorm>(a, a.x_scratch);
     }
   }
-  return launch_sp_kernel<T, MT, false>(a, a.x);
+  return launch_sp_kernel<T, MT, false, kNorm>(a, a.x);
+}
+
+template <typename T, int kNorm>
+cudaError_t sp_for_tokens(const SpArgs& a) {
+  if (a.M <= 8) return launch_sp<T, 1, kNorm>(a);
+  if (a.M <= 16) return launch_sp<T, 2, kNorm>(a);
+  if (a.M <= 32) return launch_sp<T, 4, kNorm>(a);
+  if constexpr (kNorm != kNormNone) {
+    return cudaErrorInvalidValue;  // kMaxSpNormTokens
+  } else {
+    return launch_sp<T, 8, kNorm>(a);
+  }
 }
 
 template <typename T>
 cudaError_t sp_for_tokens(const SpArgs& a) {
-  if (a.M <= 8) return launch_sp<T, 1>(a);
-  if (a.M <= 16) return launch_sp<T, 2>(a);
-  if (a.M <= 32) return launch_sp<T, 4>(a);
-  return launch_sp<T, 8>(a);
+  switch (a.norm.mode) {
+    case NormSplitMode::kNone: return sp_for_tokens<T, kNormNone>(a);
+    case NormSplitMode::kAddStats: return sp_for_tokens<T, kNormAddStats>(a);
+    case NormSplitMode::kFromStats: return sp_for_tokens<T, kNormFromStats>(a);
+  }
+  return cudaErrorInvalidValue;
 }
 
 // Shared memory of one sliced GEMV launch: the x copy and the warps' sums.
@@ -3172,9 +3367,18 @@ cudaError_t tc_gemm(Dtype dtype, const void* x, const int32_t* row_ptr, const in
 
 cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
                     float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
-                    int num_sms, cudaStream_t stream, bool silu_mul) {
+                    int num_sms, cudaStream_t stream, bool silu_mul, const NormSplit& norm) {
   if (!shape_ok(N, K, 16) || K % 32 != 0 || M < 0 || splits < 1) return cudaErrorInvalidValue;
   if (silu_mul && N % 2 != 0) return cudaErrorInvalidValue;
+  if (norm.mode != NormSplitMode::kNone) {  // one launch of whole chunks; the first part has no y
+    const bool add = norm.mode == NormSplitMode::kAddStats;
+    if (K % kTcChunk != 0 || M > kMaxSpNormTokens || norm.residual == nullptr || norm.stats == nullptr ||
+        (add && (silu_mul || norm.residual_out == nullptr || norm.g == nullptr ||
+                 norm.stats_pieces != (N + kWarpSize - 1) / kWarpSize)) ||
+        (!add && norm.stats_pieces < 1)) {
+      return cudaErrorInvalidValue;
+    }
+  }
   if (M == 0 || N == 0) return cudaSuccess;
   if (splits > 1 && (workspace == nullptr || counters == nullptr)) return cudaErrorInvalidValue;
   const size_t elem = 2;  // fp16 and bf16
@@ -3184,8 +3388,8 @@ cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int3
     const int m = M - m0 < kMaxTcTokens ? M - m0 : kMaxTcTokens;
     void* scratch = tc_converts_x_once(dtype, m) ? x_scratch : nullptr;
     const SpArgs a{static_cast<const char*>(x) + static_cast<size_t>(m0) * K * elem, codes, meta,
-                   static_cast<char*>(y) + static_cast<size_t>(m0) * y_cols * elem, workspace, counters, scratch,
-                   m, N, K, splits, num_sms, stream, gate_rows};
+                   y == nullptr ? nullptr : static_cast<char*>(y) + static_cast<size_t>(m0) * y_cols * elem,
+                   workspace, counters, scratch, m, N, K, splits, num_sms, stream, gate_rows, norm};
     cudaError_t err = cudaErrorInvalidValue;
     switch (dtype) {
       case Dtype::kFloat16: err = sp_for_tokens<__half>(a); break;

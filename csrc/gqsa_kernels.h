@@ -91,6 +91,9 @@ constexpr int kSlicedPartWords = kMaxSlicedTokens * kSliceRows;
 //    stat is negative the CTA copies vLLM's normalized x, T(T(h * r) * weight), from residual (h,
 //    the first GEMV's residual_out) and weight instead, and does not scale.
 // vLLM rounds T(h * r) before the weight; the fast path rounds h * weight once and scales in fp32.
+// sp_gemm takes the same two parts for layers in the pair pattern (2 to 32 tokens): its CTAs write
+// one sum per token and 32 rows (stats [M, ceil(N / 32)]), and every CTA of the second part sums
+// the stats before its main loop and scales in its finish (SiLU-and-mul's too).
 enum class NormSplitMode { kNone, kAddStats, kFromStats };
 struct NormSplit {
   NormSplitMode mode = NormSplitMode::kNone;
@@ -100,7 +103,7 @@ struct NormSplit {
   void* residual_out = nullptr;    // kAddStats: [M, N] of x's dtype
   void* g = nullptr;               // kAddStats: [M, N] of x's dtype
   float* stats = nullptr;          // kAddStats: [M, num_pieces], written; kFromStats: [M, stats_pieces]
-  int stats_pieces = 0;            // kFromStats: the GEMV before's num_pieces
+  int stats_pieces = 0;            // kFromStats: the GEMV before's num_pieces; sp_gemm's kAddStats: ceil(N / 32)
   float eps = 0.f;                 // kFromStats
 };
 
@@ -173,10 +176,13 @@ bool tc_converts_x_once(Dtype dtype, int M);
 // ceil(K / kTcChunk)); num_sms, the GPU's SMs (from the caller's cached device properties), picks
 // the copies' kind per launch. silu_mul: W is a gate/up layer (N even, gate's N / 2 rows then up's)
 // and y [M, N / 2] receives vLLM's SiLU-and-mul of its output, T(T(silu(gate)) * up), instead of the
-// output itself; the workspace stays [splits, M, N] fp32.
+// output itself; the workspace stays [splits, M, N] fp32. norm: a part of a split norm (NormSplit),
+// for K % kTcChunk == 0 and at most kMaxSpNormTokens tokens; y is not written for kAddStats, which
+// takes no silu_mul.
+constexpr int kMaxSpNormTokens = 32;
 cudaError_t sp_gemm(Dtype dtype, const void* x, const int32_t* codes, const int32_t* meta, void* y,
                     float* workspace, int32_t* counters, void* x_scratch, int M, int N, int K, int splits,
-                    int num_sms, cudaStream_t stream, bool silu_mul = false);
+                    int num_sms, cudaStream_t stream, bool silu_mul = false, const NormSplit& norm = NormSplit{});
 
 // Whether sp_wgmma_gemm serves input size K on the current GPU: an sm_90 GPU (the kernel is
 // built for sm_90a) and K % 128 == 0 (whole stages; TMA's row strides of codes and meta).

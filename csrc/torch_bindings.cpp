@@ -399,37 +399,103 @@ at::Tensor gqsa_tc(const at::Tensor& x, const at::Tensor& row_ptr, const at::Ten
   return y;
 }
 
-at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
-                   int64_t n_out, int64_t splits, const std::optional<at::Tensor>& counters, bool silu_mul) {
+// gqsa_sp, with a part of a split norm (gqsa::NormSplit) or none; y is undefined for kAddStats.
+at::Tensor sp_call(const char* op, const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
+                   const at::Tensor& meta, int64_t n_out, int64_t splits, const std::optional<at::Tensor>& counters,
+                   bool silu_mul, const gqsa::NormSplit& split) {
   const gqsa::Dtype dtype = kernel_dtype(x.scalar_type(), "x");
-  TORCH_CHECK(x.dim() == 2, "gqsa_sp: x must be 2-D [M, K], got shape ", shape(x));
-  TORCH_CHECK(x.is_contiguous(), "gqsa_sp: x must be contiguous");
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const int64_t group_size = check_layer(row_ptr, codes, meta, n_out, x.device());
-  TORCH_CHECK(group_size == 16, "gqsa_sp: the pair pattern's kernel takes G = 16, got codes of shape ", shape(codes));
+  TORCH_CHECK(group_size == 16, op, ": the pair pattern's kernel takes G = 16, got codes of shape ", shape(codes));
   const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(M < INT32_MAX / 2, "gqsa_sp: M=", num(M), " is out of range");
+  TORCH_CHECK(M < INT32_MAX / 2, op, ": M=", num(M), " is out of range");
   check_input_size(K, group_size);
-  TORCH_CHECK(K % 32 == 0, "gqsa_sp: input size ", num(K), " is not a whole number of pairs of groups (32 channels)");
+  TORCH_CHECK(K % 32 == 0, op, ": input size ", num(K), " is not a whole number of pairs of groups (32 channels)");
   // The kernel reads row n's groups at n * K / 32 + j for j < K / 32: the pair pattern's count.
-  TORCH_CHECK(codes.size(0) == n_out * (K / 32), "gqsa_sp: a layer in the pair pattern keeps K / 32 = ", num(K / 32),
+  TORCH_CHECK(codes.size(0) == n_out * (K / 32), op, ": a layer in the pair pattern keeps K / 32 = ", num(K / 32),
               " groups per row, ", num(n_out * (K / 32)), " in all, but codes has ", num(codes.size(0)));
   const int64_t num_chunks = (K + gqsa::kTcChunk - 1) / gqsa::kTcChunk;
-  check_splits("gqsa_sp", x, counters, n_out, num_chunks, splits);
-  TORCH_CHECK(!silu_mul || n_out % 2 == 0, "gqsa_sp: silu_mul takes a gate/up layer of an even number of rows, got ",
+  check_splits(op, x, counters, n_out, num_chunks, splits);
+  TORCH_CHECK(!silu_mul || n_out % 2 == 0, op, ": silu_mul takes a gate/up layer of an even number of rows, got ",
               num(n_out));
+  if (split.mode != gqsa::NormSplitMode::kNone) {
+    TORCH_CHECK(K > 0 && K % gqsa::kTcChunk == 0, op, ": the split norm's kernels take an input size that is a "
+                "positive multiple of ", num(gqsa::kTcChunk), ", got ", num(K));
+    TORCH_CHECK(M <= gqsa::kMaxSpNormTokens, op, ": the split norm's kernels take at most ",
+                num(gqsa::kMaxSpNormTokens), " tokens, got ", num(M));
+  }
 
-  at::Tensor y = at::empty({M, silu_mul ? n_out / 2 : n_out}, x.options());
+  const bool add_stats = split.mode == gqsa::NormSplitMode::kAddStats;
+  at::Tensor y = add_stats ? at::Tensor() : at::empty({M, silu_mul ? n_out / 2 : n_out}, x.options());
   if (M == 0 || n_out == 0) return y;
   const c10::cuda::CUDAGuard guard(x.device());
   if (num_chunks == 0) return y.zero_();
   const TcBuffers b(x, dtype, counters, n_out, num_chunks, splits, gqsa::sp_splits);
-  check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(),
-                             meta.data_ptr<int32_t>(), y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
+  check_launch(gqsa::sp_gemm(dtype, x.data_ptr(), codes.data_ptr<int32_t>(), meta.data_ptr<int32_t>(),
+                             add_stats ? nullptr : y.data_ptr(), b.workspace_ptr(), b.counters_ptr(),
                              b.x_scratch_ptr(), static_cast<int>(M), static_cast<int>(n_out), static_cast<int>(K),
                              b.splits, at::cuda::getCurrentDeviceProperties()->multiProcessorCount,
-                             at::cuda::getCurrentCUDAStream(), silu_mul),
-               "gqsa_sp");
+                             at::cuda::getCurrentCUDAStream(), silu_mul, split),
+               op);
   return y;
+}
+
+at::Tensor gqsa_sp(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta,
+                   int64_t n_out, int64_t splits, const std::optional<at::Tensor>& counters, bool silu_mul) {
+  return sp_call("gqsa_sp", x, row_ptr, codes, meta, n_out, splits, counters, silu_mul, gqsa::NormSplit{});
+}
+
+// The split norm's parts for layers in the pair pattern, as gqsa_sliced_gemv_add_stats and
+// gqsa_sliced_gemv_from_stats are for the sliced layout: 1 to 32 tokens, K % 256 == 0, and
+// stats [M, ceil(n_out / 32)], a sum of h^2 per token and 32 rows.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sp_add_stats(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta, int64_t n_out, int64_t splits,
+    const std::optional<at::Tensor>& counters) {
+  const char* op = "gqsa_sp_add_stats";
+  kernel_dtype(x.scalar_type(), "x");  // an error unless fp16 or bf16
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x));
+  TORCH_CHECK(n_out >= 0 && n_out < INT32_MAX, op, ": n_out=", num(n_out), " is out of range");
+  const int64_t M = x.size(0);
+  check_dense(op, "residual", residual, {M, n_out}, x.scalar_type(), x.device());
+  gqsa::NormSplit split;
+  split.mode = gqsa::NormSplitMode::kAddStats;
+  split.residual = residual.data_ptr();
+  set_norm_weight(op, split, weight, n_out, x);
+  at::Tensor residual_out = at::empty_like(residual);
+  at::Tensor g = at::empty({M, n_out}, x.options());
+  const int64_t parts = (n_out + 31) / 32;
+  // Every entry is written: one per token and 32 rows.
+  at::Tensor stats = at::empty({M, parts}, x.options().dtype(at::kFloat));
+  split.residual_out = residual_out.data_ptr();
+  split.g = g.data_ptr();
+  split.stats = stats.data_ptr<float>();
+  split.stats_pieces = static_cast<int>(parts);
+  sp_call(op, x, row_ptr, codes, meta, n_out, splits, counters, false, split);
+  return {residual_out, g, stats};
+}
+
+at::Tensor gqsa_sp_from_stats(const at::Tensor& g, const at::Tensor& stats, double eps, const at::Tensor& residual,
+                              const std::optional<at::Tensor>& weight, const at::Tensor& row_ptr,
+                              const at::Tensor& codes, const at::Tensor& meta, int64_t n_out, int64_t splits,
+                              const std::optional<at::Tensor>& counters, bool silu_mul) {
+  const char* op = "gqsa_sp_from_stats";
+  kernel_dtype(g.scalar_type(), "g");  // an error unless fp16 or bf16
+  TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D [M, K], got shape ", shape(g));
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.size(0) && stats.size(1) > 0 && stats.size(1) < INT32_MAX, op,
+              ": stats must be [M, parts of the layer before] with M = ", num(g.size(0)), ", got ", shape(stats));
+  check_dense(op, "stats", stats, stats.sizes(), at::kFloat, g.device());
+  check_dense(op, "residual", residual, g.sizes(), g.scalar_type(), g.device());
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
+  gqsa::NormSplit split;
+  split.mode = gqsa::NormSplitMode::kFromStats;
+  split.residual = residual.data_ptr();
+  set_norm_weight(op, split, weight, g.size(1), g);
+  split.stats = stats.data_ptr<float>();
+  split.stats_pieces = static_cast<int>(stats.size(1));
+  split.eps = static_cast<float>(eps);
+  return sp_call(op, g, row_ptr, codes, meta, n_out, splits, counters, silu_mul, split);
 }
 
 at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,
@@ -519,6 +585,10 @@ TORCH_LIBRARY(vllm_gqsa, m) {
         "int splits=0, Tensor? xcols=None, Tensor? counters=None, Tensor? sell_rows=None) -> Tensor");
   m.def("gqsa_sp(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0, "
         "Tensor? counters=None, bool silu_mul=False) -> Tensor");
+  m.def("gqsa_sp_add_stats(Tensor x, Tensor residual, Tensor? weight, Tensor row_ptr, Tensor codes, Tensor meta, "
+        "int n_out, int splits=0, Tensor? counters=None) -> (Tensor, Tensor, Tensor)");
+  m.def("gqsa_sp_from_stats(Tensor g, Tensor stats, float eps, Tensor residual, Tensor? weight, Tensor row_ptr, "
+        "Tensor codes, Tensor meta, int n_out, int splits=0, Tensor? counters=None, bool silu_mul=False) -> Tensor");
   m.def("gqsa_sp_wgmma(Tensor x, Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int splits=0) -> Tensor");
   m.def("gqsa_dequant(Tensor row_ptr, Tensor codes, Tensor meta, int n_out, int k_in, int group_size, "
         "ScalarType dtype, Tensor? sell_rows=None) -> Tensor");
@@ -531,6 +601,8 @@ TORCH_LIBRARY_IMPL(vllm_gqsa, CUDA, m) {
   m.impl("gqsa_sliced_gemv_from_stats", &gqsa_sliced_gemv_from_stats);
   m.impl("gqsa_tc", &gqsa_tc);
   m.impl("gqsa_sp", &gqsa_sp);
+  m.impl("gqsa_sp_add_stats", &gqsa_sp_add_stats);
+  m.impl("gqsa_sp_from_stats", &gqsa_sp_from_stats);
   m.impl("gqsa_sp_wgmma", &gqsa_sp_wgmma);
   m.impl("gqsa_dequant", &gqsa_dequant);
 }

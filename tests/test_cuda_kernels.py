@@ -811,6 +811,172 @@ def test_sp_silu_mul_refuses_an_odd_layer():
         cuda.sp(x, t, 97, silu_mul=True)
 
 
+# The RMSNorm split between two pair layers (gqsa_sp_add_stats, gqsa_sp_from_stats): sp_kernel's
+# finish adds the residual and writes a sum of h^2 per token and 32 rows; the next layer's CTAs sum
+# them and scale their outputs.
+
+def sp_add_stats(x, t, residual, w, N, splits=0):
+    return torch.ops.vllm_gqsa.gqsa_sp_add_stats(x, residual, w, t["row_ptr"], t["codes"], t["meta"], N, splits,
+                                                 t["counters"])
+
+
+def sp_from_stats(g, stats, residual, w, t, N, splits=0, silu_mul=False, eps=1e-6):
+    return torch.ops.vllm_gqsa.gqsa_sp_from_stats(g, stats, eps, residual, w, t["row_ptr"], t["codes"], t["meta"], N,
+                                                  splits, t["counters"], silu_mul)
+
+
+def norm_weight(kind, n, dtype, seed):
+    w = torch.rand(n, device="cuda", generator=torch.Generator(device="cuda").manual_seed(seed)) + 0.5
+    return {"x_dtype": w.to(dtype), "fp32": w, "none": None}[kind]
+
+
+@needs_cuda
+@pytest.mark.parametrize("weight", ["x_dtype", "fp32", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp_add_stats(dtype, weight):
+    """The first part against the plain kernel's output: the new residual and g bit for bit, each
+    column of stats the sum of h^2 over its 32 rows (a last tile partly past N, a last column
+    partly), at 1 to 32 tokens (every token class, narrow, packed and split grids), the same on
+    every call, counters left at zero."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for N, K, splits in ((336, 512, 1), (4096, 4096, 0), (200, 16 * 256, 3), (64 * (2 * sms + sms // 2) + 40, 512, 1)):
+        layer = pair_layer(N, K, seed=N + K).to("cuda")
+        t = to_kernel_format(layer, 8)
+        w = norm_weight(weight, N, dtype, N)
+        for M in (1, 2, 8, 9, 16, 17, 32):
+            x = torch.randn(M, K, device="cuda", dtype=dtype)
+            residual = (torch.randn(M, N, device="cuda") * 4).to(dtype)
+            new_residual, g, stats = sp_add_stats(x, t, residual, w, N, splits)
+            h = cuda.sp(x, t, N, splits).float() + residual.float()
+            msg = f"N={N} K={K} splits={splits} M={M}"
+            assert torch.equal(new_residual, h.to(dtype)), msg
+            assert torch.equal(g, (h * w.float() if w is not None else h).to(dtype)), msg
+            assert stats.shape == (M, (N + 31) // 32) and (stats >= 0).all(), msg
+            cols = torch.nn.functional.pad(h, (0, -N % 32)).pow(2).reshape(M, -1, 32).sum(-1)
+            torch.testing.assert_close(stats, cols, rtol=1e-5, atol=1e-6, msg=lambda m: f"{msg}: {m}")
+            again = sp_add_stats(x, t, residual, w, N, splits)
+            assert all(torch.equal(a, b) for a, b in zip(again, (new_residual, g, stats))), msg
+            assert not t["counters"].any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("weight", ["x_dtype", "fp32", "none"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp_from_stats(dtype, weight, silu_mul):
+    """The second part: the layer (and SiLU-and-mul) of vLLM's normalized h, from g and the first
+    part's sums, at 1 to 32 tokens, unsplit and split, narrow tiles (the Llama-2-7B q/k/v grid),
+    and with the sums spread over more columns than the CTA loads at once."""
+    K = 1024
+    first = pair_layer(K, 512, seed=1).to("cuda")
+    t1 = to_kernel_format(first, 8)
+    w = norm_weight(weight, K, dtype, 2)
+    for N, splits in ((320, 1), (12288, 1), (400, 3)):
+        layer = pair_layer(N, K, seed=N).to("cuda")
+        t = to_kernel_format(layer, 8)
+        dense = dense_reference(layer).cuda().double()
+        for M in (1, 2, 8, 9, 16, 17, 32):
+            x = torch.randn(M, 512, device="cuda", dtype=dtype)
+            residual = (torch.randn(M, K, device="cuda") * 4).to(dtype)
+            new_residual, g, stats = sp_add_stats(x, t1, residual, w, K)
+            normed = reference.rms_norm(new_residual, None, w, 1e-6)[0]
+            plain = cuda.sp(normed, t, N, splits)
+            ref = normed.double() @ dense.T
+            if silu_mul:
+                plain, ref = reference.silu_and_mul(plain), reference.silu_and_mul(ref)
+            msg = f"N={N} splits={splits} M={M}"
+            for parts in (None, 300):  # the kernel's own sums, or the same total over 300 columns
+                s = stats if parts is None else (stats.sum(-1, keepdim=True) / parts).repeat(1, parts)
+                y = sp_from_stats(g, s, new_residual, w, t, N, splits, silu_mul)
+                assert y.shape == (M, N // 2 if silu_mul else N), msg
+                assert (y.double() - ref).norm() / ref.norm() < 2 * REL_TOL[dtype], msg
+                # The plain kernel on vLLM's normalized x: g rounds h * weight once where vLLM
+                # rounds h * r first, a unit in the last place of an input.
+                assert (y.double() - plain.double()).norm() / plain.double().norm() < 2 * REL_TOL[dtype], msg
+            assert not t["counters"].any()
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sp_from_stats_g_too_large_takes_the_normalized_x(dtype):
+    """One token's h * weight past fp16's range: its 32 rows' stat is marked (-1 - the sum), and
+    every CTA of the second part normalizes h itself (bf16 x converted in each CTA at 2 tokens and
+    once per launch at 16), so its output is finite and right."""
+    K, N = 1024, 256
+    first, second = pair_layer(K, 512, seed=3).to("cuda"), pair_layer(N, K, seed=4).to("cuda")
+    t1, t2 = to_kernel_format(first, 8), to_kernel_format(second, 8)
+    w = torch.full((K,), 2.0, device="cuda", dtype=dtype)
+    for M in (2, 16):
+        x = torch.randn(M, 512, device="cuda", dtype=dtype)
+        residual = torch.randn(M, K, device="cuda").to(dtype)
+        residual[1, 70] = 60000.0
+        new_residual, g, stats = sp_add_stats(x, t1, residual, w, K)
+        assert (stats < 0).sum() == 1 and stats[1, 70 // 32] < 0
+        y = sp_from_stats(g, stats, new_residual, w, t2, N)
+        ref = reference.rms_norm(new_residual, None, w, 1e-6)[0].double() @ dense_reference(second).cuda().double().T
+        assert y.isfinite().all()
+        assert (y.double() - ref).norm() / ref.norm() < 2 * REL_TOL[dtype]
+
+
+@needs_cuda
+def test_sp_split_norm_opcheck_and_bad_inputs():
+    layer = pair_layer(96, 512, seed=5).to("cuda")
+    t = to_kernel_format(layer, 8)
+    args = (t["row_ptr"], t["codes"], t["meta"], 96, 0, t["counters"])
+    x = torch.randn(4, 512, device="cuda", dtype=torch.float16)
+    r = torch.randn(4, 96, device="cuda", dtype=torch.float16)
+    torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sp_add_stats, (x, r, None, *args))
+    g, h = (torch.randn(4, 512, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for silu_mul in (False, True):
+        torch.library.opcheck(torch.ops.vllm_gqsa.gqsa_sp_from_stats,
+                              (g, torch.rand(4, 3, device="cuda"), 1e-5, h, torch.ones(512, device="cuda"), *args,
+                               silu_mul))
+    with pytest.raises(RuntimeError, match="at most 32 tokens"):
+        sp_add_stats(torch.randn(33, 512, device="cuda").half(), t, torch.randn(33, 96, device="cuda").half(), None, 96)
+    odd = pair_layer(96, 16 * 40, seed=6).to("cuda")
+    with pytest.raises(RuntimeError, match="positive multiple of 256"):
+        sp_add_stats(torch.randn(4, 16 * 40, device="cuda").half(), to_kernel_format(odd, 8), r, None, 96)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        sp_add_stats(x, t, torch.randn(4, 95, device="cuda").half(), None, 96)
+    with pytest.raises(RuntimeError, match="weight must be"):
+        sp_add_stats(x, t, r, torch.ones(95, device="cuda"), 96)
+    with pytest.raises(RuntimeError, match="stats must be"):
+        sp_from_stats(x, torch.rand(3, 3, device="cuda"), x, None, t, 96)
+    with pytest.raises(RuntimeError, match="residual must be"):
+        sp_from_stats(x, torch.rand(4, 3, device="cuda"), x.float(), None, t, 96)
+    with pytest.raises(RuntimeError, match="even number of rows"):
+        sp_from_stats(x, torch.rand(4, 3, device="cuda"), x, None, to_kernel_format(pair_layer(97, 512).to("cuda"), 8),
+                      97, silu_mul=True)
+
+
+@needs_cuda
+@pytest.mark.parametrize("silu_mul", [False, True])
+def test_split_norm_ops_on_pair_layers(silu_mul):
+    """The ops vLLM's graph calls, on pair layers: the kernels from 2 to 32 tokens (where
+    _sp_norm_takes), the reference math elsewhere (the GEMV at 1 token, the fused wgmma kernel or
+    cuBLAS from 33), within a rounding of the layers of vLLM's normalized h either way."""
+    K, N = 1024, 512
+    o, up = pair_layer(K, 768, seed=7).to("cuda"), pair_layer(N, K, seed=8).to("cuda")
+    to, tu = to_kernel_format(o, 8), to_kernel_format(up, 8)
+    args = lambda t, n: (t["row_ptr"], t["codes"], t["meta"], t["schedule"], t["chunks"], n, 16, None,  # noqa: E731
+                         t["counters"], True)
+    w = torch.rand(K, device="cuda", dtype=torch.float16) + 0.5
+    for M in (1, 2, 16, 32, 33, 200):
+        x = torch.randn(M, 768, device="cuda", dtype=torch.float16)
+        r = torch.randn(M, K, device="cuda", dtype=torch.float16)
+        new_residual, g, stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats(x, r, w, *args(to, K))
+        assert stats.shape == (M, K // 32)
+        assert ops._sp_norm_takes(x, to, True, None, None) == (2 <= M <= 32)
+        h = torch.ops.vllm_gqsa.gqsa_mm(x, *args(to, K)).float() + r.float()
+        assert torch.equal(new_residual, h.half())
+        y = torch.ops.vllm_gqsa.gqsa_stats_norm_mm(g, stats, 1e-6, new_residual, w, *args(tu, N), None, None, None,
+                                                   silu_mul)
+        normed = reference.rms_norm(new_residual, None, w, 1e-6)[0]
+        expect = torch.ops.vllm_gqsa.gqsa_mm(normed, *args(tu, N))
+        expect = (reference.silu_and_mul(expect) if silu_mul else expect).double()
+        assert (y.double() - expect).norm() / expect.norm() < 2 * REL_TOL[torch.float16], f"M={M}"
+
+
 @needs_cuda
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 16])
 def test_sp_splits(splits):

@@ -246,16 +246,19 @@ def test_vllm_engine_decodes_as_the_reference(gpu_checkpoint, prompts, reference
 
 # A checkpoint converted with --pattern pairs: every decoder layer is served by the pair pattern's
 # kernels (the GEMV alone, the sparse-tensor-core kernel for the ten prompts together, with the
-# SiLU-and-mul in the gate/up layer's kernel in the graph compiled for 2 to 32 tokens).
+# SiLU-and-mul in the gate/up layer's kernel and, with VLLM_GQSA_SPLIT_NORM_PAIRS=1, each RMSNorm
+# split between the layers around it in the graph compiled for 2 to 32 tokens).
 def test_vllm_engine_serves_the_pair_pattern(prompts, references, tmp_path_factory, monkeypatch):
     from vllm_gqsa import fusion
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")  # so that the pass runs
+    monkeypatch.setenv(fusion.PAIRS_ENV, "1")
     ckpt = tiny_gpu_checkpoint(tmp_path_factory.mktemp("pairs"), "llama", torch.float16, pattern="pairs")
-    fused_before = fusion.silu_mul_total
+    fused_before, split_before = fusion.silu_mul_total, fusion.fused_total
     served = serve_in_process(ckpt, "float16", False, prompts)
     assert fusion.silu_mul_total > fused_before, "the gate/up layers' SiLU-and-mul was not fused"
+    assert fusion.fused_total > split_before, "no RMSNorm was split between the pair layers around it"
     assert served["kernels"] == [["kernel_format"]] and served["pairs"] == [[True]]
     assert served["layouts"] == [["rows"]]  # the pair pattern's kernels read the row layout
     model = references(ckpt, torch.float16)

@@ -1,6 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""torch.compile rewrites around GQSA layers: an RMSNorm split between the two GEMVs around it (one
-token), and SiLU-and-mul done by the gate/up layer's kernel (2 to 32 tokens).
+"""torch.compile rewrites around GQSA layers: an RMSNorm split between the two layers around it (sliced
+GEMVs at one token, pair layers' sparse-tensor-core kernels at 2 to 32), and SiLU-and-mul done by
+the gate/up layer's kernel (2 to 32 tokens).
 
 **SiLU-and-mul.** vLLM's Llama-style MLP runs gate/up, then ``SiluAndMul`` (``silu(y[..., :d]) *
 y[..., d:]``), then down. For a gate/up layer in the pair pattern the pass replaces ``gqsa_mm`` and
@@ -30,6 +31,13 @@ against 29 us at 2 tokens, benchmarks/results/gpu/norm_split_v4_h100.json);
 ``VLLM_GQSA_SPLIT_NORM_TOKENS=n`` widens the range to 1 to n tokens (at most the GEMV's). It does
 nothing with ``--enforce-eager`` or ``VLLM_GQSA_SPLIT_NORM=0``.
 
+With ``VLLM_GQSA_SPLIT_NORM_PAIRS=1``, layers in the pair pattern get the same split at 2 to 32
+tokens, in the graph of that range, from their sparse-tensor-core kernel (``sp_kernel``): the first
+layer's finish writes a sum of h^2 per token and 32 rows, and every CTA of the second sums them
+before its main loop and scales its outputs (gate and up, before a fused SiLU-and-mul) in its
+finish. The second layer may be a ``gqsa_mm_silu_mul``: the SiLU-and-mul rewrite runs first. It is
+off by default until its kernels have been measured on a GPU (csrc/README.md).
+
 Both run in one pass, vLLM's ``post_grad_custom_post_pass``, each in its own compile range.
 """
 
@@ -53,6 +61,7 @@ silu_mul_total = 0  # SiLU-and-muls fused into gate/up layers, the same way
 
 ENV = "VLLM_GQSA_SPLIT_NORM"
 TOKENS_ENV = "VLLM_GQSA_SPLIT_NORM_TOKENS"
+PAIRS_ENV = "VLLM_GQSA_SPLIT_NORM_PAIRS"
 SILU_MUL_ENV = "VLLM_GQSA_FUSE_SILU_MUL"
 PASS_KEY = "post_grad_custom_post_pass"
 
@@ -98,6 +107,22 @@ def _is_sliced_mm(node: fx.Node) -> bool:
     return node.target is torch.ops.vllm_gqsa.gqsa_mm.default and _call_args(node).get("sell_rows") is not None
 
 
+def _is_pair_mm(node: fx.Node, silu_mul: bool = False) -> bool:
+    """A ``gqsa_mm`` (or with silu_mul also a ``gqsa_mm_silu_mul``) of a pair layer in the row layout."""
+    ops_ = torch.ops.vllm_gqsa
+    if node.target is not ops_.gqsa_mm.default and not (silu_mul and node.target is ops_.gqsa_mm_silu_mul.default):
+        return False
+    args = _call_args(node)
+    return bool(args.get("pairs")) and args.get("sell_rows") is None and args.get("xcols") is None
+
+
+# The layers around a norm that each range's split takes: (first, second), predicates on nodes.
+_SPLIT_KINDS = {
+    "sliced": (_is_sliced_mm, _is_sliced_mm),
+    "pairs": (_is_pair_mm, lambda node: _is_pair_mm(node, silu_mul=True)),
+}
+
+
 def _call_args(node: fx.Node) -> dict:
     bound = {arg.name: value for arg, value in zip(node.target._schema.arguments, node.args)}
     bound.update(node.kwargs)
@@ -131,16 +156,16 @@ def _through_views(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
     return None
 
 
-def _source_mm(node: fx.Node) -> tuple[fx.Node, list[fx.Node]] | None:
-    """The sliced ``gqsa_mm`` that ``node`` is (or is a shape-keeping view of), with those views,
-    when each node from it to ``node`` has one use."""
+def _source_mm(node: fx.Node, is_mm) -> tuple[fx.Node, list[fx.Node]] | None:
+    """The layer (a node that ``is_mm``) that ``node`` is (or is a shape-keeping view of), with
+    those views, when each node from it to ``node`` has one use."""
     views = []
     while isinstance(node, fx.Node) and node.target in _VIEWS:
         if len(node.users) != 1 or not _same_shape(_shape(node), _shape(node.args[0])):
             return None
         views.append(node)
         node = node.args[0]
-    if not isinstance(node, fx.Node) or not _is_sliced_mm(node) or len(node.users) != 1:
+    if not isinstance(node, fx.Node) or not is_mm(node) or len(node.users) != 1:
         return None
     return node, views[::-1]
 
@@ -169,7 +194,8 @@ def _call(graph: fx.Graph, op, args: tuple, outputs: int) -> list[fx.Node]:
     return items
 
 
-def _split_one(graph: fx.Graph, norm: fx.Node, order: dict[fx.Node, int]) -> bool:
+def _split_one(graph: fx.Graph, norm: fx.Node, order: dict[fx.Node, int], kind: str) -> bool:
+    is_first, is_second = _SPLIT_KINDS[kind]
     args = _call_args(norm)
     if args.get("variance_size") is not None:
         return False
@@ -177,12 +203,12 @@ def _split_one(graph: fx.Graph, norm: fx.Node, order: dict[fx.Node, int]) -> boo
         return False
     outs = {u.args[1]: u for u in norm.users}
     normed, residual_out = outs.get(0), outs.get(1)
-    found = _source_mm(args["x"])
+    found = _source_mm(args["x"], is_first)
     if normed is None or found is None:
         return False
     mm1, views1 = found
     after = _through_views(normed)
-    if after is None or not _is_sliced_mm(after[0]) or _call_args(after[0]).get("x") is not (
+    if after is None or not is_second(after[0]) or _call_args(after[0]).get("x") is not (
             after[1][-1] if after[1] else normed):
         return False
     mm2, views2 = after
@@ -198,10 +224,12 @@ def _split_one(graph: fx.Graph, norm: fx.Node, order: dict[fx.Node, int]) -> boo
             (first_args["x"], args["x_residual"], args["weight"],
              *(first_args.get(a.name, a.default_value) for a in schema1[1:])), 3)
     second_args = _call_args(mm2)
+    silu_mul = mm2.target is torch.ops.vllm_gqsa.gqsa_mm_silu_mul.default  # the same arguments as gqsa_mm
     with graph.inserting_before(mm2):
         (y,) = _call(graph, torch.ops.vllm_gqsa.gqsa_stats_norm_mm.default,
                      (g, stats, args["epsilon"], new_residual, args["weight"],
-                      *(second_args.get(a.name, a.default_value) for a in mm2.target._schema.arguments[1:])), 1)
+                      *(second_args.get(a.name, a.default_value) for a in mm2.target._schema.arguments[1:]),
+                      silu_mul), 1)
     mm2.replace_all_uses_with(y)
     if residual_out is not None:
         residual_out.replace_all_uses_with(new_residual)
@@ -211,11 +239,12 @@ def _split_one(graph: fx.Graph, norm: fx.Node, order: dict[fx.Node, int]) -> boo
     return True
 
 
-def split_norms(graph: fx.Graph) -> int:
-    """Rewrite ``gqsa_mm -> fused_add_rms_norm -> gqsa_mm`` of sliced layers into
-    ``gqsa_mm_add_norm_stats -> gqsa_stats_norm_mm``; returns how many."""
+def split_norms(graph: fx.Graph, kind: str = "sliced") -> int:
+    """Rewrite ``gqsa_mm -> fused_add_rms_norm -> gqsa_mm`` into ``gqsa_mm_add_norm_stats ->
+    gqsa_stats_norm_mm``, for sliced layers (kind "sliced") or pair layers ("pairs", whose second
+    layer may be a ``gqsa_mm_silu_mul``); returns how many."""
     order = {n: i for i, n in enumerate(graph.nodes)}
-    split = sum(_split_one(graph, node, order) for node in list(graph.nodes) if _is_add_norm(node))
+    split = sum(_split_one(graph, node, order, kind) for node in list(graph.nodes) if _is_add_norm(node))
     global fused_total
     fused_total = _logged(split, fused_total, "RMSNorm(s) split between the GQSA layers around them")
     return split
@@ -348,6 +377,12 @@ def _silu_mul_max_tokens() -> int:
     return min(cuda.dispatch(False, True)[1], cuda.PAIRS_WGMMA_MIN_TOKENS - 1)
 
 
+def _pair_split_max_tokens() -> int:
+    """The largest batch of the pair layers' norm split: the sparse-tensor-core kernel's, at most
+    its split-norm instances' 32 tokens."""
+    return min(_silu_mul_max_tokens(), ops.SP_NORM_MAX_TOKENS)
+
+
 def _compile_range():
     """The range of batch sizes the graph being compiled serves (vLLM compiles a graph per range),
     or None outside vLLM's compiler."""
@@ -367,6 +402,10 @@ def _silu_mul_enabled() -> bool:
     return os.environ.get(SILU_MUL_ENV, "1") != "0"
 
 
+def _pairs_split_enabled() -> bool:
+    return _split_enabled() and os.environ.get(PAIRS_ENV, "0") == "1"
+
+
 _Base = _inductor_pass_base()
 
 if _Base is not None:
@@ -377,16 +416,23 @@ if _Base is not None:
 
         def __call__(self, graph: fx.Graph) -> None:
             compile_range = _compile_range()
-            if _split_enabled() and (compile_range is None or compile_range.end <= _split_max_tokens()):
-                split_norms(graph)
-            if _silu_mul_enabled() and (compile_range is None or (
-                    compile_range.start >= 2 and compile_range.end <= _silu_mul_max_tokens())):
+
+            def serves(start: int, end: int) -> bool:
+                return compile_range is None or (compile_range.start >= start and compile_range.end <= end)
+
+            if _split_enabled() and serves(1, _split_max_tokens()):
+                split_norms(graph, "sliced")
+            if _silu_mul_enabled() and serves(2, _silu_mul_max_tokens()):
                 fuse_silu_mul(graph)
+            # After the SiLU-and-mul fusion: a gate/up layer it made is the second layer of a split.
+            if _pairs_split_enabled() and serves(2, _pair_split_max_tokens()):
+                split_norms(graph, "pairs")
 
         def uuid(self) -> str:
             # The key of vLLM's compile cache: this module's source (the rewrites live outside the
             # class, whose source alone is the default key) and the settings read while compiling.
-            settings = f"{_split_enabled()} {_silu_mul_enabled()} {os.environ.get(TOKENS_ENV)}"
+            settings = (f"{_split_enabled()} {_silu_mul_enabled()} {_pairs_split_enabled()} "
+                        f"{os.environ.get(TOKENS_ENV)}")
             return self.hash_source(inspect.getsource(sys.modules[__name__]), settings)
 
         def __deepcopy__(self, memo):  # vLLM deep-copies its inductor config; the pass is stateless
@@ -420,6 +466,8 @@ def install() -> bool:
     endpoints = set(compilation.compile_ranges_endpoints or [])
     if _split_enabled():
         endpoints.add(_split_max_tokens())
+    if _pairs_split_enabled():
+        endpoints |= {1, _pair_split_max_tokens()}
     if _silu_mul_enabled():
         endpoints |= {1, _silu_mul_max_tokens()}
     compilation.compile_ranges_endpoints = sorted(endpoints)

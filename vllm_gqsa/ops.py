@@ -13,7 +13,8 @@ extension (or on the CPU) it decodes the kernel format in torch.
 
 The others are ``gqsa_mm`` fused with the op around it, which the torch.compile passes of
 ``fusion.py`` put in its place: ``gqsa_mm_silu_mul`` (a gate/up layer and the SiLU-and-mul after
-it), ``gqsa_mm_add_norm_stats`` and ``gqsa_stats_norm_mm`` (an RMSNorm split between two GEMVs).
+it), ``gqsa_mm_add_norm_stats`` and ``gqsa_stats_norm_mm`` (an RMSNorm split between two layers:
+sliced GEMVs at one token, sparse-tensor-core kernels of pair layers at 2 to 32).
 """
 
 from __future__ import annotations
@@ -68,6 +69,19 @@ def _kernel_for(x2: torch.Tensor, t: dict | None, compact: bool, pairs: bool) ->
 def _sliced_gemv_takes(x2: torch.Tensor, xcols, pairs: bool, sell_rows) -> bool:
     """Whether gqsa_mm runs the sliced GEMV for x2 [M, K]: the split norm's kernels are its variants."""
     return sell_rows is not None and _kernel_for(x2, None, xcols is not None, pairs) == "gemv"
+
+
+# The most tokens the sparse-tensor-core kernel's split-norm instances take (gqsa::kMaxSpNormTokens),
+# and the input sizes they take: whole 256-channel chunks.
+SP_NORM_MAX_TOKENS = 32
+SP_NORM_CHUNK = 256
+
+
+def _sp_norm_takes(x2: torch.Tensor, t: dict, pairs: bool, sell_rows, xcols) -> bool:
+    """Whether gqsa_mm runs the sparse-tensor-core kernel for x2 [M, K] (a pair layer), and its
+    split-norm instances take the batch: at most SP_NORM_MAX_TOKENS tokens, K a multiple of 256."""
+    return (pairs and sell_rows is None and xcols is None and x2.shape[0] <= SP_NORM_MAX_TOKENS
+            and x2.shape[-1] > 0 and x2.shape[-1] % SP_NORM_CHUNK == 0 and _kernel_for(x2, t, False, pairs) == "sp")
 
 
 def gqsa_mm(x: torch.Tensor, row_ptr: torch.Tensor, codes: torch.Tensor, meta: torch.Tensor,
@@ -156,13 +170,17 @@ def gqsa_mm_add_norm_stats(x: torch.Tensor, residual: torch.Tensor, norm_weight:
     sums of h^2 per token, ``[M, parts]``, each -1 - the sum where a part's g exceeds
     ``SPLIT_G_LIMIT`` (the second half then normalizes h itself). For a layer in the sliced layout
     and a batch its GEMV serves, the GEMV's CTAs do it in their epilogue (one part each) and y is
-    never written."""
+    never written; for a pair layer and a batch its sparse-tensor-core kernel serves (2 to 32
+    tokens), that kernel does it in its finish (a part per 32 rows)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.reshape(x2.shape[0], n_out).contiguous()
     if _sliced_gemv_takes(x2, xcols, pairs, sell_rows):
         out_residual, g, stats = torch.ops.vllm_gqsa.gqsa_sliced_gemv_add_stats(
             x2, r2, norm_weight, sell_rows, schedule, codes, meta, slice_parts, n_out,
             sell_warps if sell_warps is not None else [])
+    elif _sp_norm_takes(x2, {"codes": codes, "meta": meta}, pairs, sell_rows, xcols):
+        out_residual, g, stats = torch.ops.vllm_gqsa.gqsa_sp_add_stats(
+            x2, r2, norm_weight, row_ptr, codes, meta, n_out, 0, counters)
     else:
         h = gqsa_mm(x2, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs,
                     sell_rows, slice_parts, sell_warps).float() + r2.float()
@@ -170,15 +188,18 @@ def gqsa_mm_add_norm_stats(x: torch.Tensor, residual: torch.Tensor, norm_weight:
         g = (h * norm_weight.float() if norm_weight is not None else h).to(x.dtype)
         total = h.pow(2).sum(-1, keepdim=True)
         over = ~(g.float().abs() <= SPLIT_G_LIMIT).all(-1, keepdim=True)
-        # One part, then zeros: the same shape as the GEMV's (a part per piece of its grid).
+        # One part, then zeros: the same shape as the kernel's.
         stats = torch.nn.functional.pad(torch.where(over, -1 - total, total),
-                                        (0, _stat_parts(schedule, sell_rows) - 1))
+                                        (0, _stat_parts(schedule, sell_rows, pairs, n_out) - 1))
     return out_residual.reshape(residual.shape), g, stats
 
 
-def _stat_parts(schedule: torch.Tensor, sell_rows: torch.Tensor | None) -> int:
-    """Columns of gqsa_mm_add_norm_stats' sums: the sliced GEMV's pieces, else 1."""
-    return schedule.shape[0] if sell_rows is not None else 1
+def _stat_parts(schedule: torch.Tensor, sell_rows: torch.Tensor | None, pairs: bool, n_out: int) -> int:
+    """Columns of gqsa_mm_add_norm_stats' sums: the sliced GEMV's pieces, a pair layer's groups of
+    32 rows (the sparse-tensor-core kernel's), else 1."""
+    if sell_rows is not None:
+        return schedule.shape[0]
+    return max(1, (n_out + 31) // 32) if pairs else 1
 
 
 def _gqsa_mm_add_norm_stats_fake(x, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
@@ -186,7 +207,7 @@ def _gqsa_mm_add_norm_stats_fake(x, residual, norm_weight, row_ptr, codes, meta,
                                  slice_parts=None, sell_warps=None):
     M = x.numel() // x.shape[-1]
     return (torch.empty_like(residual), x.new_empty((M, n_out)),
-            x.new_empty((M, _stat_parts(schedule, sell_rows)), dtype=torch.float32))
+            x.new_empty((M, _stat_parts(schedule, sell_rows, pairs, n_out)), dtype=torch.float32))
 
 
 def gqsa_stats_norm_mm(g: torch.Tensor, stats: torch.Tensor, eps: float, residual: torch.Tensor,
@@ -194,26 +215,34 @@ def gqsa_stats_norm_mm(g: torch.Tensor, stats: torch.Tensor, eps: float, residua
                        meta: torch.Tensor, schedule: torch.Tensor, chunks: torch.Tensor, n_out: int, group_size: int,
                        xcols: torch.Tensor | None = None, counters: torch.Tensor | None = None, pairs: bool = False,
                        sell_rows: torch.Tensor | None = None, slice_parts: torch.Tensor | None = None,
-                       sell_warps: list[int] | None = None) -> torch.Tensor:
+                       sell_warps: list[int] | None = None, silu_mul: bool = False) -> torch.Tensor:
     """The second half of the split norm: ``gqsa_mm`` of vLLM's RMSNorm of ``residual`` (h, the
-    first half's new residual) with ``norm_weight``. For a layer in the sliced layout and a batch
-    its GEMV serves, every CTA of the GEMV computes r = rsqrt(sum(stats) / K + eps) per token and,
-    as r is one number per token, returns T(r * gqsa_mm(g)) in fp32, with g copied as a plain x
-    is; where a stat marks g too large, it normalizes h as vLLM does instead. Elsewhere it is the
-    norm, then ``gqsa_mm``."""
+    first half's new residual) with ``norm_weight``, or with ``silu_mul`` ``gqsa_mm_silu_mul``'s
+    result. For a layer in the sliced layout and a batch its GEMV serves, every CTA of the GEMV
+    computes r = rsqrt(sum(stats) / K + eps) per token and, as r is one number per token, returns
+    T(r * gqsa_mm(g)) in fp32, with g copied as a plain x is; where a stat marks g too large, it
+    normalizes h as vLLM does instead. The sparse-tensor-core kernel does the same for a pair
+    layer at 2 to 32 tokens (and scales gate and up before the SiLU-and-mul). Elsewhere it is the
+    norm, then the layer."""
     if _sliced_gemv_takes(g, xcols, pairs, sell_rows):
-        return torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
+        y = torch.ops.vllm_gqsa.gqsa_sliced_gemv_from_stats(
             g.contiguous(), stats.contiguous(), eps, residual.contiguous(), norm_weight, sell_rows, schedule, codes,
             meta, slice_parts, n_out, sell_warps if sell_warps is not None else [])
+        return silu_and_mul(y) if silu_mul else y
+    if (not silu_mul or n_out % 2 == 0) and _sp_norm_takes(g, {"codes": codes, "meta": meta}, pairs, sell_rows, xcols):
+        return torch.ops.vllm_gqsa.gqsa_sp_from_stats(
+            g.contiguous(), stats.contiguous(), eps, residual.contiguous(), norm_weight, row_ptr, codes, meta, n_out, 0,
+            counters, silu_mul)
     x, _ = rms_norm(residual, None, norm_weight, eps)
-    return gqsa_mm(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs, sell_rows,
-                   slice_parts, sell_warps)
+    layer = gqsa_mm_silu_mul if silu_mul else gqsa_mm
+    return layer(x, row_ptr, codes, meta, schedule, chunks, n_out, group_size, xcols, counters, pairs, sell_rows,
+                 slice_parts, sell_warps)
 
 
 def _gqsa_stats_norm_mm_fake(g, stats, eps, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
                              group_size, xcols=None, counters=None, pairs=False, sell_rows=None, slice_parts=None,
-                             sell_warps=None):
-    return g.new_empty((g.shape[0], n_out))
+                             sell_warps=None, silu_mul=False):
+    return g.new_empty((g.shape[0], n_out // 2 if silu_mul else n_out))
 
 
 def register_op(name, func, fake):

@@ -202,8 +202,18 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_sp")
-    def _sp_fake(x, row_ptr, codes, meta, n_out, splits=0, counters=None):
-        return x.new_empty((x.shape[0], n_out))
+    def _sp_fake(x, row_ptr, codes, meta, n_out, splits=0, counters=None, silu_mul=False):
+        return x.new_empty((x.shape[0], n_out // 2 if silu_mul else n_out))
+
+    @torch.library.register_fake("vllm_gqsa::gqsa_sp_add_stats")
+    def _sp_add_stats_fake(x, residual, weight, row_ptr, codes, meta, n_out, splits=0, counters=None):
+        return (torch.empty_like(residual), x.new_empty((x.shape[0], n_out)),
+                x.new_empty((x.shape[0], (n_out + 31) // 32), dtype=torch.float32))
+
+    @torch.library.register_fake("vllm_gqsa::gqsa_sp_from_stats")
+    def _sp_from_stats_fake(g, stats, eps, residual, weight, row_ptr, codes, meta, n_out, splits=0, counters=None,
+                            silu_mul=False):
+        return g.new_empty((g.shape[0], n_out // 2 if silu_mul else n_out))
 
     @torch.library.register_fake("vllm_gqsa::gqsa_sp_wgmma")
     def _sp_wgmma_fake(x, row_ptr, codes, meta, n_out, splits=0):
