@@ -243,8 +243,12 @@ def split_norms(graph: fx.Graph, kind: str = "sliced") -> int:
     """Rewrite ``gqsa_mm -> fused_add_rms_norm -> gqsa_mm`` into ``gqsa_mm_add_norm_stats ->
     gqsa_stats_norm_mm``, for sliced layers (kind "sliced") or pair layers ("pairs", whose second
     layer may be a ``gqsa_mm_silu_mul``); returns how many."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    split = sum(_split_one(graph, node, order, kind) for node in list(graph.nodes) if _is_add_norm(node))
+    split = 0
+    for node in [n for n in graph.nodes if _is_add_norm(n)]:
+        # Numbered afresh for each norm: a split before it may have made the node a layer reads
+        # (down reads the gate/up split's output).
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        split += _split_one(graph, node, order, kind)
     global fused_total
     fused_total = _logged(split, fused_total, "RMSNorm(s) split between the GQSA layers around them")
     return split
