@@ -75,12 +75,53 @@ def capture(fn):
     return g, out
 
 
+def time_parts(layers, M, hidden, copies, rounds):
+    """Each op of the split alone against what it replaces, us per call (graphs of one call per
+    copy of the weights): o and down plain and with the residual add and sums (add_stats), gate/up
+    (with SiLU-and-mul) and q/k/v plain and from the sums, the latter also from one column of sums
+    instead of hidden / 32 (what summing the columns costs), and vLLM's fused_add_rms_norm."""
+    from vllm import _custom_ops as vllm_ops
+
+    mm, mm_silu = torch.ops.vllm_gqsa.gqsa_mm, torch.ops.vllm_gqsa.gqsa_mm_silu_mul
+    add_stats, from_stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats, torch.ops.vllm_gqsa.gqsa_stats_norm_mm
+    tail = (None, None, None)
+    r = torch.randn(M, hidden, device="cuda", dtype=torch.float16)
+    w = layers[0]["w1"]
+    g = torch.randn(M, hidden, device="cuda", dtype=torch.float16)
+    _, _, stats = add_stats(torch.randn(M, layers[0]["o"][0]["codes"].shape[0] // layers[0]["o"][1] * 32,
+                                        device="cuda", dtype=torch.float16), r, w, *args(*layers[0]["o"]))
+    one = stats.sum(-1, keepdim=True)
+    inputs = {name: torch.randn(M, d[name][0]["codes"].shape[0] // d[name][1] * 32, device="cuda",
+                                dtype=torch.float16) for d in layers[:1] for name in ("o", "gate_up", "down", "qkv")}
+    act = torch.randn(M, layers[0]["gate_up"][1] // 2, device="cuda", dtype=torch.float16)
+    inputs["down"] = act
+    variants = {
+        "o plain": lambda d: mm(inputs["o"], *args(*d["o"])),
+        "o add_stats": lambda d: add_stats(inputs["o"], r, w, *args(*d["o"])),
+        "down plain": lambda d: mm(act, *args(*d["down"])),
+        "down add_stats": lambda d: add_stats(act, r, w, *args(*d["down"])),
+        "gate_up+silu plain": lambda d: mm_silu(g, *args(*d["gate_up"])),
+        "gate_up+silu from_stats": lambda d: from_stats(g, stats, EPS, r, w, *args(*d["gate_up"]), *tail, True),
+        "gate_up+silu from_stats, 1 column": lambda d: from_stats(g, one, EPS, r, w, *args(*d["gate_up"]), *tail, True),
+        "qkv plain": lambda d: mm(g, *args(*d["qkv"])),
+        "qkv from_stats": lambda d: from_stats(g, stats, EPS, r, w, *args(*d["qkv"]), *tail, False),
+        "qkv from_stats, 1 column": lambda d: from_stats(g, one, EPS, r, w, *args(*d["qkv"]), *tail, False),
+        "vLLM fused_add_rms_norm": lambda d: vllm_ops.fused_add_rms_norm(g, r, w, EPS),
+    }
+    out = {}
+    for name, fn in variants.items():
+        graph, _ = capture(lambda: [fn(d) for d in layers])
+        out[name] = statistics.median(ks.replay_us(graph, len(layers), 20) for _ in range(rounds))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="llama-2-7b,llama-3-8b,qwen2.5-7b")
     p.add_argument("--tokens", default="2,16,32")
     p.add_argument("--copies", type=int, default=4)
     p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--parts", action="store_true", help="also time each op of the split alone")
     p.add_argument("--out", required=True)
     a = p.parse_args()
     ks.PAIRS = True
@@ -107,6 +148,10 @@ def main() -> None:
             r = {"model": model, "M": M, "unsplit_us": times[False], "split_us": times[True],
                  "unsplit_median_us": statistics.median(times[False]), "split_median_us": statistics.median(times[True]),
                  "relative_error": rel, "split_used_kernels": ops._sp_norm_takes(attn, layers[0]["o"][0], True, None, None)}
+            if a.parts:
+                r["parts_us"] = time_parts(layers, M, hidden, a.copies, 3)
+                print(f"{model:11s} M={M:<3d} " + ", ".join(f"{k} {v:.2f}" for k, v in r["parts_us"].items()),
+                      flush=True)
             results.append(r)
             print(f"{model:11s} M={M:<3d} decoder layer, norm as vLLM runs it {r['unsplit_median_us']:7.2f} us, "
                   f"split {r['split_median_us']:7.2f} us ({r['unsplit_median_us'] / r['split_median_us']:.3f}x), "

@@ -1468,6 +1468,24 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   constexpr int kTokens = 8 * MT;
   constexpr int kPitch = kRows + 4;  // kFinishBytes
   static_assert(kRows / (16 * R) * P * kWarpSize == kTcThreads, "every warp has one row group and one part");
+  // The first part of a split norm: the residual and norm weight of each of this thread's outputs
+  // (output i = threadIdx.x + k * kTcThreads, as below), loaded first so that their round trips
+  // overlap the sums' exchange and the partials' loads. (Loaded output by output where they are
+  // used, each round trip came after the one before.)
+  constexpr int kNormOutputs = kNorm == kNormAddStats ? kRows * kTokens / kTcThreads : 1;
+  float res_in[kNormOutputs] = {}, w_in[kNormOutputs] = {};
+  if constexpr (kNorm == kNormAddStats) {
+    const int tokens = M < kTokens ? M : kTokens;
+#pragma unroll
+    for (int k = 0; k < kNormOutputs; ++k) {
+      const int i = threadIdx.x + k * kTcThreads;
+      const int row = tile * kRows + i % kRows;
+      const bool ok = i / kRows < tokens && row < N;
+      const T* residual = static_cast<const T*>(norm->residual);
+      res_in[k] = ok ? static_cast<float>(residual[static_cast<size_t>(i / kRows) * N + row]) : 0.f;
+      w_in[k] = ok ? split_weight<T>(*norm, row) : 0.f;
+    }
+  }
   const int g = lane / 4;
   const int q = lane % 4;
   cp_async_wait<0>();
@@ -1520,17 +1538,16 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   // residual T(h) and g = T(h * weight) go out, and a warp's sum of h^2, which covers 32 rows of
   // one token (i / kRows is the same over a warp, the rows 32-aligned), goes to the token's stat
   // of those rows, -1 - the sum where g is too large (kSplitGLimit). Every lane must call it.
-  auto add_stats_output = [&](int i, bool ok, float sum) {
+  auto add_stats_output = [&](int k, int i, bool ok, float sum) {
     const int tok = i / kRows;
     const int row = tile * kRows + i % kRows;
     float h = 0.f;
     bool over = false;
     if (ok) {
       const size_t at = static_cast<size_t>(tok) * N + row;
-      h = static_cast<float>(Act<T>::from_float(sum * kOutScale)) +
-          static_cast<float>(static_cast<const T*>(norm->residual)[at]);
+      h = static_cast<float>(Act<T>::from_float(sum * kOutScale)) + res_in[k];
       static_cast<T*>(norm->residual_out)[at] = Act<T>::from_float(h);
-      const float g = static_cast<float>(Act<T>::from_float(h * split_weight<T>(*norm, row)));
+      const float g = static_cast<float>(Act<T>::from_float(h * w_in[k]));
       static_cast<T*>(norm->g)[at] = Act<T>::from_float(g);
       over = !(fabsf(g) <= kSplitGLimit);  // NaN too
     }
@@ -1550,7 +1567,7 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
         float sum = 0.f;
 #pragma unroll
         for (int p = 0; p < P; ++p) sum += output_ok(i) ? sums[(p * kTokens + i / kRows) * kPitch + i % kRows] : 0.f;
-        add_stats_output(i, output_ok(i), sum);
+        add_stats_output(k, i, output_ok(i), sum);
         continue;
       }
     }
@@ -1587,7 +1604,7 @@ __device__ __forceinline__ void tc_finish(const float (&acc)[R][MT][4], unsigned
   for (int k = 0; k < kOutputs; ++k) {
     const int i = threadIdx.x + k * kTcThreads;
     if constexpr (kNorm == kNormAddStats) {
-      add_stats_output(i, output_ok(i), total[k]);
+      add_stats_output(k, i, output_ok(i), total[k]);
     } else {
       const ptrdiff_t at = output_ok(i) ? y_at(i) : -1;
       if (at >= 0) y[at] = Act<T>::from_float(value(i, total[k]));
