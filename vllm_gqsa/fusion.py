@@ -36,7 +36,8 @@ tokens, in the graph of that range, from their sparse-tensor-core kernel (``sp_k
 layer's finish writes a sum of h^2 per token and 32 rows, and every CTA of the second sums them
 before its main loop and scales its outputs (gate and up, before a fused SiLU-and-mul) in its
 finish. The second layer may be a ``gqsa_mm_silu_mul``: the SiLU-and-mul rewrite runs first. It is
-off by default until its kernels have been measured on a GPU (csrc/README.md).
+off by default: on an H100 it made decoder layers faster at 2 tokens, no faster at 16 and slower
+at 32 (csrc/README.md).
 
 Both run in one pass, vLLM's ``post_grad_custom_post_pass``, each in its own compile range.
 """
