@@ -85,19 +85,15 @@ def time_parts(layers, M, hidden, copies, rounds):
     mm, mm_silu = torch.ops.vllm_gqsa.gqsa_mm, torch.ops.vllm_gqsa.gqsa_mm_silu_mul
     add_stats, from_stats = torch.ops.vllm_gqsa.gqsa_mm_add_norm_stats, torch.ops.vllm_gqsa.gqsa_stats_norm_mm
     tail = (None, None, None)
-    r = torch.randn(M, hidden, device="cuda", dtype=torch.float16)
-    w = layers[0]["w1"]
-    g = torch.randn(M, hidden, device="cuda", dtype=torch.float16)
-    _, _, stats = add_stats(torch.randn(M, layers[0]["o"][0]["codes"].shape[0] // layers[0]["o"][1] * 32,
-                                        device="cuda", dtype=torch.float16), r, w, *args(*layers[0]["o"]))
-    one = stats.sum(-1, keepdim=True)
-    inputs = {name: torch.randn(M, d[name][0]["codes"].shape[0] // d[name][1] * 32, device="cuda",
-                                dtype=torch.float16) for d in layers[:1] for name in ("o", "gate_up", "down", "qkv")}
+    # o, gate/up and q/k/v take hidden inputs (o's from attention, the others g), down the activation.
+    attn, g, r = (torch.randn(M, hidden, device="cuda", dtype=torch.float16) for _ in range(3))
     act = torch.randn(M, layers[0]["gate_up"][1] // 2, device="cuda", dtype=torch.float16)
-    inputs["down"] = act
+    w = layers[0]["w1"]
+    _, _, stats = add_stats(attn, r, w, *args(*layers[0]["o"]))
+    one = stats.sum(-1, keepdim=True)
     variants = {
-        "o plain": lambda d: mm(inputs["o"], *args(*d["o"])),
-        "o add_stats": lambda d: add_stats(inputs["o"], r, w, *args(*d["o"])),
+        "o plain": lambda d: mm(attn, *args(*d["o"])),
+        "o add_stats": lambda d: add_stats(attn, r, w, *args(*d["o"])),
         "down plain": lambda d: mm(act, *args(*d["down"])),
         "down add_stats": lambda d: add_stats(act, r, w, *args(*d["down"])),
         "gate_up+silu plain": lambda d: mm_silu(g, *args(*d["gate_up"])),

@@ -250,41 +250,41 @@ void set_norm_weight(const char* op, gqsa::NormSplit& split, const std::optional
   split.weight_fp32 = wt == at::kFloat;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
-    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-    const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes, const at::Tensor& meta,
-    const at::Tensor& parts, int64_t n_out, c10::IntArrayRef warps) {
-  const char* op = "gqsa_sliced_gemv_add_stats";
+// The first part of a split norm for x [M, K] and a layer of n_out rows: the residual [M, n_out]
+// and weight checked, and the new residual, g and stats [M, columns] allocated and set in split.
+struct AddStats {
+  gqsa::NormSplit split;
+  at::Tensor residual_out, g, stats;
+};
+
+AddStats add_stats_split(const char* op, const at::Tensor& x, const at::Tensor& residual,
+                         const std::optional<at::Tensor>& weight, int64_t n_out, int64_t columns) {
   kernel_dtype(x.scalar_type(), "x");  // an error unless fp16 or bf16
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x));
   const int64_t M = x.size(0);
   check_dense(op, "residual", residual, {M, n_out}, x.scalar_type(), x.device());
-  gqsa::NormSplit split;
-  split.mode = gqsa::NormSplitMode::kAddStats;
-  split.residual = residual.data_ptr();
-  set_norm_weight(op, split, weight, n_out, x);
-  at::Tensor residual_out = at::empty_like(residual);
-  at::Tensor g = at::empty({M, n_out}, x.options());
-  // Every slot is written: a sum by the piece that finishes a slice, 0 by the others.
-  at::Tensor stats = at::empty({M, pieces.dim() == 2 ? pieces.size(0) : 0}, x.options().dtype(at::kFloat));
-  split.residual_out = residual_out.data_ptr();
-  split.g = g.data_ptr();
-  split.stats = stats.data_ptr<float>();
-  if (n_out == 0) stats.zero_();  // no GEMV runs: h is empty, and so are its sums
-  sliced_gemv_call(x, sell_rows, pieces, codes, meta, parts, n_out, warps, split);
-  return {residual_out, g, stats};
+  AddStats a;
+  a.split.mode = gqsa::NormSplitMode::kAddStats;
+  a.split.residual = residual.data_ptr();
+  set_norm_weight(op, a.split, weight, n_out, x);
+  a.residual_out = at::empty_like(residual);
+  a.g = at::empty({M, n_out}, x.options());
+  a.stats = at::empty({M, columns}, x.options().dtype(at::kFloat));
+  a.split.residual_out = a.residual_out.data_ptr();
+  a.split.g = a.g.data_ptr();
+  a.split.stats = a.stats.data_ptr<float>();
+  a.split.stats_pieces = static_cast<int>(columns);
+  return a;
 }
 
-at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& stats, double eps,
-                                       const at::Tensor& residual, const std::optional<at::Tensor>& weight,
-                                       const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes,
-                                       const at::Tensor& meta, const at::Tensor& parts, int64_t n_out,
-                                       c10::IntArrayRef warps) {
-  const char* op = "gqsa_sliced_gemv_from_stats";
+// The second part of a split norm for g [M, K]: stats [M, columns of the layer before], the
+// residual h [M, K] and weight checked and set in split, with eps.
+gqsa::NormSplit from_stats_split(const char* op, const at::Tensor& g, const at::Tensor& stats, double eps,
+                                 const at::Tensor& residual, const std::optional<at::Tensor>& weight) {
   kernel_dtype(g.scalar_type(), "g");  // an error unless fp16 or bf16
   TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D [M, K], got shape ", shape(g));
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.size(0) && stats.size(1) > 0 && stats.size(1) < INT32_MAX, op,
-              ": stats must be [M, pieces of the GEMV before] with M = ", num(g.size(0)), ", got ", shape(stats));
+              ": stats must be [M, columns of the layer before] with M = ", num(g.size(0)), ", got ", shape(stats));
   check_dense(op, "stats", stats, stats.sizes(), at::kFloat, g.device());
   check_dense(op, "residual", residual, g.sizes(), g.scalar_type(), g.device());
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
@@ -295,7 +295,28 @@ at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& st
   split.stats = stats.data_ptr<float>();
   split.stats_pieces = static_cast<int>(stats.size(1));
   split.eps = static_cast<float>(eps);
-  return sliced_gemv_call(g, sell_rows, pieces, codes, meta, parts, n_out, warps, split);
+  return split;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sliced_gemv_add_stats(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes, const at::Tensor& meta,
+    const at::Tensor& parts, int64_t n_out, c10::IntArrayRef warps) {
+  // Every slot of stats is written: a sum by the piece that finishes a slice, 0 by the others.
+  AddStats a = add_stats_split("gqsa_sliced_gemv_add_stats", x, residual, weight, n_out,
+                               pieces.dim() == 2 ? pieces.size(0) : 0);
+  if (n_out == 0) a.stats.zero_();  // no GEMV runs: h is empty, and so are its sums
+  sliced_gemv_call(x, sell_rows, pieces, codes, meta, parts, n_out, warps, a.split);
+  return {a.residual_out, a.g, a.stats};
+}
+
+at::Tensor gqsa_sliced_gemv_from_stats(const at::Tensor& g, const at::Tensor& stats, double eps,
+                                       const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+                                       const at::Tensor& sell_rows, const at::Tensor& pieces, const at::Tensor& codes,
+                                       const at::Tensor& meta, const at::Tensor& parts, int64_t n_out,
+                                       c10::IntArrayRef warps) {
+  return sliced_gemv_call(g, sell_rows, pieces, codes, meta, parts, n_out, warps,
+                          from_stats_split("gqsa_sliced_gemv_from_stats", g, stats, eps, residual, weight));
 }
 
 // The tensor-core ops' optional layer counters and split count, checked against the layer.
@@ -454,26 +475,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gqsa_sp_add_stats(
     const at::Tensor& row_ptr, const at::Tensor& codes, const at::Tensor& meta, int64_t n_out, int64_t splits,
     const std::optional<at::Tensor>& counters) {
   const char* op = "gqsa_sp_add_stats";
-  kernel_dtype(x.scalar_type(), "x");  // an error unless fp16 or bf16
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [M, K], got shape ", shape(x));
   TORCH_CHECK(n_out >= 0 && n_out < INT32_MAX, op, ": n_out=", num(n_out), " is out of range");
-  const int64_t M = x.size(0);
-  check_dense(op, "residual", residual, {M, n_out}, x.scalar_type(), x.device());
-  gqsa::NormSplit split;
-  split.mode = gqsa::NormSplitMode::kAddStats;
-  split.residual = residual.data_ptr();
-  set_norm_weight(op, split, weight, n_out, x);
-  at::Tensor residual_out = at::empty_like(residual);
-  at::Tensor g = at::empty({M, n_out}, x.options());
-  const int64_t parts = (n_out + 31) / 32;
-  // Every entry is written: one per token and 32 rows.
-  at::Tensor stats = at::empty({M, parts}, x.options().dtype(at::kFloat));
-  split.residual_out = residual_out.data_ptr();
-  split.g = g.data_ptr();
-  split.stats = stats.data_ptr<float>();
-  split.stats_pieces = static_cast<int>(parts);
-  sp_call(op, x, row_ptr, codes, meta, n_out, splits, counters, false, split);
-  return {residual_out, g, stats};
+  // Every entry of stats is written: one per token and 32 rows.
+  AddStats a = add_stats_split(op, x, residual, weight, n_out, (n_out + 31) / 32);
+  sp_call(op, x, row_ptr, codes, meta, n_out, splits, counters, false, a.split);
+  return {a.residual_out, a.g, a.stats};
 }
 
 at::Tensor gqsa_sp_from_stats(const at::Tensor& g, const at::Tensor& stats, double eps, const at::Tensor& residual,
@@ -481,21 +487,8 @@ at::Tensor gqsa_sp_from_stats(const at::Tensor& g, const at::Tensor& stats, doub
                               const at::Tensor& codes, const at::Tensor& meta, int64_t n_out, int64_t splits,
                               const std::optional<at::Tensor>& counters, bool silu_mul) {
   const char* op = "gqsa_sp_from_stats";
-  kernel_dtype(g.scalar_type(), "g");  // an error unless fp16 or bf16
-  TORCH_CHECK(g.dim() == 2, op, ": g must be 2-D [M, K], got shape ", shape(g));
-  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.size(0) && stats.size(1) > 0 && stats.size(1) < INT32_MAX, op,
-              ": stats must be [M, parts of the layer before] with M = ", num(g.size(0)), ", got ", shape(stats));
-  check_dense(op, "stats", stats, stats.sizes(), at::kFloat, g.device());
-  check_dense(op, "residual", residual, g.sizes(), g.scalar_type(), g.device());
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be finite and >= 0, got ", eps);
-  gqsa::NormSplit split;
-  split.mode = gqsa::NormSplitMode::kFromStats;
-  split.residual = residual.data_ptr();
-  set_norm_weight(op, split, weight, g.size(1), g);
-  split.stats = stats.data_ptr<float>();
-  split.stats_pieces = static_cast<int>(stats.size(1));
-  split.eps = static_cast<float>(eps);
-  return sp_call(op, g, row_ptr, codes, meta, n_out, splits, counters, silu_mul, split);
+  return sp_call(op, g, row_ptr, codes, meta, n_out, splits, counters, silu_mul,
+                 from_stats_split(op, g, stats, eps, residual, weight));
 }
 
 at::Tensor gqsa_sp_wgmma(const at::Tensor& x, const at::Tensor& row_ptr, const at::Tensor& codes,

@@ -199,7 +199,7 @@ def _stat_parts(schedule: torch.Tensor, sell_rows: torch.Tensor | None, pairs: b
     32 rows (the sparse-tensor-core kernel's), else 1."""
     if sell_rows is not None:
         return schedule.shape[0]
-    return max(1, (n_out + 31) // 32) if pairs else 1
+    return (n_out + 31) // 32 if pairs else 1
 
 
 def _gqsa_mm_add_norm_stats_fake(x, residual, norm_weight, row_ptr, codes, meta, schedule, chunks, n_out,
