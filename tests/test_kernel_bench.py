@@ -208,3 +208,32 @@ def test_sliced_warps_fit(tmp_path):
     fits = [evaluate(rows, c) for c in (0.0, 8.0)]
     assert all(f["total_us"] >= at_truth["total_us"] for f in fits)
     assert any(f["misses"] for f in fits)  # the data tell the fixed costs apart
+
+
+def test_ncu_regions_cut_at_the_first_and_last_mma(tmp_path):
+    """benchmarks/ncu_regions.py: Nsight Compute's per-instruction export (a kernel-name line, then
+    the header) is cut into prologue, main loop and finish at the first and the last HMMA, and every
+    sample lands in exactly one region; an export without HMMA is refused."""
+    import csv
+
+    from ncu_regions import load, regions
+
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
+              "stall_long_sb", "stall_wait", "stall_long_sb (Not Issued)"]
+    body = [("LDG.E R2, [R4]", 5, 1), ("FSETP P0, R2", 7, 1), ("HMMA.SP.16832.F32 R8", 3, 4),
+            ("LDS R6, [R1]", 11, 4), ("HMMA.SP.16832.F32 R8", 2, 4), ("ATOMG.E.ADD R0", 13, 1),
+            ("EXIT", 0, 1)]
+    path = tmp_path / "k_sass.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(["Kernel Name", "sp_kernel<...>"])
+        w.writerow(header)
+        for i, (src, samples, executed) in enumerate(body):
+            w.writerow([hex(16 * i), "      " + src, samples, executed, samples, 0, 0])
+    ins = load(str(path))
+    parts = regions(ins)
+    assert [len(parts[k]) for k in ("prologue", "loop", "finish")] == [2, 3, 2]
+    assert [sum(x["samples"] for x in parts[k]) for k in ("prologue", "loop", "finish")] == [12, 16, 13]
+    assert parts["prologue"][1]["stalls"] == {"long_sb": 7, "wait": 0}  # the "(Not Issued)" columns are left out
+    with pytest.raises(SystemExit, match="no HMMA"):
+        regions([x for x in ins if "HMMA" not in x["src"]])
