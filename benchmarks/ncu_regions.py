@@ -20,7 +20,8 @@ SAMPLES = "Warp Stall Sampling (All Samples)"
 
 
 def load(path: str) -> list[dict]:
-    rows = list(csv.reader(open(path)))
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
     header = next(r for r in rows if "Address" in r and "Source" in r)
     ix = {h: i for i, h in enumerate(header)}
     stalls = [h for h in header if h.startswith("stall_") and "(Not Issued)" not in h]
